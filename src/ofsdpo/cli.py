@@ -1,0 +1,78 @@
+"""Command line: `ofsdpo train …` (also `python -m ofsdpo train …`, so `accelerate launch -m ofsdpo` works).
+
+Every flag is a field of a config dataclass (help text included), built by transformers' HfArgumentParser. A YAML
+file given with `--config` sets the same fields; flags on the command line override it. Bad input or
+configuration exits with status 2 and a one-line error, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from transformers import HfArgumentParser
+
+from . import __version__
+from .config import ConfigError, OFSDPOConfig, read_config_file
+from .data import DataError
+from .models import ModelError
+
+USAGE = """usage: ofsdpo <command> [options]
+
+commands:
+  train     DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
+
+ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
+
+
+def parse_config(config_class, argv: list[str], prog: str, description: str):
+    """Flags > YAML (--config) > defaults, into one validated dataclass."""
+    parser = HfArgumentParser(config_class, prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML file with the same fields; flags override it.")
+    for action in parser._actions:  # show --max-steps, not --max_steps (both work)
+        action.option_strings.sort(key=lambda option: "_" in option)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config_file(known.config, config_class))
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    return parsed[0]
+
+
+def train_command(argv: list[str]) -> int:
+    from .trainer import OFSDPOTrainer
+
+    config = parse_config(OFSDPOConfig, argv, "ofsdpo train",
+                          "Train a LoRA policy with DPO or OFS-DPO on a stream of preference pairs.")
+    summary = OFSDPOTrainer(config=config).train()
+    print(json.dumps({k: summary[k] for k in ("method", "steps", "pairs_seen", "served_module", "train_runtime")}))
+    print(f"served adapter written to {config.output_dir}")
+    return 0
+
+
+COMMANDS = {"train": train_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(version=__version__))
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"ofsdpo: unknown command '{argv[0]}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except (ConfigError, DataError, ModelError) as err:
+        print(f"ofsdpo {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ofsdpo {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Typed configuration for a training run, loadable from YAML and overridable from the CLI.
+
+One field per flag: `ofsdpo train --max-steps 10` sets `max_steps`, and a YAML file given with `--config` uses the
+same names (dashes or underscores). Validation happens in `__post_init__`, before any model is loaded, and every
+message names the flag to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the flag."""
+
+
+def _help(text: str, **extra: Any) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class OFSDPOConfig:
+    # --- model -----------------------------------------------------------------------------------------------------
+    model: Optional[str] = field(
+        default=None,
+        metadata=_help("Hub name or local path of the causal LM. Default: the embedded SmolLM2-135M-Instruct GGUF."),
+    )
+    gguf_file: Optional[str] = field(
+        default=None, metadata=_help("GGUF file inside --model (a folder or hub repo), loaded through transformers.")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("Run model code shipped with the checkpoint. Off unless you trust it.")
+    )
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help("Weights dtype of the frozen base. auto: bfloat16 on a GPU that supports it, else float32."),
+    )
+    # --- data ------------------------------------------------------------------------------------------------------
+    data: Optional[str] = field(
+        default=None,
+        metadata=_help("Preference pairs: a .jsonl/.json/.parquet file, a saved HF dataset folder, or a hub name."),
+    )
+    data_split: str = field(default="train", metadata=_help("Split to read when --data is a dataset."))
+    eval_data: Optional[str] = field(
+        default=None,
+        metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
+    )
+    max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
+    max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens; longer prompts keep their end."))
+    # --- the online stream -----------------------------------------------------------------------------------------
+    round_size: Optional[int] = field(
+        default=None,
+        metadata=_help("Pairs per online round (default: one optimiser step, batch-size x grad-accum pairs)."),
+    )
+    epochs: int = field(default=1, metadata=_help("Passes over the stream; 1 is online (each pair seen once)."))
+    max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: whole stream)."))
+    batch_size: int = field(default=4, metadata=_help("Pairs per forward pass (memory grows with it)."))
+    grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
+    # --- method ----------------------------------------------------------------------------------------------------
+    method: Literal["dpo", "ofs-dpo"] = field(
+        default="ofs-dpo", metadata=_help("dpo: one LoRA module. ofs-dpo: fast and slow modules chasing (SPEC 3).")
+    )
+    beta: float = field(default=0.1, metadata=_help("DPO temperature; larger keeps the policy closer to the base."))
+    lr: float = field(default=1e-4, metadata=_help("Learning rate of the fast module (and of the dpo module)."))
+    slow_lr_ratio: float = field(default=0.5, metadata=_help("Slow learning rate = lr x this, in (0, 1]."))
+    alpha: float = field(default=0.1, metadata=_help("Weight of the chasing regulariser L_FS; 0 turns it off."))
+    chase_form: Literal["minmax", "symmetric"] = field(
+        default="minmax", metadata=_help("minmax: the chaser maximises L_FS; symmetric: it minimises L_FS(Q, P).")
+    )
+    chase_interval: int = field(
+        default=10, metadata=_help("Steps between leader/chaser comparisons (a swap happens if the chaser leads).")
+    )
+    swap: Literal["roles", "params", "off"] = field(
+        default="roles",
+        metadata=_help("roles: labels swap; params: weights and optimiser states swap so the leader trains fast."),
+    )
+    # --- LoRA ------------------------------------------------------------------------------------------------------
+    lora_r: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator (scale = alpha / r)."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input; 0 makes runs exact."))
+    target_modules: str = field(
+        default="all-linear", metadata=_help("Comma-separated module names, or all-linear.")
+    )
+    # --- optimiser -------------------------------------------------------------------------------------------------
+    lr_scheduler: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata=_help("Schedule after warm-up; constant suits an open-ended stream.")
+    )
+    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on LoRA weights."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip each module's gradient norm (0: no clipping)."))
+    seed: int = field(default=42, metadata=_help("Seed of LoRA init, dropout and everything random."))
+    # --- performance -----------------------------------------------------------------------------------------------
+    logprob_chunk_size: int = field(
+        default=1024, metadata=_help("Completion tokens per LM-head chunk; smaller lowers peak memory.")
+    )
+    eval_batch_size: Optional[int] = field(default=None, metadata=_help("Pairs per no-grad forward (default 2x)."))
+    # --- outputs ---------------------------------------------------------------------------------------------------
+    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go."))
+    save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
+    save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
+    resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir."))
+    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
+    report_to: Literal["none", "tensorboard"] = field(
+        default="none", metadata=_help("Also log to TensorBoard (needs the tensorboard package).")
+    )
+    regret: bool = field(
+        default=True, metadata=_help("At the end, score the final module on the whole stream for the regret curve.")
+    )
+    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.beta > 0, f"--beta must be > 0 (got {self.beta}).")
+        need(self.lr > 0, f"--lr must be > 0 (got {self.lr}).")
+        need(0 < self.slow_lr_ratio <= 1, f"--slow-lr-ratio must be in (0, 1] (got {self.slow_lr_ratio}).")
+        need(self.alpha >= 0, f"--alpha must be >= 0 (got {self.alpha}).")
+        need(self.chase_interval >= 1, f"--chase-interval must be >= 1 (got {self.chase_interval}).")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size}).")
+        need(self.grad_accum >= 1, f"--grad-accum must be >= 1 (got {self.grad_accum}).")
+        need(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs}).")
+        need(self.max_steps == -1 or self.max_steps >= 1, f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
+        need(self.lora_r >= 1, f"--lora-r must be >= 1 (got {self.lora_r}).")
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
+        need(self.max_length >= 2, f"--max-length must be >= 2 (got {self.max_length}).")
+        need(
+            1 <= self.max_prompt_length < self.max_length,
+            f"--max-prompt-length must be in [1, --max-length) (got {self.max_prompt_length}, "
+            f"--max-length {self.max_length}): completions need room.",
+        )
+        need(self.save_steps >= 0, f"--save-steps must be >= 0 (got {self.save_steps}).")
+        need(self.save_total_limit >= 1, f"--save-total-limit must be >= 1 (got {self.save_total_limit}).")
+        need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
+        need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
+        step_pairs = self.batch_size * self.grad_accum
+        if self.round_size is None:
+            self.round_size = step_pairs
+        need(
+            self.round_size >= 1 and self.round_size % step_pairs == 0,
+            f"--round-size ({self.round_size}) must be a positive multiple of --batch-size x --grad-accum "
+            f"({step_pairs}), so that every round is a whole number of optimiser steps.",
+        )
+
+    # --- helpers ---------------------------------------------------------------------------------------------------
+    @property
+    def pairs_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def target_module_list(self) -> str | list[str]:
+        names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any):
+        return cls(**{**read_config_file(path, cls), **overrides})
+
+
+def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dict[str, Any]:
+    """Read a YAML config into a dict of field values; unknown keys are an error naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({err}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values.")
+    known = config_class.field_names()
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = [k for k in sorted(known) if k.split("_")[0] == name.split("_")[0]]
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--config {path}: unknown key '{key}'.{hint}")
+        values[name] = value
+    return values

@@ -1,0 +1,51 @@
+"""Reference log-probs π_ref(y|x), computed once per pair and cached (SPEC §3: never per module or per step).
+
+The reference is the base with adapters disabled (`modules.reference_mode`), so it needs no second model. The cache
+is two `(N,)` tensors indexed by the pair's stream index; NaN marks pairs not yet scored. It travels in checkpoints,
+so a resumed run never recomputes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import collate
+from .logprobs import concatenated_forward
+from .modules import reference_mode
+
+
+class ReferenceCache:
+    def __init__(self, num_pairs: int):
+        self.chosen = torch.full((num_pairs,), float("nan"), dtype=torch.float32)
+        self.rejected = torch.full((num_pairs,), float("nan"), dtype=torch.float32)
+        self.computed_pairs = 0  # how many reference scorings ran: each pair exactly once
+
+    def missing(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if torch.isnan(self.chosen[i])]
+
+    @torch.no_grad()
+    def fill(self, model, pairs: list[dict], indices: list[int], pad_token_id: int, batch_size: int, chunk_size: int):
+        """Score the pairs among `indices` that are not cached yet; one concatenated forward per batch."""
+        todo = self.missing(indices)
+        if not todo:
+            return
+        device = next(model.parameters()).device
+        with reference_mode(model):
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                batch = collate([pairs[i] for i in chunk], pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                chosen, rejected = concatenated_forward(model, batch, chunk_size)
+                self.chosen[chunk] = chosen.float().cpu()
+                self.rejected[chunk] = rejected.float().cpu()
+        self.computed_pairs += len(todo)
+
+    def get(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen[indices].to(device), self.rejected[indices].to(device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ref_chosen_logps": self.chosen, "ref_rejected_logps": self.rejected}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.chosen = state["ref_chosen_logps"].clone()
+        self.rejected = state["ref_rejected_logps"].clone()

@@ -1,0 +1,357 @@
+"""The training loop of DPO and OFS-DPO on an online stream of preference pairs, written out top to bottom.
+
+Stream (SPEC §1): pairs are consumed in order, in rounds of `round_size` pairs. Before the learner updates on a
+round, its loss on that round is recorded (the online-regret curve, SPEC §5). A round is one or more optimiser steps
+of `batch_size x grad_accum` pairs.
+
+Step (SPEC §2-3): for each micro-batch, one concatenated forward per module (`fast` then `slow`, or `default`),
+the cached reference log-probs, the DPO losses, the chasing regulariser, and one backward for everything. Each
+module then has its own gradient clipping and learning rate in one AdamW (a param group per module).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from . import checkpoint as ckpt
+from .chasing import ChaseState
+from .config import ConfigError, OFSDPOConfig
+from .data import PreferenceData, collate, load_preference_data
+from .logprobs import concatenated_forward
+from .losses import chase_loss, dpo_loss
+from .metrics import MetricsLogger
+from .models import load_model_and_tokenizer, load_tokenizer, resolve_device
+from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, adapter_state, attach_adapters,
+                      load_adapter_state, lora_config, save_adapter, swap_adapters)
+from .reference import ReferenceCache
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class OFSDPOTrainer:
+    """Train `dpo` or `ofs-dpo` LoRA modules on a stream of preference pairs.
+
+    `model` is a loaded causal LM or a name/path (default: `config.model`); `train_data` is a path, a dataset name,
+    a `datasets.Dataset`, an iterable of rows or a `PreferenceData` (default: `config.data`).
+    """
+
+    def __init__(self, model: Any = None, config: OFSDPOConfig | None = None, train_data: Any = None,
+                 tokenizer: Any = None, eval_data: Any = None):
+        self.config = cfg = config or OFSDPOConfig()
+        self.output_dir = Path(cfg.output_dir)
+        self._check_output_dir()
+        self.device = resolve_device(cfg.device)
+        if model is None or isinstance(model, (str, Path)):
+            name = str(model) if model is not None else cfg.model
+            base, self.tokenizer, self.model_name, self.gguf_file = load_model_and_tokenizer(
+                name, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+        else:
+            base, self.model_name, self.gguf_file = model.to(self.device), model.config._name_or_path, cfg.gguf_file
+            self.tokenizer = tokenizer or load_tokenizer(self.model_name, cfg.gguf_file, cfg.trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
+        self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
+        self.names = OFS_ADAPTERS if cfg.method == "ofs-dpo" else DPO_ADAPTERS
+        set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
+        self.model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                       cfg.target_module_list), self.names)
+        self.model.train()
+        lrs = {"default": cfg.lr, "fast": cfg.lr, "slow": cfg.lr * cfg.slow_lr_ratio}  # η_F, η_S (SPEC §3)
+        groups = [{"params": adapter_parameters(self.model, n), "lr": lrs[n], "name": n} for n in self.names]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.order = list(range(len(self.data))) * cfg.epochs
+        steps = math.ceil(len(self.order) / cfg.pairs_per_step)
+        self.total_steps = steps if cfg.max_steps == -1 else min(steps, cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
+        self.reference = ReferenceCache(len(self.data))
+        self.eval_reference = ReferenceCache(len(self.eval)) if self.eval is not None else None
+        self.chase = ChaseState()
+        self.step, self.position, self.num_tokens, self.online_losses = 0, 0, 0, []
+
+    # --- set-up ----------------------------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        cfg = self.config
+        held = [m for m in RUN_MARKERS if (self.output_dir / m).exists()]
+        if held and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
+                              "pass --resume to continue it or --overwrite to replace it.")
+        if cfg.resume and not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
+            raise ConfigError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}.")
+        if cfg.overwrite and not cfg.resume:
+            for marker in held:
+                path = self.output_dir / marker
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def _load(self, source: Any, flag: str | None) -> PreferenceData | None:
+        if source is None:
+            if flag:
+                raise ConfigError(f"{flag} is required: a .jsonl/.json/.parquet file or a dataset.")
+            return None
+        if isinstance(source, PreferenceData):
+            return source
+        cfg = self.config
+        return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                    split=cfg.data_split, progress=cfg.progress)
+
+    # --- the loop --------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, out = self.config, self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        resume_step = self._resume() if cfg.resume else None
+        cfg.save_yaml(out / "config.yaml")
+        logger = MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
+                               resume_step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc=cfg.method, unit="step")
+        started = time.perf_counter()
+        while self.step < self.total_steps:
+            indices = self.order[self.position:self.position + cfg.pairs_per_step]
+            row: dict[str, Any] = {}
+            one_step_round = False
+            if self.position % cfg.round_size == 0:  # a new round: score it before any update on it (SPEC §5)
+                round_indices = self.order[self.position:self.position + cfg.round_size]
+                self.reference.fill(self.model, self.data.pairs, round_indices, self.tokenizer.pad_token_id,
+                                    self._eval_batch_size, cfg.logprob_chunk_size)
+                one_step_round = len(round_indices) == len(indices)
+                if not one_step_round:
+                    row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
+            tick = time.perf_counter()
+            row.update(self._training_step(indices))
+            if one_step_round:  # its training forward ran before the update: that is the pre-update loss
+                row.update(self._record_online({n: row[self._loss_key(n)] for n in self.names}))
+            self.step += 1
+            self.position += len(indices)
+            seconds = time.perf_counter() - tick
+            row.update(self._after_step(row, seconds))
+            logger.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+        bar.close()
+        logger.close()
+        self._save_checkpoint()
+        return self._finish(time.perf_counter() - started)
+
+    def _training_step(self, indices: list[int]) -> dict:
+        cfg = self.config
+        sums: dict[str, torch.Tensor] = defaultdict(float)
+        tokens = 0
+        for start in range(0, len(indices), cfg.batch_size):
+            batch = self._batch(self.data, indices[start:start + cfg.batch_size])
+            ref_chosen, ref_rejected = self.reference.get(batch["index"], self.device)
+            logps = {}
+            for name in self.names:
+                activate(self.model, name, self.names)
+                logps[name] = concatenated_forward(self.model, batch, cfg.logprob_chunk_size)
+            total, stats = self._objective(logps, ref_chosen, ref_rejected)
+            (total / len(indices)).backward()  # mean over the step's pairs: accumulation-invariant
+            if cfg.method == "ofs-dpo":
+                sums["loss"] = sums["loss"] + total.detach()
+            for key, value in stats.items():
+                sums[key] = sums[key] + value.sum()
+            tokens += int(batch["attention_mask"].sum())
+        grad_norms = {}
+        for group in self.optimizer.param_groups:  # each module clips its own gradient, as its own learner
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm or float("inf"))
+            grad_norms[group["name"]] = norm
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = list(sums)
+        values = torch.stack([sums[k].detach().float() for k in keys] +
+                             [grad_norms[n].float() for n in self.names]).tolist()  # one host sync per step
+        row = {k: v / len(indices) for k, v in zip(keys, values)}
+        norms = dict(zip(self.names, values[len(keys):]))
+        if cfg.method == "dpo":
+            row.update(learning_rate=lrs["default"], grad_norm=norms["default"])
+        else:
+            for name in self.names:
+                row[f"{name}/learning_rate"], row[f"{name}/grad_norm"] = lrs[name], norms[name]
+            row["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
+        row["num_tokens"] = tokens
+        return row
+
+    def _objective(self, logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
+        """Sum over the micro-batch of the modules' DPO losses plus α·(chasing terms); per-example stats."""
+        cfg, stats, total = self.config, {}, 0.0
+        for name, (chosen, rejected) in logps.items():
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+            total = total + losses.sum()
+            prefix = "" if cfg.method == "dpo" else f"{name}/"
+            stats.update({
+                f"{prefix}loss": losses.detach(),
+                f"{prefix}rewards/chosen": chosen_rewards,
+                f"{prefix}rewards/rejected": rejected_rewards,
+                f"{prefix}rewards/margins": chosen_rewards - rejected_rewards,
+                f"{prefix}rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                f"{prefix}logps/chosen": chosen.detach(),
+                f"{prefix}logps/rejected": rejected.detach(),
+            })
+        if cfg.method == "ofs-dpo":
+            leader, chaser = self.chase.leader, self.chase.chaser
+            leader_terms, chaser_terms, gap = chase_loss(*logps[leader], *logps[chaser], cfg.beta, cfg.chase_form)
+            if cfg.alpha > 0:  # SPEC §3: L_DPO(P) + α L_FS(P, sg Q) and L_DPO(Q) ∓ α L_FS(·) in one backward
+                total = total + cfg.alpha * (leader_terms.sum() + chaser_terms.sum())
+            stats["chase/loss"] = gap
+        return total, stats
+
+    def _after_step(self, row: dict, seconds: float) -> dict:
+        cfg = self.config
+        self.num_tokens += row["num_tokens"]
+        extra = {"step": self.step, "epoch": self.position / len(self.data), "pairs_seen": self.position,
+                 "num_tokens": self.num_tokens, "tokens_per_second": row["num_tokens"] / max(seconds, 1e-9),
+                 "pairs_per_second": cfg.pairs_per_step / max(seconds, 1e-9)}
+        if cfg.method == "ofs-dpo":
+            self.chase.record({n: row[f"{n}/loss"] for n in self.names})
+            if self.chase.end_of_window(self.step, cfg.chase_interval, cfg.swap) and cfg.swap == "params":
+                swap_adapters(self.model, "fast", "slow", self.optimizer)
+            extra.update({"chase/leader": self.chase.leader, "chase/swaps": self.chase.swaps})
+        return extra
+
+    # --- evaluation ------------------------------------------------------------------------------------------------
+    @property
+    def _eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or 2 * self.config.batch_size
+
+    def _loss_key(self, name: str) -> str:
+        return "loss" if self.config.method == "dpo" else f"{name}/loss"
+
+    def _batch(self, data: PreferenceData, indices: list[int]) -> dict:
+        batch = collate([data.pairs[i] for i in indices], self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def pair_losses(self, data: PreferenceData, reference: ReferenceCache, indices: list[int], name: str):
+        """Per-pair DPO loss and preference correctness of module `name` (no dropout, no gradient)."""
+        reference.fill(self.model, data.pairs, indices, self.tokenizer.pad_token_id, self._eval_batch_size,
+                       self.config.logprob_chunk_size)
+        was_training = self.model.training
+        self.model.eval()
+        activate(self.model, name, self.names)
+        losses, correct = [], []
+        for start in range(0, len(indices), self._eval_batch_size):
+            batch = self._batch(data, indices[start:start + self._eval_batch_size])
+            chosen, rejected = concatenated_forward(self.model, batch, self.config.logprob_chunk_size)
+            loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected,
+                                                              *reference.get(batch["index"], self.device),
+                                                              self.config.beta)
+            losses.append(loss.float().cpu())
+            correct.append((chosen_rewards > rejected_rewards).float().cpu())
+        self.model.train(was_training)
+        return torch.cat(losses), torch.cat(correct)
+
+    def _evaluate(self, data: PreferenceData, reference: ReferenceCache, indices: list[int]) -> dict[str, float]:
+        return {name: self.pair_losses(data, reference, indices, name)[0].mean().item() for name in self.names}
+
+    def _record_online(self, losses: dict[str, float]) -> dict:
+        """Keep the round's pre-update loss of every module (SPEC §5)."""
+        self.online_losses.append({"round": len(self.online_losses) + 1, "position": self.position, **losses})
+        if self.config.method == "dpo":
+            return {"online/loss": losses["default"]}
+        return {f"{name}/online/loss": value for name, value in losses.items()}
+
+    def _select_served(self) -> tuple[str, str, dict[str, float]]:
+        """SPEC §3: serve the module with the better held-out DPO loss (eval data, else the latest online rounds)."""
+        if len(self.names) == 1:
+            scores = self._evaluate(self.eval, self.eval_reference, list(range(len(self.eval)))) if self.eval else {}
+            return self.names[0], "only module", scores
+        if self.eval is not None:
+            scores, basis = self._evaluate(self.eval, self.eval_reference, list(range(len(self.eval)))), "eval_data"
+        else:
+            recent = self.online_losses[-self.config.chase_interval:]
+            scores = {n: sum(r[n] for r in recent) / len(recent) for n in self.names}
+            basis = f"online loss of the last {len(recent)} rounds"
+        return min(self.names, key=lambda n: scores[n]), basis, scores
+
+    def _regret_curve(self, served: str) -> list[dict]:
+        """Empirical online regret (SPEC §5): cumulative pre-update round loss minus the final module's on it."""
+        seen = sorted(set(self.order[:self.position]))
+        final_losses = torch.full((len(self.data),), float("nan"))
+        final_losses[seen] = self.pair_losses(self.data, self.reference, seen, served)[0]
+        curve, regret = [], 0.0
+        for i, record in enumerate(self.online_losses):
+            end = self.online_losses[i + 1]["position"] if i + 1 < len(self.online_losses) else self.position
+            hindsight = final_losses[self.order[record["position"]:end]].mean().item()
+            regret += record[served] - hindsight
+            curve.append({"round": record["round"], "online_loss": record[served], "final_loss": hindsight,
+                          "regret": regret})
+        return curve
+
+    # --- checkpoints and outputs -----------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "position": self.position, "num_tokens": self.num_tokens,
+                "online_losses": self.online_losses, "chase": self.chase.state_dict(),
+                "reference_computed_pairs": self.reference.computed_pairs, "method": self.config.method,
+                "num_pairs": len(self.data)}
+
+    def _save_checkpoint(self) -> None:
+        ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step,
+                             {n: adapter_state(self.model, n) for n in self.names}, self.optimizer, self.scheduler,
+                             self.reference.state_dict(), self._trainer_state(), self.config.save_total_limit)
+
+    def _resume(self) -> int:
+        path = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
+        saved = ckpt.load_checkpoint(path, self.names)
+        state = saved["state"]
+        if state["method"] != self.config.method or state["num_pairs"] != len(self.data):
+            raise ConfigError(f"--resume: {path} was written by a {state['method']} run on {state['num_pairs']} pairs; "
+                              f"this run is {self.config.method} on {len(self.data)} pairs.")
+        for name, tensors in saved["adapters"].items():
+            load_adapter_state(self.model, name, tensors)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.reference.load_state_dict(saved["reference"])
+        self.reference.computed_pairs = state["reference_computed_pairs"]
+        self.step, self.position, self.num_tokens = state["step"], state["position"], state["num_tokens"]
+        self.online_losses = state["online_losses"]
+        self.chase = ChaseState.from_state_dict(state["chase"])
+        ckpt.set_rng_state(saved["rng"])
+        return self.step
+
+    def _finish(self, seconds: float) -> dict:
+        out, cfg = self.output_dir, self.config
+        served, basis, scores = self._select_served()
+        save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
+        if cfg.method == "ofs-dpo":
+            for name in self.names:
+                save_adapter(self.model, name, out / name)
+        self.tokenizer.save_pretrained(out)
+        regret = self._regret_curve(served) if cfg.regret and self.online_losses else []
+        if regret:
+            (out / "regret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in regret), encoding="utf-8")
+        summary = {
+            "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": self.step,
+            "pairs_seen": self.position, "rounds": len(self.online_losses), "num_tokens": self.num_tokens,
+            "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
+            "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
+            "online_regret": regret[-1]["regret"] if regret else None,
+        }
+        if cfg.method == "ofs-dpo":
+            summary.update({"chase/swaps": self.chase.swaps, "chase/leader": self.chase.leader})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        return summary

@@ -1,0 +1,114 @@
+import json
+
+import datasets
+import pytest
+
+from conftest import sentiment_rows, write_jsonl
+from ofsdpo.data import DataError, check_row, collate, load_preference_data, tokenize_pair
+
+
+def load(source, tokenizer, **kw):
+    return load_preference_data(source, tokenizer, kw.pop("max_length", 64), kw.pop("max_prompt_length", 32), **kw)
+
+
+def test_standard_format_appends_eos_and_masks_the_prompt(tokenizer):
+    example, cut_prompt, cut_completion = tokenize_pair(tokenizer, "The film", " was great.", " was bad.", 64, 32)
+    full = tokenizer("The film was great.")["input_ids"] + [tokenizer.eos_token_id]
+    assert example["prompt_ids"] + example["chosen_ids"] == full
+    assert example["prompt_ids"] == tokenizer("The film")["input_ids"]
+    assert example["rejected_ids"][-1] == tokenizer.eos_token_id
+    assert not cut_prompt and not cut_completion
+
+
+def test_conversational_format_applies_the_chat_template(tokenizer):
+    prompt = [{"role": "user", "content": "Say something nice."}]
+    chosen = [{"role": "assistant", "content": "You are great."}]
+    rejected = [{"role": "assistant", "content": "Go away."}]
+    example, _, _ = tokenize_pair(tokenizer, prompt, chosen, rejected, 128, 64)
+    text = tokenizer.decode(example["prompt_ids"] + example["chosen_ids"])
+    assert text == tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+    assert tokenizer.decode(example["chosen_ids"]).startswith("You are great.")
+    assert tokenizer.eos_token_id in example["chosen_ids"]  # the template's end-of-turn is the EOS token
+
+
+def test_implicit_prompt_is_the_shared_prefix():
+    assert check_row({"chosen": "The film was great.", "rejected": "The film was bad."}, "f", 1) == (
+        "The film was", " great.", " bad.")
+    user = {"role": "user", "content": "hi"}
+    a, b = {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "go"}
+    assert check_row({"chosen": [user, a], "rejected": [user, b]}, "f", 1) == ([user], [a], [b])
+
+
+def test_truncation_keeps_the_prompt_end_and_cuts_the_completion(tokenizer):
+    prompt = " ".join(f"word{i}" for i in range(40))
+    example, cut_prompt, cut_completion = tokenize_pair(tokenizer, prompt, " a b c d e f g h i j k l m n o p q r s t", " k", 20, 8)
+    assert cut_prompt and cut_completion
+    assert example["prompt_ids"] == tokenizer(prompt)["input_ids"][-8:]
+    assert len(example["prompt_ids"]) + len(example["chosen_ids"]) == 20
+
+
+def test_counts_identical_and_truncated_rows(tmp_path, tokenizer):
+    rows = sentiment_rows(3) + [{"prompt": "p", "chosen": " same", "rejected": " same"},
+                                {"prompt": "x " * 100, "chosen": " yes", "rejected": " no"}]
+    data = load(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_prompt_length=16)
+    assert (data.stats.rows, data.stats.pairs, data.stats.skipped_identical, data.stats.truncated_prompts) == (5, 4, 1, 1)
+    assert [p["index"] for p in data.pairs] == [0, 1, 2, 3] and data.pairs[3]["row"] == 5
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet", "saved", "rows"])
+def test_other_sources_give_the_same_pairs(tmp_path, tokenizer, kind):
+    rows = sentiment_rows(5)
+    expected = load(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer).pairs
+    if kind == "json":
+        (tmp_path / "d.json").write_text(json.dumps(rows))
+        source = tmp_path / "d.json"
+    elif kind == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+        source = tmp_path / "d.parquet"
+    elif kind == "saved":
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+        source = str(tmp_path / "saved")
+    else:
+        source = datasets.Dataset.from_list(rows)
+    assert load(source, tokenizer).pairs == expected
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "a", "chosen": " b"\n',
+         r"bad\.jsonl, row 2: not valid JSON"),
+        ('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "a", "chosen": " b", "rejectd": " c"}\n',
+         r"bad\.jsonl, row 2, field 'rejected': missing \(unknown fields: rejectd\)"),
+        ('{"prompt": "a", "chosen": 3, "rejected": " c"}\n', r"row 1, field 'chosen': expected a string"),
+        ('{"prompt": "", "chosen": " b", "rejected": " c"}\n', r"row 1, field 'prompt': is empty"),
+        ('{"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "x"}]}\n',
+         r"row 1, field 'chosen': message 0 needs a string 'content'"),
+        ('[1, 2]\n', r"row 1: expected an object"),
+        ("", r"bad\.jsonl: the file is empty"),
+    ],
+)
+def test_malformed_rows_name_file_row_and_field(tmp_path, tokenizer, content, pattern):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=pattern):
+        load(path, tokenizer)
+
+
+def test_non_utf8_and_missing_files(tmp_path, tokenizer):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bytes\.jsonl, row 2: bytes that are not UTF-8"):
+        load(path, tokenizer)
+    with pytest.raises(DataError, match="no such file"):
+        load(tmp_path / "absent.jsonl", tokenizer)
+
+
+def test_collate_stacks_chosen_then_rejected_with_right_padding():
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "index": 0},
+                {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11], "index": 1}]
+    batch = collate(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
+    assert batch["attention_mask"].sum().item() == 5 + 3 + 4 + 4
+    assert batch["index"].tolist() == [0, 1]

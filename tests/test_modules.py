@@ -1,0 +1,56 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from ofsdpo.chasing import ChaseState
+from ofsdpo.modules import OFS_ADAPTERS, activate, adapter_parameters, attach_adapters, lora_config, swap_adapters
+
+
+def make(tiny_model_dir):
+    torch.manual_seed(0)
+    return attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(2, 4, 0.0, "all-linear"),
+                           OFS_ADAPTERS)
+
+
+def test_switching_adapters_between_forward_and_backward_keeps_both_gradients(tiny_model_dir):
+    """The trap: peft's set_adapter would freeze `fast` before backward; `activate` keeps it trainable."""
+    model = make(tiny_model_dir)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    outputs = {}
+    for name in OFS_ADAPTERS:
+        activate(model, name, OFS_ADAPTERS)
+        outputs[name] = model(ids).logits.sum()
+    (outputs["fast"] + outputs["slow"]).backward()
+    for name in OFS_ADAPTERS:
+        grads = [p.grad for p in adapter_parameters(model, name)]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+
+
+def test_swap_exchanges_weights_and_optimizer_state(tiny_model_dir):
+    model = make(tiny_model_dir)
+    fast, slow = adapter_parameters(model, "fast"), adapter_parameters(model, "slow")
+    optimizer = torch.optim.AdamW([{"params": fast, "lr": 1e-2}, {"params": slow, "lr": 1e-3}])
+    with torch.no_grad():
+        for p in fast:
+            p.add_(1.0)
+    for p in fast + slow:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    before = {"fast": [p.clone() for p in fast], "slow": [p.clone() for p in slow],
+              "fast_state": [optimizer.state[p]["exp_avg"].clone() for p in fast]}
+    swap_adapters(model, "fast", "slow", optimizer)
+    assert all(torch.equal(p, q) for p, q in zip(fast, before["slow"]))
+    assert all(torch.equal(p, q) for p, q in zip(slow, before["fast"]))
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], q) for p, q in zip(slow, before["fast_state"]))
+
+
+def test_chase_state_swaps_when_the_chaser_leads():
+    state = ChaseState()
+    state.record({"fast": 0.5, "slow": 0.6})
+    assert not state.end_of_window(step=1, interval=2, mode="roles")  # window still open
+    state.record({"fast": 0.5, "slow": 0.2})
+    assert state.end_of_window(step=2, interval=2, mode="roles")  # slow's mean 0.4 < fast's 0.5
+    assert state.leader == "slow" and state.swaps == 1 and state.window == {"fast": [], "slow": []}
+    state.record({"fast": 0.1, "slow": 0.9})
+    assert state.end_of_window(step=4, interval=2, mode="params") and state.leader == "slow"  # params: labels stay
+    state.record({"fast": 0.1, "slow": 0.9})
+    assert not state.end_of_window(step=6, interval=2, mode="off")

@@ -1,0 +1,177 @@
+"""End to end on a tiny Llama: outputs, invariants, resume, and the two-adapter gradient trap."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import sentiment_rows, write_jsonl
+from ofsdpo import ConfigError, OFSDPOTrainer
+from ofsdpo.data import collate
+from ofsdpo.logprobs import concatenated_forward
+from ofsdpo.metrics import read_metrics
+from ofsdpo.modules import adapter_parameters, adapter_state
+
+TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected"]
+
+
+def adapters(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_dpo_writes_a_servable_peft_adapter(make_config, tiny_model_dir):
+    config = make_config(method="dpo")
+    summary = OFSDPOTrainer(config=config).train()
+    out = Path(config.output_dir)
+    for name in ["adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "summary.json",
+                 "regret.jsonl"]:
+        assert (out / name).exists(), name
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["steps"] == 4
+    for name in TRL_NAMES + ["learning_rate", "grad_norm", "num_tokens", "tokens_per_second", "online/loss"]:
+        assert all(name in r for r in rows), name
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    served = PeftModel.from_pretrained(base, out)
+    auto = AutoPeftModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(served(ids).logits, auto(ids).logits)
+    assert not torch.allclose(served(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+
+
+def test_ofs_dpo_trains_both_modules_every_step(make_config):
+    config = make_config(method="ofs-dpo", alpha=0.5, chase_interval=2, lora_dropout=0.1)
+    trainer = OFSDPOTrainer(config=config)
+    base_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    init = {n: adapter_state(trainer.model, n) for n in ("fast", "slow")}
+    assert all(torch.equal(init["fast"][k], init["slow"][k]) for k in init["fast"])  # identical start
+    trainer.train()
+    rows = read_metrics(trainer.output_dir / "metrics.jsonl")
+    for row in rows:  # the set_adapter trap would zero one of these
+        assert row["fast/grad_norm"] > 0 and row["slow/grad_norm"] > 0
+        for name in TRL_NAMES[1:]:
+            assert f"fast/{name}" in row and f"slow/{name}" in row
+        for name in ["loss", "chase/loss", "chase/leader", "chase/swaps", "fast/learning_rate", "slow/learning_rate"]:
+            assert name in row
+    assert rows[0]["slow/learning_rate"] == pytest.approx(0.5 * rows[0]["fast/learning_rate"])
+    for n, p in trainer.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), f"base weight {n} changed"
+    final = {n: adapter_state(trainer.model, n) for n in ("fast", "slow")}
+    for name in ("fast", "slow"):
+        assert any(not torch.equal(final[name][k], init[name][k]) for k in final[name] if "lora_B" in k)
+    assert any(not torch.equal(final["fast"][k], final["slow"][k]) for k in final["fast"])
+    out = trainer.output_dir
+    summary = json.loads((out / "summary.json").read_text())
+    assert torch.equal(adapters(out)[next(iter(adapters(out)))], adapters(out / summary["served_module"])[next(iter(adapters(out)))])
+    assert (out / "fast" / "adapter_config.json").exists() and (out / "slow" / "adapter_config.json").exists()
+
+
+def test_no_chasing_and_equal_rates_reduce_to_dpo(make_config, tmp_path):
+    """α = 0, η_S = η_F, no dropout: fast and slow stay identical and equal to a dpo run with the same seed."""
+    ofs = OFSDPOTrainer(config=make_config(method="ofs-dpo", alpha=0.0, slow_lr_ratio=1.0, lora_dropout=0.0,
+                                           output_dir=str(tmp_path / "ofs")))
+    ofs.train()
+    dpo = OFSDPOTrainer(config=make_config(method="dpo", lora_dropout=0.0, output_dir=str(tmp_path / "dpo")))
+    dpo.train()
+    fast, slow = adapter_state(ofs.model, "fast"), adapter_state(ofs.model, "slow")
+    single = adapter_state(dpo.model, "default")
+    for key in fast:
+        assert torch.equal(fast[key], slow[key])
+        assert torch.allclose(fast[key], single[key], atol=1e-6)
+
+
+def test_reference_cache_equals_a_fresh_forward_and_is_computed_once(make_config):
+    trainer = OFSDPOTrainer(config=make_config(method="ofs-dpo", epochs=2))
+    summary = trainer.train()
+    assert summary["reference_pairs_computed"] == len(trainer.data) == 16  # two epochs, one scoring per pair
+    batch = {k: v for k, v in collate(trainer.data.pairs, trainer.tokenizer.pad_token_id).items()}
+    with trainer.model.disable_adapter(), torch.no_grad():
+        trainer.model.eval()
+        chosen, rejected = concatenated_forward(trainer.model, batch)
+    assert torch.allclose(trainer.reference.chosen, chosen, atol=1e-5)
+    assert torch.allclose(trainer.reference.rejected, rejected, atol=1e-5)
+
+
+@pytest.mark.parametrize("round_size", [4, 8])
+def test_online_loss_is_recorded_before_the_update(make_config, round_size):
+    """At the start the adapters are zero (B = 0), so policy = reference and the round's loss is exactly log 2."""
+    trainer = OFSDPOTrainer(config=make_config(method="dpo", round_size=round_size, lora_dropout=0.0))
+    trainer.train()
+    rows = read_metrics(trainer.output_dir / "metrics.jsonl")
+    online = [r["online/loss"] for r in rows if "online/loss" in r]
+    assert len(online) == 16 // round_size
+    assert online[0] == pytest.approx(math.log(2), abs=1e-6)
+    regret = [json.loads(l) for l in (trainer.output_dir / "regret.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in regret] == list(range(1, len(online) + 1))
+
+
+def test_gradient_accumulation_is_invariant(make_config, tmp_path):
+    """4 pairs x 1 micro-batch and 2 pairs x 2 micro-batches give the same step."""
+    a = OFSDPOTrainer(config=make_config(batch_size=4, lora_dropout=0.0, output_dir=str(tmp_path / "a")))
+    b = OFSDPOTrainer(config=make_config(batch_size=2, grad_accum=2, lora_dropout=0.0, output_dir=str(tmp_path / "b")))
+    a.train(), b.train()
+    for name in ("fast", "slow"):
+        sa, sb = adapter_state(a.model, name), adapter_state(b.model, name)
+        assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+@pytest.mark.parametrize("swap", ["roles", "params"])
+def test_resume_ends_identical_to_an_uninterrupted_run(make_config, tmp_path, monkeypatch, swap):
+    kw = dict(method="ofs-dpo", batch_size=2, save_steps=2, lora_dropout=0.1, chase_interval=2, swap=swap, alpha=0.5)
+    whole = OFSDPOTrainer(config=make_config(output_dir=str(tmp_path / "whole"), **kw))
+    whole.train()
+
+    crashed = OFSDPOTrainer(config=make_config(output_dir=str(tmp_path / "crash"), **kw))
+    original = OFSDPOTrainer._after_step
+
+    def crash_after_step_5(self, row, seconds):
+        if self.step == 5:
+            raise RuntimeError("simulated crash")
+        return original(self, row, seconds)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", crash_after_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", original)
+    resumed = OFSDPOTrainer(config=make_config(output_dir=str(tmp_path / "crash"), resume=True, **kw))
+    assert resumed.config.resume
+    resumed.train()
+    for name in ("fast", "slow"):
+        a, b = adapter_state(whole.model, name), adapter_state(resumed.model, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    rows_whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    rows_resumed = read_metrics(tmp_path / "crash" / "metrics.jsonl")
+    assert [r["step"] for r in rows_resumed] == list(range(1, 9))
+    for x, y in zip(rows_whole, rows_resumed):
+        assert x["fast/loss"] == pytest.approx(y["fast/loss"]) and x["chase/swaps"] == y["chase/swaps"]
+    assert resumed.reference.computed_pairs == 16
+
+
+def test_refuses_an_output_dir_holding_another_run(make_config):
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1)).train()
+    with pytest.raises(ConfigError, match="holds another run"):
+        OFSDPOTrainer(config=make_config(method="dpo"))
+
+
+def test_python_api_accepts_a_loaded_model_and_rows(tiny_model_dir, tokenizer, tmp_path):
+    from ofsdpo import OFSDPOConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = OFSDPOConfig(output_dir=str(tmp_path / "api"), batch_size=2, max_steps=2, progress=False, lora_r=2)
+    summary = OFSDPOTrainer(model, config, train_data=sentiment_rows(4), tokenizer=tokenizer).train()
+    assert summary["steps"] == 2 and summary["pairs_seen"] == 4
+
+
+def test_eval_data_picks_the_served_module(make_config, tmp_path):
+    held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
+    trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), slow_lr_ratio=0.1))
+    summary = trainer.train()
+    assert summary["served_by"] == "eval_data"
+    scores = summary["module_scores"]
+    assert summary["served_module"] == min(scores, key=scores.get)
