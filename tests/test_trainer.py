@@ -175,3 +175,16 @@ def test_eval_data_picks_the_served_module(make_config, tmp_path):
     assert summary["served_by"] == "eval_data"
     scores = summary["module_scores"]
     assert summary["served_module"] == min(scores, key=scores.get)
+
+
+def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_model_dir):
+    held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
+    trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), eval_steps=1))
+    summary = trainer.train()
+    best = summary["best_fast"]
+    assert 1 <= best["step"] <= 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, trainer.output_dir / "best_fast")
+    saved = adapters(trainer.output_dir / "best_fast")
+    assert all(torch.equal(saved[k], trainer.best["state"][k]) for k in saved)
+    assert model is not None

@@ -68,11 +68,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path, adapter_names) -> dict:
+def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     training = torch.load(path / "training_state.pt", weights_only=True)
     return {
-        "adapters": {name: load_file(path / f"adapter-{name}.safetensors") for name in adapter_names},
+        "adapters": {f.name[len("adapter-"):-len(".safetensors")]: load_file(f)
+                     for f in sorted(path.glob("adapter-*.safetensors"))},
         "reference": load_file(path / "reference_cache.safetensors"),
         "optimizer": training["optimizer"],
         "scheduler": training["scheduler"],

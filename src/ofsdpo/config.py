@@ -51,6 +51,9 @@ class OFSDPOConfig:
         default=None,
         metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
     )
+    eval_steps: int = field(
+        default=0, metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off).")
+    )
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
     max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens; longer prompts keep their end."))
     # --- the online stream -----------------------------------------------------------------------------------------
@@ -136,6 +139,7 @@ class OFSDPOConfig:
             f"--max-prompt-length must be in [1, --max-length) (got {self.max_prompt_length}, "
             f"--max-length {self.max_length}): completions need room.",
         )
+        need(self.eval_steps >= 0, f"--eval-steps must be >= 0 (got {self.eval_steps}).")
         need(self.save_steps >= 0, f"--save-steps must be >= 0 (got {self.save_steps}).")
         need(self.save_total_limit >= 1, f"--save-total-limit must be >= 1 (got {self.save_total_limit}).")
         need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")

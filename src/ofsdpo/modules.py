@@ -9,6 +9,7 @@ and then makes every trained adapter trainable again; `reference_mode` does the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,19 @@ def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tenso
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter '{name}': unexpected keys in saved state: {unexpected[:3]}")
+
+
+def write_adapter(config: LoraConfig, state: dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """Write saved adapter weights (keys as `adapter_state` returns them) as a standalone peft adapter."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
+    return directory
 
 
 def save_adapter(model: PeftModel, name: str, directory: str | Path) -> Path:

@@ -32,7 +32,7 @@ from .losses import chase_loss, dpo_loss
 from .metrics import MetricsLogger
 from .models import load_model_and_tokenizer, load_tokenizer, resolve_device
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, adapter_state, attach_adapters,
-                      load_adapter_state, lora_config, save_adapter, swap_adapters)
+                      load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
 from .reference import ReferenceCache
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
@@ -91,6 +91,7 @@ class OFSDPOTrainer:
         self.eval_reference = ReferenceCache(len(self.eval)) if self.eval is not None else None
         self.chase = ChaseState()
         self.step, self.position, self.num_tokens, self.online_losses = 0, 0, 0, []
+        self.best: dict[str, Any] | None = None  # best fast (or dpo) module on --eval-data, with --eval-steps
 
     # --- set-up ----------------------------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -149,6 +150,9 @@ class OFSDPOTrainer:
             logger.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if self.eval is not None and cfg.eval_steps and (self.step % cfg.eval_steps == 0
+                                                              or self.step == self.total_steps):
+                self._track_best()
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
         bar.close()
@@ -275,6 +279,15 @@ class OFSDPOTrainer:
             return {"online/loss": losses["default"]}
         return {f"{name}/online/loss": value for name, value in losses.items()}
 
+    def _track_best(self) -> None:
+        """Keep the best fast module on the held-out pairs seen during training (COFS-DPO keeps it, SPEC §4)."""
+        name = self.names[0]  # `fast`, or dpo's only module
+        losses, correct = self.pair_losses(self.eval, self.eval_reference, list(range(len(self.eval))), name)
+        loss, accuracy = losses.mean().item(), correct.mean().item()
+        if self.best is None or loss < self.best["loss"]:
+            self.best = {"step": self.step, "loss": loss, "accuracy": accuracy,
+                         "state": adapter_state(self.model, name)}
+
     def _select_served(self) -> tuple[str, str, dict[str, float]]:
         """SPEC §3: serve the module with the better held-out DPO loss (eval data, else the latest online rounds)."""
         if len(self.names) == 1:
@@ -307,22 +320,27 @@ class OFSDPOTrainer:
         return {"step": self.step, "position": self.position, "num_tokens": self.num_tokens,
                 "online_losses": self.online_losses, "chase": self.chase.state_dict(),
                 "reference_computed_pairs": self.reference.computed_pairs, "method": self.config.method,
-                "num_pairs": len(self.data)}
+                "num_pairs": len(self.data),
+                "best": {k: v for k, v in self.best.items() if k != "state"} if self.best else None}
 
     def _save_checkpoint(self) -> None:
-        ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step,
-                             {n: adapter_state(self.model, n) for n in self.names}, self.optimizer, self.scheduler,
+        adapters = {n: adapter_state(self.model, n) for n in self.names}
+        if self.best is not None:
+            adapters["best"] = self.best["state"]
+        ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, adapters, self.optimizer, self.scheduler,
                              self.reference.state_dict(), self._trainer_state(), self.config.save_total_limit)
 
     def _resume(self) -> int:
         path = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
-        saved = ckpt.load_checkpoint(path, self.names)
+        saved = ckpt.load_checkpoint(path)
         state = saved["state"]
         if state["method"] != self.config.method or state["num_pairs"] != len(self.data):
             raise ConfigError(f"--resume: {path} was written by a {state['method']} run on {state['num_pairs']} pairs; "
                               f"this run is {self.config.method} on {len(self.data)} pairs.")
-        for name, tensors in saved["adapters"].items():
-            load_adapter_state(self.model, name, tensors)
+        for name in self.names:
+            load_adapter_state(self.model, name, saved["adapters"][name])
+        if state.get("best"):
+            self.best = {**state["best"], "state": saved["adapters"]["best"]}
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.reference.load_state_dict(saved["reference"])
@@ -340,6 +358,8 @@ class OFSDPOTrainer:
         if cfg.method == "ofs-dpo":
             for name in self.names:
                 save_adapter(self.model, name, out / name)
+        if self.best is not None:
+            write_adapter(self.model.peft_config[self.names[0]], self.best["state"], out / "best_fast")
         self.tokenizer.save_pretrained(out)
         regret = self._regret_curve(served) if cfg.regret and self.online_losses else []
         if regret:
@@ -351,6 +371,8 @@ class OFSDPOTrainer:
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None,
         }
+        if self.best is not None:
+            summary["best_fast"] = {k: v for k, v in self.best.items() if k != "state"}
         if cfg.method == "ofs-dpo":
             summary.update({"chase/swaps": self.chase.swaps, "chase/leader": self.chase.leader})
         (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
