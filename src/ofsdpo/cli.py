@@ -20,7 +20,8 @@ from .models import ModelError
 USAGE = """usage: ofsdpo <command> [options]
 
 commands:
-  train     DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
+  train      DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
+  continual  COFS-DPO or a sequential baseline across domains (ofsdpo continual --help)
 
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
 
@@ -49,7 +50,34 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command}
+def continual_command(argv: list[str]) -> int:
+    from .continual import ContinualConfig, ContinualRunner, format_table
+
+    config = parse_config(ContinualConfig, _merge_repeated(argv, "--domain"), "ofsdpo continual",
+                          "Continual alignment across domains: COFS-DPO or a sequential baseline.")
+    report = ContinualRunner(config).run()
+    print(format_table(report), end="")
+    print(f"report written to {config.output_dir}/report.json; served adapter at {config.output_dir}")
+    return 0
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith(flag + "="):
+            values.append(argv[i][len(flag) + 1:])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, *values] if values else [])
+
+
+COMMANDS = {"train": train_command, "continual": continual_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,6 +190,8 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
         raise ConfigError(f"--config {path}: not valid YAML ({err}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values.")
+    if hasattr(config_class, "translate_yaml"):
+        raw = config_class.translate_yaml(dict(raw))
     known = config_class.field_names()
     values = {}
     for key, value in raw.items():

@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .chasing import ChaseState
 from .config import ConfigError, OFSDPOConfig
 from .data import PreferenceData, collate, load_preference_data
+from .evaluation import pair_losses
 from .logprobs import concatenated_forward
 from .losses import chase_loss, dpo_loss
 from .metrics import MetricsLogger
@@ -249,25 +250,11 @@ class OFSDPOTrainer:
         batch = collate([data.pairs[i] for i in indices], self.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    @torch.no_grad()
     def pair_losses(self, data: PreferenceData, reference: ReferenceCache, indices: list[int], name: str):
         """Per-pair DPO loss and preference correctness of module `name` (no dropout, no gradient)."""
-        reference.fill(self.model, data.pairs, indices, self.tokenizer.pad_token_id, self._eval_batch_size,
-                       self.config.logprob_chunk_size)
-        was_training = self.model.training
-        self.model.eval()
-        activate(self.model, name, self.names)
-        losses, correct = [], []
-        for start in range(0, len(indices), self._eval_batch_size):
-            batch = self._batch(data, indices[start:start + self._eval_batch_size])
-            chosen, rejected = concatenated_forward(self.model, batch, self.config.logprob_chunk_size)
-            loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected,
-                                                              *reference.get(batch["index"], self.device),
-                                                              self.config.beta)
-            losses.append(loss.float().cpu())
-            correct.append((chosen_rewards > rejected_rewards).float().cpu())
-        self.model.train(was_training)
-        return torch.cat(losses), torch.cat(correct)
+        cfg = self.config
+        return pair_losses(self.model, data, reference, indices, name, self.tokenizer.pad_token_id, cfg.beta,
+                           self._eval_batch_size, cfg.logprob_chunk_size, self.names)
 
     def _evaluate(self, data: PreferenceData, reference: ReferenceCache, indices: list[int]) -> dict[str, float]:
         return {name: self.pair_losses(data, reference, indices, name)[0].mean().item() for name in self.names}

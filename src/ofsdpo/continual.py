@@ -1,0 +1,364 @@
+"""COFS-DPO: continual alignment across domains without forgetting (SPEC §4), and the baselines it must beat.
+
+For each domain in order: train (DPO or OFS-DPO) on its stream, keep its best fast module on the domain's held-out
+pairs, and add `memory_size` held-out pairs to the memory (never trained on). Then serve:
+
+- `cofs-dpo`:   a linear combination of the kept fast modules, θ ← λ θ_prev + (1 − λ) θ_F^(k) (the pairwise recursive
+                form of SPEC §4), λ chosen on a grid by the lowest DPO loss (ties: higher accuracy) on the memory of
+                every domain seen; `--combine params|delta` says what is combined (see `combine.py`).
+- `dpo`, `ofs-dpo`: sequential training, one module carried through the domains (the forgetting baseline).
+- `dpo-replay`: sequential DPO whose stream mixes in `memory_size` training pairs of every earlier domain.
+- `lora-merge`: a fresh DPO LoRA per domain, merged with peft's `add_weighted_adapter(..., "cat")` (the exact
+                Σ ΔW/k), equal weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .combine import combine_delta, combine_params, recursive_weights, search_lambda
+from .config import ConfigError, OFSDPOConfig, _help
+from .data import DataError, PreferenceData, load_preference_data
+from .evaluation import heldout_scores
+from .models import load_model_and_tokenizer, resolve_device
+from .modules import activate, adapter_state, load_adapter_state, write_adapter
+from .reference import ReferenceCache
+from .trainer import OFSDPOTrainer
+
+CONTINUAL_MARKERS = ("report.json", "domains")
+STAGE_METHOD = {"dpo": "dpo", "dpo-replay": "dpo", "lora-merge": "dpo", "ofs-dpo": "ofs-dpo", "cofs-dpo": "ofs-dpo"}
+
+
+@dataclass
+class DomainSpec:
+    name: str
+    train: str
+    heldout: str | None = None
+    memory: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "DomainSpec":
+        """NAME=TRAIN[,heldout=PATH][,memory=PATH]"""
+        name, sep, rest = text.partition("=")
+        parts = rest.split(",") if sep else []
+        if not name or not parts or not parts[0]:
+            raise ConfigError(f"--domain {text!r}: expected NAME=TRAIN[,heldout=PATH][,memory=PATH].")
+        spec = cls(name=name.strip(), train=parts[0].strip())
+        for part in parts[1:]:
+            key, _, value = part.partition("=")
+            if key.strip() not in ("heldout", "memory") or not value:
+                raise ConfigError(f"--domain {text!r}: unknown part {part!r} (use heldout=PATH or memory=PATH).")
+            setattr(spec, key.strip(), value.strip())
+        return spec
+
+
+@dataclass
+class ContinualConfig(OFSDPOConfig):
+    method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge"] = field(
+        default="cofs-dpo", metadata=_help("cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.")
+    )
+    domain: list[str] = field(
+        default_factory=list,
+        metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order."),
+    )
+    max_steps_per_domain: int = field(default=-1, metadata=_help("Optimiser steps per domain (-1: its whole stream)."))
+    memory_size: int = field(default=8, metadata=_help("Held-out pairs per domain kept in memory to choose λ."))
+    heldout_size: int = field(
+        default=32, metadata=_help("Pairs held out from the end of a domain's stream when it has no heldout file.")
+    )
+    combine: Literal["params", "delta"] = field(
+        default="params", metadata=_help("params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.")
+    )
+    init: Literal["previous", "fresh"] = field(
+        default="previous", metadata=_help("Start each domain from the previous served module, or from scratch.")
+    )
+    lambda_grid: str = field(
+        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.domain:
+            raise ConfigError("--domain is required (NAME=TRAIN, once per domain).")
+        names = [s.name for s in self.domains]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--domain names must be unique (got {', '.join(names)}).")
+        if self.memory_size < 1:
+            raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
+        if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
+            raise ConfigError(f"--max-steps-per-domain must be -1 or >= 1 (got {self.max_steps_per_domain}).")
+        if not all(0.0 <= x <= 1.0 for x in self.lambdas):
+            raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
+
+    @property
+    def domains(self) -> list[DomainSpec]:
+        return [DomainSpec.parse(text) for text in self.domain]
+
+    @property
+    def lambdas(self) -> list[float]:
+        try:
+            return [float(x) for x in self.lambda_grid.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--lambda-grid: expected comma-separated numbers (got {self.lambda_grid!r}).") from None
+
+    @staticmethod
+    def translate_yaml(values: dict) -> dict:
+        """YAML may list `domains: [{name, train, heldout, memory}]` instead of `domain: [NAME=TRAIN, …]`."""
+        if "domains" in values:
+            items = values.pop("domains") or []
+            values["domain"] = [item if isinstance(item, str) else
+                                ",".join([f"{item['name']}={item['train']}"] +
+                                         [f"{k}={item[k]}" for k in ("heldout", "memory") if item.get(k)])
+                                for item in items]
+        return values
+
+
+def _subset(pairs: list[dict], source: str) -> PreferenceData:
+    """Pairs re-indexed from 0, so each subset keys its own reference cache."""
+    return PreferenceData(pairs=[{**p, "index": i} for i, p in enumerate(pairs)], source=source)
+
+
+@dataclass
+class Domain:
+    name: str
+    train: PreferenceData
+    test: PreferenceData
+    memory: PreferenceData
+    test_reference: ReferenceCache = None
+    memory_reference: ReferenceCache = None
+
+    def __post_init__(self):
+        self.test_reference = ReferenceCache(len(self.test))
+        self.memory_reference = ReferenceCache(len(self.memory))
+
+
+class ContinualRunner:
+    """Runs one method over the domains and writes `report.json`, the stage folders and the served adapter."""
+
+    def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None):
+        self.config = cfg = config
+        self.output_dir = Path(cfg.output_dir)
+        held = [m for m in CONTINUAL_MARKERS if (self.output_dir / m).exists()]
+        if held and not cfg.overwrite:
+            raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
+                              "pass --overwrite to replace it.")
+        self.device = resolve_device(cfg.device)
+        if model is None or isinstance(model, (str, Path)):
+            model, tokenizer, _, _ = load_model_and_tokenizer(
+                str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+        self.base, self.tokenizer = model, tokenizer
+        self.domains = [self._load_domain(spec) for spec in cfg.domains]
+
+    def _load(self, source: str) -> PreferenceData:
+        cfg = self.config
+        return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_split)
+
+    def _load_domain(self, spec: DomainSpec) -> Domain:
+        cfg, train = self.config, self._load(spec.train)
+        pairs = train.pairs
+        if spec.heldout:
+            heldout = self._load(spec.heldout).pairs
+        else:  # hold out the end of the stream: never trained on
+            need = cfg.heldout_size + (0 if spec.memory else cfg.memory_size)
+            if len(pairs) <= need:
+                raise DataError(spec.train, f"has {len(pairs)} pairs; holding out {need} would leave none to train "
+                                            "on (give heldout=PATH, or lower --heldout-size / --memory-size)")
+            pairs, heldout = pairs[:-need], pairs[-need:]
+        if spec.memory:
+            memory = self._load(spec.memory).pairs[:cfg.memory_size]
+        else:
+            if len(heldout) <= cfg.memory_size:
+                raise DataError(spec.heldout or spec.train, f"needs more than --memory-size ({cfg.memory_size}) "
+                                                            "held-out pairs: the memory is carved from them")
+            memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
+        return Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
+                      _subset(memory, spec.memory or spec.heldout or spec.train))
+
+    # --- the run ---------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, out = self.config, self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        for marker in CONTINUAL_MARKERS:  # --overwrite was checked in __init__
+            path = out / marker
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        cfg.save_yaml(out / "config.yaml")
+        kept, weights, init_state, stages = [], [], None, []
+        matrix = {"loss": [], "accuracy": []}
+        base = self.base
+        for k, domain in enumerate(self.domains):
+            trainer = self._stage_trainer(k, domain, base)
+            if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
+                for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
+                    load_adapter_state(trainer.model, name, init_state)
+            summary = trainer.train()
+            model = trainer.model
+            lora = copy.deepcopy(model.peft_config[trainer.names[0]])
+            final = adapter_state(model, summary["served_module"])
+            stage: dict[str, Any] = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
+                                     "best_fast": summary.get("best_fast"), "lambda": None}
+            if cfg.method == "cofs-dpo":
+                kept.append(trainer.best["state"])
+                weights, stage["lambda"], stage["search"] = self._choose_weights(model, lora, kept, weights, k)
+                served, served_lora = self._materialise(lora, kept, weights)
+                init_state = served if served_lora.r == lora.r else kept[-1]
+                stage["weights"] = dict(zip([d.name for d in self.domains[:k + 1]], weights))
+            elif cfg.method == "lora-merge":
+                kept.append(final)
+                served, served_lora = self._peft_merge(model, lora, kept)
+                stage["weights"] = {d.name: 1.0 / len(kept) for d in self.domains[:k + 1]}
+            else:
+                served, served_lora, init_state = final, lora, final
+            scores = [self._score(model, served_lora, served, d.test, d.test_reference) for d in self.domains]
+            matrix["loss"].append([s["loss"] for s in scores])
+            matrix["accuracy"].append([s["accuracy"] for s in scores])
+            stages.append(stage)
+            base = model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
+        write_adapter(served_lora, served, out)
+        self.tokenizer.save_pretrained(out)
+        report = self._report(stages, matrix)
+        (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        (out / "report.txt").write_text(format_table(report), encoding="utf-8")
+        plot_heatmap(report, out / "heatmap.png")
+        return report
+
+    def _stage_trainer(self, k: int, domain: Domain, base) -> OFSDPOTrainer:
+        cfg = self.config
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(OFSDPOConfig)}
+        values.update(method=STAGE_METHOD[cfg.method], data=None, eval_data=None, resume=False, overwrite=True,
+                      output_dir=str(self.output_dir / "domains" / f"{k + 1}-{domain.name}"),
+                      max_steps=cfg.max_steps_per_domain, eval_steps=cfg.eval_steps or cfg.chase_interval)
+        train = domain.train
+        if cfg.method == "dpo-replay" and k > 0:
+            train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
+                                                      for p in d.train.pairs[:cfg.memory_size]]), domain.name)
+        trainer = OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=train, tokenizer=self.tokenizer,
+                                eval_data=domain.test)
+        trainer.eval_reference = domain.test_reference  # scored once for every stage and the report
+        return trainer
+
+    def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
+        cfg = self.config
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        model.add_adapter(name, lora)
+        load_adapter_state(model, name, state)
+        scores = heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
+                                cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
+        activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
+        model.delete_adapter(name)
+        return scores
+
+    def _materialise(self, lora, states: list[dict], weights: list[float]):
+        """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling."""
+        if self.config.combine == "params":
+            return combine_params(states, weights), lora
+        combined = copy.deepcopy(lora)
+        combined.r = lora.r * len(states)
+        combined.lora_alpha = lora.lora_alpha * len(states)  # scaling = alpha / r unchanged
+        return combine_delta(states, weights), combined
+
+    def _memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
+        """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
+        seen = self.domains[:k + 1]
+        losses, accs = [], []
+        for d in seen:
+            s = self._score(model, lora, state, d.memory, d.memory_reference, name="candidate")
+            losses.append(s["loss"] * len(d.memory))
+            accs.append(s["accuracy"] * len(d.memory))
+        total = sum(len(d.memory) for d in seen)
+        return sum(losses) / total, sum(accs) / total
+
+    def _choose_weights(self, model, lora, kept, previous, k):
+        if k == 0:
+            return [1.0], None, []
+
+        def score(lam: float):
+            state, candidate_lora = self._materialise(lora, kept, recursive_weights(previous, lam))
+            return self._memory_scores(model, candidate_lora, state, k)
+
+        lam, table = search_lambda(self.config.lambdas, score)
+        return recursive_weights(previous, lam), lam, table
+
+    def _peft_merge(self, model, lora, states: list[dict]):
+        names = [f"merge{i}" for i in range(len(states))]
+        for name, state in zip(names, states):
+            model.add_adapter(name, lora)
+            load_adapter_state(model, name, state)
+        model.add_weighted_adapter(names, [1.0 / len(states)] * len(states), "merged", combination_type="cat")
+        merged, merged_lora = adapter_state(model, "merged"), copy.deepcopy(model.peft_config["merged"])
+        activate(model, next(n for n in model.peft_config if n not in names + ["merged"]))
+        for name in names + ["merged"]:
+            model.delete_adapter(name)
+        return merged, merged_lora
+
+    def _report(self, stages: list[dict], matrix: dict) -> dict:
+        names, acc, loss = [d.name for d in self.domains], matrix["accuracy"], matrix["loss"]
+        last = len(names) - 1
+        forgetting = {names[j]: max(acc[k][j] for k in range(j, last)) - acc[last][j] for j in range(last)}
+        forgetting_loss = {names[j]: loss[last][j] - min(loss[k][j] for k in range(j, last)) for j in range(last)}
+        return {
+            "method": self.config.method, "combine": self.config.combine, "init": self.config.init,
+            "search": "pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid",
+            "domains": names, "stages": stages, "matrix": matrix,
+            "cl/avg_accuracy": sum(acc[last]) / len(names), "cl/avg_loss": sum(loss[last]) / len(names),
+            "cl/forgetting": forgetting, "cl/forgetting_loss": forgetting_loss,
+            "cl/bwt": sum(acc[last][j] - acc[j][j] for j in range(last)) / last if last else 0.0,
+            "lambdas": [s["lambda"] for s in stages],
+        }
+
+
+def _interleave(stream: list[dict], replay: list[dict]) -> list[dict]:
+    """Spread the replay pairs evenly through the new domain's stream."""
+    if not replay:
+        return list(stream)
+    out, every = [], max(1, len(stream) // len(replay))
+    replay = list(replay)
+    for i, pair in enumerate(stream):
+        out.append(pair)
+        if (i + 1) % every == 0 and replay:
+            out.append(replay.pop(0))
+    return out + replay
+
+
+def format_table(report: dict) -> str:
+    names = report["domains"]
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{report['method']}: served module's held-out preference accuracy (DPO loss) after each stage",
+             "stage".ljust(12) + "".join(n.rjust(width + 10) for n in names)]
+    for k, stage in enumerate(report["stages"]):
+        cells = "".join(f"{a:.3f} ({l:.3f})".rjust(width + 10)
+                        for a, l in zip(report["matrix"]["accuracy"][k], report["matrix"]["loss"][k]))
+        lam = f"  λ={stage['lambda']}" if stage["lambda"] is not None else ""
+        lines.append(f"{k + 1}-{stage['domain']}".ljust(12) + cells + lam)
+    lines.append(f"cl/avg_accuracy {report['cl/avg_accuracy']:.3f}   cl/bwt {report['cl/bwt']:+.3f}   "
+                 "cl/forgetting " + ", ".join(f"{k} {v:+.3f}" for k, v in report["cl/forgetting"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = report["matrix"]["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(report["domains"]), 1.2 + 0.8 * len(acc)))
+    image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(report["domains"])), report["domains"])
+    ax.set_yticks(range(len(acc)), [f"{s['stage']}-{s['domain']}" for s in report["stages"]])
+    ax.set_xlabel("evaluated on domain")
+    ax.set_ylabel("after stage")
+    for i, row in enumerate(acc):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+    ax.set_title(f"{report['method']}: held-out preference accuracy")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+"""End to end over three tiny domains: the report, the stage folders and the served combination on disk."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from ofsdpo.cli import main
+from ofsdpo.combine import combine_params, effective_deltas
+from ofsdpo.continual import ContinualConfig, ContinualRunner
+
+
+def domain_rows(word_good, word_bad, n=20):
+    return [{"prompt": f"Item {i}: it is", "chosen": f" {word_good}.", "rejected": f" {word_bad}."} for i in range(n)]
+
+
+@pytest.fixture
+def domains(tmp_path):
+    files = {"pos": ("great", "awful"), "safe": ("sorry, I cannot help", "sure, here is how"),
+             "short": ("yes", "well, it depends on many things")}
+    return [f"{name}={write_jsonl(tmp_path / f'{name}.jsonl', domain_rows(*words))}"
+            for name, words in files.items()]
+
+
+def run(tiny_model_dir, tmp_path, domains, **kw):
+    values = dict(model=str(tiny_model_dir), domain=domains, output_dir=str(tmp_path / kw.get("method", "x")),
+                  batch_size=4, lr=5e-3, lora_r=2, lora_alpha=4, max_length=48, max_prompt_length=24,
+                  memory_size=4, heldout_size=4, max_steps_per_domain=3, save_steps=0, progress=False,
+                  lambda_grid="0,0.5,1", regret=False, seed=0)
+    values.update(kw)
+    config = ContinualConfig(**values)
+    return config, ContinualRunner(config).run()
+
+
+@pytest.mark.parametrize("combine", ["params", "delta"])
+def test_cofs_dpo_serves_the_stated_combination(tiny_model_dir, tmp_path, domains, combine):
+    config, report = run(tiny_model_dir, tmp_path, domains, method="cofs-dpo", combine=combine)
+    out = tmp_path / "cofs-dpo"
+    assert len(report["matrix"]["accuracy"]) == 3 and all(len(r) == 3 for r in report["matrix"]["loss"])
+    assert report["lambdas"][0] is None and all(l in (0.0, 0.5, 1.0) for l in report["lambdas"][1:])
+    for key in ("cl/avg_accuracy", "cl/forgetting", "cl/bwt"):
+        assert key in report
+    kept = [load_file(out / "domains" / f"{k + 1}-{n}" / "best_fast" / "adapter_model.safetensors")
+            for k, n in enumerate(["pos", "safe", "short"])]
+    for k, n in enumerate(["pos", "safe", "short"]):
+        stage_dir = out / "domains" / f"{k + 1}-{n}"
+        assert (stage_dir / "fast").is_dir() and (stage_dir / "slow").is_dir() and (stage_dir / "metrics.jsonl").exists()
+    weights = list(report["stages"][-1]["weights"].values())
+    assert abs(sum(weights) - 1) < 1e-9
+    served = load_file(out / "adapter_model.safetensors")
+    served_config = json.loads((out / "adapter_config.json").read_text())
+    if combine == "params":
+        expected = combine_params(kept, weights)
+        assert all(torch.allclose(served[k], expected[k], atol=1e-6) for k in expected)
+        assert served_config["r"] == 2
+    else:
+        scale = 4 / 2
+        deltas = [effective_deltas(s, scale) for s in kept]
+        got = effective_deltas(served, served_config["lora_alpha"] / served_config["r"])
+        for layer, delta in got.items():
+            assert torch.allclose(delta, sum(w * d[layer] for w, d in zip(weights, deltas)), atol=1e-5)
+    assert (out / "heatmap.png").stat().st_size > 1000 and (out / "report.txt").exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "ofs-dpo", "dpo-replay", "lora-merge"])
+def test_baselines_fill_the_report(tiny_model_dir, tmp_path, domains, method):
+    _, report = run(tiny_model_dir, tmp_path, domains[:2], method=method, max_steps_per_domain=2)
+    assert report["method"] == method and len(report["matrix"]["accuracy"]) == 2
+    assert set(report["cl/forgetting"]) == {"pos"}
+    assert (tmp_path / method / "adapter_model.safetensors").exists()
+
+
+def test_cli_takes_repeated_domains_and_yaml(tiny_model_dir, tmp_path, domains, capsys):
+    cfg = tmp_path / "cl.yaml"
+    name, path = domains[0].split("=")
+    cfg.write_text(f"domains:\n  - name: {name}\n    train: {path}\n")
+    code = main(["continual", "--config", str(cfg), "--model", str(tiny_model_dir), "--domain", domains[1],
+                 "--domain", domains[2], "--output-dir", str(tmp_path / "cli"), "--method", "dpo",
+                 "--max-steps-per-domain", "1", "--memory-size", "2", "--heldout-size", "2", "--batch-size", "2",
+                 "--lora-r", "2", "--no-progress", "--no-regret"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["domains"] == ["safe", "short"]  # flags override the YAML's list
+    assert "cl/avg_accuracy" in capsys.readouterr().out
