@@ -72,3 +72,10 @@ def test_python_dash_m_trains_end_to_end(tiny_model_dir, pairs_file, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "ofs-dpo"
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_missing_model_exits_2(tmp_path, pairs_file, capsys):
+    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(pairs_file),
+                 "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-such-model" in err and "Traceback" not in err

@@ -23,6 +23,7 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def log(self, row: dict) -> None:
+        row = {"step": row["step"], **row}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.writer is not None:

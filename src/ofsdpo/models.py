@@ -52,25 +52,37 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"--model {name}: cannot load its tokenizer ({err})") from None
     if tokenizer.pad_token is None:  # SmolLM2 and Llama ship none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model_and_tokenizer(name: str | None, gguf_file: str | None, dtype: str, device: torch.device,
-                             trust_remote_code: bool = False):
-    """Returns (model, tokenizer, name, gguf_file) with the model on `device` in eval-free training mode."""
+def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """The embedded default when no model is named."""
+    return embedded_model() if name is None else (name, gguf_file)
+
+
+def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    if name is None:
-        name, gguf_file = embedded_model()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = load_tokenizer(name, gguf_file, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"--model {name}{' --gguf-file ' + gguf_file if gguf_file else ''}: cannot load ({err})") from None
-    return model.to(device), tokenizer, name, gguf_file
+        flag = f"--model {name}" + (f" --gguf-file {gguf_file}" if gguf_file else "")
+        raise ModelError(f"{flag}: cannot load ({err})") from None
+    return model.to(device)
+
+
+def load_model_and_tokenizer(name: str | None, gguf_file: str | None, dtype: str, device: torch.device,
+                             trust_remote_code: bool = False):
+    """Returns (model on `device`, tokenizer, name, gguf_file)."""
+    name, gguf_file = resolve_model_name(name, gguf_file)
+    tokenizer = load_tokenizer(name, gguf_file, trust_remote_code)
+    return load_model(name, gguf_file, dtype, device, trust_remote_code), tokenizer, name, gguf_file

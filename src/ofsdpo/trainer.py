@@ -31,7 +31,7 @@ from .evaluation import pair_losses
 from .logprobs import concatenated_forward
 from .losses import chase_loss, dpo_loss
 from .metrics import MetricsLogger
-from .models import load_model_and_tokenizer, load_tokenizer, resolve_device
+from .models import load_model, load_tokenizer, resolve_device, resolve_model_name
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, adapter_state, attach_adapters,
                       load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
 from .reference import ReferenceCache
@@ -64,17 +64,20 @@ class OFSDPOTrainer:
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
         self.device = resolve_device(cfg.device)
-        if model is None or isinstance(model, (str, Path)):
-            name = str(model) if model is not None else cfg.model
-            base, self.tokenizer, self.model_name, self.gguf_file = load_model_and_tokenizer(
-                name, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+        if model is None or isinstance(model, (str, Path)):  # tokenizer and data first: bad data fails fast
+            self.model_name, self.gguf_file = resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file)
+            self.tokenizer = tokenizer or load_tokenizer(self.model_name, self.gguf_file, cfg.trust_remote_code)
         else:
-            base, self.model_name, self.gguf_file = model.to(self.device), model.config._name_or_path, cfg.gguf_file
+            self.model_name, self.gguf_file = model.config._name_or_path, cfg.gguf_file
             self.tokenizer = tokenizer or load_tokenizer(self.model_name, cfg.gguf_file, cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
         self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
+        if model is None or isinstance(model, (str, Path)):
+            base = load_model(self.model_name, self.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+        else:
+            base = model.to(self.device)
         self.names = OFS_ADAPTERS if cfg.method == "ofs-dpo" else DPO_ADAPTERS
         set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
         self.model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
