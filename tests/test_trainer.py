@@ -188,3 +188,9 @@ def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_mo
     saved = adapters(trainer.output_dir / "best_fast")
     assert all(torch.equal(saved[k], trainer.best["state"][k]) for k in saved)
     assert model is not None
+
+
+def test_tensorboard_logging_is_optional(make_config):
+    trainer = OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, report_to="tensorboard"))
+    trainer.train()
+    assert list((trainer.output_dir / "runs").glob("events.out.tfevents.*"))
