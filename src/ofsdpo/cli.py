@@ -22,6 +22,7 @@ USAGE = """usage: ofsdpo <command> [options]
 commands:
   train      DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
   continual  COFS-DPO or a sequential baseline across domains (ofsdpo continual --help)
+  generate   judged preference pairs sampled on a built-in domain (ofsdpo generate --help)
 
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
 
@@ -61,6 +62,36 @@ def continual_command(argv: list[str]) -> int:
     return 0
 
 
+def generate_command(argv: list[str]) -> int:
+    import torch
+    from transformers import set_seed
+
+    from .config import GenerateConfig
+    from .domains import get_domain
+    from .generation import make_pairs, write_jsonl
+    from .models import load_model_and_tokenizer, resolve_device
+
+    config = parse_config(GenerateConfig, argv, "ofsdpo generate",
+                          "Sample responses on a built-in domain, judge them, and write best-vs-worst pairs.")
+    try:
+        domain = get_domain(config.domain)
+    except KeyError as err:
+        raise ConfigError(f"--domain: {err.args[0]}") from None
+    records = domain.prompts(config.split)
+    records = records if config.num_prompts == -1 else records[:config.num_prompts]
+    device = resolve_device(config.device)
+    model, tokenizer, _, _ = load_model_and_tokenizer(config.model, config.gguf_file, config.dtype, device,
+                                                      config.trust_remote_code)
+    set_seed(config.seed)
+    with torch.inference_mode():
+        pairs, ties = make_pairs(model, tokenizer, domain, records, config.samples_per_prompt, config.temperature,
+                                 config.top_p, config.batch_size, progress=config.progress)
+    write_jsonl(pairs, config.out)
+    print(json.dumps({"domain": domain.name, "prompts": len(records), "pairs": len(pairs), "ties_skipped": ties,
+                      "out": config.out}))
+    return 0
+
+
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
     values, rest, i = [], [], 0
@@ -77,7 +108,7 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     return rest + ([flag, *values] if values else [])
 
 
-COMMANDS = {"train": train_command, "continual": continual_command}
+COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,3 +202,32 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
             raise ConfigError(f"--config {path}: unknown key '{key}'.{hint}")
         values[name] = value
     return values
+
+
+@dataclass
+class GenerateConfig:
+    domain: str = field(default="sentiment", metadata=_help("Built-in domain: sentiment, critic, concise, safety."))
+    out: str = field(default="pairs.jsonl", metadata=_help("Where to write the judged pairs (JSONL)."))
+    model: Optional[str] = field(default=None, metadata=_help("Model to sample from (default: the embedded one)."))
+    gguf_file: Optional[str] = field(default=None, metadata=_help("GGUF file inside --model."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Run model code shipped with the checkpoint."))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_help("Weights dtype."))
+    split: Literal["train", "heldout", "all"] = field(default="train", metadata=_help("Which prompts to use."))
+    num_prompts: int = field(default=64, metadata=_help("Prompts to sample for (in the fixed order; -1: all)."))
+    samples_per_prompt: int = field(default=4, metadata=_help("Samples per prompt; best and worst form a pair."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature."))
+    top_p: float = field(default=0.95, metadata=_help("Nucleus sampling threshold."))
+    batch_size: int = field(default=16, metadata=_help("Prompts per generate call."))
+    seed: int = field(default=0, metadata=_help("Sampling seed."))
+    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"--samples-per-prompt must be >= 2 to form a pair (got {self.samples_per_prompt}).")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0 (got {self.temperature}).")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1] (got {self.top_p}).")
+        if self.num_prompts == 0 or self.num_prompts < -1:
+            raise ConfigError(f"--num-prompts must be -1 or >= 1 (got {self.num_prompts}).")

@@ -37,3 +37,54 @@ def heldout_scores(model, data: PreferenceData, reference: ReferenceCache, adapt
     losses, correct = pair_losses(model, data, reference, list(range(len(data))), adapter, pad_token_id, beta,
                                   batch_size, chunk_size, trained)
     return {"loss": losses.mean().item(), "accuracy": correct.mean().item()}
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, prompts: list[str], responses: list[str], chat: bool, max_length: int = 512,
+                     batch_size: int = 8) -> torch.Tensor:
+    """log π(response | prompt) summed over the response tokens, for the model's active adapter."""
+    from .data import tokenize_pair
+
+    device = next(model.parameters()).device
+    examples = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        if chat:
+            p, r = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response or " "}]
+        else:
+            p, r = prompt, response or " "
+        example, _, _ = tokenize_pair(tokenizer, p, r, r, max_length, max_length // 2)
+        examples.append({**example, "index": i})
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+        out.append(concatenated_forward(model, batch)[0].float().cpu())
+    return torch.cat(out)
+
+
+def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
+               progress: bool = False) -> dict[str, float]:
+    """Mean judge score of the policy's samples, win rate against the reference's samples (ties count half),
+    a sample-based KL(π || π_ref) estimate, and the mean response length in words."""
+    from .generation import sample
+    from .modules import reference_mode
+
+    if adapter is not None:
+        activate(model, adapter)
+    prompts = [r["prompt"] for r in records]
+    policy = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
+                                   batch_size=batch_size, progress=progress)]
+    ref = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
+                                batch_size=batch_size, reference=True, progress=progress)]
+    policy_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, policy)]
+    ref_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, ref)]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, ref_scores)]
+    was_training = model.training
+    model.eval()
+    policy_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
+    with reference_mode(model):
+        ref_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
+    model.train(was_training)
+    n = len(records)
+    return {"judge_score": sum(policy_scores) / n, "reference_judge_score": sum(ref_scores) / n,
+            "win_rate": sum(wins) / n, "kl": (policy_logps - ref_logps).mean().item(),
+            "response_words": sum(len(y.split()) for y in policy) / n}
