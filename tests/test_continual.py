@@ -84,3 +84,12 @@ def test_cli_takes_repeated_domains_and_yaml(tiny_model_dir, tmp_path, domains, 
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["domains"] == ["safe", "short"]  # flags override the YAML's list
     assert "cl/avg_accuracy" in capsys.readouterr().out
+
+
+def test_builtin_domains_are_judged_after_every_stage(tiny_model_dir, tmp_path):
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great")}
+    domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+    _, report = run(tiny_model_dir, tmp_path, domains, method="cofs-dpo", judge_prompts=2, max_steps_per_domain=1)
+    for key in ("judge_score", "win_rate", "kl"):
+        assert len(report["matrix"][key]) == 2 and all(v is not None for row in report["matrix"][key] for v in row)
+    assert "cl/avg_judge_score" in report and set(report["cl/forgetting_judge"]) == {"sentiment"}

@@ -78,6 +78,9 @@ class ContinualConfig(OFSDPOConfig):
     init: Literal["previous", "fresh"] = field(
         default="previous", metadata=_help("Start each domain from the previous served module, or from scratch.")
     )
+    judge_prompts: int = field(
+        default=0, metadata=_help("Held-out prompts judged per built-in domain after every stage (0: no judging).")
+    )
     lambda_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
     )
@@ -154,6 +157,7 @@ class ContinualRunner:
                 str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
         self.base, self.tokenizer = model, tokenizer
         self.domains = [self._load_domain(spec) for spec in cfg.domains]
+        self._reference_scores: dict[str, list[float]] = {}
 
     def _load(self, source: str) -> PreferenceData:
         cfg = self.config
@@ -217,6 +221,10 @@ class ContinualRunner:
             scores = [self._score(model, served_lora, served, d.test, d.test_reference) for d in self.domains]
             matrix["loss"].append([s["loss"] for s in scores])
             matrix["accuracy"].append([s["accuracy"] for s in scores])
+            if cfg.judge_prompts:
+                judged = self._judge(model, served_lora, served)
+                for key in ("judge_score", "win_rate", "kl"):
+                    matrix.setdefault(key, []).append([j.get(key) for j in judged])
             stages.append(stage)
             base = model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
         write_adapter(served_lora, served, out)
@@ -253,6 +261,28 @@ class ContinualRunner:
         activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
         model.delete_adapter(name)
         return scores
+
+    def _judge(self, model, lora, state) -> list[dict]:
+        """Judge the served module's samples on each built-in domain's held-out prompts (SPEC §6 evaluation)."""
+        from .domains import DOMAINS
+        from .evaluation import judge_eval, reference_samples
+
+        model.add_adapter("served", lora)
+        load_adapter_state(model, "served", state)
+        results = []
+        for d in self.domains:
+            builtin = DOMAINS.get(d.name)
+            if builtin is None:
+                results.append({})
+                continue
+            records = builtin.prompts("heldout")[:self.config.judge_prompts]
+            if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
+                self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
+            results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
+                                      ref_scores=self._reference_scores[d.name]))
+        activate(model, next(n for n in model.peft_config if n != "served"))
+        model.delete_adapter("served")
+        return results
 
     def _materialise(self, lora, states: list[dict], weights: list[float]):
         """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling."""
@@ -302,7 +332,14 @@ class ContinualRunner:
         last = len(names) - 1
         forgetting = {names[j]: max(acc[k][j] for k in range(j, last)) - acc[last][j] for j in range(last)}
         forgetting_loss = {names[j]: loss[last][j] - min(loss[k][j] for k in range(j, last)) for j in range(last)}
-        return {
+        extra = {}
+        if "judge_score" in matrix:
+            judge = matrix["judge_score"]
+            judged = [j for j in range(len(names)) if judge[last][j] is not None]
+            extra = {"cl/avg_judge_score": sum(judge[last][j] for j in judged) / max(1, len(judged)),
+                     "cl/forgetting_judge": {names[j]: max(judge[k][j] for k in range(j, last)) - judge[last][j]
+                                             for j in judged if j < last}}
+        return {**extra,
             "method": self.config.method, "combine": self.config.combine, "init": self.config.init,
             "search": "pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid",
             "domains": names, "stages": stages, "matrix": matrix,
@@ -338,6 +375,14 @@ def format_table(report: dict) -> str:
         lines.append(f"{k + 1}-{stage['domain']}".ljust(12) + cells + lam)
     lines.append(f"cl/avg_accuracy {report['cl/avg_accuracy']:.3f}   cl/bwt {report['cl/bwt']:+.3f}   "
                  "cl/forgetting " + ", ".join(f"{k} {v:+.3f}" for k, v in report["cl/forgetting"].items()))
+    if "judge_score" in report["matrix"]:
+        lines.append("judge score of the served module's samples (KL to the reference)")
+        for k, stage in enumerate(report["stages"]):
+            cells = "".join(("-" if s is None else f"{s:+.3f} ({kl:.2f})").rjust(width + 10)
+                            for s, kl in zip(report["matrix"]["judge_score"][k], report["matrix"]["kl"][k]))
+            lines.append(f"{k + 1}-{stage['domain']}".ljust(12) + cells)
+        lines.append(f"cl/avg_judge_score {report['cl/avg_judge_score']:+.3f}   cl/forgetting_judge " +
+                     ", ".join(f"{k} {v:+.3f}" for k, v in report["cl/forgetting_judge"].items()))
     return "\n".join(lines) + "\n"
 
 

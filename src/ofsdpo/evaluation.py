@@ -61,10 +61,21 @@ def completion_logps(model, tokenizer, prompts: list[str], responses: list[str],
     return torch.cat(out)
 
 
+def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16) -> list[float]:
+    """Judge scores of the reference's samples (adapters disabled): the other side of every win rate."""
+    from .generation import sample
+
+    prompts = [r["prompt"] for r in records]
+    ref = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
+                                batch_size=batch_size, reference=True)]
+    return [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, ref)]
+
+
 def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
-               progress: bool = False) -> dict[str, float]:
+               progress: bool = False, ref_scores: list[float] | None = None) -> dict[str, float]:
     """Mean judge score of the policy's samples, win rate against the reference's samples (ties count half),
-    a sample-based KL(π || π_ref) estimate, and the mean response length in words."""
+    a sample-based KL(π || π_ref) estimate, and the mean response length in words. `ref_scores` (from
+    `reference_samples`) lets several evaluations share one set of reference samples."""
     from .generation import sample
     from .modules import reference_mode
 
@@ -73,16 +84,17 @@ def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | Non
     prompts = [r["prompt"] for r in records]
     policy = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
                                    batch_size=batch_size, progress=progress)]
-    ref = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
-                                batch_size=batch_size, reference=True, progress=progress)]
+    if ref_scores is None:
+        ref_scores = reference_samples(model, tokenizer, domain, records, batch_size)
     policy_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, policy)]
-    ref_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, ref)]
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, ref_scores)]
     was_training = model.training
     model.eval()
     policy_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
     with reference_mode(model):
         ref_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
+    if adapter is not None:
+        activate(model, adapter)
     model.train(was_training)
     n = len(records)
     return {"judge_score": sum(policy_scores) / n, "reference_judge_score": sum(ref_scores) / n,
