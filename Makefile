@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-quick train-example clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
+	$(BIN)/ofsdpo demo --output-dir demo-output
+
+demo-quick: $(STAMP)
+	$(BIN)/ofsdpo demo --quick --output-dir demo-output
+
+train-example: $(STAMP)
 	$(BIN)/ofsdpo train --method ofs-dpo --data examples/sentiment_pairs.jsonl \
-		--eval-data examples/sentiment_heldout.jsonl --output-dir demo-output --overwrite \
+		--eval-data examples/sentiment_heldout.jsonl --output-dir train-output --overwrite \
 		--max-steps 30 --batch-size 4 --lr 5e-4 --beta 0.1 --max-length 96 --max-prompt-length 48 --save-steps 10
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output train-output .pytest_cache

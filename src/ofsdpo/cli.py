@@ -23,6 +23,7 @@ commands:
   train      DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
   continual  COFS-DPO or a sequential baseline across domains (ofsdpo continual --help)
   generate   judged preference pairs sampled on a built-in domain (ofsdpo generate --help)
+  demo       DPO vs OFS-DPO vs COFS-DPO on the embedded model and built-in domains (ofsdpo demo --help)
 
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
 
@@ -92,6 +93,26 @@ def generate_command(argv: list[str]) -> int:
     return 0
 
 
+def demo_command(argv: list[str]) -> int:
+    import argparse
+
+    from .demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="ofsdpo demo", description=(
+        "Sequential DPO, sequential OFS-DPO and COFS-DPO on the embedded model over the built-in domains "
+        "sentiment -> critic -> concise, with judge scores after every stage and report.md with plots."))
+    parser.add_argument("--quick", action="store_true", help="A smaller run (a few minutes on a laptop CPU).")
+    parser.add_argument("--output-dir", default="demo-output", help="Where data, runs and report.md go.")
+    parser.add_argument("--model", default=None, help="Another model instead of the embedded SmolLM2.")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model.")
+    parser.add_argument("--device", default="auto", help="auto picks a GPU when there is one.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and training.")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Learning rate of the fast (and dpo) module.")
+    args = parser.parse_args(argv)
+    run_demo(args.output_dir, args.quick, args.model, args.gguf_file, args.device, args.seed, args.lr)
+    return 0
+
+
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
     values, rest, i = [], [], 0
@@ -108,7 +129,8 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     return rest + ([flag, *values] if values else [])
 
 
-COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command}
+COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command,
+            "demo": demo_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -336,7 +336,8 @@ class ContinualRunner:
         if "judge_score" in matrix:
             judge = matrix["judge_score"]
             judged = [j for j in range(len(names)) if judge[last][j] is not None]
-            extra = {"cl/avg_judge_score": sum(judge[last][j] for j in judged) / max(1, len(judged)),
+            extra = {"base_judge_score": {n: sum(v) / len(v) for n, v in self._reference_scores.items()},
+                     "cl/avg_judge_score": sum(judge[last][j] for j in judged) / max(1, len(judged)),
                      "cl/forgetting_judge": {names[j]: max(judge[k][j] for k in range(j, last)) - judge[last][j]
                                              for j in judged if j < last}}
         return {**extra,
