@@ -54,6 +54,12 @@ class OFSDPOConfig:
     eval_steps: int = field(
         default=0, metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off).")
     )
+    on_policy: Optional[str] = field(
+        default=None,
+        metadata=_help("Built-in domain: each round, the current policy answers its train prompts and the judge "
+                       "labels best vs worst (true online DPO). Replaces --data; --round-size counts prompts."),
+    )
+    samples_per_prompt: int = field(default=4, metadata=_help("On-policy samples per prompt (best vs worst)."))
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
     max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens; longer prompts keep their end."))
     # --- the online stream -----------------------------------------------------------------------------------------
@@ -145,6 +151,13 @@ class OFSDPOConfig:
         need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
+        if self.on_policy is not None:
+            from .domains import DOMAINS
+
+            need(self.on_policy in DOMAINS, f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), "
+                                            f"got {self.on_policy!r}.")
+            need(self.data is None, "--on-policy generates the pairs: drop --data.")
+            need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
         step_pairs = self.batch_size * self.grad_accum
         if self.round_size is None:
             self.round_size = step_pairs

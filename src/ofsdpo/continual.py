@@ -92,6 +92,9 @@ class ContinualConfig(OFSDPOConfig):
         names = [s.name for s in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"--domain names must be unique (got {', '.join(names)}).")
+        if self.resume:
+            raise ConfigError("--resume is not supported by `continual` yet: rerun it (each stage's checkpoints are "
+                              "kept in domains/<k>-<name>/checkpoints).")
         if self.memory_size < 1:
             raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
         if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
@@ -155,6 +158,10 @@ class ContinualRunner:
         if model is None or isinstance(model, (str, Path)):
             model, tokenizer, _, _ = load_model_and_tokenizer(
                 str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+        if tokenizer is None:
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(model.config._name_or_path, cfg.gguf_file, cfg.trust_remote_code)
         self.base, self.tokenizer = model, tokenizer
         self.domains = [self._load_domain(spec) for spec in cfg.domains]
         self._reference_scores: dict[str, list[float]] = {}
@@ -336,7 +343,8 @@ class ContinualRunner:
         if "judge_score" in matrix:
             judge = matrix["judge_score"]
             judged = [j for j in range(len(names)) if judge[last][j] is not None]
-            extra = {"base_judge_score": {n: sum(v) / len(v) for n, v in self._reference_scores.items()},
+            extra = {"base_judge_score": {n: sum(v) / len(v) for n, v in self._reference_scores.items()
+                                          if n in names},
                      "cl/avg_judge_score": sum(judge[last][j] for j in judged) / max(1, len(judged)),
                      "cl/forgetting_judge": {names[j]: max(judge[k][j] for k in range(j, last)) - judge[last][j]
                                              for j in judged if j < last}}

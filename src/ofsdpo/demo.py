@@ -36,12 +36,13 @@ class DemoSettings:
     heldout: int
     memory: int
     lambda_grid: str
+    eval_steps: int  # how often the best fast module is looked for
 
 
 FULL = DemoSettings(prompts=40, samples=4, steps=8, batch_size=4, judge_prompts=16, heldout=8, memory=4,
-                    lambda_grid="0,0.25,0.5,0.75,1")
+                    lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4)
 QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
-                     lambda_grid="0,0.5,1")
+                     lambda_grid="0,0.5,1", eval_steps=2)
 
 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model: str | None = None,
@@ -66,7 +67,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         if len(pairs) < need:
             raise RuntimeError(f"'{domain_name}' gave {len(pairs)} pairs ({ties} ties); the demo needs {need}")
         specs.append(f"{domain_name}={write_jsonl(pairs, out / 'data' / f'{domain_name}.jsonl')}")
-    reports = {}
+    reports, reference_scores = {}, {}
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
         config = ContinualConfig(
@@ -74,8 +75,9 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             max_steps_per_domain=settings.steps, batch_size=settings.batch_size, heldout_size=settings.heldout,
             memory_size=settings.memory, judge_prompts=settings.judge_prompts, lambda_grid=settings.lambda_grid,
             max_length=160, max_prompt_length=96, save_steps=0, regret=False, progress=progress, device=str(dev),
-            eval_steps=max(1, settings.steps // 2))
+            eval_steps=settings.eval_steps)
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer)
+        runner._reference_scores = reference_scores  # the base's samples are judged once, for all three methods
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started

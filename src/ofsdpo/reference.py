@@ -20,6 +20,11 @@ class ReferenceCache:
         self.rejected = torch.full((num_pairs,), float("nan"), dtype=torch.float32)
         self.computed_pairs = 0  # how many reference scorings ran: each pair exactly once
 
+    def extend(self, count: int) -> None:
+        """Room for `count` more pairs (on-policy rounds add pairs as they are generated)."""
+        pad = torch.full((count,), float("nan"), dtype=torch.float32)
+        self.chosen, self.rejected = torch.cat([self.chosen, pad]), torch.cat([self.rejected, pad.clone()])
+
     def missing(self, indices: list[int]) -> list[int]:
         return [i for i in indices if torch.isnan(self.chosen[i])]
 

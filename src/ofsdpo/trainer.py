@@ -27,7 +27,9 @@ from . import checkpoint as ckpt
 from .chasing import ChaseState
 from .config import ConfigError, OFSDPOConfig
 from .data import PreferenceData, collate, load_preference_data
+from .domains import get_domain
 from .evaluation import pair_losses
+from .generation import make_pairs
 from .logprobs import concatenated_forward
 from .losses import chase_loss, dpo_loss
 from .metrics import MetricsLogger
@@ -72,7 +74,12 @@ class OFSDPOTrainer:
             self.tokenizer = tokenizer or load_tokenizer(self.model_name, cfg.gguf_file, cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
+        self.on_policy = get_domain(cfg.on_policy) if cfg.on_policy else None
+        if self.on_policy is not None:  # pairs are generated round by round from the policy itself
+            self.prompts = self.on_policy.prompts("train") * cfg.epochs
+            self.data = PreferenceData(pairs=[], source=f"on-policy:{cfg.on_policy}")
+        else:
+            self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
         self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
         if model is None or isinstance(model, (str, Path)):
             base = load_model(self.model_name, self.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
@@ -88,7 +95,10 @@ class OFSDPOTrainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.order = list(range(len(self.data))) * cfg.epochs
         steps = math.ceil(len(self.order) / cfg.pairs_per_step)
+        if self.on_policy is not None:  # at most: ties shrink rounds
+            steps = math.ceil(len(self.prompts) / cfg.round_size) * (cfg.round_size // cfg.pairs_per_step)
         self.total_steps = steps if cfg.max_steps == -1 else min(steps, cfg.max_steps)
+        self.prompt_position, self.ties_skipped, self.round_end = 0, 0, 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
         self.reference = ReferenceCache(len(self.data))
@@ -133,16 +143,19 @@ class OFSDPOTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc=cfg.method, unit="step")
         started = time.perf_counter()
         while self.step < self.total_steps:
-            indices = self.order[self.position:self.position + cfg.pairs_per_step]
             row: dict[str, Any] = {}
             one_step_round = False
-            if self.position % cfg.round_size == 0:  # a new round: score it before any update on it (SPEC §5)
-                round_indices = self.order[self.position:self.position + cfg.round_size]
+            if self.position >= self.round_end:  # a new round: score it before any update on it (SPEC §5)
+                round_indices = self._next_round()
+                if not round_indices:
+                    break  # the prompts ran out (on-policy rounds can be all ties)
+                self.round_end = self.position + len(round_indices)
                 self.reference.fill(self.model, self.data.pairs, round_indices, self.tokenizer.pad_token_id,
                                     self._eval_batch_size, cfg.logprob_chunk_size)
-                one_step_round = len(round_indices) == len(indices)
+                one_step_round = len(round_indices) <= cfg.pairs_per_step
                 if not one_step_round:
                     row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
+            indices = self.order[self.position:min(self.position + cfg.pairs_per_step, self.round_end)]
             tick = time.perf_counter()
             row.update(self._training_step(indices))
             if one_step_round:  # its training forward ran before the update: that is the pre-update loss
@@ -163,6 +176,27 @@ class OFSDPOTrainer:
         logger.close()
         self._save_checkpoint()
         return self._finish(time.perf_counter() - started)
+
+    def _next_round(self) -> list[int]:
+        """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs."""
+        if self.on_policy is None:
+            return self.order[self.position:self.position + self.config.round_size]
+        cfg = self.config
+        while self.prompt_position < len(self.prompts):
+            records = self.prompts[self.prompt_position:self.prompt_position + cfg.round_size]
+            self.prompt_position += len(records)
+            activate(self.model, self.chase.leader if cfg.method == "ofs-dpo" else "default", self.names)
+            rows, ties = make_pairs(self.model, self.tokenizer, self.on_policy, records, cfg.samples_per_prompt,
+                                    batch_size=self._eval_batch_size)
+            self.ties_skipped += ties
+            if rows:
+                new = load_preference_data(rows, self.tokenizer, cfg.max_length, cfg.max_prompt_length).pairs
+                start = len(self.data.pairs)
+                self.data.pairs += [{**p, "index": start + i} for i, p in enumerate(new)]
+                self.reference.extend(len(new))
+                self.order += list(range(start, start + len(new)))
+                return self.order[self.position:]
+        return []
 
     def _training_step(self, indices: list[int]) -> dict:
         cfg = self.config
@@ -201,7 +235,7 @@ class OFSDPOTrainer:
             for name in self.names:
                 row[f"{name}/learning_rate"], row[f"{name}/grad_norm"] = lrs[name], norms[name]
             row["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
-        row["num_tokens"] = tokens
+        row["num_tokens"], row["pairs"] = tokens, len(indices)
         return row
 
     def _objective(self, logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
@@ -233,7 +267,7 @@ class OFSDPOTrainer:
         self.num_tokens += row["num_tokens"]
         extra = {"step": self.step, "epoch": self.position / len(self.data), "pairs_seen": self.position,
                  "num_tokens": self.num_tokens, "tokens_per_second": row["num_tokens"] / max(seconds, 1e-9),
-                 "pairs_per_second": cfg.pairs_per_step / max(seconds, 1e-9)}
+                 "pairs_per_second": row["pairs"] / max(seconds, 1e-9)}
         if cfg.method == "ofs-dpo":
             self.chase.record({n: row[f"{n}/loss"] for n in self.names})
             if self.chase.end_of_window(self.step, cfg.chase_interval, cfg.swap) and cfg.swap == "params":
@@ -310,7 +344,9 @@ class OFSDPOTrainer:
         return {"step": self.step, "position": self.position, "num_tokens": self.num_tokens,
                 "online_losses": self.online_losses, "chase": self.chase.state_dict(),
                 "reference_computed_pairs": self.reference.computed_pairs, "method": self.config.method,
-                "num_pairs": len(self.data),
+                "num_pairs": len(self.data), "round_end": self.round_end,
+                "prompt_position": self.prompt_position, "ties_skipped": self.ties_skipped,
+                "generated_pairs": self.data.pairs if self.on_policy is not None else None,
                 "best": {k: v for k, v in self.best.items() if k != "state"} if self.best else None}
 
     def _save_checkpoint(self) -> None:
@@ -324,6 +360,10 @@ class OFSDPOTrainer:
         path = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
         saved = ckpt.load_checkpoint(path)
         state = saved["state"]
+        if state["generated_pairs"] is not None:  # on-policy: the pairs generated so far are part of the state
+            self.data.pairs = state["generated_pairs"]
+            self.order = list(range(len(self.data.pairs)))
+            self.reference.extend(len(self.data.pairs))
         if state["method"] != self.config.method or state["num_pairs"] != len(self.data):
             raise ConfigError(f"--resume: {path} was written by a {state['method']} run on {state['num_pairs']} pairs; "
                               f"this run is {self.config.method} on {len(self.data)} pairs.")
@@ -337,6 +377,8 @@ class OFSDPOTrainer:
         self.reference.computed_pairs = state["reference_computed_pairs"]
         self.step, self.position, self.num_tokens = state["step"], state["position"], state["num_tokens"]
         self.online_losses = state["online_losses"]
+        self.round_end, self.prompt_position = state["round_end"], state["prompt_position"]
+        self.ties_skipped = state["ties_skipped"]
         self.chase = ChaseState.from_state_dict(state["chase"])
         ckpt.set_rng_state(saved["rng"])
         return self.step
@@ -361,6 +403,9 @@ class OFSDPOTrainer:
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None,
         }
+        if self.on_policy is not None:
+            summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
+                                    "pairs_generated": len(self.data), "ties_skipped": self.ties_skipped}
         if self.best is not None:
             summary["best_fast"] = {k: v for k, v in self.best.items() if k != "state"}
         if cfg.method == "ofs-dpo":
