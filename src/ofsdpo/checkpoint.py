@@ -41,7 +41,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler, reference: dict, state: dict, keep: int):
+def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler, reference: dict, state: dict, keep: int,
+                    rng: dict | None = None):
     root = Path(root)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
@@ -50,7 +51,7 @@ def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler,
     for name, tensors in adapters.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"adapter-{name}.safetensors")
     save_file({k: v.contiguous() for k, v in reference.items()}, tmp / "reference_cache.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
                tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)

@@ -8,6 +8,7 @@ message names the flag to change.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -65,11 +66,12 @@ class OFSDPOConfig:
     # --- the online stream -----------------------------------------------------------------------------------------
     round_size: Optional[int] = field(
         default=None,
-        metadata=_help("Pairs per online round (default: one optimiser step, batch-size x grad-accum pairs)."),
+        metadata=_help("Pairs per online round (default: one optimiser step, batch-size x processes x grad-accum "
+                       "pairs)."),
     )
     epochs: int = field(default=1, metadata=_help("Passes over the stream; 1 is online (each pair seen once)."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: whole stream)."))
-    batch_size: int = field(default=4, metadata=_help("Pairs per forward pass (memory grows with it)."))
+    batch_size: int = field(default=4, metadata=_help("Pairs per forward pass, per process (memory grows with it)."))
     grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
     # --- method ----------------------------------------------------------------------------------------------------
     method: Literal["dpo", "ofs-dpo"] = field(
@@ -157,20 +159,28 @@ class OFSDPOConfig:
             need(self.on_policy in DOMAINS, f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), "
                                             f"got {self.on_policy!r}.")
             need(self.data is None, "--on-policy generates the pairs: drop --data.")
+            need(self.num_processes == 1, "--on-policy runs in one process: each process would sample pairs of its "
+                                          "own. Launch it without data parallelism.")
             need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
-        step_pairs = self.batch_size * self.grad_accum
+        step_pairs = self.pairs_per_step
         if self.round_size is None:
             self.round_size = step_pairs
         need(
             self.round_size >= 1 and self.round_size % step_pairs == 0,
-            f"--round-size ({self.round_size}) must be a positive multiple of --batch-size x --grad-accum "
+            f"--round-size ({self.round_size}) must be a positive multiple of --batch-size x processes x --grad-accum "
             f"({step_pairs}), so that every round is a whole number of optimiser steps.",
         )
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     @property
+    def num_processes(self) -> int:
+        """Processes of this run: `accelerate launch` / torchrun set WORLD_SIZE (ofsdpo.distributed)."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
     def pairs_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
+        """The global batch of one optimiser step: --batch-size is per process."""
+        return self.batch_size * self.num_processes * self.grad_accum
 
     @property
     def target_module_list(self) -> str | list[str]:

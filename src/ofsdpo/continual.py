@@ -25,6 +25,7 @@ from typing import Any, Literal
 from .combine import combine_delta, combine_params, recursive_weights, search_lambda
 from .config import ConfigError, OFSDPOConfig, _help
 from .data import DataError, PreferenceData, load_preference_data
+from .distributed import Processes
 from .evaluation import heldout_scores
 from .models import load_model_and_tokenizer, resolve_device
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
@@ -154,7 +155,8 @@ class ContinualRunner:
         if held and not cfg.overwrite:
             raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
                               "pass --overwrite to replace it.")
-        self.device = resolve_device(cfg.device)
+        self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
+        self.device = self.processes.device or resolve_device(cfg.device)
         if model is None or isinstance(model, (str, Path)):
             model, tokenizer, _, _ = load_model_and_tokenizer(
                 str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
@@ -193,12 +195,14 @@ class ContinualRunner:
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, out = self.config, self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        for marker in CONTINUAL_MARKERS:  # --overwrite was checked in __init__
-            path = out / marker
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        cfg.save_yaml(out / "config.yaml")
+        cfg, out, main = self.config, self.output_dir, self.processes.is_main
+        if main:  # only the main process writes; the others compute the same combinations
+            out.mkdir(parents=True, exist_ok=True)
+            for marker in CONTINUAL_MARKERS:  # --overwrite was checked in __init__
+                path = out / marker
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            cfg.save_yaml(out / "config.yaml")
+        self.processes.barrier()
         kept, weights, init_state, stages = [], [], None, []
         matrix = {"loss": [], "accuracy": []}
         base = self.base
@@ -234,12 +238,14 @@ class ContinualRunner:
                     matrix.setdefault(key, []).append([j.get(key) for j in judged])
             stages.append(stage)
             base = model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
-        write_adapter(served_lora, served, out)
-        self.tokenizer.save_pretrained(out)
         report = self._report(stages, matrix)
-        (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        (out / "report.txt").write_text(format_table(report), encoding="utf-8")
-        plot_heatmap(report, out / "heatmap.png")
+        if main:
+            write_adapter(served_lora, served, out)
+            self.tokenizer.save_pretrained(out)
+            (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+            (out / "report.txt").write_text(format_table(report), encoding="utf-8")
+            plot_heatmap(report, out / "heatmap.png")
+        self.processes.barrier()
         return report
 
     def _stage_trainer(self, k: int, domain: Domain, base) -> OFSDPOTrainer:

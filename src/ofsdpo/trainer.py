@@ -15,7 +15,6 @@ import json
 import math
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from . import checkpoint as ckpt
 from .chasing import ChaseState
 from .config import ConfigError, OFSDPOConfig
 from .data import PreferenceData, collate, load_preference_data
+from .distributed import Processes
 from .domains import get_domain
 from .evaluation import pair_losses
 from .generation import make_pairs
@@ -64,8 +64,9 @@ class OFSDPOTrainer:
                  tokenizer: Any = None, eval_data: Any = None):
         self.config = cfg = config or OFSDPOConfig()
         self.output_dir = Path(cfg.output_dir)
+        self.processes = Processes(cfg.device)  # one, or those of `accelerate launch` (data parallel)
         self._check_output_dir()
-        self.device = resolve_device(cfg.device)
+        self.device = self.processes.device or resolve_device(cfg.device)
         if model is None or isinstance(model, (str, Path)):  # tokenizer and data first: bad data fails fast
             self.model_name, self.gguf_file = resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file)
             self.tokenizer = tokenizer or load_tokenizer(self.model_name, self.gguf_file, cfg.trust_remote_code)
@@ -90,6 +91,9 @@ class OFSDPOTrainer:
         self.model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                        cfg.target_module_list), self.names)
         self.model.train()
+        self.processes.broadcast([p for n in self.names for p in adapter_parameters(self.model, n)])
+        if self.processes.distributed:  # each process its own dropout masks, as one big batch would have
+            torch.manual_seed(cfg.seed + self.processes.index)
         lrs = {"default": cfg.lr, "fast": cfg.lr, "slow": cfg.lr * cfg.slow_lr_ratio}  # η_F, η_S (SPEC §3)
         groups = [{"params": adapter_parameters(self.model, n), "lr": lrs[n], "name": n} for n in self.names]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -116,7 +120,7 @@ class OFSDPOTrainer:
                               "pass --resume to continue it or --overwrite to replace it.")
         if cfg.resume and not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
             raise ConfigError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}.")
-        if cfg.overwrite and not cfg.resume:
+        if cfg.overwrite and not cfg.resume and self.processes.is_main:
             for marker in held:
                 path = self.output_dir / marker
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -134,13 +138,17 @@ class OFSDPOTrainer:
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg, out = self.config, self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
+        cfg, out, main = self.config, self.output_dir, self.processes.is_main
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         resume_step = self._resume() if cfg.resume else None
-        cfg.save_yaml(out / "config.yaml")
-        logger = MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
-                               resume_step)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc=cfg.method, unit="step")
+        logger = None
+        if main:  # only the main process writes outputs and logs
+            cfg.save_yaml(out / "config.yaml")
+            logger = MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
+                                   resume_step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and main), desc=cfg.method,
+                   unit="step")
         started = time.perf_counter()
         while self.step < self.total_steps:
             row: dict[str, Any] = {}
@@ -150,8 +158,7 @@ class OFSDPOTrainer:
                 if not round_indices:
                     break  # the prompts ran out (on-policy rounds can be all ties)
                 self.round_end = self.position + len(round_indices)
-                self.reference.fill(self.model, self.data.pairs, round_indices, self.tokenizer.pad_token_id,
-                                    self._eval_batch_size, cfg.logprob_chunk_size)
+                self._fill_reference(round_indices)
                 one_step_round = len(round_indices) <= cfg.pairs_per_step
                 if not one_step_round:
                     row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
@@ -164,7 +171,8 @@ class OFSDPOTrainer:
             self.position += len(indices)
             seconds = time.perf_counter() - tick
             row.update(self._after_step(row, seconds))
-            logger.log(row)
+            if logger is not None:
+                logger.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if self.eval is not None and cfg.eval_steps and (self.step % cfg.eval_steps == 0
@@ -173,7 +181,8 @@ class OFSDPOTrainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         self._save_checkpoint()
         return self._finish(time.perf_counter() - started)
 
@@ -198,12 +207,26 @@ class OFSDPOTrainer:
                 return self.order[self.position:]
         return []
 
+    def _fill_reference(self, indices: list[int]) -> None:
+        """Cache π_ref of the round's new pairs; with several processes each scores a share, then all share all."""
+        cfg, processes = self.config, self.processes
+        todo = self.reference.missing(indices)
+        mine = todo[processes.index::processes.count]
+        self.reference.fill(self.model, self.data.pairs, mine, self.tokenizer.pad_token_id, self._eval_batch_size,
+                            cfg.logprob_chunk_size)
+        if processes.distributed and todo:
+            scored = torch.stack([self.reference.chosen[todo], self.reference.rejected[todo]]).nan_to_num(0.0)
+            scored = processes.sum(scored)  # each pair was scored by exactly one process
+            self.reference.chosen[todo], self.reference.rejected[todo] = scored[0], scored[1]
+            self.reference.computed_pairs += len(todo) - len(mine)
+
     def _training_step(self, indices: list[int]) -> dict:
         cfg = self.config
-        sums: dict[str, torch.Tensor] = defaultdict(float)
-        tokens = 0
-        for start in range(0, len(indices), cfg.batch_size):
-            batch = self._batch(self.data, indices[start:start + cfg.batch_size])
+        # every process holds every statistic, in the same order, even with no pairs this step: they are summed
+        sums = {key: torch.zeros((), device=self.device) for key in self._stat_keys()}
+        mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = self._batch(self.data, mine[start:start + cfg.batch_size])
             ref_chosen, ref_rejected = self.reference.get(batch["index"], self.device)
             logps = {}
             for name in self.names:
@@ -215,7 +238,10 @@ class OFSDPOTrainer:
                 sums["loss"] = sums["loss"] + total.detach()
             for key, value in stats.items():
                 sums[key] = sums[key] + value.sum()
-            tokens += int(batch["attention_mask"].sum())
+            sums["num_tokens"] = sums["num_tokens"] + batch["attention_mask"].sum()
+        self.processes.sum_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
+        keys = list(sums)
+        totals = self.processes.sum(torch.stack([sums[k].detach().float() for k in keys]))
         grad_norms = {}
         for group in self.optimizer.param_groups:  # each module clips its own gradient, as its own learner
             norm = torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm or float("inf"))
@@ -224,10 +250,10 @@ class OFSDPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = list(sums)
-        values = torch.stack([sums[k].detach().float() for k in keys] +
-                             [grad_norms[n].float() for n in self.names]).tolist()  # one host sync per step
-        row = {k: v / len(indices) for k, v in zip(keys, values)}
+        values = torch.cat([totals, torch.stack([grad_norms[n].float() for n in self.names])]).tolist()  # one sync
+        summed = dict(zip(keys, values))
+        tokens = int(summed.pop("num_tokens"))
+        row = {k: v / len(indices) for k, v in summed.items()}
         norms = dict(zip(self.names, values[len(keys):]))
         if cfg.method == "dpo":
             row.update(learning_rate=lrs["default"], grad_norm=norms["default"])
@@ -237,6 +263,14 @@ class OFSDPOTrainer:
             row["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
         row["num_tokens"], row["pairs"] = tokens, len(indices)
         return row
+
+    def _stat_keys(self) -> list[str]:
+        """The summed statistics of a step, in a fixed order: `_objective`'s per-module ones, then the rest."""
+        per_module = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected"]
+        if self.config.method == "dpo":
+            return per_module + ["num_tokens"]
+        return ["loss"] + [f"{n}/{k}" for n in self.names for k in per_module] + ["chase/loss", "num_tokens"]
 
     def _objective(self, logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
         """Sum over the micro-batch of the modules' DPO losses plus α·(chasing terms); per-example stats."""
@@ -350,11 +384,17 @@ class OFSDPOTrainer:
                 "best": {k: v for k, v in self.best.items() if k != "state"} if self.best else None}
 
     def _save_checkpoint(self) -> None:
-        adapters = {n: adapter_state(self.model, n) for n in self.names}
-        if self.best is not None:
-            adapters["best"] = self.best["state"]
-        ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, adapters, self.optimizer, self.scheduler,
-                             self.reference.state_dict(), self._trainer_state(), self.config.save_total_limit)
+        rng = ckpt.rng_state()
+        if self.processes.distributed:  # every process's RNG (its dropout masks), the rest is the same everywhere
+            rng = {"processes": self.processes.gather(rng)}
+        if self.processes.is_main:
+            adapters = {n: adapter_state(self.model, n) for n in self.names}
+            if self.best is not None:
+                adapters["best"] = self.best["state"]
+            ckpt.save_checkpoint(self.output_dir / "checkpoints", self.step, adapters, self.optimizer,
+                                 self.scheduler, self.reference.state_dict(), self._trainer_state(),
+                                 self.config.save_total_limit, rng=rng)
+        self.processes.barrier()  # nobody reads a checkpoint before it is in place
 
     def _resume(self) -> int:
         path = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
@@ -380,28 +420,26 @@ class OFSDPOTrainer:
         self.round_end, self.prompt_position = state["round_end"], state["prompt_position"]
         self.ties_skipped = state["ties_skipped"]
         self.chase = ChaseState.from_state_dict(state["chase"])
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.set_rng_state(self._own_rng(saved["rng"], path))
         return self.step
 
+    def _own_rng(self, rng: dict, path: Path) -> dict:
+        saved_processes = len(rng["processes"]) if "processes" in rng else 1
+        if saved_processes != self.processes.count:
+            raise ConfigError(f"--resume: {path} was written by {saved_processes} process(es); this run has "
+                              f"{self.processes.count}. Resume with the same number of processes.")
+        return rng["processes"][self.processes.index] if "processes" in rng else rng
+
     def _finish(self, seconds: float) -> dict:
-        out, cfg = self.output_dir, self.config
+        cfg = self.config
         served, basis, scores = self._select_served()
-        save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
-        if cfg.method == "ofs-dpo":
-            for name in self.names:
-                save_adapter(self.model, name, out / name)
-        if self.best is not None:
-            write_adapter(self.model.peft_config[self.names[0]], self.best["state"], out / "best_fast")
-        self.tokenizer.save_pretrained(out)
         regret = self._regret_curve(served) if cfg.regret and self.online_losses else []
-        if regret:
-            (out / "regret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in regret), encoding="utf-8")
         summary = {
             "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": self.step,
             "pairs_seen": self.position, "rounds": len(self.online_losses), "num_tokens": self.num_tokens,
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
-            "online_regret": regret[-1]["regret"] if regret else None,
+            "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
         }
         if self.on_policy is not None:
             summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
@@ -410,5 +448,20 @@ class OFSDPOTrainer:
             summary["best_fast"] = {k: v for k, v in self.best.items() if k != "state"}
         if cfg.method == "ofs-dpo":
             summary.update({"chase/swaps": self.chase.swaps, "chase/leader": self.chase.leader})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        if self.processes.is_main:
+            self._write_outputs(served, regret, summary)
+        self.processes.barrier()  # the outputs are complete when any process returns
         return summary
+
+    def _write_outputs(self, served: str, regret: list[dict], summary: dict) -> None:
+        out = self.output_dir
+        save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
+        if self.config.method == "ofs-dpo":
+            for name in self.names:
+                save_adapter(self.model, name, out / name)
+        if self.best is not None:
+            write_adapter(self.model.peft_config[self.names[0]], self.best["state"], out / "best_fast")
+        self.tokenizer.save_pretrained(out)
+        if regret:
+            (out / "regret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in regret), encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -1,0 +1,146 @@
+"""Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ofsdpo import OFSDPOTrainer
+from ofsdpo.metrics import read_metrics
+
+DDP_CONFIG = Path(__file__).parent.parent / "configs" / "accelerate" / "ddp.yaml"
+TRAIN = ["--method", "ofs-dpo", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+         "--max-length", "64", "--max-prompt-length", "32", "--seed", "0", "--chase-interval", "2",
+         "--swap", "params", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], command: str = "train") -> subprocess.CompletedProcess:
+    """`accelerate launch` with the shipped DDP config and two processes; without GPUs they use the CPU and gloo."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+              "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _adapters(folder) -> dict:
+    return {name: load_file(folder / name / "adapter_model.safetensors") for name in ("fast", "slow")}
+
+
+def _assert_close(a: dict, b: dict) -> None:
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted two-process run (batch 2 per process, 18 pairs: the last step is a short one)."""
+    from conftest import sentiment_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("ddp")
+    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(18))
+    out = folder / "two"
+    _launch(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", *TRAIN])
+    return data, out
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(two_process_run, make_config, tmp_path):
+    data, out = two_process_run
+    single = OFSDPOTrainer(config=make_config(
+        data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
+        chase_interval=2, swap="params"))
+    summary = single.train()
+    _assert_close(_adapters(out), _adapters(tmp_path / "one"))
+    rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == [4, 8, 12, 16, 18]
+    assert [r["num_tokens"] for r in rows_two] == [r["num_tokens"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one):
+        assert a["chase/leader"] == b["chase/leader"] and a["chase/swaps"] == b["chase/swaps"]
+        assert a["fast/loss"] == pytest.approx(b["fast/loss"], rel=1e-4)
+    two = (out / "summary.json").read_text()
+    assert '"num_processes": 2' in two and f'"reference_pairs_computed": {summary["reference_pairs_computed"]}' in two
+
+
+def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, tmp_path):
+    data, whole = two_process_run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(whole, crashed)
+    # a crash after step 2: later checkpoints and the final outputs never got written
+    for path in crashed.iterdir():
+        if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in (crashed / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-")[1]) > 2:
+            shutil.rmtree(checkpoint)
+    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2", "--save-steps", "1",
+             "--save-total-limit", "10", "--resume", *TRAIN])
+    _assert_close(_adapters(crashed), _adapters(whole))
+    assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def _model_arg(run_dir) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+
+
+def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
+    """COFS-DPO over two domains with two processes serves the same combination as one process."""
+    from conftest import write_jsonl
+    from ofsdpo.continual import ContinualConfig, ContinualRunner
+
+    rows = {"pos": (" great.", " awful."), "short": (" yes.", " well, it depends on many things.")}
+    domains = [f"{name}={write_jsonl(tmp_path / f'{name}.jsonl', [{'prompt': f'Item {i}: it is', 'chosen': good, 'rejected': bad} for i in range(16)])}"
+               for name, (good, bad) in rows.items()]
+    common = dict(lr=5e-3, lora_r=2, lora_alpha=4, lora_dropout=0.0, max_length=48, max_prompt_length=24,
+                  memory_size=2, heldout_size=2, max_steps_per_domain=2, eval_steps=1, lambda_grid="0,0.5,1",
+                  seed=0, method="cofs-dpo", save_steps=0)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    two = tmp_path / "two"
+    _launch(["--model", str(tiny_model_dir), *[a for d in domains for a in ("--domain", d)], "--output-dir",
+             str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual")
+    one = tmp_path / "one"
+    report = ContinualRunner(ContinualConfig(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
+                                             batch_size=4, progress=False, regret=False, **common)).run()
+    assert json.loads((two / "report.json").read_text())["lambdas"] == report["lambdas"]
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_shard_splits_each_global_micro_batch_in_process_order():
+    from ofsdpo.distributed import Processes
+
+    shards = []
+    for index in range(2):
+        processes = Processes()
+        processes.index, processes.count = index, 2
+        shards.append(processes.shard(list(range(10)), batch_size=2))
+    # micro-batches of 4 pairs: [0..3] [4..7] [8, 9]; process 0 takes the first half of each
+    assert shards == [[0, 1, 4, 5, 8], [2, 3, 6, 7, 9]]
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_clearly(monkeypatch):
+    from ofsdpo import ConfigError
+    from ofsdpo.distributed import Processes
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP is not supported"):
+        Processes()
