@@ -22,7 +22,7 @@ import ofsdpo
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo import checkpoint as ckpt
 from ofsdpo import trainer as trainer_module
-from ofsdpo.cli import main, parse_config
+from ofsdpo.cli import main
 from ofsdpo.config import ConfigError, OFSDPOConfig
 from ofsdpo.continual import DomainSpec
 from ofsdpo.data import DataError, load_preference_data
