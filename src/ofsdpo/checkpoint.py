@@ -2,22 +2,30 @@
 
 `O/checkpoints/checkpoint-<step>/` holds each adapter (safetensors), the optimiser and scheduler states, the RNG
 states, the reference cache and `trainer_state.json` (stream position, chasing state, online losses). It is written
-to a temporary folder and renamed into place, so a crash never leaves a half-written checkpoint, and only the
-newest `keep` are kept. Tensors are read back with `weights_only=True`.
+to `.tmp-checkpoint-<step>/`, flushed to disk and renamed into place, so a crash (even SIGKILL or a power cut)
+never leaves a half-written `checkpoint-<step>/`; a leftover `.tmp-` folder is ignored and removed by the next
+save. Only the newest `keep` are kept. A checkpoint is never rewritten: the state of a step is the same whoever
+saves it. The optimiser state is read back with `weights_only=True`, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
+
 PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
 
 
 def rng_state() -> dict:
@@ -45,20 +53,37 @@ def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler,
                     rng: dict | None = None):
     root = Path(root)
     final = root / f"{PREFIX}{step}"
-    tmp = root / f".tmp-{PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if final.is_dir():  # already saved at this step (e.g. Ctrl-C right after a periodic save): same state
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash mid-write; only one run writes here
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"{TMP_PREFIX}{PREFIX}{step}"
+    tmp.mkdir()
     for name, tensors in adapters.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"adapter-{name}.safetensors")
     save_file({k: v.contiguous() for k, v in reference.items()}, tmp / "reference_cache.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
                tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
+    _flush_to_disk(tmp)
     tmp.rename(final)
+    _flush_to_disk(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync the files of `folder`, then the folder itself: the rename must not reach the disk before the data."""
+    for path in [*folder.iterdir(), folder]:
+        if path.is_dir() and path != folder:
+            continue
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -71,13 +96,17 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
-    training = torch.load(path / "training_state.pt", weights_only=True)
-    return {
-        "adapters": {f.name[len("adapter-"):-len(".safetensors")]: load_file(f)
-                     for f in sorted(path.glob("adapter-*.safetensors"))},
-        "reference": load_file(path / "reference_cache.safetensors"),
-        "optimizer": training["optimizer"],
-        "scheduler": training["scheduler"],
-        "rng": training["rng"],
-        "state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8")),
-    }
+    try:
+        training = torch.load(path / "training_state.pt", weights_only=True)  # no pickled code runs
+        return {
+            "adapters": {f.name[len("adapter-"):-len(".safetensors")]: load_file(f)
+                         for f in sorted(path.glob("adapter-*.safetensors"))},
+            "reference": load_file(path / "reference_cache.safetensors"),
+            "optimizer": training["optimizer"],
+            "scheduler": training["scheduler"],
+            "rng": training["rng"],
+            "state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8")),
+        }
+    except (OSError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"--resume: cannot read checkpoint {path} ({type(err).__name__}: {err}); remove it to "
+                          "resume from an older one.") from None

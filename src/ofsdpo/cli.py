@@ -2,7 +2,8 @@
 
 Every flag is a field of a config dataclass (help text included), built by transformers' HfArgumentParser. A YAML
 file given with `--config` sets the same fields; flags on the command line override it. Bad input or
-configuration exits with status 2 and a one-line error, never a traceback.
+configuration, and a run stopped by non-finite losses, exit with status 2 and a one-line error, never a
+traceback; Ctrl-C writes a checkpoint of the last whole step and exits with status 130.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from transformers import HfArgumentParser
 
 from . import __version__
-from .config import ConfigError, OFSDPOConfig, read_config_file
+from .config import ConfigError, NonFiniteError, OFSDPOConfig, read_config_file
 from .data import DataError
 from .models import ModelError
 
@@ -147,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
-    except (ConfigError, DataError, ModelError) as err:
+    except (ConfigError, DataError, ModelError, NonFiniteError) as err:
         print(f"ofsdpo {argv[0]}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ofsdpo {argv[0]}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # the trainer says where its checkpoint went
+        print(f"ofsdpo {argv[0]}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130
 
 

@@ -8,10 +8,12 @@ message names the flag to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -20,8 +22,48 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag."""
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient (usually a learning rate too high, or a
+    model that overflows in its dtype); the run stopped with a checkpoint kept."""
+
+
 def _help(text: str, **extra: Any) -> dict:
     return {"help": text, **extra}
+
+
+def _describe_mismatch(value: Any, hint: Any) -> str | None:
+    """What `value` should have been to fit the annotation `hint`, or None when it fits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _describe_mismatch(value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        return None if value in args else "one of " + ", ".join(map(str, args))
+    if origin is list:
+        ok = isinstance(value, list) and all(_describe_mismatch(v, args[0]) is None for v in value)
+        return None if ok else f"a list of {args[0].__name__}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None if isinstance(value, hint) else f"a {hint.__name__}"
+
+
+def check_field_types(config: Any) -> None:
+    """Every field against its annotation. A YAML file bypasses argparse's types and choices (`method: foo`
+    would otherwise train something else), and the Python API has none; this check catches both, naming the flag.
+    An integer given for a float field (`beta: 1`) becomes a float."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        expected = _describe_mismatch(value, hints[f.name])
+        if expected is not None:
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be {expected} (got {value!r}).")
+        if hints[f.name] is float:
+            setattr(config, f.name, float(value))
 
 
 @dataclass
@@ -106,6 +148,11 @@ class OFSDPOConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay on LoRA weights."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip each module's gradient norm (0: no clipping)."))
     seed: int = field(default=42, metadata=_help("Seed of LoRA init, dropout and everything random."))
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata=_help("A step with a non-finite loss or gradient is skipped (no update) and counted; this many in a "
+                       "row stop the run with a checkpoint kept (exit status 2)."),
+    )
     # --- performance -----------------------------------------------------------------------------------------------
     logprob_chunk_size: int = field(
         default=1024, metadata=_help("Completion tokens per LM-head chunk; smaller lowers peak memory.")
@@ -130,10 +177,12 @@ class OFSDPOConfig:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.beta > 0, f"--beta must be > 0 (got {self.beta}).")
-        need(self.lr > 0, f"--lr must be > 0 (got {self.lr}).")
+        check_field_types(self)
+        need(0 < self.beta < math.inf, f"--beta must be > 0 (got {self.beta}).")
+        need(0 < self.lr < math.inf, f"--lr must be > 0 (got {self.lr}).")
         need(0 < self.slow_lr_ratio <= 1, f"--slow-lr-ratio must be in (0, 1] (got {self.slow_lr_ratio}).")
-        need(self.alpha >= 0, f"--alpha must be >= 0 (got {self.alpha}).")
+        need(0 <= self.alpha < math.inf, f"--alpha must be >= 0 (got {self.alpha}).")
+        need(self.max_nonfinite_steps >= 1, f"--max-nonfinite-steps must be >= 1 (got {self.max_nonfinite_steps}).")
         need(self.chase_interval >= 1, f"--chase-interval must be >= 1 (got {self.chase_interval}).")
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size}).")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1 (got {self.grad_accum}).")
@@ -246,6 +295,7 @@ class GenerateConfig:
     progress: bool = field(default=True, metadata=_help("Show a progress bar."))
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.samples_per_prompt < 2:
             raise ConfigError(f"--samples-per-prompt must be >= 2 to form a pair (got {self.samples_per_prompt}).")
         if self.temperature <= 0:

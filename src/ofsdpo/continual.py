@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from .reference import ReferenceCache
 from .trainer import OFSDPOTrainer
 
 CONTINUAL_MARKERS = ("report.json", "domains")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STAGE_METHOD = {"dpo": "dpo", "dpo-replay": "dpo", "lora-merge": "dpo", "ofs-dpo": "ofs-dpo", "cofs-dpo": "ofs-dpo"}
 
 
@@ -51,6 +53,9 @@ class DomainSpec:
         if not name or not parts or not parts[0]:
             raise ConfigError(f"--domain {text!r}: expected NAME=TRAIN[,heldout=PATH][,memory=PATH].")
         spec = cls(name=name.strip(), train=parts[0].strip())
+        if not SAFE_NAME.fullmatch(spec.name):  # the name becomes domains/<k>-<name>/: it must stay inside
+            raise ConfigError(f"--domain {text!r}: the name {spec.name!r} must be letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit (it names a folder under --output-dir).")
         for part in parts[1:]:
             key, _, value = part.partition("=")
             if key.strip() not in ("heldout", "memory") or not value:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,33 +57,55 @@ class PreferenceData:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
+def _json_error(err: ValueError | RecursionError, source: str, row: int | None) -> DataError:
+    if isinstance(err, json.JSONDecodeError):
+        where = f"line {err.lineno}, " if row is None else ""
+        return DataError(source, f"not valid JSON ({err.msg}, {where}column {err.colno})", row)
+    # a number of thousands of digits, or arrays nested thousands deep
+    return DataError(source, f"not valid JSON ({type(err).__name__}: {str(err)[:200]})", row)
+
+
+def _parse_json(text: str, source: str, row: int) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise _json_error(err, source, row) from None
+
+
+def _decode(raw: bytes, source: str, row: int | None, first: bool) -> str:
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")  # editors on Windows start files with a BOM
+    except UnicodeDecodeError as err:
+        raise DataError(source, f"bytes that are not UTF-8 ({err.reason} at byte {err.start})", row) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(str(path), f"cannot be read ({err.strerror})") from None
+    with handle:
         for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(str(path), f"bytes that are not UTF-8 ({err.reason} at byte {err.start})", line_number)
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(str(path), f"not valid JSON ({err.msg}, column {err.colno})", line_number) from None
+            line = _decode(raw, str(path), line_number, first=line_number == 1)
+            if line.strip():
+                yield line_number, _parse_json(line, str(path), line_number)
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(str(path), f"bytes that are not UTF-8 (at byte {err.start})") from None
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(str(path), f"cannot be read ({err.strerror})") from None
+    text = _decode(raw, str(path), None, first=True)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a JSON-lines file named .json
-            yield from _read_jsonl(path)
-            return
-        raise DataError(str(path), f"not valid JSON ({err.msg}, line {err.lineno}, column {err.colno})") from None
+        if err.msg != "Extra data":
+            raise _json_error(err, str(path), None) from None
+        yield from _read_jsonl(path)  # a JSON-lines file named .json
+        return
+    except (ValueError, RecursionError) as err:
+        raise _json_error(err, str(path), None) from None
     if isinstance(document, dict):
         lists = [v for v in document.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -146,10 +168,19 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
+def _check_text(text: str, source: str, row: int, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's "\ud800" escapes decode to text no tokenizer can encode
+        raise DataError(source, f"holds a lone surrogate {text[err.start]!r} at character {err.start}", row,
+                        name) from None
+
+
 def _check_value(value: Any, source: str, row: int, name: str) -> None:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(source, "is empty", row, name)
+        _check_text(value, source, row, name)
         return
     if _is_messages(value):
         if not value:
@@ -158,27 +189,33 @@ def _check_value(value: Any, source: str, row: int, name: str) -> None:
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
                     raise DataError(source, f"message {i} needs a string '{key}'", row, name)
+                _check_text(message[key], source, row, f"{name}[{i}].{key}")
         return
     raise DataError(
         source, f"expected a string or a list of {{role, content}} messages, got {type(value).__name__}", row, name
     )
 
 
+def _common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """Length of the shared prefix, by bisection on C-speed slice comparisons (a 10 MB field stays fast)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def _split_implicit_prompt(chosen: Any, rejected: Any, source: str, row: int) -> tuple[Any, Any, Any]:
     """The shared prefix of chosen and rejected becomes the prompt (TRL's implicit-prompt format)."""
+    n = _common_prefix_length(chosen, rejected)
     if isinstance(chosen, str):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
         # end the prompt at a word boundary so the first completion token is a whole word (" great", not "eat")
         cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1)) if n < len(chosen) else n
-        cut = cut if cut > 0 else n
-        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
-    else:
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        n = cut if cut > 0 else n
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     if not prompt:
         raise DataError(source, "no 'prompt' field, and chosen and rejected share no prefix to use as one", row)
     return prompt, chosen, rejected
@@ -209,11 +246,29 @@ def check_row(row: Any, source: str, row_number: int) -> tuple[Any, Any, Any] | 
 
 
 # --- tokenization ----------------------------------------------------------------------------------------------------
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+CLIP_CHARS_PER_TOKEN = 8  # first guess of a window's size; it grows until it holds enough tokens
+CLIP_MARGIN_TOKENS = 16  # tokens between the kept ones and the cut, so the cut cannot change them
+
+
+def _clip_text(tokenizer, text: str, tokens: int, keep_end: bool) -> str:
+    """The end (or start) of `text` that still holds more than `tokens` tokens, before any truncation.
+
+    A 10 MB field would take seconds to tokenize only to be cut to a few hundred tokens; the window keeps the
+    tokens that survive truncation identical, since the cut lies a margin of tokens away from them.
+    """
+    window = CLIP_CHARS_PER_TOKEN * (tokens + CLIP_MARGIN_TOKENS)
+    while window < len(text):
+        part = text[-window:] if keep_end else text[:window]
+        if len(tokenizer(part, add_special_tokens=False)["input_ids"]) > tokens + CLIP_MARGIN_TOKENS:
+            return part
+        window *= 4
+    return text
+
+
+def _clip(tokenizer, value: Any, tokens: int, keep_end: bool) -> Any:
+    if isinstance(value, str):
+        return _clip_text(tokenizer, value, tokens, keep_end)
+    return [{**m, "content": _clip_text(tokenizer, m["content"], tokens, keep_end)} for m in value]
 
 
 def _render(tokenizer, prompt: Any, completion: Any, source: str, row: int) -> tuple[str, str, bool]:
@@ -222,8 +277,13 @@ def _render(tokenizer, prompt: Any, completion: Any, source: str, row: int) -> t
         return prompt, prompt + completion, False
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(source, "conversational rows need a tokenizer with a chat template; this one has none", row)
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    except TemplateError as err:  # templates reject e.g. a role order they do not know
+        raise DataError(source, f"the chat template refuses these messages ({err})", row) from None
     return prompt_text, full_text, True
 
 
@@ -234,6 +294,8 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length: int, max_prom
     keeps its last `max_prompt_length` tokens; the completion is then cut to fit `max_length`.
     Returns (example, prompt_truncated, completion_truncated).
     """
+    prompt = _clip(tokenizer, prompt, max_prompt_length, keep_end=True)
+    chosen, rejected = (_clip(tokenizer, c, max_length, keep_end=False) for c in (chosen, rejected))
     prompt_text, chosen_text, conversational = _render(tokenizer, prompt, chosen, source, row)
     _, rejected_text, _ = _render(tokenizer, prompt, rejected, source, row)
     special = not conversational  # a chat template writes its own special tokens

@@ -69,7 +69,8 @@ def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, st
 def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    # weights only from safetensors (or GGUF): a pickled .bin checkpoint could run code when loaded
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs

@@ -11,20 +11,27 @@ module then has its own gradient clipping and learning rate in one AdamW (a para
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import checkpoint as ckpt
 from .chasing import ChaseState
-from .config import ConfigError, OFSDPOConfig
+from .config import ConfigError, NonFiniteError, OFSDPOConfig
 from .data import PreferenceData, collate, load_preference_data
 from .distributed import Processes
 from .domains import get_domain
@@ -39,6 +46,7 @@ from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, 
 from .reference import ReferenceCache
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
+logger = logging.getLogger(__name__)
 
 
 def _schedule(kind: str, warmup: int, total: int):
@@ -51,6 +59,46 @@ def _schedule(kind: str, warmup: int, total: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C (SIGINT) only sets a flag, read by the loop after each step, so that the checkpoint it then writes
+    holds whole steps (never half an optimiser update). A second Ctrl-C interrupts at once.
+
+    Yields a function telling whether an interrupt is pending. Only the main thread can own the handler, and a
+    SIGINT that the shell ignores (a background job) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    pending = []
+
+    def on_sigint(signum, frame):
+        pending.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(pending)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fingerprint(data: PreferenceData) -> str:
+    """Hash of the tokenized stream: a resume on other data (same length) would silently lose or repeat pairs."""
+    digest = hashlib.sha256()
+    for pair in data.pairs:
+        digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
+    return digest.hexdigest()
 
 
 class OFSDPOTrainer:
@@ -109,21 +157,32 @@ class OFSDPOTrainer:
         self.eval_reference = ReferenceCache(len(self.eval)) if self.eval is not None else None
         self.chase = ChaseState()
         self.step, self.position, self.num_tokens, self.online_losses = 0, 0, 0, []
+        self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient
+        self.data_fingerprint = _fingerprint(self.data) if self.on_policy is None else None
         self.best: dict[str, Any] | None = None  # best fast (or dpo) module on --eval-data, with --eval-steps
 
     # --- set-up ----------------------------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
+        """Refuse a directory we must not write to; nothing is written here (bad data may still stop the run)."""
         cfg = self.config
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"--output-dir {self.output_dir} is a file, not a directory.")
         held = [m for m in RUN_MARKERS if (self.output_dir / m).exists()]
         if held and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
                               "pass --resume to continue it or --overwrite to replace it.")
         if cfg.resume and not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
             raise ConfigError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}.")
-        if cfg.overwrite and not cfg.resume and self.processes.is_main:
-            for marker in held:
+
+    def _prepare_output_dir(self) -> None:
+        """Create the directory; with --overwrite, remove the other run only now that data and model have loaded."""
+        if not self.processes.is_main:  # only the main process writes
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.overwrite and not self.config.resume:
+            for marker in RUN_MARKERS:
                 path = self.output_dir / marker
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _load(self, source: Any, flag: str | None) -> PreferenceData | None:
         if source is None:
@@ -139,17 +198,27 @@ class OFSDPOTrainer:
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, out, main = self.config, self.output_dir, self.processes.is_main
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
+        self._prepare_output_dir()
         resume_step = self._resume() if cfg.resume else None
-        logger = None
+        metrics = None
         if main:  # only the main process writes outputs and logs
-            cfg.save_yaml(out / "config.yaml")
-            logger = MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
-                                   resume_step)
+            _write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            metrics = MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
+                                    resume_step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and main), desc=cfg.method,
                    unit="step")
         started = time.perf_counter()
+        with _deferred_interrupt() as interrupted:
+            self._run_stream(metrics, bar, interrupted)
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        self._save_checkpoint()
+        return self._finish(time.perf_counter() - started)
+
+    def _run_stream(self, metrics: MetricsLogger | None, bar, interrupted) -> None:
+        """Round after round, step after step, until the stream or --max-steps ends."""
+        cfg = self.config
         while self.step < self.total_steps:
             row: dict[str, Any] = {}
             one_step_round = False
@@ -171,20 +240,21 @@ class OFSDPOTrainer:
             self.position += len(indices)
             seconds = time.perf_counter() - tick
             row.update(self._after_step(row, seconds))
-            if logger is not None:
-                logger.log(row)
+            if metrics is not None:
+                metrics.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if self.eval is not None and cfg.eval_steps and (self.step % cfg.eval_steps == 0
                                                               or self.step == self.total_steps):
                 self._track_best()
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                self._stop_on_nonfinite()
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
-        bar.close()
-        if logger is not None:
-            logger.close()
-        self._save_checkpoint()
-        return self._finish(time.perf_counter() - started)
+            if interrupted():
+                self._save_checkpoint()
+                raise KeyboardInterrupt(f"checkpoint of step {self.step} written to {self.output_dir / 'checkpoints'}; "
+                                        "continue with --resume")
 
     def _next_round(self) -> list[int]:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs."""
@@ -242,15 +312,14 @@ class OFSDPOTrainer:
         self.processes.sum_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
         keys = list(sums)
         totals = self.processes.sum(torch.stack([sums[k].detach().float() for k in keys]))
-        grad_norms = {}
-        for group in self.optimizer.param_groups:  # each module clips its own gradient, as its own learner
-            norm = torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm or float("inf"))
-            grad_norms[group["name"]] = norm
+        grad_norms = self._clip_gradients()
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         values = torch.cat([totals, torch.stack([grad_norms[n].float() for n in self.names])]).tolist()  # one sync
+        finite = all(math.isfinite(v) for v in values)  # losses, rewards, log-probs and gradient norms
+        if finite:  # else skip: no parameter, optimiser or schedule moves on a NaN/inf (AMP's GradScaler does so)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         summed = dict(zip(keys, values))
         tokens = int(summed.pop("num_tokens"))
         row = {k: v / len(indices) for k, v in summed.items()}
@@ -261,7 +330,7 @@ class OFSDPOTrainer:
             for name in self.names:
                 row[f"{name}/learning_rate"], row[f"{name}/grad_norm"] = lrs[name], norms[name]
             row["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
-        row["num_tokens"], row["pairs"] = tokens, len(indices)
+        row["num_tokens"], row["pairs"], row["finite"] = tokens, len(indices), finite
         return row
 
     def _stat_keys(self) -> list[str]:
@@ -271,6 +340,11 @@ class OFSDPOTrainer:
         if self.config.method == "dpo":
             return per_module + ["num_tokens"]
         return ["loss"] + [f"{n}/{k}" for n in self.names for k in per_module] + ["chase/loss", "num_tokens"]
+
+    def _clip_gradients(self) -> dict[str, torch.Tensor]:
+        """Each module clips its own gradient, as its own learner; the norms are before clipping."""
+        max_norm = self.config.max_grad_norm or float("inf")
+        return {g["name"]: torch.nn.utils.clip_grad_norm_(g["params"], max_norm) for g in self.optimizer.param_groups}
 
     def _objective(self, logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
         """Sum over the micro-batch of the modules' DPO losses plus α·(chasing terms); per-example stats."""
@@ -299,15 +373,38 @@ class OFSDPOTrainer:
     def _after_step(self, row: dict, seconds: float) -> dict:
         cfg = self.config
         self.num_tokens += row["num_tokens"]
+        finite = row.pop("finite")
+        self._count_nonfinite(finite)
         extra = {"step": self.step, "epoch": self.position / len(self.data), "pairs_seen": self.position,
                  "num_tokens": self.num_tokens, "tokens_per_second": row["num_tokens"] / max(seconds, 1e-9),
-                 "pairs_per_second": row["pairs"] / max(seconds, 1e-9)}
+                 "pairs_per_second": row["pairs"] / max(seconds, 1e-9),
+                 "nonfinite_steps_skipped": self.nonfinite_skipped}
         if cfg.method == "ofs-dpo":
-            self.chase.record({n: row[f"{n}/loss"] for n in self.names})
+            if finite:  # a NaN would decide the next leader comparison
+                self.chase.record({n: row[f"{n}/loss"] for n in self.names})
             if self.chase.end_of_window(self.step, cfg.chase_interval, cfg.swap) and cfg.swap == "params":
                 swap_adapters(self.model, "fast", "slow", self.optimizer)
             extra.update({"chase/leader": self.chase.leader, "chase/swaps": self.chase.swaps})
         return extra
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        logger.warning("step %d: non-finite loss or gradient; the update was skipped (%d in a row, %d in all; the "
+                       "run stops at %d in a row, --max-nonfinite-steps)", self.step, self.nonfinite_in_a_row,
+                       self.nonfinite_skipped, self.config.max_nonfinite_steps)
+
+    def _stop_on_nonfinite(self) -> None:
+        """Keep a checkpoint (the weights are those of the last finite step) and stop with an error."""
+        self._save_checkpoint()
+        first = self.step - self.nonfinite_in_a_row + 1
+        raise NonFiniteError(
+            f"steps {first}-{self.step}: {self.nonfinite_in_a_row} optimiser steps in a row had a non-finite loss or "
+            f"gradient (--max-nonfinite-steps {self.config.max_nonfinite_steps}); stopped. The checkpoint of step "
+            f"{self.step} is in {self.output_dir / 'checkpoints'}: try a lower --lr or --dtype float32, then --resume.")
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     @property
@@ -354,7 +451,10 @@ class OFSDPOTrainer:
         if self.eval is not None:
             scores, basis = self._evaluate(self.eval, self.eval_reference, list(range(len(self.eval)))), "eval_data"
         else:
-            recent = self.online_losses[-self.config.chase_interval:]
+            finite = [r for r in self.online_losses if all(math.isfinite(r[n]) for n in self.names)]
+            recent = finite[-self.config.chase_interval:]  # rounds whose loss was NaN cannot rank the modules
+            if not recent:
+                return self.chase.leader, "chasing leader (no round with a finite loss)", {}
             scores = {n: sum(r[n] for r in recent) / len(recent) for n in self.names}
             basis = f"online loss of the last {len(recent)} rounds"
         return min(self.names, key=lambda n: scores[n]), basis, scores
@@ -380,6 +480,8 @@ class OFSDPOTrainer:
                 "reference_computed_pairs": self.reference.computed_pairs, "method": self.config.method,
                 "num_pairs": len(self.data), "round_end": self.round_end,
                 "prompt_position": self.prompt_position, "ties_skipped": self.ties_skipped,
+                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "data_fingerprint": self.data_fingerprint,
                 "generated_pairs": self.data.pairs if self.on_policy is not None else None,
                 "best": {k: v for k, v in self.best.items() if k != "state"} if self.best else None}
 
@@ -407,6 +509,9 @@ class OFSDPOTrainer:
         if state["method"] != self.config.method or state["num_pairs"] != len(self.data):
             raise ConfigError(f"--resume: {path} was written by a {state['method']} run on {state['num_pairs']} pairs; "
                               f"this run is {self.config.method} on {len(self.data)} pairs.")
+        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise ConfigError(f"--resume: {path} was written by a run on other data (same number of pairs, different "
+                              "tokens); resuming would lose or repeat pairs of the stream.")
         for name in self.names:
             load_adapter_state(self.model, name, saved["adapters"][name])
         if state.get("best"):
@@ -419,6 +524,8 @@ class OFSDPOTrainer:
         self.online_losses = state["online_losses"]
         self.round_end, self.prompt_position = state["round_end"], state["prompt_position"]
         self.ties_skipped = state["ties_skipped"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self.chase = ChaseState.from_state_dict(state["chase"])
         ckpt.set_rng_state(self._own_rng(saved["rng"], path))
         return self.step
@@ -440,6 +547,7 @@ class OFSDPOTrainer:
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
+            "nonfinite_steps_skipped": self.nonfinite_skipped,
         }
         if self.on_policy is not None:
             summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
@@ -464,4 +572,4 @@ class OFSDPOTrainer:
         self.tokenizer.save_pretrained(out)
         if regret:
             (out / "regret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in regret), encoding="utf-8")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
