@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 from transformers import HfArgumentParser
 
@@ -136,6 +137,8 @@ COMMANDS = {"train": train_command, "continual": continual_command, "generate": 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # a deprecation inside peft's calls into transformers, not ours to act on: keep the progress output readable
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(version=__version__))
         return 0

@@ -94,6 +94,12 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one (e.g. a Ctrl-C that reached only some of them)."""
+        if not self.distributed:
+            return flag
+        return bool(self.sum(torch.tensor([float(flag)])).item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -118,7 +118,8 @@ def save_adapter(model: PeftModel, name: str, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     staging = directory / f".staging-{name}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, selected_adapters=[name], safe_serialization=True)
+    # LoRA never trains the embeddings: no need for peft to look for the base config to decide (it warns on GGUF)
+    model.save_pretrained(staging, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
     written = staging if name == "default" else staging / name  # peft nests non-default adapters
     for file in written.iterdir():
         if file.is_file():

@@ -251,7 +251,7 @@ class OFSDPOTrainer:
                 self._stop_on_nonfinite()
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
-            if interrupted():
+            if self.processes.any(interrupted()):  # every process stops at the same step
                 self._save_checkpoint()
                 raise KeyboardInterrupt(f"checkpoint of step {self.step} written to {self.output_dir / 'checkpoints'}; "
                                         "continue with --resume")
