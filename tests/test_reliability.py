@@ -471,8 +471,11 @@ def test_sigkill_at_several_points_then_resume_ends_identical(tiny_model_dir, pa
 def test_sigint_writes_a_checkpoint_of_the_last_step_and_exits_130(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "interrupted"
     long_run = train_flags(tiny_model_dir, pairs_file, out, "--method", "dpo", "--batch-size", "2", "--epochs", "500")
+    # a job started in the background by a non-interactive shell (as CI may run us) inherits SIGINT ignored:
+    # give the child the default disposition, as a terminal would
     process = subprocess.Popen([sys.executable, "-m", "ofsdpo", *long_run], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV)
+                               stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 3):
