@@ -117,19 +117,18 @@ def hardware(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}"
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
+def versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (importing trl in every worker would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__}
-    try:
-        import trl
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
-        out["trl"] = trl.__version__
-    except ImportError:
-        out["trl"] = None
-    return out
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{name: installed(name) for name in ("transformers", "peft", "trl", "accelerate")}}
 
 
 def git_commit() -> str:
