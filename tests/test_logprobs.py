@@ -61,3 +61,20 @@ def test_prompt_tokens_are_not_scored(peft_model, tokenizer):
         full = sequence_logps(peft_model, batch["input_ids"], batch["attention_mask"], batch["attention_mask"])
         completion = sequence_logps(peft_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     assert (completion > full).all()  # fewer (negative) terms in the sum
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, None), (30.0, None), (None, 0.5), (5.0, 2.0)])
+def test_frozen_head_gradient_matches_autograd(softcap, scale):
+    from ofsdpo.logprobs import _chunk_logps, _token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True).requires_grad_(False)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (6,))
+    upstream = torch.randn(6)
+    ours = _chunk_logps(head, hidden, labels, softcap, scale)  # the gradient computed in the forward
+    (ours * upstream).sum().backward()
+    ours_grad, hidden.grad = hidden.grad.clone(), None
+    plain = _token_logps(head, hidden, labels, softcap, scale)  # plain autograd
+    (plain * upstream).sum().backward()
+    assert torch.allclose(ours, plain, atol=1e-5) and torch.allclose(ours_grad, hidden.grad, atol=1e-5)

@@ -2,14 +2,26 @@
 
 A batch holds chosen and rejected sequences stacked as `[chosen; rejected]` (shape `(2B, T)`), so one forward pass
 scores both and `.chunk(2)` splits them (SPEC §2 needs both for h). Only the positions whose next token is a
-completion token go through the LM head, in chunks of `chunk_size` tokens, each upcast to fp32 on its own and
-recomputed in backward (activation checkpointing): the fp32 log-softmax over the whole vocabulary never exists
-for the whole batch at once.
+completion token go through the LM head, in chunks of `chunk_size` tokens, each upcast to fp32 on its own: the
+fp32 log-softmax over the whole vocabulary never exists for the whole batch at once.
+
+Backward through the head without recomputing it: with a frozen head (LoRA), d log p(y)/d logits = onehot(y) -
+softmax, so each chunk's gradient with respect to its hidden states is computed in the forward, while the chunk's
+logits are at hand, and kept (N x H, small); backward only scales it by the upstream gradient. Activation
+checkpointing would run the head's vocabulary-wide matmul and log-softmax a second time in backward. A trainable
+or unusual head falls back to checkpointing.
+
+The positions to score come from `completion_mask` alone, so they are found before the backbone runs (on a GPU,
+`nonzero` waits for the device: then, it waits for the input copy only, not for the forward) and are reused by the
+next call on the same batch (OFS-DPO's second module).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -35,6 +47,62 @@ def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """`_token_logps` of a plain frozen `nn.Linear` head, its hidden-state gradient computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap, scale):
+        logits = F.linear(hidden, weight, bias).float()  # a new tensor (or fp32 already): free to overwrite below
+        if scale is not None:
+            logits.mul_(scale)
+        tanh = None
+        if softcap is not None:
+            tanh = logits.div_(softcap).tanh_()
+            logits = tanh.mul(softcap)
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        # d out / d logits = onehot(label) - softmax, then the softcap and scale chain rule; in place over the logits
+        grad = logits.sub_(lse.unsqueeze(-1)).exp_().neg_()
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_ones(labels.shape[0], 1))
+        if tanh is not None:
+            grad.mul_(tanh.square_().neg_().add_(1))
+        if scale is not None:
+            grad.mul_(scale)
+        ctx.save_for_backward(grad.to(weight.dtype) @ weight)  # (N, H): d out_i / d hidden_i
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out.unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+def _chunk_logps(head, hidden, labels, softcap, scale) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        with torch.no_grad():
+            return _token_logps(head, hidden, labels, softcap, scale)
+    if _frozen_linear(head):
+        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, labels, softcap, scale)
+    return checkpoint(_token_logps, head, hidden, labels, softcap, scale, use_reentrant=False)
+
+
+_last_positions: tuple = (lambda: None, None)  # (weak ref to a completion_mask, its scored positions)
+
+
+def completion_positions(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the positions t whose next token t+1 is a completion token; cached for the last mask seen."""
+    global _last_positions
+    if _last_positions[0]() is completion_mask:
+        return _last_positions[1]
+    positions = completion_mask[:, 1:].bool().nonzero(as_tuple=True)
+    _last_positions = (weakref.ref(completion_mask), positions)
+    return positions
+
+
 def sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -52,21 +120,15 @@ def sequence_logps(
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return naive_sequence_logps(logits, input_ids, completion_mask)
     backbone, head, config = parts
+    rows, cols = completion_positions(completion_mask)  # before the forward: see the module docstring
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # position t predicts token t+1: score hidden[:, t] against input_ids[:, t+1] where t+1 is a completion token
-    target_mask = completion_mask[:, 1:].bool()
-    rows, cols = target_mask.nonzero(as_tuple=True)
-    hidden = hidden[:, :-1][rows, cols]
-    labels = input_ids[:, 1:][rows, cols]
+    hidden = hidden[rows, cols]
+    labels = input_ids[rows, cols + 1]
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    chunks = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            chunks.append(checkpoint(_token_logps, head, h, y, softcap, scale, use_reentrant=False))
-        else:
-            chunks.append(_token_logps(head, h, y, softcap, scale))
+    chunks = [_chunk_logps(head, hidden[start : start + chunk_size], labels[start : start + chunk_size], softcap,
+                           scale) for start in range(0, hidden.shape[0], chunk_size)]
     token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return sums.index_add(0, rows, token_logps)

@@ -3,6 +3,10 @@
 The reference is the base with adapters disabled (`modules.reference_mode`), so it needs no second model. The cache
 is two `(N,)` tensors indexed by the pair's stream index; NaN marks pairs not yet scored. It travels in checkpoints,
 so a resumed run never recomputes it.
+
+`get` runs inside every training step: with indices already on a GPU, indexing the CPU tensors would copy them
+back to the host and stall the step, so it indexes a device copy of the cache instead (two floats per pair),
+refreshed only after the cache changes.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ class ReferenceCache:
         self.chosen = torch.full((num_pairs,), float("nan"), dtype=torch.float32)
         self.rejected = torch.full((num_pairs,), float("nan"), dtype=torch.float32)
         self.computed_pairs = 0  # how many reference scorings ran: each pair exactly once
+        self._on_device: dict = {}  # device -> (chosen, rejected) copies for `get`; emptied when the cache changes
 
     def extend(self, count: int) -> None:
         """Room for `count` more pairs (on-policy rounds add pairs as they are generated)."""
         pad = torch.full((count,), float("nan"), dtype=torch.float32)
         self.chosen, self.rejected = torch.cat([self.chosen, pad]), torch.cat([self.rejected, pad.clone()])
+        self._on_device.clear()
 
     def missing(self, indices: list[int]) -> list[int]:
-        return [i for i in indices if torch.isnan(self.chosen[i])]
+        if not indices:
+            return []
+        unscored = torch.isnan(self.chosen[torch.as_tensor(indices, dtype=torch.long)]).tolist()
+        return [i for i, todo in zip(indices, unscored) if todo]
 
     @torch.no_grad()
     def fill(self, model, pairs: list[dict], indices: list[int], pad_token_id: int, batch_size: int, chunk_size: int):
@@ -44,9 +53,18 @@ class ReferenceCache:
                 self.chosen[chunk] = chosen.float().cpu()
                 self.rejected[chunk] = rejected.float().cpu()
         self.computed_pairs += len(todo)
+        self._on_device.clear()
 
     def get(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.chosen[indices].to(device), self.rejected[indices].to(device)
+        device = torch.device(device)
+        if indices.device.type == "cpu":
+            return self.chosen[indices].to(device), self.rejected[indices].to(device)
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.chosen.to(device), self.rejected.to(device))
+        chosen, rejected = self._on_device[key]
+        indices = indices.to(device)
+        return chosen[indices], rejected[indices]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"ref_chosen_logps": self.chosen, "ref_rejected_logps": self.rejected}
@@ -54,3 +72,4 @@ class ReferenceCache:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.chosen = state["ref_chosen_logps"].clone()
         self.rejected = state["ref_rejected_logps"].clone()
+        self._on_device.clear()
