@@ -55,6 +55,11 @@ class ReferenceCache:
         self.computed_pairs += len(todo)
         self._on_device.clear()
 
+    def set(self, indices: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Store scores computed elsewhere (another process's share of a round)."""
+        self.chosen[indices], self.rejected[indices] = chosen.float().cpu(), rejected.float().cpu()
+        self._on_device.clear()
+
     def get(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
         if indices.device.type == "cpu":

@@ -287,7 +287,7 @@ class OFSDPOTrainer:
         if processes.distributed and todo:
             scored = torch.stack([self.reference.chosen[todo], self.reference.rejected[todo]]).nan_to_num(0.0)
             scored = processes.sum(scored)  # each pair was scored by exactly one process
-            self.reference.chosen[todo], self.reference.rejected[todo] = scored[0], scored[1]
+            self.reference.set(todo, scored[0], scored[1])
             self.reference.computed_pairs += len(todo) - len(mine)
 
     def _training_step(self, indices: list[int]) -> dict:
