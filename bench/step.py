@@ -38,6 +38,12 @@ import torch
 
 VARIANTS = ("trl", "dpo", "ofs-dpo")
 FLOPS_FACTOR = {"trl": 6, "dpo": 4, "ofs-dpo": 8}  # x N per token, see the module docstring
+
+
+def _flops_factor(variant: str, spec: dict) -> int:
+    """--module-passes sequential adds a no-grad forward of one module (2N) to ofs-dpo's step."""
+    extra = 2 if variant == "ofs-dpo" and spec.get("module_passes") == "sequential" else 0
+    return FLOPS_FACTOR[variant] + extra
 REFERENCE_FACTOR = 2
 TARGETS = {  # issue 6: each ratio must be <= its target
     "dpo_ours_over_trl_time": 0.8, "ofs_over_dpo_time": 2.0, "ofs_over_trl_time": 1.4,
@@ -123,7 +129,8 @@ def run_ours(method, model, pairs, spec, device, out: Path) -> dict:
         max_steps=spec["warmup"] + spec["steps"], lr=1e-5, beta=0.1, max_grad_norm=1.0, lora_r=spec["lora_r"],
         lora_alpha=2 * spec["lora_r"], lora_dropout=spec["lora_dropout"], target_modules="all-linear",
         max_length=spec["prompt_len"] + spec["completion_len"], max_prompt_length=spec["prompt_len"],
-        device=str(device), save_steps=0, regret=False, progress=False, seed=0)
+        device=str(device), save_steps=0, regret=False, progress=False, seed=0,
+        module_passes=spec.get("module_passes", "joint"))
     trainer = OFSDPOTrainer(model, cfg, train_data=PreferenceData(pairs=pairs), tokenizer=dummy_tokenizer())
     fills, fill_forwards = [], [0]
     fill = trainer.reference.fill
@@ -191,14 +198,14 @@ def summarise(variant: str, runs: list[dict], spec: dict) -> dict:
     pairs = spec["batch_pairs"]
     tokens = 2 * pairs * (spec["prompt_len"] + spec["completion_len"])
     n = runs[0]["matmul_params"]
-    flops = FLOPS_FACTOR[variant] * n * tokens
+    flops = _flops_factor(variant, spec) * n * tokens
     peak = C.median([r["peak_memory_bytes"] for r in runs])
     setup = C.median([r["setup_memory_bytes"] for r in runs])
     out = {
         "s_per_step": seconds, "s_per_step_min": min(pooled), "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
         "peak_memory_bytes": peak, "setup_memory_bytes": setup, "step_memory_bytes": peak - setup,
         "forwards_per_step": runs[0]["forwards_per_step"], "model_flops_per_step": flops,
-        "model_flops_per_token": f"{FLOPS_FACTOR[variant]}N", "achieved_tflops": flops / seconds / 1e12,
+        "model_flops_per_token": f"{_flops_factor(variant, spec)}N", "achieved_tflops": flops / seconds / 1e12,
         "step_seconds_per_run": [r["step_seconds"] for r in runs],
     }
     peak_flops = C.peak_flops(C.resolve_device(spec["device"]), C.resolve_dtype(spec["dtype"], C.resolve_device(
@@ -273,6 +280,8 @@ def parse(argv=None):
     p.add_argument("--completion-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; alpha = 2r")
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--module-passes", choices=("joint", "sequential"), default="joint",
+                   help="ofs-dpo's --module-passes: sequential trades 2N more FLOPs per token for dpo-like memory")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the three variants")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -290,7 +299,7 @@ def main(argv=None) -> dict | None:
         print(MARKER + json.dumps(worker(args.worker, json.loads(args.spec))), flush=True)
         return None
     spec = {k: getattr(args, k) for k in ("shape", "device", "dtype", "steps", "warmup", "batch_pairs", "prompt_len",
-                                          "completion_len", "lora_r", "lora_dropout", "repeats")}
+                                          "completion_len", "lora_r", "lora_dropout", "repeats", "module_passes")}
     started = time.perf_counter()
     runs = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):

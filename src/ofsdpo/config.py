@@ -133,6 +133,12 @@ class OFSDPOConfig:
         default="roles",
         metadata=_help("roles: labels swap; params: weights and optimiser states swap so the leader trains fast."),
     )
+    module_passes: Literal["joint", "sequential"] = field(
+        default="joint",
+        metadata=_help("ofs-dpo memory/speed: joint runs both modules' forwards, then one backward (8N FLOPs per "
+                       "token, both activation graphs alive); sequential runs one module's graph at a time after "
+                       "a no-grad forward of the other (10N, about dpo's activation memory)."),
+    )
     # --- LoRA ------------------------------------------------------------------------------------------------------
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator (scale = alpha / r)."))

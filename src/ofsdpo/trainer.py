@@ -298,12 +298,15 @@ class OFSDPOTrainer:
         for start in range(0, len(mine), cfg.batch_size):
             batch = self._batch(self.data, mine[start:start + cfg.batch_size])
             ref_chosen, ref_rejected = self.reference.get(batch["index"], self.device)
-            logps = {}
-            for name in self.names:
-                activate(self.model, name, self.names)
-                logps[name] = concatenated_forward(self.model, batch, cfg.logprob_chunk_size)
-            total, stats = self._objective(logps, ref_chosen, ref_rejected)
-            (total / len(indices)).backward()  # mean over the step's pairs: accumulation-invariant
+            if cfg.method == "ofs-dpo" and cfg.module_passes == "sequential":
+                total, stats = self._sequential_passes(batch, ref_chosen, ref_rejected, len(indices))
+            else:
+                logps = {}
+                for name in self.names:
+                    activate(self.model, name, self.names)
+                    logps[name] = concatenated_forward(self.model, batch, cfg.logprob_chunk_size)
+                total, stats = self._objective(logps, ref_chosen, ref_rejected)
+                (total / len(indices)).backward()  # mean over the step's pairs: accumulation-invariant
             if cfg.method == "ofs-dpo":
                 sums["loss"] = sums["loss"] + total.detach()
             for key, value in stats.items():
@@ -332,6 +335,28 @@ class OFSDPOTrainer:
             row["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
         row["num_tokens"], row["pairs"], row["finite"] = tokens, len(indices), finite
         return row
+
+    def _sequential_passes(self, batch: dict, ref_chosen, ref_rejected, step_pairs: int):
+        """`--module-passes sequential`: the same gradients with one module's graph alive at a time. The modules
+        meet only through each other's detached log-probs (the stop-gradients of SPEC §3), so each module's
+        objective can be differentiated on its own once the other's values are known."""
+        cfg, (first, second) = self.config, self.names
+
+        def forward(name: str):
+            activate(self.model, name, self.names)
+            return concatenated_forward(self.model, batch, cfg.logprob_chunk_size)
+
+        with torch.no_grad():
+            second_values = forward(second)  # with LoRA dropout, a mask of its own (joint mode shares one)
+        first_logps = forward(first)
+        total, _ = self._objective({first: first_logps, second: tuple(v.detach() for v in second_values)},
+                                   ref_chosen, ref_rejected)
+        (total / step_pairs).backward()  # only `first` is live: its part of the objective
+        first_values = tuple(v.detach() for v in first_logps)
+        del first_logps, total  # free the first graph before the second is built
+        total, stats = self._objective({first: first_values, second: forward(second)}, ref_chosen, ref_rejected)
+        (total / step_pairs).backward()
+        return total, stats
 
     def _stat_keys(self) -> list[str]:
         """The summed statistics of a step, in a fixed order: `_objective`'s per-module ones, then the rest."""
