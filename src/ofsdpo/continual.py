@@ -87,6 +87,9 @@ class ContinualConfig(OFSDPOConfig):
     judge_prompts: int = field(
         default=0, metadata=_help("Held-out prompts judged per built-in domain after every stage (0: no judging).")
     )
+    judge_max_new_tokens: int = field(
+        default=0, metadata=_help("Cap on the judged samples' length (0: each domain's own); lower is faster.")
+    )
     lambda_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
     )
@@ -148,6 +151,21 @@ class Domain:
     def __post_init__(self):
         self.test_reference = ReferenceCache(len(self.test))
         self.memory_reference = ReferenceCache(len(self.memory))
+
+
+def _load_slot(model, name: str, lora, state: dict) -> None:
+    """Adapter `name` holding `state`. The slot is kept between calls while its shape stays the same: peft's
+    add/delete_adapter walk the whole model, and scoring runs many times per stage (the λ search, the report).
+    The stage's `model.unload()` strips it with the rest."""
+    held = model.peft_config.get(name)
+    if held is not None and (held.r, held.lora_alpha, held.target_modules) != (lora.r, lora.lora_alpha,
+                                                                                 lora.target_modules):
+        activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
+        model.delete_adapter(name)
+        held = None
+    if held is None:
+        model.add_adapter(name, lora)
+    load_adapter_state(model, name, state)
 
 
 class ContinualRunner:
@@ -270,36 +288,30 @@ class ContinualRunner:
 
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
         cfg = self.config
-        if name in model.peft_config:
-            model.delete_adapter(name)
-        model.add_adapter(name, lora)
-        load_adapter_state(model, name, state)
-        scores = heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
-                                cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
-        activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
-        model.delete_adapter(name)
-        return scores
+        _load_slot(model, name, lora, state)
+        return heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
+                              cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts (SPEC §6 evaluation)."""
         from .domains import DOMAINS
         from .evaluation import judge_eval, reference_samples
 
-        model.add_adapter("served", lora)
-        load_adapter_state(model, "served", state)
+        _load_slot(model, "served", lora, state)
         results = []
         for d in self.domains:
             builtin = DOMAINS.get(d.name)
             if builtin is None:
                 results.append({})
                 continue
+            if self.config.judge_max_new_tokens:
+                builtin = dataclasses.replace(
+                    builtin, max_new_tokens=min(builtin.max_new_tokens, self.config.judge_max_new_tokens))
             records = builtin.prompts("heldout")[:self.config.judge_prompts]
             if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
                 self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
             results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
                                       ref_scores=self._reference_scores[d.name]))
-        activate(model, next(n for n in model.peft_config if n != "served"))
-        model.delete_adapter("served")
         return results
 
     def _materialise(self, lora, states: list[dict], weights: list[float]):

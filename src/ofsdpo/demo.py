@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,12 +37,13 @@ class DemoSettings:
     memory: int
     lambda_grid: str
     eval_steps: int  # how often the best fast module is looked for
+    max_new_tokens: int = 0  # cap on sampled responses, pairs and judging (0: each domain's own)
 
 
 FULL = DemoSettings(prompts=40, samples=4, steps=8, batch_size=4, judge_prompts=16, heldout=8, memory=4,
                     lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4)
 QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
-                     lambda_grid="0,0.5,1", eval_steps=2)
+                     lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16)
 
 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model: str | None = None,
@@ -59,6 +60,8 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
     specs = []
     for domain_name in DEMO_DOMAINS:
         domain = get_domain(domain_name)
+        if settings.max_new_tokens:
+            domain = replace(domain, max_new_tokens=min(domain.max_new_tokens, settings.max_new_tokens))
         records = domain.prompts("train")[:settings.prompts]
         say(f"[demo] sampling {len(records)} x {settings.samples} responses on '{domain_name}' and judging them …")
         with torch.inference_mode():
@@ -75,7 +78,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             max_steps_per_domain=settings.steps, batch_size=settings.batch_size, heldout_size=settings.heldout,
             memory_size=settings.memory, judge_prompts=settings.judge_prompts, lambda_grid=settings.lambda_grid,
             max_length=160, max_prompt_length=96, save_steps=0, regret=False, progress=progress, device=str(dev),
-            eval_steps=settings.eval_steps)
+            eval_steps=settings.eval_steps, judge_max_new_tokens=settings.max_new_tokens)
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer)
         runner._reference_scores = reference_scores  # the base's samples are judged once, for all three methods
         reports[method] = runner.run()
