@@ -86,13 +86,13 @@ def test_tiny_in_domain_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path
                   judge_prompts=2, max_length=48, max_prompt_length=24, lr=1e-3,
                   train={"lora_r": 2, "lora_alpha": 4, "chase_interval": 1},
                   variants=[{"name": "ofs", "method": "ofs-dpo"}])
-    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False).run()
+    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False).run()
     cell = summary["cells"]["ofs/sentiment"]
     assert cell["judge_score"]["n"] == 2 and len(cell["regret_curve"]) == 2
     assert not list((tmp_path / "runs").rglob("checkpoints"))
     # a second experiment holding the same run reuses it instead of training again
     again = ExperimentConfig(**{**values, "name": "tiny2",
                                 "variants": [{"name": "ofs-again", "method": "ofs-dpo"}]})
-    second = ExperimentRunner(again, tmp_path / "runs" / "tiny2", progress=False).run()
+    second = ExperimentRunner(again, tmp_path / "runs" / "tiny2", progress=False, verbose=False).run()
     reused = second["per_seed"]["ofs-again/sentiment"]["0"]
     assert "reused_from" in reused and reused["judge_score"] == summary["per_seed"]["ofs/sentiment"]["0"]["judge_score"]

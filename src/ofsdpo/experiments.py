@@ -161,14 +161,14 @@ def fmt(stat: dict | None, sign: bool = True, digits: int = 3) -> str:
 class ExperimentRunner:
     """Runs every (cell, seed) not yet finished, then writes the aggregate. The model loads only if a run is due."""
 
-    def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True):
-        self.config, self.out, self.progress = config, Path(output_dir), progress
+    def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True):
+        self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
         self._reference_scores: dict[str, list[float]] = {}
 
     def say(self, text: str) -> None:
-        if self.progress:
+        if self.verbose:
             print(f"[experiment {self.config.name}] {text}", flush=True)
 
     def run(self) -> dict:
@@ -181,9 +181,11 @@ class ExperimentRunner:
     def cell_result(self, cell: str, variant: dict, domain: str | None, seed: int) -> dict:
         run_dir = self.out / "runs" / cell / f"seed-{seed}"
         done = run_dir / "result.json"
-        if done.is_file():
-            return json.loads(done.read_text(encoding="utf-8"))
         key = self.run_key(variant, domain, seed)
+        if done.is_file():  # finished earlier, unless the experiment's file has changed since
+            result = json.loads(done.read_text(encoding="utf-8"))
+            if result.get("run_key") == key:
+                return result
         twin = self.find_run(key)
         if twin is not None:  # the same run in another experiment (an ablation's baseline): reuse it
             result = {**json.loads(twin.read_text(encoding="utf-8")), "reused_from": str(twin)}
@@ -386,7 +388,6 @@ def run_experiment(config_path: str, seeds: str | None = None, output_dir: str |
     config = ExperimentConfig.from_yaml(config_path)
     config.seeds = parse_seeds(seeds) or config.seeds
     out = Path(output_dir or Path("experiments-output") / config.name)
-    summary = ExperimentRunner(config, out, progress).run()
-    if progress:
-        print((out / "aggregate.md").read_text(encoding="utf-8"))
+    summary = ExperimentRunner(config, out, progress).run()  # progress lines are printed either way
+    print((out / "aggregate.md").read_text(encoding="utf-8"))
     return summary
