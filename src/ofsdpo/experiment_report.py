@@ -100,11 +100,14 @@ def plot_experiment(out: Path, config: ExperimentConfig, cells: dict) -> list[st
 
 
 def _band(ax, series: list[dict], label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     mean, std = _means(series)
     steps = range(1, len(mean) + 1)
     line, = ax.plot(steps, mean, label=label)
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color=line.get_color(), alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps are whole numbers
 
 
 def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
