@@ -26,6 +26,8 @@ commands:
   continual  COFS-DPO or a sequential baseline across domains (ofsdpo continual --help)
   generate   judged preference pairs sampled on a built-in domain (ofsdpo generate --help)
   demo       DPO vs OFS-DPO vs COFS-DPO on the embedded model and built-in domains (ofsdpo demo --help)
+  eval       the base model and adapters side by side on built-in domains (ofsdpo eval --help)
+  experiment one experiment of experiments/*.yaml over seeds, with its aggregate (ofsdpo experiment --help)
 
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
 
@@ -115,6 +117,38 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
+def eval_command(argv: list[str]) -> int:
+    from .config import EvalConfig
+    from .evaluate import format_eval_table, run_eval
+
+    argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--adapter"), "--domain"), "--data")
+    config = parse_config(EvalConfig, argv, "ofsdpo eval",
+                          "Held-out DPO loss, preference accuracy, judge score, win rate, KL and response length "
+                          "of the base model and each adapter on built-in domains.")
+    result = run_eval(config)
+    print(format_eval_table(result["rows"]), end="")
+    if config.json:
+        print(f"results written to {config.json}")
+    return 0
+
+
+def experiment_command(argv: list[str]) -> int:
+    import argparse
+
+    from .experiments import run_experiment
+
+    parser = argparse.ArgumentParser(prog="ofsdpo experiment", description=(
+        "Run one experiment (a YAML file of experiments/) once per seed, then write aggregate.json and "
+        "aggregate.md (mean +- std per cell over seeds) with plots. Finished cells are kept: rerun to resume."))
+    parser.add_argument("config", help="The experiment's YAML file.")
+    parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the file's, else 0,1,2).")
+    parser.add_argument("--output-dir", default=None, help="Default: experiments-output/<name>.")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+    args = parser.parse_args(argv)
+    run_experiment(args.config, args.seeds, args.output_dir, args.progress)
+    return 0
+
+
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
     values, rest, i = [], [], 0
@@ -132,7 +166,7 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 
 
 COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command,
-            "demo": demo_command}
+            "demo": demo_command, "eval": eval_command, "experiment": experiment_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,3 +310,67 @@ class GenerateConfig:
             raise ConfigError(f"--top-p must be in (0, 1] (got {self.top_p}).")
         if self.num_prompts == 0 or self.num_prompts < -1:
             raise ConfigError(f"--num-prompts must be -1 or >= 1 (got {self.num_prompts}).")
+
+
+@dataclass
+class EvalConfig:
+    """`ofsdpo eval`: score the base model and each adapter on built-in domains (held-out pairs and judge)."""
+
+    model: Optional[str] = field(default=None, metadata=_help("Base model the adapters were trained on (default: "
+                                                              "the embedded one)."))
+    gguf_file: Optional[str] = field(default=None, metadata=_help("GGUF file inside --model."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Run model code shipped with the checkpoint."))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=_help("Weights dtype."))
+    adapter: list[str] = field(default_factory=list, metadata=_help(
+        "A peft adapter folder, once per adapter (the base model is always scored too, as the row 'base')."))
+    domain: list[str] = field(default_factory=list, metadata=_help("Built-in domain to score on, once per domain."))
+    data: list[str] = field(default_factory=list, metadata=_help(
+        "Held-out pairs for the DPO loss: NAME=PATH (or PATH, in --domain order). A domain without a file gets "
+        "pairs sampled from the base model on its held-out prompts and judged."))
+    pair_prompts: int = field(default=16, metadata=_help("Held-out prompts sampled for pairs when --data lacks one."))
+    samples_per_prompt: int = field(default=4, metadata=_help("Samples per prompt for generated pairs."))
+    judge_prompts: int = field(default=16, metadata=_help("Held-out prompts judged per domain (0: no judging)."))
+    beta: float = field(default=0.1, metadata=_help("DPO temperature of the held-out loss (use the training one)."))
+    max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion."))
+    max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens."))
+    batch_size: int = field(default=8, metadata=_help("Pairs per forward, prompts per generate call."))
+    seed: int = field(default=0, metadata=_help("Seed of pair sampling; every row's judged samples start from it."))
+    json: Optional[str] = field(default=None, metadata=_help("Also write the results here (JSON)."))
+    progress: bool = field(default=True, metadata=_help("Show progress bars."))
+
+    def __post_init__(self) -> None:
+        from .domains import DOMAINS
+
+        if not self.domain:
+            raise ConfigError("--domain is required (a built-in domain, once per domain).")
+        for name in self.domain:
+            if name not in DOMAINS:
+                raise ConfigError(f"--domain: unknown domain '{name}': built-in domains are {', '.join(DOMAINS)}.")
+        for path in self.adapter:
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ConfigError(f"--adapter {path}: not a peft adapter folder (no adapter_config.json).")
+        for name, path in self.data_files.items():
+            if not Path(path).exists():
+                raise ConfigError(f"--data {name}={path}: no such file.")
+        if self.judge_prompts < 0 or self.pair_prompts < 1 or self.batch_size < 1:
+            raise ConfigError("--judge-prompts must be >= 0, --pair-prompts and --batch-size >= 1.")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"--samples-per-prompt must be >= 2 to form a pair (got {self.samples_per_prompt}).")
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0 (got {self.beta}).")
+
+    @property
+    def data_files(self) -> dict[str, str]:
+        """{domain: path} from `NAME=PATH` entries, or bare paths matched to --domain in order."""
+        files = {}
+        for i, entry in enumerate(self.data):
+            name, sep, path = entry.partition("=")
+            if not sep:
+                if i >= len(self.domain):
+                    raise ConfigError(f"--data {entry}: more files than --domain entries; write NAME=PATH.")
+                name, path = self.domain[i], entry
+            if name not in self.domain:
+                raise ConfigError(f"--data {entry}: '{name}' is not one of --domain ({', '.join(self.domain)}).")
+            files[name] = path
+        return files

@@ -1,0 +1,106 @@
+"""`ofsdpo eval`: the base model and each adapter, scored on built-in domains, side by side.
+
+Per (adapter, domain) row: held-out DPO loss and preference accuracy (against the base as reference), mean judge
+score of the adapter's samples, win rate against the reference's samples, a sample-based KL(π || π_ref) estimate
+and the mean response length. The base model is a row of its own ("base"): a LoRA whose B is zero, so it is the
+base exactly and goes through the same code as every adapter.
+
+Every row shares what can be shared, so that rows differ only by the adapter: one set of held-out pairs and one
+reference cache per domain, one set of reference samples per domain, and the same sampling seed for every row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from .config import EvalConfig
+from .data import PreferenceData, load_preference_data
+from .domains import BuiltinDomain, get_domain
+from .evaluation import heldout_scores, judge_eval, reference_samples
+from .generation import make_pairs
+from .models import load_model_and_tokenizer, resolve_device
+from .modules import lora_config
+from .reference import ReferenceCache
+
+BASE_ROW = "base"
+COLUMNS = (("loss", "dpo loss", "{:.4f}"), ("accuracy", "pref acc", "{:.3f}"), ("judge_score", "judge", "{:+.3f}"),
+           ("win_rate", "win rate", "{:.3f}"), ("kl", "KL", "{:.3f}"), ("response_words", "words", "{:.1f}"))
+
+
+def attach_for_eval(base, adapters: list[str]):
+    """A PeftModel holding the zero adapter `base` and every adapter folder, named adapter1, adapter2, …"""
+    from peft import get_peft_model
+
+    model = get_peft_model(base, lora_config(1, 1, 0.0, "all-linear"), adapter_name=BASE_ROW)  # B = 0: the base
+    names = {}
+    for i, path in enumerate(adapters, start=1):
+        model.load_adapter(path, adapter_name=f"adapter{i}")
+        names[f"adapter{i}"] = path
+    model.eval()
+    return model, names
+
+
+def generated_pairs(model, tokenizer, domain: BuiltinDomain, prompts: int, samples: int, seed: int,
+                    batch_size: int, progress: bool) -> list[dict]:
+    """Judged best-vs-worst pairs sampled from the base on the domain's held-out prompts (never trained on)."""
+    set_seed(seed)
+    with torch.inference_mode(), model.disable_adapter():
+        pairs, _ = make_pairs(model, tokenizer, domain, domain.prompts("heldout")[:prompts], samples,
+                              batch_size=batch_size, progress=progress)
+    return pairs
+
+
+def evaluate_adapter(model, tokenizer, adapter: str, domain: BuiltinDomain, pairs: PreferenceData | None,
+                     reference: ReferenceCache | None, judge_records: list[dict], ref_scores: list[float] | None,
+                     beta: float, batch_size: int = 8, seed: int = 0) -> dict:
+    """One row: held-out DPO loss/accuracy on `pairs` (if any) and judge metrics on `judge_records` (if any)."""
+    row: dict = {"domain": domain.name}
+    if pairs is not None and len(pairs):
+        row.update(heldout_scores(model, pairs, reference, adapter, tokenizer.pad_token_id, beta, batch_size),
+                   pairs=len(pairs))
+    if judge_records:
+        set_seed(seed)  # common random numbers: every row samples from the same RNG state
+        row.update(judge_eval(model, tokenizer, domain, judge_records, adapter, batch_size, ref_scores=ref_scores),
+                   judge_prompts=len(judge_records))
+    return row
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    device = resolve_device(cfg.device)
+    base, tokenizer, name, _ = load_model_and_tokenizer(cfg.model, cfg.gguf_file, cfg.dtype, device,
+                                                        cfg.trust_remote_code)
+    model, names = attach_for_eval(base, cfg.adapter)
+    files, rows = cfg.data_files, []
+    for domain in (get_domain(d) for d in cfg.domain):
+        source = files.get(domain.name) or generated_pairs(model, tokenizer, domain, cfg.pair_prompts,
+                                                           cfg.samples_per_prompt, cfg.seed, cfg.batch_size,
+                                                           cfg.progress)
+        pairs = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length) if source else None
+        reference = ReferenceCache(len(pairs)) if pairs is not None else None
+        records = domain.prompts("heldout")[:cfg.judge_prompts]
+        set_seed(cfg.seed)
+        ref_scores = reference_samples(model, tokenizer, domain, records, cfg.batch_size) if records else None
+        for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
+            row = evaluate_adapter(model, tokenizer, adapter, domain, pairs, reference, records, ref_scores,
+                                   cfg.beta, cfg.batch_size, cfg.seed)
+            rows.append({"adapter": label, **row, "pairs_source": files.get(domain.name, "generated")})
+    result = {"model": name, "beta": cfg.beta, "seed": cfg.seed, "rows": rows}
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
+
+
+def format_eval_table(rows: list[dict]) -> str:
+    """A fixed-width table, one line per (adapter, domain); '-' where a metric was not measured."""
+    width = max(len("adapter"), *(len(r["adapter"]) for r in rows))
+    header = "adapter".ljust(width) + "  " + "domain".ljust(10) + "".join(title.rjust(10) for _, title, _ in COLUMNS)
+    lines = [header]
+    for r in rows:
+        cells = "".join((fmt.format(r[key]) if r.get(key) is not None else "-").rjust(10) for key, _, fmt in COLUMNS)
+        lines.append(r["adapter"].ljust(width) + "  " + r["domain"].ljust(10) + cells)
+    return "\n".join(lines) + "\n"
