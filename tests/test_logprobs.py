@@ -41,8 +41,8 @@ def test_chunked_equals_naive_values_and_gradients(peft_model, tokenizer, chunk_
     naive = naive_sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
     naive.sum().backward()
     assert torch.allclose(ours, naive, atol=1e-5)
-    for a, p in zip(ours_grads, adapter_parameters(peft_model, "fast")):
-        assert torch.allclose(a, p.grad, atol=1e-5)
+    for a, p in zip(ours_grads, adapter_parameters(peft_model, "fast")):  # float32 sums: order depends on threads
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_padding_does_not_change_a_sequence_logp(peft_model, tokenizer):
