@@ -145,6 +145,7 @@ class OFSDPOTrainer:
         lrs = {"default": cfg.lr, "fast": cfg.lr, "slow": cfg.lr * cfg.slow_lr_ratio}  # η_F, η_S (SPEC §3)
         groups = [{"params": adapter_parameters(self.model, n), "lr": lrs[n], "name": n} for n in self.names]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self._trained_params = [p for group in groups for p in group["params"]]  # fixed: swaps move data only
         self.order = list(range(len(self.data))) * cfg.epochs
         steps = math.ceil(len(self.order) / cfg.pairs_per_step)
         if self.on_policy is not None:  # at most: ties shrink rounds
@@ -312,7 +313,7 @@ class OFSDPOTrainer:
             for key, value in stats.items():
                 sums[key] = sums[key] + value.sum()
             sums["num_tokens"] = sums["num_tokens"] + batch["attention_mask"].sum()
-        self.processes.sum_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
+        self.processes.sum_gradients(self._trained_params)
         keys = list(sums)
         totals = self.processes.sum(torch.stack([sums[k].detach().float() for k in keys]))
         grad_norms = self._clip_gradients()
