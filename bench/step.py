@@ -1,11 +1,14 @@
 """Steady-state optimiser step: TRL's DPOTrainer vs our `dpo` vs our `ofs-dpo`, same model, batch and LoRA.
 
+`ofs-dpo` runs both module passes: `ofs-dpo` (joint, the default: both modules' graphs alive at one backward) and
+`ofs-dpo-sequential` (`--module-passes sequential`: one graph at a time, one no-grad forward more).
+
     python bench/step.py --quick                                  # CPU, tiny model, well under two minutes
     python bench/step.py --shape 0.5b --device cuda --json out.json  # Qwen2-0.5B shape, bf16, 8 pairs of 256+256
 
 Each variant runs in its own subprocess (so CPU peak RSS is per variant, and TRL's patched forward cannot leak
-into ours); `--repeats R` interleaves the variants R times (trl, dpo, ofs, trl, ...) and reports medians, which
-matters on a shared machine.
+into ours); `--repeats R` interleaves the variants R times (trl, dpo, ofs-dpo, ..., trl, ...) and reports
+medians, which matters on a shared machine.
 
 What is timed, per optimiser step (warm-up steps dropped, median over the rest):
 - trl: `trainer.train()` with a callback, `on_step_begin` -> `on_step_end`: TRL's own training_step (policy
@@ -18,8 +21,8 @@ What is timed, per optimiser step (warm-up steps dropped, median over the rest):
   one-pass online stream every pair needs its reference scoring once.
 
 Model FLOPs (issue 6): per token, LoRA training ~ 2N forward + 2N backward (no weight gradients of the frozen
-base); so trl ~ 6N (policy + live reference), our dpo ~ 4N (cached reference), ofs-dpo ~ 8N (two modules), a
-reference fill ~ 2N. N = every weight a token meets (all parameters but the input embedding; the LM head once).
+base); so trl ~ 6N (policy + live reference), our dpo ~ 4N (cached reference), ofs-dpo ~ 8N (two modules;
+sequential 10N), a reference fill ~ 2N. N = every weight a token meets (all parameters but the input embedding; the LM head once).
 Tokens = prompt + completion of chosen and rejected. Attention-score FLOPs are not counted.
 """
 
@@ -36,19 +39,21 @@ from pathlib import Path
 import _common as C  # also puts src/ on sys.path
 import torch
 
-VARIANTS = ("trl", "dpo", "ofs-dpo")
-FLOPS_FACTOR = {"trl": 6, "dpo": 4, "ofs-dpo": 8}  # x N per token, see the module docstring
-
-
-def _flops_factor(variant: str, spec: dict) -> int:
-    """--module-passes sequential adds a no-grad forward of one module (2N) to ofs-dpo's step."""
-    extra = 2 if variant == "ofs-dpo" and spec.get("module_passes") == "sequential" else 0
-    return FLOPS_FACTOR[variant] + extra
+# Two ways to give ofs-dpo dpo's activation memory at the same global batch of pairs per optimiser step:
+# ofs-dpo-sequential: `--module-passes sequential`, one module's graph alive at a time (a no-grad forward more);
+# ofs-dpo-accum2: `--batch-size B/2 --grad-accum 2`, both modules' graphs of half the pairs at a time (the
+#   objective is a sum over pairs, so the step's gradient is the same).
+VARIANTS = ("trl", "dpo", "ofs-dpo", "ofs-dpo-sequential", "ofs-dpo-accum2")
+FLOPS_FACTOR = {"trl": 6, "dpo": 4, "ofs-dpo": 8, "ofs-dpo-sequential": 10, "ofs-dpo-accum2": 8}  # x N per token
 REFERENCE_FACTOR = 2
 TARGETS = {  # issue 6: each ratio must be <= its target
     "dpo_ours_over_trl_time": 0.8, "ofs_over_dpo_time": 2.0, "ofs_over_trl_time": 1.4,
     "ofs_over_dpo_memory": 1.25, "dpo_ours_over_trl_memory": 1.0,
 }
+MEMORY_VARIANTS = {"ofs-dpo-sequential": "sequential", "ofs-dpo-accum2": "accum2"}  # variant: its ratios' infix
+for _key in MEMORY_VARIANTS.values():  # the same targets as ofs-dpo's
+    TARGETS.update({f"ofs_{_key}_over_dpo_time": 2.0, f"ofs_{_key}_over_trl_time": 1.4,
+                    f"ofs_{_key}_over_dpo_memory": 1.25})
 MARKER = "BENCH_RESULT "
 
 
@@ -120,17 +125,22 @@ def run_trl(model, pairs, spec, device, dtype, out: Path) -> dict:
             "setup_memory_bytes": setup}
 
 
-def run_ours(method, model, pairs, spec, device, out: Path) -> dict:
+def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
     from ofsdpo import OFSDPOConfig, OFSDPOTrainer, PreferenceData
+
+    method, passes = ("ofs-dpo", "sequential") if variant == "ofs-dpo-sequential" else (variant, "joint")
+    batch, accum = spec["batch_pairs"], 1
+    if variant == "ofs-dpo-accum2":
+        method, batch, accum = "ofs-dpo", spec["batch_pairs"] // 2, 2
 
     counter = ForwardCounter(model)
     cfg = OFSDPOConfig(
-        method=method, output_dir=str(out), overwrite=True, batch_size=spec["batch_pairs"],
+        method=method, output_dir=str(out), overwrite=True, batch_size=batch, grad_accum=accum,
         max_steps=spec["warmup"] + spec["steps"], lr=1e-5, beta=0.1, max_grad_norm=1.0, lora_r=spec["lora_r"],
         lora_alpha=2 * spec["lora_r"], lora_dropout=spec["lora_dropout"], target_modules="all-linear",
         max_length=spec["prompt_len"] + spec["completion_len"], max_prompt_length=spec["prompt_len"],
         device=str(device), save_steps=0, regret=False, progress=False, seed=0,
-        module_passes=spec.get("module_passes", "joint"))
+        module_passes=passes)
     trainer = OFSDPOTrainer(model, cfg, train_data=PreferenceData(pairs=pairs), tokenizer=dummy_tokenizer())
     fills, fill_forwards = [], [0]
     fill = trainer.reference.fill
@@ -198,14 +208,14 @@ def summarise(variant: str, runs: list[dict], spec: dict) -> dict:
     pairs = spec["batch_pairs"]
     tokens = 2 * pairs * (spec["prompt_len"] + spec["completion_len"])
     n = runs[0]["matmul_params"]
-    flops = _flops_factor(variant, spec) * n * tokens
+    flops = FLOPS_FACTOR[variant] * n * tokens
     peak = C.median([r["peak_memory_bytes"] for r in runs])
     setup = C.median([r["setup_memory_bytes"] for r in runs])
     out = {
         "s_per_step": seconds, "s_per_step_min": min(pooled), "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
         "peak_memory_bytes": peak, "setup_memory_bytes": setup, "step_memory_bytes": peak - setup,
         "forwards_per_step": runs[0]["forwards_per_step"], "model_flops_per_step": flops,
-        "model_flops_per_token": f"{_flops_factor(variant, spec)}N", "achieved_tflops": flops / seconds / 1e12,
+        "model_flops_per_token": f"{FLOPS_FACTOR[variant]}N", "achieved_tflops": flops / seconds / 1e12,
         "step_seconds_per_run": [r["step_seconds"] for r in runs],
     }
     peak_flops = C.peak_flops(C.resolve_device(spec["device"]), C.resolve_dtype(spec["dtype"], C.resolve_device(
@@ -234,23 +244,37 @@ def ratios(r: dict) -> dict:
         "ofs_over_dpo_step_memory": ofs["step_memory_bytes"] / max(1, dpo["step_memory_bytes"]),
         "dpo_ours_over_trl_step_memory": dpo["step_memory_bytes"] / max(1, trl["step_memory_bytes"]),
     }
+    for variant, key in MEMORY_VARIANTS.items():  # the memory-saving ways against the same targets
+        if variant in r:
+            v = r[variant]
+            values.update({
+                f"ofs_{key}_over_trl_time": v["s_per_step"] / trl["s_per_step"],
+                f"ofs_{key}_over_dpo_time": v["s_per_step"] / dpo["s_per_step"],
+                f"ofs_{key}_over_dpo_memory": v["peak_memory_bytes"] / dpo["peak_memory_bytes"],
+                f"ofs_{key}_over_dpo_step_memory": v["step_memory_bytes"] / max(1, dpo["step_memory_bytes"]),
+            })
     return values
 
 
 def min_time_ratios(r: dict) -> dict:
     """The time ratios on each variant's fastest step: less sensitive to other load on a shared machine."""
-    trl, dpo, ofs = (r[v]["s_per_step_min"] for v in VARIANTS)
-    return {"dpo_ours_over_trl_time": dpo / trl, "ofs_over_trl_time": ofs / trl, "ofs_over_dpo_time": ofs / dpo}
+    fastest = {v: r[v]["s_per_step_min"] for v in r}
+    values = {"dpo_ours_over_trl_time": fastest["dpo"] / fastest["trl"],
+              "ofs_over_trl_time": fastest["ofs-dpo"] / fastest["trl"],
+              "ofs_over_dpo_time": fastest["ofs-dpo"] / fastest["dpo"]}
+    for variant, key in MEMORY_VARIANTS.items():
+        if variant in fastest:
+            values[f"ofs_{key}_over_dpo_time"] = fastest[variant] / fastest["dpo"]
+    return values
 
 
 def table(report: dict) -> str:
     mib = 2**20
-    lines = ["variant  | s/step  | min s   | pairs/s | tokens/s | peak MiB | step MiB | fwd/step | TFLOP/s | MFU",
-             "---------|---------|---------|---------|----------|----------|----------|----------|---------|------"]
-    for v in VARIANTS:
-        r = report["results"][v]
+    lines = ["variant            | s/step  | min s   | pairs/s | tokens/s | peak MiB | step MiB | fwd/step | TFLOP/s | MFU",
+             "-------------------|---------|---------|---------|----------|----------|----------|----------|---------|------"]
+    for v, r in report["results"].items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(f"{v:<8} | {r['s_per_step']:7.3f} | {r['s_per_step_min']:7.3f} | {r['pairs_per_s']:7.2f} | {r['tokens_per_s']:8.0f} | "
+        lines.append(f"{v:<18} | {r['s_per_step']:7.3f} | {r['s_per_step_min']:7.3f} | {r['pairs_per_s']:7.2f} | {r['tokens_per_s']:8.0f} | "
                      f"{r['peak_memory_bytes'] / mib:8.0f} | {r['step_memory_bytes'] / mib:8.0f} | "
                      f"{r['forwards_per_step']:8.1f} | {r['achieved_tflops']:7.3f} | {mfu}")
     ref = report["results"]["dpo"]["reference"]
@@ -280,8 +304,8 @@ def parse(argv=None):
     p.add_argument("--completion-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; alpha = 2r")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--module-passes", choices=("joint", "sequential"), default="joint",
-                   help="ofs-dpo's --module-passes: sequential trades 2N more FLOPs per token for dpo-like memory")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (trl, dpo and ofs-dpo are always run)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the three variants")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -299,21 +323,27 @@ def main(argv=None) -> dict | None:
         print(MARKER + json.dumps(worker(args.worker, json.loads(args.spec))), flush=True)
         return None
     spec = {k: getattr(args, k) for k in ("shape", "device", "dtype", "steps", "warmup", "batch_pairs", "prompt_len",
-                                          "completion_len", "lora_r", "lora_dropout", "repeats", "module_passes")}
+                                          "completion_len", "lora_r", "lora_dropout", "repeats")}
+    asked = set(args.variants.split(",")) | {"trl", "dpo", "ofs-dpo"}  # the ratios need these three
+    if asked - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(asked - set(VARIANTS)))}")
+    if "ofs-dpo-accum2" in asked and args.batch_pairs % 2:
+        raise SystemExit("--variants ofs-dpo-accum2 needs an even --batch-pairs")
+    variants = [v for v in VARIANTS if v in asked]
     started = time.perf_counter()
-    runs = {v: [] for v in VARIANTS}
+    runs = {v: [] for v in variants}
     for _ in range(args.repeats):
-        for v in VARIANTS:
+        for v in variants:
             runs[v].append(spawn(v, spec))
     first = runs["trl"][0]
     report = {"spec": spec, "command": "python bench/step.py " + " ".join(sys.argv[1:]),
               "hardware": first["hardware"], "versions": first["versions"], "commit": first["commit"],
               "dtype": first["dtype"], "matmul_params": first["matmul_params"],
-              "results": {v: summarise(v, runs[v], spec) for v in VARIANTS}}
+              "results": {v: summarise(v, runs[v], spec) for v in variants}}
     report["ratios"] = ratios(report["results"])
     report["ratios_on_fastest_step"] = min_time_ratios(report["results"])
     report["targets"] = {k: {"target": t, "measured": report["ratios"][k], "met": report["ratios"][k] <= t}
-                         for k, t in TARGETS.items()}
+                         for k, t in TARGETS.items() if k in report["ratios"]}
     report["wall_seconds"] = time.perf_counter() - started
     print(f"{spec['shape']} ({first['matmul_params'] / 1e6:.1f}M matmul params), {first['dtype']}, "
           f"{spec['batch_pairs']} pairs of {spec['prompt_len']}+{spec['completion_len']} tokens, "
