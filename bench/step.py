@@ -1,7 +1,8 @@
 """Steady-state optimiser step: TRL's DPOTrainer vs our `dpo` vs our `ofs-dpo`, same model, batch and LoRA.
 
-`ofs-dpo` runs both module passes: `ofs-dpo` (joint, the default: both modules' graphs alive at one backward) and
-`ofs-dpo-sequential` (`--module-passes sequential`: one graph at a time, one no-grad forward more).
+ofs-dpo runs three ways at the same global batch: `ofs-dpo` (the default: both modules' graphs alive at the one
+backward), `ofs-dpo-sequential` (`--module-passes sequential`: one graph at a time, a no-grad forward more) and
+`ofs-dpo-accum2` (half the micro-batch, two of them per step: the same pairs and gradient); `--variants` picks.
 
     python bench/step.py --quick                                  # CPU, tiny model, well under two minutes
     python bench/step.py --shape 0.5b --device cuda --json out.json  # Qwen2-0.5B shape, bf16, 8 pairs of 256+256
