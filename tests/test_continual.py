@@ -93,3 +93,53 @@ def test_builtin_domains_are_judged_after_every_stage(tiny_model_dir, tmp_path):
     for key in ("judge_score", "win_rate", "kl"):
         assert len(report["matrix"][key]) == 2 and all(v is not None for row in report["matrix"][key] for v in row)
     assert "cl/avg_judge_score" in report and set(report["cl/forgetting_judge"]) == {"sentiment"}
+
+
+class PowerCut(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["cofs-dpo", "lora-merge"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, method):
+    """Stage 2 of 3 dies after its first checkpoint; --resume reads stage 1, resumes stage 2, runs stage 3."""
+    from ofsdpo.config import ConfigError
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great"), "short": ("yes", "well, it depends")}
+    domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+    kw = dict(method=method, save_steps=1, judge_prompts=2, judge_max_new_tokens=4)
+    _, whole = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "whole"), **kw)
+
+    step, trained = OFSDPOTrainer._training_step, []
+
+    def dies_in_stage_2(self, indices):
+        if self.output_dir.name.startswith("2-") and self.step == 1:
+            raise PowerCut
+        return step(self, indices)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_training_step", dies_in_stage_2)
+    with pytest.raises(PowerCut):
+        run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "cut"), **kw)
+    monkeypatch.setattr(OFSDPOTrainer, "_training_step", step)
+    train = OFSDPOTrainer.train
+
+    def counted(self):
+        trained.append((self.output_dir.name, self.config.resume))
+        return train(self)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    with pytest.raises(ConfigError, match="other options.*lr"):  # not the same run
+        run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "cut"), resume=True, lr=1e-3, **kw)
+    _, resumed = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "cut"), resume=True, **kw)
+
+    assert trained == [("2-critic", True), ("3-short", False)]  # stage 1 read back, not retrained
+    assert resumed["lambdas"] == whole["lambdas"] and resumed["stages"] == whole["stages"]
+    for key, rows in whole["matrix"].items():
+        for got, expected in zip(resumed["matrix"][key], rows, strict=True):  # None: a domain with no judge
+            assert [v is None for v in got] == [v is None for v in expected], key
+            assert [v for v in got if v is not None] == pytest.approx([v for v in expected if v is not None],
+                                                                      rel=1e-5, abs=1e-6), key
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)

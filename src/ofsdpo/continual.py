@@ -10,6 +10,11 @@ pairs, and add `memory_size` held-out pairs to the memory (never trained on). Th
 - `dpo-replay`: sequential DPO whose stream mixes in `memory_size` training pairs of every earlier domain.
 - `lora-merge`: a fresh DPO LoRA per domain, merged with peft's `add_weighted_adapter(..., "cat")` (the exact
                 Σ ΔW/k), equal weights.
+
+Resuming (`--resume`): every finished stage leaves `domains/<k>-<name>/stage/` (its report rows, the served module,
+the kept module, the combination weights and the reference's judged samples), written last-file-atomically; a
+resumed run reads those instead of retraining, and the interrupted stage resumes from its own newest checkpoint
+(or restarts, if it had none): the report and the served module are those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .checkpoint import list_checkpoints
 from .combine import combine_delta, combine_params, recursive_weights, search_lambda
 from .config import ConfigError, OFSDPOConfig, _help
 from .data import DataError, PreferenceData, load_preference_data
@@ -101,9 +108,6 @@ class ContinualConfig(OFSDPOConfig):
         names = [s.name for s in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"--domain names must be unique (got {', '.join(names)}).")
-        if self.resume:
-            raise ConfigError("--resume is not supported by `continual` yet: rerun it (each stage's checkpoints are "
-                              "kept in domains/<k>-<name>/checkpoints).")
         if self.memory_size < 1:
             raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
         if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
@@ -175,9 +179,11 @@ class ContinualRunner:
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         held = [m for m in CONTINUAL_MARKERS if (self.output_dir / m).exists()]
-        if held and not cfg.overwrite:
+        if held and not (cfg.overwrite or cfg.resume):
             raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
-                              "pass --overwrite to replace it.")
+                              "pass --resume to continue it or --overwrite to replace it.")
+        if cfg.resume:
+            self._check_resumable()
         self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
         self.device = self.processes.device or resolve_device(cfg.device)
         if model is None or isinstance(model, (str, Path)):
@@ -221,7 +227,7 @@ class ContinualRunner:
         cfg, out, main = self.config, self.output_dir, self.processes.is_main
         if main:  # only the main process writes; the others compute the same combinations
             out.mkdir(parents=True, exist_ok=True)
-            for marker in CONTINUAL_MARKERS:  # --overwrite was checked in __init__
+            for marker in CONTINUAL_MARKERS if not cfg.resume else ():  # --overwrite was checked in __init__
                 path = out / marker
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             cfg.save_yaml(out / "config.yaml")
@@ -230,6 +236,19 @@ class ContinualRunner:
         matrix = {"loss": [], "accuracy": []}
         base = self.base
         for k, domain in enumerate(self.domains):
+            finished = self._load_stage(k) if cfg.resume else None
+            if finished is not None:  # --resume: this stage ended before the interruption
+                stage, rows, kept_state, served, served_lora, weights = finished
+                if kept_state is not None:
+                    kept.append(kept_state)
+                if cfg.method == "cofs-dpo":
+                    init_state = served if served_lora.r == cfg.lora_r else kept[-1]
+                elif cfg.method != "lora-merge":
+                    init_state = served
+                for key, row in rows.items():
+                    matrix.setdefault(key, []).append(row)
+                stages.append(stage)
+                continue
             trainer = self._stage_trainer(k, domain, base)
             if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
@@ -260,6 +279,9 @@ class ContinualRunner:
                 for key in ("judge_score", "win_rate", "kl"):
                     matrix.setdefault(key, []).append([j.get(key) for j in judged])
             stages.append(stage)
+            self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
+                             kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
+                             weights)
             base = model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
         report = self._report(stages, matrix)
         if main:
@@ -271,12 +293,66 @@ class ContinualRunner:
         self.processes.barrier()
         return report
 
+    # --- resuming ----------------------------------------------------------------------------------------------------
+    def _stage_dir(self, k: int) -> Path:
+        return self.output_dir / "domains" / f"{k + 1}-{self.domains[k].name}"
+
+    def _check_resumable(self) -> None:
+        """--resume continues the run in --output-dir only if it is the same run: same options but for how it runs."""
+        saved_path = self.output_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise ConfigError(f"--resume: {self.output_dir} holds no continual run (no config.yaml).")
+        from .config import read_config_file
+
+        saved = read_config_file(saved_path, ContinualConfig)
+        now = self.config.to_dict()
+        ignored = {"resume", "overwrite", "progress", "device", "output_dir"}
+        changed = sorted(k for k in set(saved) | set(now) if k not in ignored and saved.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(f"--resume: {saved_path} was written with other options ({', '.join(changed)}); "
+                              "resume with the same options, or pass --overwrite to start again.")
+
+    def _save_stage(self, k: int, stage: dict, rows: dict, kept_state, served, served_lora, weights) -> None:
+        """What a resumed run needs of a finished stage; `stage.json` is written last, so it marks completeness."""
+        if self.processes.is_main:
+            folder = self._stage_dir(k) / "stage"
+            if folder.exists():
+                shutil.rmtree(folder)
+            write_adapter(served_lora, served, folder / "served")
+            if kept_state is not None:
+                from safetensors.torch import save_file
+
+                save_file({n: t.detach().contiguous().cpu() for n, t in kept_state.items()}, folder / "kept.safetensors")
+            record = {"stage": stage, "rows": rows, "weights": weights, "reference_scores": self._reference_scores}
+            partial = folder / "stage.json.tmp"
+            partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
+            os.replace(partial, folder / "stage.json")
+        self.processes.barrier()
+
+    def _load_stage(self, k: int):
+        """(stage, rows, kept, served, served LoraConfig, weights) of a finished stage k, or None."""
+        folder = self._stage_dir(k) / "stage"
+        if not (folder / "stage.json").is_file():
+            return None
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        record = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+        served_lora = LoraConfig.from_pretrained(str(folder / "served"))
+        served_lora.inference_mode = False
+        served = load_file(folder / "served" / "adapter_model.safetensors")
+        kept = load_file(folder / "kept.safetensors") if (folder / "kept.safetensors").is_file() else None
+        self._reference_scores.update(record["reference_scores"])  # the base's judged samples: drawn once per run
+        return record["stage"], record["rows"], kept, served, served_lora, record["weights"]
+
     def _stage_trainer(self, k: int, domain: Domain, base) -> OFSDPOTrainer:
         cfg = self.config
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(OFSDPOConfig)}
-        values.update(method=STAGE_METHOD[cfg.method], data=None, eval_data=None, resume=False, overwrite=True,
-                      output_dir=str(self.output_dir / "domains" / f"{k + 1}-{domain.name}"),
-                      max_steps=cfg.max_steps_per_domain, eval_steps=cfg.eval_steps or cfg.chase_interval)
+        folder = self._stage_dir(k)
+        resume = cfg.resume and bool(list_checkpoints(folder / "checkpoints"))  # the interrupted stage, if it saved
+        values.update(method=STAGE_METHOD[cfg.method], data=None, eval_data=None, resume=resume, overwrite=True,
+                      output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
+                      eval_steps=cfg.eval_steps or cfg.chase_interval)
         train = domain.train
         if cfg.method == "dpo-replay" and k > 0:
             train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]

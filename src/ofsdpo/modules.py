@@ -89,7 +89,9 @@ def swap_adapters(model: PeftModel, first: str, second: str, optimizer: torch.op
 
 
 def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    # LoRA never trains the embeddings: without the flag peft looks for the base config to decide (and warns on GGUF)
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tensor]) -> None:
