@@ -1,4 +1,5 @@
-"""Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch."""
+"""Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch,
+with the base replicated (ddp.yaml) or sharded (FSDP2, fsdp.yaml)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from ofsdpo import OFSDPOTrainer
 from ofsdpo.metrics import read_metrics
 
 DDP_CONFIG = Path(__file__).parent.parent / "configs" / "accelerate" / "ddp.yaml"
+FSDP_CONFIG = DDP_CONFIG.with_name("fsdp.yaml")
 TRAIN = ["--method", "ofs-dpo", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
          "--max-length", "64", "--max-prompt-length", "32", "--seed", "0", "--chase-interval", "2",
          "--swap", "params", "--no-progress"]
@@ -27,9 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train") -> subprocess.CompletedProcess:
-    """`accelerate launch` with the shipped DDP config and two processes; without GPUs they use the CPU and gloo."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
@@ -125,6 +127,68 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted two-process FSDP run. 17 pairs, batch 2 per process: the last step has one pair, so process 1
+    has none and runs a stand-in, and so does its share of that round's reference scoring."""
+    from conftest import sentiment_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("fsdp")
+    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(17))
+    out = folder / "two"
+    _launch(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", *TRAIN], config=FSDP_CONFIG)
+    return data, out
+
+
+def test_fsdp_two_processes_equal_one_with_the_same_global_batch(fsdp_run, make_config, tmp_path):
+    data, out = fsdp_run
+    single = OFSDPOTrainer(config=make_config(
+        data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
+        chase_interval=2, swap="params"))
+    summary = single.train()
+    two = json.loads((out / "summary.json").read_text())
+    assert two["sharded_base"] is True and two["num_processes"] == 2 and summary["sharded_base"] is False
+    _assert_close(_adapters(out), _adapters(tmp_path / "one"))
+    rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == [4, 8, 12, 16, 17]
+    assert [r["num_tokens"] for r in rows_two] == [r["num_tokens"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one):
+        assert a["chase/leader"] == b["chase/leader"] and a["chase/swaps"] == b["chase/swaps"]
+        assert a["fast/loss"] == pytest.approx(b["fast/loss"], rel=1e-4)
+        assert a["slow/grad_norm"] == pytest.approx(b["slow/grad_norm"], rel=1e-4)
+    assert two["reference_pairs_computed"] == summary["reference_pairs_computed"] == 17
+    assert two["module_scores"] == pytest.approx(summary["module_scores"], rel=1e-4)
+    checkpoint = load_file(out / "checkpoints" / "checkpoint-5" / "adapter-fast.safetensors")
+    torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
+
+
+def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
+    data, whole = fsdp_run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(whole, crashed)
+    for path in crashed.iterdir():  # a crash after step 2, as in the replicated test
+        if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in (crashed / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-")[1]) > 2:
+            shutil.rmtree(checkpoint)
+    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", "--resume", *TRAIN], config=FSDP_CONFIG)
+    _assert_close(_adapters(crashed), _adapters(whole))
+    assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_micro_batches_is_the_busiest_process_count():
+    from ofsdpo.distributed import Processes
+
+    processes = Processes()
+    processes.count = 2
+    assert processes.micro_batches([16], batch_size=2) == 1  # process 0 has [16], process 1 nothing
+    assert processes.micro_batches(list(range(10)), batch_size=2) == 3  # [0, 1] [4, 5] [8] and [2, 3] [6, 7] [9]
+    assert processes.micro_batches(list(range(6)), batch_size=4) == 1  # [0, 1, 2] and [3, 4, 5]
+
+
 def test_shard_splits_each_global_micro_batch_in_process_order():
     from ofsdpo.distributed import Processes
 
@@ -137,10 +201,17 @@ def test_shard_splits_each_global_micro_batch_in_process_order():
     assert shards == [[0, 1, 4, 5, 8], [2, 3, 6, 7, 9]]
 
 
-def test_fsdp_and_deepspeed_launches_are_refused_clearly(monkeypatch):
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+])
+def test_unsupported_launches_are_refused_clearly(monkeypatch, env, message):
     from ofsdpo import ConfigError
     from ofsdpo.distributed import Processes
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP is not supported"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the refusal comes before any process group is set up
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
         Processes()
