@@ -29,13 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG) -> subprocess.CompletedProcess:
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG,
+            succeed: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) is succeed, done.stderr[-3000:]
     return done
 
 
@@ -103,8 +104,10 @@ def _model_arg(run_dir) -> str:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
 
 
-def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
-    """COFS-DPO over two domains with two processes serves the same combination as one process."""
+@pytest.mark.parametrize("config", [DDP_CONFIG, FSDP_CONFIG], ids=["replicated", "fsdp"])
+def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
+    """COFS-DPO over two domains with two processes serves the same combination as one process (under FSDP, the
+    second domain's modules go onto the base the first one sharded)."""
     from conftest import write_jsonl
     from ofsdpo.continual import ContinualConfig, ContinualRunner
 
@@ -117,10 +120,12 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     two = tmp_path / "two"
     _launch(["--model", str(tiny_model_dir), *[a for d in domains for a in ("--domain", d)], "--output-dir",
-             str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual")
+             str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual", config=config)
     one = tmp_path / "one"
     report = ContinualRunner(ContinualConfig(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
                                              batch_size=4, progress=False, regret=False, **common)).run()
+    stage = json.loads((two / "domains" / "2-short" / "summary.json").read_text())
+    assert stage["sharded_base"] is (config == FSDP_CONFIG)
     assert json.loads((two / "report.json").read_text())["lambdas"] == report["lambdas"]
     a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     for key in b:
@@ -177,6 +182,18 @@ def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
              "--save-steps", "1", "--save-total-limit", "10", "--resume", *TRAIN], config=FSDP_CONFIG)
     _assert_close(_adapters(crashed), _adapters(whole))
     assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_fsdp_refuses_judging_by_sampling(tiny_model_dir, tmp_path):
+    """Sampling runs a different number of forwards on each process: FSDP's all-gathers would hang."""
+    from conftest import write_jsonl
+
+    domain = write_jsonl(tmp_path / "pos.jsonl", [{"prompt": f"Item {i}: it is", "chosen": " great.",
+                                                   "rejected": " awful."} for i in range(8)])
+    done = _launch(["--model", str(tiny_model_dir), "--domain", f"pos={domain}", "--output-dir", str(tmp_path / "o"),
+                    "--judge-prompts", "2", "--heldout-size", "2", "--memory-size", "1", "--no-progress"],
+                   command="continual", config=FSDP_CONFIG, succeed=False)
+    assert "--judge-prompts is not supported under FSDP" in done.stderr
 
 
 def test_micro_batches_is_the_busiest_process_count():
