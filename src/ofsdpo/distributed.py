@@ -113,8 +113,17 @@ class Processes:
 
         The root FSDP module is the backbone (what ofsdpo.logprobs and generation call), holding no parameter of its
         own: FSDP takes the first module to run forward as the root, and it must contain every sharded layer."""
+        import inspect
+
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        try:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(f"FSDP needs a torch whose fully_shard takes ignored_params (2.7 or later); this is "
+                              f"torch {torch.__version__}. Upgrade torch, or launch with configs/accelerate/ddp.yaml.")
 
         from .logprobs import _causal_lm_parts
 
