@@ -1,4 +1,5 @@
-"""Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch."""
+"""Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch,
+with the base replicated (ddp.yaml) or sharded (FSDP2, fsdp.yaml)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from ofsdpo import OFSDPOTrainer
 from ofsdpo.metrics import read_metrics
 
 DDP_CONFIG = Path(__file__).parent.parent / "configs" / "accelerate" / "ddp.yaml"
+FSDP_CONFIG = DDP_CONFIG.with_name("fsdp.yaml")
 TRAIN = ["--method", "ofs-dpo", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
          "--max-length", "64", "--max-prompt-length", "32", "--seed", "0", "--chase-interval", "2",
          "--swap", "params", "--no-progress"]
@@ -27,13 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train") -> subprocess.CompletedProcess:
-    """`accelerate launch` with the shipped DDP config and two processes; without GPUs they use the CPU and gloo."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG,
+            succeed: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) is succeed, done.stderr[-3000:]
     return done
 
 
@@ -101,8 +104,10 @@ def _model_arg(run_dir) -> str:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
 
 
-def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
-    """COFS-DPO over two domains with two processes serves the same combination as one process."""
+@pytest.mark.parametrize("config", [DDP_CONFIG, FSDP_CONFIG], ids=["replicated", "fsdp"])
+def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
+    """COFS-DPO over two domains with two processes serves the same combination as one process (under FSDP, the
+    second domain's modules go onto the base the first one sharded)."""
     from conftest import write_jsonl
     from ofsdpo.continual import ContinualConfig, ContinualRunner
 
@@ -115,14 +120,90 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     two = tmp_path / "two"
     _launch(["--model", str(tiny_model_dir), *[a for d in domains for a in ("--domain", d)], "--output-dir",
-             str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual")
+             str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual", config=config)
     one = tmp_path / "one"
     report = ContinualRunner(ContinualConfig(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
                                              batch_size=4, progress=False, regret=False, **common)).run()
+    stage = json.loads((two / "domains" / "2-short" / "summary.json").read_text())
+    assert stage["sharded_base"] is (config == FSDP_CONFIG)
     assert json.loads((two / "report.json").read_text())["lambdas"] == report["lambdas"]
     a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted two-process FSDP run. 17 pairs, batch 2 per process: the last step has one pair, so process 1
+    has none and runs a stand-in, and so does its share of that round's reference scoring."""
+    from conftest import sentiment_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("fsdp")
+    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(17))
+    out = folder / "two"
+    _launch(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", *TRAIN], config=FSDP_CONFIG)
+    return data, out
+
+
+def test_fsdp_two_processes_equal_one_with_the_same_global_batch(fsdp_run, make_config, tmp_path):
+    data, out = fsdp_run
+    single = OFSDPOTrainer(config=make_config(
+        data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
+        chase_interval=2, swap="params"))
+    summary = single.train()
+    two = json.loads((out / "summary.json").read_text())
+    assert two["sharded_base"] is True and two["num_processes"] == 2 and summary["sharded_base"] is False
+    _assert_close(_adapters(out), _adapters(tmp_path / "one"))
+    rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == [4, 8, 12, 16, 17]
+    assert [r["num_tokens"] for r in rows_two] == [r["num_tokens"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one):
+        assert a["chase/leader"] == b["chase/leader"] and a["chase/swaps"] == b["chase/swaps"]
+        assert a["fast/loss"] == pytest.approx(b["fast/loss"], rel=1e-4)
+        assert a["slow/grad_norm"] == pytest.approx(b["slow/grad_norm"], rel=1e-4)
+    assert two["reference_pairs_computed"] == summary["reference_pairs_computed"] == 17
+    assert two["module_scores"] == pytest.approx(summary["module_scores"], rel=1e-4)
+    checkpoint = load_file(out / "checkpoints" / "checkpoint-5" / "adapter-fast.safetensors")
+    torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
+
+
+def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
+    data, whole = fsdp_run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(whole, crashed)
+    for path in crashed.iterdir():  # a crash after step 2, as in the replicated test
+        if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in (crashed / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-")[1]) > 2:
+            shutil.rmtree(checkpoint)
+    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", "--resume", *TRAIN], config=FSDP_CONFIG)
+    _assert_close(_adapters(crashed), _adapters(whole))
+    assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_fsdp_refuses_judging_by_sampling(tiny_model_dir, tmp_path):
+    """Sampling runs a different number of forwards on each process: FSDP's all-gathers would hang."""
+    from conftest import write_jsonl
+
+    domain = write_jsonl(tmp_path / "pos.jsonl", [{"prompt": f"Item {i}: it is", "chosen": " great.",
+                                                   "rejected": " awful."} for i in range(8)])
+    done = _launch(["--model", str(tiny_model_dir), "--domain", f"pos={domain}", "--output-dir", str(tmp_path / "o"),
+                    "--judge-prompts", "2", "--heldout-size", "2", "--memory-size", "1", "--no-progress"],
+                   command="continual", config=FSDP_CONFIG, succeed=False)
+    assert "--judge-prompts is not supported under FSDP" in done.stderr
+
+
+def test_micro_batches_is_the_busiest_process_count():
+    from ofsdpo.distributed import Processes
+
+    processes = Processes()
+    processes.count = 2
+    assert processes.micro_batches([16], batch_size=2) == 1  # process 0 has [16], process 1 nothing
+    assert processes.micro_batches(list(range(10)), batch_size=2) == 3  # [0, 1] [4, 5] [8] and [2, 3] [6, 7] [9]
+    assert processes.micro_batches(list(range(6)), batch_size=4) == 1  # [0, 1, 2] and [3, 4, 5]
 
 
 def test_shard_splits_each_global_micro_batch_in_process_order():
@@ -137,10 +218,17 @@ def test_shard_splits_each_global_micro_batch_in_process_order():
     assert shards == [[0, 1, 4, 5, 8], [2, 3, 6, 7, 9]]
 
 
-def test_fsdp_and_deepspeed_launches_are_refused_clearly(monkeypatch):
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+])
+def test_unsupported_launches_are_refused_clearly(monkeypatch, env, message):
     from ofsdpo import ConfigError
     from ofsdpo.distributed import Processes
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP is not supported"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the refusal comes before any process group is set up
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
         Processes()

@@ -6,6 +6,16 @@ matrices (a few MB), so after the backward we sum their gradients across process
 all-reduce per step. Every process then takes the same optimiser step and the replicas never drift, so the run is
 the same as one process with the same global batch (the multi-process test checks this).
 
+FSDP (`distributed_type: FSDP`, `fsdp_version: 2`, configs/accelerate/fsdp.yaml) shards the frozen base instead of
+replicating it: `fully_shard` on each decoder layer, so a process holds 1/N of the layers' weights and all-gathers
+one layer at a time inside its forward and backward. The LoRA parameters are left out of FSDP (`ignored_params`):
+they stay plain replicated tensors, so their gradients, the flat all-reduce, clipping, the optimiser, swaps and
+checkpoints are exactly those of the replicated case (and FSDP's gradient averaging never touches them). The
+embeddings, final norm and LM head stay replicated too: the chunked LM head (ofsdpo.logprobs) uses the head's
+weight outside any module forward, where a sharded weight would be a DTensor. What FSDP adds is a constraint:
+the all-gathers are collectives, so every process must run the same number of forwards and backwards
+(`micro_batches`; the trainer pads a process's short share with zero-weight stand-in pairs).
+
 accelerate's `PartialState` reads the launcher's environment, picks the device (`cuda:<local rank>`, or the CPU
 with gloo) and sets up the process group; one process without a launcher is the plain single-process case.
 """
@@ -20,15 +30,46 @@ import torch.distributed as dist
 from .config import ConfigError
 
 
+def _env_flag(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).lower() == "true"
+
+
+def _check_fsdp_settings() -> None:
+    """Refuse the accelerate FSDP settings that ofsdpo does not implement, naming the key to change."""
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config's "
+                          "fsdp_config (as configs/accelerate/fsdp.yaml does).")
+    for flag, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                      ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+        if _env_flag(flag):
+            raise ConfigError(f"FSDP: `{key}: true` is not supported by ofsdpo; set it to false.")
+
+
+def _replicas_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer that FSDP does not manage (not a DTensor) to `device`, in place: the
+    optimiser, peft and FSDP keep references to the parameter objects, so only their data moves."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not isinstance(param, DTensor) and param.device != device:
+                param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and not isinstance(buffer, DTensor) and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
 class Processes:
     """This process's place among the launched processes, and the few collectives the trainer needs."""
 
     def __init__(self, device: str = "auto"):
-        for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(flag, "false").lower() == "true":  # refuse rather than silently replicate the model
-                raise ConfigError(f"{what} is not supported yet: ofsdpo trains its LoRA modules data-parallel, each "
-                                  "process holding the whole base. Launch with configs/accelerate/ddp.yaml.")
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):  # refuse rather than silently replicate the model
+            raise ConfigError("DeepSpeed is not supported: launch with configs/accelerate/fsdp.yaml to shard the base "
+                              "(FSDP2), or configs/accelerate/ddp.yaml to replicate it.")
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.fsdp = launched and _env_flag("ACCELERATE_USE_FSDP")  # one process has nothing to shard across
+        if self.fsdp:
+            _check_fsdp_settings()
         if launched:
             from accelerate import PartialState
 
@@ -45,18 +86,73 @@ class Processes:
     def distributed(self) -> bool:
         return self.count > 1
 
-    def shard(self, indices: list[int], batch_size: int) -> list[int]:
-        """This process's pairs of one optimiser step: in each global micro-batch of `batch_size x count` pairs,
-        the `index`-th slice of `batch_size`. One process with batch `batch_size x count` sees the same pairs."""
+    def shard(self, indices: list[int], batch_size: int, index: int | None = None) -> list[int]:
+        """This process's pairs of one optimiser step (or process `index`'s): in each global micro-batch of
+        `batch_size x count` pairs, the `index`-th slice of `batch_size`. One process with batch
+        `batch_size x count` sees the same pairs."""
         if not self.distributed:
             return indices
+        index = self.index if index is None else index
         width = batch_size * self.count
         mine = []
         for start in range(0, len(indices), width):
             micro = indices[start:start + width]
             share = -(-len(micro) // self.count)  # ceil: a short last micro-batch is still split across processes
-            mine += micro[self.index * share:(self.index + 1) * share]
+            mine += micro[index * share:(index + 1) * share]
         return mine
+
+    def micro_batches(self, indices: list[int], batch_size: int) -> int:
+        """The most micro-batches of `batch_size` that any process's `shard` of `indices` makes. Under FSDP every
+        process runs this many; it needs no communication, each share being a function of the process index."""
+        return max(-(-len(self.shard(indices, batch_size, i)) // batch_size) for i in range(self.count))
+
+    def shard_model(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard the frozen weights of each decoder layer across the processes, then put what stays replicated
+        (LoRA, embeddings, final norm, LM head, buffers) on this process's device. The model comes in on the CPU, so
+        no process ever holds the whole base on its accelerator: `fully_shard` moves one layer at a time.
+
+        The root FSDP module is the backbone (what ofsdpo.logprobs and generation call), holding no parameter of its
+        own: FSDP takes the first module to run forward as the root, and it must contain every sharded layer."""
+        import inspect
+
+        from torch.distributed.device_mesh import init_device_mesh
+
+        try:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(f"FSDP needs a torch whose fully_shard takes ignored_params (2.7 or later); this is "
+                              f"torch {torch.__version__}. Upgrade torch, or launch with configs/accelerate/ddp.yaml.")
+
+        from .logprobs import _causal_lm_parts
+
+        parts = _causal_lm_parts(model)
+        if parts is not None and isinstance(parts[0], FSDPModule):  # a continual stage: the previous one sharded it
+            _replicas_to(model, self.device)  # (its new LoRA modules are not FSDP's: replicated, as wanted)
+            return
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
+        layers, inside = [], set()  # the outermost modules of those classes (a layer may list its own blocks too)
+        for module in parts[0].modules() if parts else []:
+            if type(module).__name__ in layer_classes and id(module) not in inside:
+                layers.append(module)
+                inside.update(id(m) for m in module.modules())
+        if not layers:
+            raise ConfigError(f"FSDP: found no decoder layers to shard in {type(lm).__name__} (its _no_split_modules "
+                              f"is {sorted(layer_classes)}). Launch with configs/accelerate/ddp.yaml instead.")
+        backbone = parts[0]
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        mesh = init_device_mesh(self.device.type, (self.count,))
+        trained = {p for p in model.parameters() if p.requires_grad}  # LoRA: replicated, see the module docstring
+        reshard = _env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard,
+                        ignored_params=trained & set(layer.parameters()))
+        in_layers = {p for layer in layers for p in layer.parameters()}
+        fully_shard(backbone, mesh=mesh, ignored_params=set(backbone.parameters()) - in_layers | trained)
+        _replicas_to(model, self.device)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over processes (a copy; the input is left as it was)."""

@@ -66,14 +66,16 @@ def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, st
     return embedded_model() if name is None else (name, gguf_file)
 
 
-def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False):
+def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False,
+               dtype_device: torch.device | None = None):
+    """The model on `device`, in `dtype` (`auto`: what `dtype_device`, default `device`, computes best in)."""
     from transformers import AutoModelForCausalLM
 
     # weights only from safetensors (or GGUF): a pickled .bin checkpoint could run code when loaded
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs
+            name, dtype=resolve_dtype(dtype, dtype_device or device), trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as err:
         flag = f"--model {name}" + (f" --gguf-file {gguf_file}" if gguf_file else "")
@@ -82,8 +84,8 @@ def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.devic
 
 
 def load_model_and_tokenizer(name: str | None, gguf_file: str | None, dtype: str, device: torch.device,
-                             trust_remote_code: bool = False):
+                             trust_remote_code: bool = False, dtype_device: torch.device | None = None):
     """Returns (model on `device`, tokenizer, name, gguf_file)."""
     name, gguf_file = resolve_model_name(name, gguf_file)
     tokenizer = load_tokenizer(name, gguf_file, trust_remote_code)
-    return load_model(name, gguf_file, dtype, device, trust_remote_code), tokenizer, name, gguf_file
+    return load_model(name, gguf_file, dtype, device, trust_remote_code, dtype_device), tokenizer, name, gguf_file

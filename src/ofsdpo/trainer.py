@@ -42,7 +42,8 @@ from .losses import chase_loss, dpo_loss
 from .metrics import MetricsLogger
 from .models import load_model, load_tokenizer, resolve_device, resolve_model_name
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, adapter_state, attach_adapters,
-                      load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
+                      load_adapter_state, lora_config, reference_mode, save_adapter, swap_adapters,
+                      write_adapter)
 from .reference import ReferenceCache
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
@@ -130,14 +131,18 @@ class OFSDPOTrainer:
         else:
             self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
         self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
+        fsdp = self.processes.fsdp  # the base stays on the CPU until sharded: FSDP moves one layer at a time
         if model is None or isinstance(model, (str, Path)):
-            base = load_model(self.model_name, self.gguf_file, cfg.dtype, self.device, cfg.trust_remote_code)
+            base = load_model(self.model_name, self.gguf_file, cfg.dtype, torch.device("cpu") if fsdp else self.device,
+                              cfg.trust_remote_code, dtype_device=self.device)
         else:
-            base = model.to(self.device)
+            base = model if fsdp else model.to(self.device)
         self.names = OFS_ADAPTERS if cfg.method == "ofs-dpo" else DPO_ADAPTERS
         set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
         self.model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                        cfg.target_module_list), self.names)
+        if fsdp:
+            self.processes.shard_model(self.model)
         self.model.train()
         self.processes.broadcast([p for n in self.names for p in adapter_parameters(self.model, n)])
         if self.processes.distributed:  # each process its own dropout masks, as one big batch would have
@@ -285,6 +290,11 @@ class OFSDPOTrainer:
         mine = todo[processes.index::processes.count]
         self.reference.fill(self.model, self.data.pairs, mine, self.tokenizer.pad_token_id, self._eval_batch_size,
                             cfg.logprob_chunk_size)
+        if processes.fsdp and todo:  # FSDP all-gathers inside forwards: as many as process 0 (the largest share)
+            batches = [math.ceil(len(share) / self._eval_batch_size) for share in (todo[0::processes.count], mine)]
+            with reference_mode(self.model):
+                for _ in range(batches[0] - batches[1]):  # stand-ins, their values unused
+                    concatenated_forward(self.model, self._batch(self.data, todo[:1]), cfg.logprob_chunk_size)
         if processes.distributed and todo:
             scored = torch.stack([self.reference.chosen[todo], self.reference.rejected[todo]]).nan_to_num(0.0)
             scored = processes.sum(scored)  # each pair was scored by exactly one process
@@ -296,18 +306,24 @@ class OFSDPOTrainer:
         # every process holds every statistic, in the same order, even with no pairs this step: they are summed
         sums = {key: torch.zeros((), device=self.device) for key in self._stat_keys()}
         mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
-        for start in range(0, len(mine), cfg.batch_size):
-            batch = self._batch(self.data, mine[start:start + cfg.batch_size])
+        parts = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
+        if self.processes.fsdp:  # FSDP all-gathers inside forward and backward: every process runs as many as the
+            parts += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(parts))  # busiest one
+        for part in parts:  # an empty part runs a stand-in pair: its loss / inf is 0, and so is its gradient
+            batch = self._batch(self.data, part or indices[:1])
+            divisor = len(indices) if part else math.inf  # mean over the step's pairs: accumulation-invariant
             ref_chosen, ref_rejected = self.reference.get(batch["index"], self.device)
             if cfg.method == "ofs-dpo" and cfg.module_passes == "sequential":
-                total, stats = self._sequential_passes(batch, ref_chosen, ref_rejected, len(indices))
+                total, stats = self._sequential_passes(batch, ref_chosen, ref_rejected, divisor)
             else:
                 logps = {}
                 for name in self.names:
                     activate(self.model, name, self.names)
                     logps[name] = concatenated_forward(self.model, batch, cfg.logprob_chunk_size)
                 total, stats = self._objective(logps, ref_chosen, ref_rejected)
-                (total / len(indices)).backward()  # mean over the step's pairs: accumulation-invariant
+                (total / divisor).backward()
+            if not part:
+                continue
             if cfg.method == "ofs-dpo":
                 sums["loss"] = sums["loss"] + total.detach()
             for key, value in stats.items():
@@ -337,7 +353,7 @@ class OFSDPOTrainer:
         row["num_tokens"], row["pairs"], row["finite"] = tokens, len(indices), finite
         return row
 
-    def _sequential_passes(self, batch: dict, ref_chosen, ref_rejected, step_pairs: int):
+    def _sequential_passes(self, batch: dict, ref_chosen, ref_rejected, divisor: float):
         """`--module-passes sequential`: the same gradients with one module's graph alive at a time. The modules
         meet only through each other's detached log-probs (the stop-gradients of SPEC §3), so each module's
         objective can be differentiated on its own once the other's values are known."""
@@ -352,11 +368,11 @@ class OFSDPOTrainer:
         first_logps = forward(first)
         total, _ = self._objective({first: first_logps, second: tuple(v.detach() for v in second_values)},
                                    ref_chosen, ref_rejected)
-        (total / step_pairs).backward()  # only `first` is live: its part of the objective
+        (total / divisor).backward()  # only `first` is live: its part of the objective
         first_values = tuple(v.detach() for v in first_logps)
         del first_logps, total  # free the first graph before the second is built
         total, stats = self._objective({first: first_values, second: forward(second)}, ref_chosen, ref_rejected)
-        (total / step_pairs).backward()
+        (total / divisor).backward()
         return total, stats
 
     def _stat_keys(self) -> list[str]:
@@ -573,7 +589,7 @@ class OFSDPOTrainer:
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
-            "nonfinite_steps_skipped": self.nonfinite_skipped,
+            "sharded_base": self.processes.fsdp, "nonfinite_steps_skipped": self.nonfinite_skipped,
         }
         if self.on_policy is not None:
             summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
