@@ -51,51 +51,67 @@ def _assert_close(a: dict, b: dict) -> None:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted two-process run (batch 2 per process, 18 pairs: the last step is a short one)."""
+def _run_two_processes(tiny_model_dir, tmp_path_factory, pairs: int, config: Path):
+    """One uninterrupted two-process run, batch 2 per process."""
     from conftest import sentiment_rows, write_jsonl
 
-    folder = tmp_path_factory.mktemp("ddp")
-    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(18))
+    folder = tmp_path_factory.mktemp("two-processes")
+    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(pairs))
     out = folder / "two"
     _launch(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
-             "--save-steps", "1", "--save-total-limit", "10", *TRAIN])
+             "--save-steps", "1", "--save-total-limit", "10", *TRAIN], config=config)
     return data, out
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(two_process_run, make_config, tmp_path):
-    data, out = two_process_run
+def _compare_with_one_process(data, out, make_config, tmp_path, pairs_seen: list[int]) -> tuple[dict, dict]:
+    """The two-process run against one process with batch 4: adapters, stream, chasing and losses."""
     single = OFSDPOTrainer(config=make_config(
         data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
         chase_interval=2, swap="params"))
     summary = single.train()
     _assert_close(_adapters(out), _adapters(tmp_path / "one"))
     rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
-    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == [4, 8, 12, 16, 18]
+    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == pairs_seen
     assert [r["num_tokens"] for r in rows_two] == [r["num_tokens"] for r in rows_one]
     for a, b in zip(rows_two, rows_one):
         assert a["chase/leader"] == b["chase/leader"] and a["chase/swaps"] == b["chase/swaps"]
         assert a["fast/loss"] == pytest.approx(b["fast/loss"], rel=1e-4)
-    two = (out / "summary.json").read_text()
-    assert '"num_processes": 2' in two and f'"reference_pairs_computed": {summary["reference_pairs_computed"]}' in two
+        assert a["slow/grad_norm"] == pytest.approx(b["slow/grad_norm"], rel=1e-4)
+    two = json.loads((out / "summary.json").read_text())
+    assert two["num_processes"] == 2 and two["reference_pairs_computed"] == summary["reference_pairs_computed"]
+    assert two["module_scores"] == pytest.approx(summary["module_scores"], rel=1e-4)
+    return two, summary
 
 
-def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, tmp_path):
-    data, whole = two_process_run
+def _crash_and_resume(data, whole: Path, tmp_path, config: Path) -> None:
+    """A crash after step 2 (later checkpoints and the final outputs never written), then --resume."""
     crashed = tmp_path / "crashed"
     shutil.copytree(whole, crashed)
-    # a crash after step 2: later checkpoints and the final outputs never got written
     for path in crashed.iterdir():
         if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     for checkpoint in (crashed / "checkpoints").iterdir():
         if int(checkpoint.name.split("-")[1]) > 2:
             shutil.rmtree(checkpoint)
-    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2", "--save-steps", "1",
-             "--save-total-limit", "10", "--resume", *TRAIN])
+    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2",
+             "--save-steps", "1", "--save-total-limit", "10", "--resume", *TRAIN], config=config)
     _assert_close(_adapters(crashed), _adapters(whole))
     assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_dir, tmp_path_factory):
+    """Replicated (DDP-like): 18 pairs, so the last step is a short one."""
+    return _run_two_processes(tiny_model_dir, tmp_path_factory, 18, DDP_CONFIG)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(two_process_run, make_config, tmp_path):
+    two, summary = _compare_with_one_process(*two_process_run, make_config, tmp_path, [4, 8, 12, 16, 18])
+    assert two["sharded_base"] is False
+
+
+def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, tmp_path):
+    _crash_and_resume(*two_process_run, tmp_path, DDP_CONFIG)
 
 
 def _model_arg(run_dir) -> str:
@@ -134,54 +150,22 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
 
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted two-process FSDP run. 17 pairs, batch 2 per process: the last step has one pair, so process 1
-    has none and runs a stand-in, and so does its share of that round's reference scoring."""
-    from conftest import sentiment_rows, write_jsonl
-
-    folder = tmp_path_factory.mktemp("fsdp")
-    data = write_jsonl(folder / "pairs.jsonl", sentiment_rows(17))
-    out = folder / "two"
-    _launch(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
-             "--save-steps", "1", "--save-total-limit", "10", *TRAIN], config=FSDP_CONFIG)
-    return data, out
+    """FSDP: 17 pairs, batch 2 per process: the last step has one pair, so process 1 has none and runs a stand-in,
+    and so does its share of that round's reference scoring."""
+    return _run_two_processes(tiny_model_dir, tmp_path_factory, 17, FSDP_CONFIG)
 
 
 def test_fsdp_two_processes_equal_one_with_the_same_global_batch(fsdp_run, make_config, tmp_path):
+    two, summary = _compare_with_one_process(*fsdp_run, make_config, tmp_path, [4, 8, 12, 16, 17])
+    assert two["sharded_base"] is True and summary["sharded_base"] is False
+    assert summary["reference_pairs_computed"] == 17
     data, out = fsdp_run
-    single = OFSDPOTrainer(config=make_config(
-        data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
-        chase_interval=2, swap="params"))
-    summary = single.train()
-    two = json.loads((out / "summary.json").read_text())
-    assert two["sharded_base"] is True and two["num_processes"] == 2 and summary["sharded_base"] is False
-    _assert_close(_adapters(out), _adapters(tmp_path / "one"))
-    rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
-    assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == [4, 8, 12, 16, 17]
-    assert [r["num_tokens"] for r in rows_two] == [r["num_tokens"] for r in rows_one]
-    for a, b in zip(rows_two, rows_one):
-        assert a["chase/leader"] == b["chase/leader"] and a["chase/swaps"] == b["chase/swaps"]
-        assert a["fast/loss"] == pytest.approx(b["fast/loss"], rel=1e-4)
-        assert a["slow/grad_norm"] == pytest.approx(b["slow/grad_norm"], rel=1e-4)
-    assert two["reference_pairs_computed"] == summary["reference_pairs_computed"] == 17
-    assert two["module_scores"] == pytest.approx(summary["module_scores"], rel=1e-4)
     checkpoint = load_file(out / "checkpoints" / "checkpoint-5" / "adapter-fast.safetensors")
     torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
 
 
 def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
-    data, whole = fsdp_run
-    crashed = tmp_path / "crashed"
-    shutil.copytree(whole, crashed)
-    for path in crashed.iterdir():  # a crash after step 2, as in the replicated test
-        if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for checkpoint in (crashed / "checkpoints").iterdir():
-        if int(checkpoint.name.split("-")[1]) > 2:
-            shutil.rmtree(checkpoint)
-    _launch(["--model", _model_arg(whole), "--data", str(data), "--output-dir", str(crashed), "--batch-size", "2",
-             "--save-steps", "1", "--save-total-limit", "10", "--resume", *TRAIN], config=FSDP_CONFIG)
-    _assert_close(_adapters(crashed), _adapters(whole))
-    assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    _crash_and_resume(*fsdp_run, tmp_path, FSDP_CONFIG)
 
 
 def test_fsdp_refuses_judging_by_sampling(tiny_model_dir, tmp_path):
