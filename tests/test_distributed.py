@@ -36,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG,
-            succeed: bool = True) -> subprocess.CompletedProcess:
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG, succeed: bool = True,
+            launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launcher,
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
@@ -119,6 +119,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(two_process_run, mak
 
 def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, tmp_path):
     _crash_and_resume(*two_process_run, tmp_path, DDP_CONFIG)
+
+
+@needs_deepspeed
+def test_zero2_runs_as_plain_data_parallelism(two_process_run, tmp_path):
+    """ZeRO-2 would shard only the LoRA gradients and optimiser state: the run is the replicated one, and says so."""
+    data, replicated = two_process_run
+    out = tmp_path / "zero2"
+    done = _launch(["--model", _model_arg(replicated), "--data", str(data), "--output-dir", str(out), "--batch-size",
+                    "2", "--save-steps", "0", *TRAIN], config=ZERO3_CONFIG, launcher=("--zero_stage", "2"))
+    assert "DeepSpeed ZeRO-2 shards only what is trained" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sharded_base"] is False and summary["zero_stage"] == 2 and summary["base_partition"] is None
+    for name, tensors in _adapters(out).items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(value, _adapters(replicated)[name][key], rtol=0, atol=0)
 
 
 def _model_arg(run_dir) -> str:

@@ -248,7 +248,9 @@ class Processes:
                       "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}}
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        deepspeed.zero.Init(module=backbone, config_dict_or_path=config)  # partitions onto this process's device
+        # partitions onto this process's device, one weight at a time; without DeepSpeed's global replacement of
+        # torch.nn.functional.linear (mem_efficient_linear), which would reach every linear of the process
+        deepspeed.zero.Init(module=backbone, config_dict_or_path=config, mem_efficient_linear=False)
         self._zero_engine, *_ = deepspeed.initialize(model=backbone, config=config)
         self._record_partition(lm)
 

@@ -131,10 +131,6 @@ class OFSDPOTrainer:
         else:
             self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
         self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
-        if self.processes.zero3 and self.on_policy is not None:
-            raise ConfigError("--on-policy is not supported under DeepSpeed ZeRO-3: sampling runs a different number "
-                              "of forwards on each process, which the all-gathers of the partitioned base cannot "
-                              "follow. Launch with configs/accelerate/ddp.yaml.")
         sharded = self.processes.sharded  # the base stays on the CPU until sharded: one layer at a time moves
         if model is None or isinstance(model, (str, Path)):
             base = load_model(self.model_name, self.gguf_file, cfg.dtype,
