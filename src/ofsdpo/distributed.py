@@ -16,6 +16,15 @@ weight outside any module forward, where a sharded weight would be a DTensor. Wh
 the all-gathers are collectives, so every process must run the same number of forwards and backwards
 (`micro_batches`; the trainer pads a process's short share with zero-weight stand-in pairs).
 
+DeepSpeed ZeRO-3 (`distributed_type: DEEPSPEED`, `zero_stage: 3`, configs/accelerate/deepspeed-zero3.yaml) is the
+other way to shard the base: `partition_base` hands the frozen backbone to DeepSpeed before the LoRA modules are
+attached, so every backbone weight (embeddings and final norm included) is partitioned and all-gathered module by
+module inside forward and backward, by an engine that has no optimiser. DeepSpeed never sees a LoRA parameter: as
+under FSDP they stay replicated, with our all-reduce, clipping, optimiser, swaps and checkpoints, and the same
+lockstep constraint holds. A LM head tied to the embeddings is partitioned with them; ofsdpo.logprobs gathers it
+around the chunked head. ZeRO-1/2 would shard only the gradients and optimiser state of what is trained, the few
+MB of LoRA: such a launch runs as the replicated case (with a warning), which computes the same update.
+
 accelerate's `PartialState` reads the launcher's environment, picks the device (`cuda:<local rank>`, or the CPU
 with gloo) and sets up the process group; one process without a launcher is the plain single-process case.
 """
