@@ -31,9 +31,8 @@ with gloo) and sets up the process group; one process without a launcher is the 
 
 from __future__ import annotations
 
-import os
-
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -147,6 +146,7 @@ class Processes:
     @property
     def sharding(self) -> str | None:
         return "fsdp2" if self.fsdp else "zero3" if self.zero3 else None
+
     @property
     def is_main(self) -> bool:
         return self.index == 0
@@ -249,7 +249,6 @@ class Processes:
         import deepspeed
 
         lm.requires_grad_(False)  # frozen, as attach_adapters leaves it: only the LoRA modules train
-
         hidden = getattr(text_config, "hidden_size", 0) or 0
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "zero_optimization": {  # what accelerate's "auto" values give for this hidden size
