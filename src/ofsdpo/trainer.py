@@ -293,7 +293,7 @@ class OFSDPOTrainer:
         mine = todo[processes.index::processes.count]
         self.reference.fill(self.model, self.data.pairs, mine, self.tokenizer.pad_token_id, self._eval_batch_size,
                             cfg.logprob_chunk_size)
-        if processes.sharded and todo:  # the base's all-gathers inside forwards: as many as process 0 (the largest share)
+        if processes.sharded and todo:  # the base's all-gathers: as many forwards as process 0 (the largest share)
             batches = [math.ceil(len(share) / self._eval_batch_size) for share in (todo[0::processes.count], mine)]
             with reference_mode(self.model):
                 for _ in range(batches[0] - batches[1]):  # stand-ins, their values unused
@@ -310,7 +310,7 @@ class OFSDPOTrainer:
         sums = {key: torch.zeros((), device=self.device) for key in self._stat_keys()}
         mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
         parts = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
-        if self.processes.sharded:  # sharded base: all-gathers inside forward and backward: every process runs as many as the
+        if self.processes.sharded:  # all-gathers inside forward and backward: every process runs as many as the
             parts += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(parts))  # busiest one
         for part in parts:  # an empty part runs a stand-in pair: its loss / inf is 0, and so is its gradient
             batch = self._batch(self.data, part or indices[:1])
@@ -593,7 +593,8 @@ class OFSDPOTrainer:
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
             "sharded_base": self.processes.sharded, "sharding": self.processes.sharding,
-            "zero_stage": self.processes.zero_stage, "base_partition": self.processes.base_partition, "nonfinite_steps_skipped": self.nonfinite_skipped,
+            "zero_stage": self.processes.zero_stage, "base_partition": self.processes.base_partition,
+            "nonfinite_steps_skipped": self.nonfinite_skipped,
         }
         if self.on_policy is not None:
             summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
