@@ -171,8 +171,8 @@ class Processes:
         return mine
 
     def micro_batches(self, indices: list[int], batch_size: int) -> int:
-        """The most micro-batches of `batch_size` that any process's `shard` of `indices` makes. With a sharded base every
-        process runs this many; it needs no communication, each share being a function of the process index."""
+        """The most micro-batches of `batch_size` that any process's `shard` of `indices` makes. With a sharded base
+        every process runs this many; it needs no communication, each share being a function of the process index."""
         return max(-(-len(self.shard(indices, batch_size, i)) // batch_size) for i in range(self.count))
 
     def shard_model(self, model: torch.nn.Module) -> None:
