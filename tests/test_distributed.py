@@ -1,5 +1,5 @@
 """Data parallelism: two CPU processes (gloo) under `accelerate launch` equal one process with the same global batch,
-with the base replicated (ddp.yaml) or sharded (FSDP2, fsdp.yaml)."""
+with the base replicated (ddp.yaml) or sharded (FSDP2, fsdp.yaml; DeepSpeed ZeRO-3, deepspeed-zero3.yaml)."""
 
 import json
 import os
@@ -18,6 +18,13 @@ from ofsdpo.metrics import read_metrics
 
 DDP_CONFIG = Path(__file__).parent.parent / "configs" / "accelerate" / "ddp.yaml"
 FSDP_CONFIG = DDP_CONFIG.with_name("fsdp.yaml")
+ZERO3_CONFIG = DDP_CONFIG.with_name("deepspeed-zero3.yaml")
+try:
+    import deepspeed  # noqa: F401
+    NO_DEEPSPEED = None
+except ImportError as err:  # an optional extra; `make setup` installs it
+    NO_DEEPSPEED = f"deepspeed is not installed ({err})"
+needs_deepspeed = pytest.mark.skipif(NO_DEEPSPEED is not None, reason=NO_DEEPSPEED or "")
 TRAIN = ["--method", "ofs-dpo", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
          "--max-length", "64", "--max-prompt-length", "32", "--seed", "0", "--chase-interval", "2",
          "--swap", "params", "--no-progress"]
@@ -29,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG,
-            succeed: bool = True) -> subprocess.CompletedProcess:
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG, succeed: bool = True,
+            launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launcher,
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
@@ -66,8 +73,8 @@ def _run_two_processes(tiny_model_dir, tmp_path_factory, pairs: int, config: Pat
 def _compare_with_one_process(data, out, make_config, tmp_path, pairs_seen: list[int]) -> tuple[dict, dict]:
     """The two-process run against one process with batch 4: adapters, stream, chasing and losses."""
     single = OFSDPOTrainer(config=make_config(
-        data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4, lr=1e-3, lora_dropout=0.0,
-        chase_interval=2, swap="params"))
+        model=_model_arg(out), data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4,
+        lr=1e-3, lora_dropout=0.0, chase_interval=2, swap="params"))
     summary = single.train()
     _assert_close(_adapters(out), _adapters(tmp_path / "one"))
     rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
@@ -114,13 +121,29 @@ def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, 
     _crash_and_resume(*two_process_run, tmp_path, DDP_CONFIG)
 
 
+@needs_deepspeed
+def test_zero2_runs_as_plain_data_parallelism(two_process_run, tmp_path):
+    """ZeRO-2 would shard only the LoRA gradients and optimiser state: the run is the replicated one, and says so."""
+    data, replicated = two_process_run
+    out = tmp_path / "zero2"
+    done = _launch(["--model", _model_arg(replicated), "--data", str(data), "--output-dir", str(out), "--batch-size",
+                    "2", "--save-steps", "0", *TRAIN], config=ZERO3_CONFIG, launcher=("--zero_stage", "2"))
+    assert "DeepSpeed ZeRO-2 shards only what is trained" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sharded_base"] is False and summary["zero_stage"] == 2 and summary["base_partition"] is None
+    for name, tensors in _adapters(out).items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(value, _adapters(replicated)[name][key], rtol=0, atol=0)
+
+
 def _model_arg(run_dir) -> str:
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
 
 
-@pytest.mark.parametrize("config", [DDP_CONFIG, FSDP_CONFIG], ids=["replicated", "fsdp"])
+@pytest.mark.parametrize("config", [DDP_CONFIG, FSDP_CONFIG, pytest.param(ZERO3_CONFIG, marks=needs_deepspeed)],
+                         ids=["replicated", "fsdp", "zero3"])
 def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
     """COFS-DPO over two domains with two processes serves the same combination as one process (under FSDP, the
     second domain's modules go onto the base the first one sharded)."""
@@ -141,7 +164,7 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
     report = ContinualRunner(ContinualConfig(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
                                              batch_size=4, progress=False, regret=False, **common)).run()
     stage = json.loads((two / "domains" / "2-short" / "summary.json").read_text())
-    assert stage["sharded_base"] is (config == FSDP_CONFIG)
+    assert stage["sharded_base"] is (config != DDP_CONFIG)
     assert json.loads((two / "report.json").read_text())["lambdas"] == report["lambdas"]
     a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     for key in b:
@@ -168,16 +191,50 @@ def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
     _crash_and_resume(*fsdp_run, tmp_path, FSDP_CONFIG)
 
 
-def test_fsdp_refuses_judging_by_sampling(tiny_model_dir, tmp_path):
-    """Sampling runs a different number of forwards on each process: FSDP's all-gathers would hang."""
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    """DeepSpeed ZeRO-3, as fsdp_run: 17 pairs, a stand-in on process 1 at the last step and in the reference. The
+    model ties its LM head to the embeddings, so the head is partitioned too and the chunked head gathers it."""
+    from tiny import build_tiny_model
+
+    if NO_DEEPSPEED:
+        pytest.skip(NO_DEEPSPEED)
+    tied = build_tiny_model(tmp_path_factory.mktemp("tied-tiny-llama"), tied=True)
+    return _run_two_processes(tied, tmp_path_factory, 17, ZERO3_CONFIG)
+
+
+@needs_deepspeed
+def test_zero3_two_processes_equal_one_with_the_same_global_batch(zero3_run, make_config, tmp_path):
+    two, summary = _compare_with_one_process(*zero3_run, make_config, tmp_path, [4, 8, 12, 16, 17])
+    assert two["sharded_base"] is True and two["sharding"] == "zero3" and two["zero_stage"] == 3
+    assert summary["sharded_base"] is False and summary["zero_stage"] is None
+    assert summary["reference_pairs_computed"] == 17
+    # process 0 holds about half the base: its embeddings (= the tied head) and linears are split, the norms
+    # (below DeepSpeed's persistence threshold, 10 x hidden size) stay whole
+    held, of = two["base_partition"]["held"], two["base_partition"]["of"]
+    assert 0.45 * of < held < 0.55 * of, two["base_partition"]
+    data, out = zero3_run
+    checkpoint = load_file(out / "checkpoints" / "checkpoint-5" / "adapter-fast.safetensors")
+    torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
+
+
+@needs_deepspeed
+def test_resumed_zero3_run_matches_the_uninterrupted_one(zero3_run, tmp_path):
+    _crash_and_resume(*zero3_run, tmp_path, ZERO3_CONFIG)
+
+
+@pytest.mark.parametrize("config", [FSDP_CONFIG, pytest.param(ZERO3_CONFIG, marks=needs_deepspeed)],
+                         ids=["fsdp", "zero3"])
+def test_sharded_base_refuses_judging_by_sampling(tiny_model_dir, tmp_path, config):
+    """Sampling runs a different number of forwards on each process: the sharded base's all-gathers would hang."""
     from conftest import write_jsonl
 
     domain = write_jsonl(tmp_path / "pos.jsonl", [{"prompt": f"Item {i}: it is", "chosen": " great.",
                                                    "rejected": " awful."} for i in range(8)])
     done = _launch(["--model", str(tiny_model_dir), "--domain", f"pos={domain}", "--output-dir", str(tmp_path / "o"),
                     "--judge-prompts", "2", "--heldout-size", "2", "--memory-size", "1", "--no-progress"],
-                   command="continual", config=FSDP_CONFIG, succeed=False)
-    assert "--judge-prompts is not supported under FSDP" in done.stderr
+                   command="continual", config=config, succeed=False)
+    assert "--judge-prompts is not supported under FSDP or DeepSpeed ZeRO-3" in done.stderr
 
 
 def test_micro_batches_is_the_busiest_process_count():
@@ -203,7 +260,13 @@ def test_shard_splits_each_global_micro_batch_in_process_order():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "zero_stage must be 0, 1, 2 or 3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "offload_param_device: cpu"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "deepspeed_config_file"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_GRADIENT_CLIPPING": "1.0"}, "--max-grad-norm"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
 ])

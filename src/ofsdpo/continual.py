@@ -188,14 +188,14 @@ class ContinualRunner:
             self._check_resumable()
         self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
         self.device = self.processes.device or resolve_device(cfg.device)
-        if self.processes.fsdp and cfg.judge_prompts:
-            raise ConfigError("--judge-prompts is not supported under FSDP: sampling runs a different number of "
-                              "forwards on each process, which FSDP's all-gathers cannot follow. Set --judge-prompts "
-                              "0, or launch with configs/accelerate/ddp.yaml.")
+        if self.processes.sharded and cfg.judge_prompts:
+            raise ConfigError("--judge-prompts is not supported under FSDP or DeepSpeed ZeRO-3: sampling runs a "
+                              "different number of forwards on each process, which the all-gathers of the sharded "
+                              "base cannot follow. Set --judge-prompts 0, or launch with configs/accelerate/ddp.yaml.")
         if model is None or isinstance(model, (str, Path)):  # under FSDP, on the CPU until the first stage shards it
             model, tokenizer, _, _ = load_model_and_tokenizer(
                 str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype,
-                torch.device("cpu") if self.processes.fsdp else self.device, cfg.trust_remote_code, self.device)
+                torch.device("cpu") if self.processes.sharded else self.device, cfg.trust_remote_code, self.device)
         if tokenizer is None:
             from .models import load_tokenizer
 

@@ -16,18 +16,30 @@ weight outside any module forward, where a sharded weight would be a DTensor. Wh
 the all-gathers are collectives, so every process must run the same number of forwards and backwards
 (`micro_batches`; the trainer pads a process's short share with zero-weight stand-in pairs).
 
+DeepSpeed ZeRO-3 (`distributed_type: DEEPSPEED`, `zero_stage: 3`, configs/accelerate/deepspeed-zero3.yaml) is the
+other way to shard the base: `partition_base` hands the frozen backbone to DeepSpeed before the LoRA modules are
+attached, so every backbone weight (embeddings and final norm included) is partitioned and all-gathered module by
+module inside forward and backward, by an engine that has no optimiser. DeepSpeed never sees a LoRA parameter: as
+under FSDP they stay replicated, with our all-reduce, clipping, optimiser, swaps and checkpoints, and the same
+lockstep constraint holds. A LM head tied to the embeddings is partitioned with them; ofsdpo.logprobs gathers it
+around the chunked head. ZeRO-1/2 would shard only the gradients and optimiser state of what is trained, the few
+MB of LoRA: such a launch runs as the replicated case (with a warning), which computes the same update.
+
 accelerate's `PartialState` reads the launcher's environment, picks the device (`cuda:<local rank>`, or the CPU
 with gloo) and sets up the process group; one process without a launcher is the plain single-process case.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -45,14 +57,48 @@ def _check_fsdp_settings() -> None:
             raise ConfigError(f"FSDP: `{key}: true` is not supported by ofsdpo; set it to false.")
 
 
+def _check_deepspeed_settings() -> int:
+    """The ZeRO stage of an accelerate DeepSpeed launch; refuses the settings ofsdpo does not implement, naming the
+    key to change. ofsdpo keeps its own optimiser, clipping and accumulation (see the module docstring)."""
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file.lower() not in ("", "none"):
+        raise ConfigError(f"DeepSpeed: a deepspeed_config_file ({config_file}) is not supported by ofsdpo; set "
+                          "zero_stage in the accelerate config's deepspeed_config instead (as "
+                          "configs/accelerate/deepspeed-zero3.yaml does).")
+    for variable, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_param_device"),
+                          ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer_device")):
+        value = os.environ.get(variable, "none")
+        if value.lower() != "none":
+            raise ConfigError(f"DeepSpeed: `{key}: {value}` is not supported by ofsdpo; set it to none.")
+    for variable, key, neutral, flag in (
+            ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", "1", "--grad-accum"),
+            ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", "none", "--max-grad-norm")):
+        value = os.environ.get(variable, neutral)
+        if value.lower() != neutral:
+            raise ConfigError(f"DeepSpeed: `{key}: {value}` is not supported in the accelerate config; remove it "
+                              f"and use ofsdpo's {flag}.")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if stage not in ("0", "1", "2", "3"):
+        raise ConfigError(f"DeepSpeed: zero_stage must be 0, 1, 2 or 3 in the accelerate config's deepspeed_config "
+                          f"(got {stage or 'none'}).")
+    return int(stage)
+
+
+def _managed(param: torch.Tensor) -> bool:
+    """Whether FSDP (a DTensor) or DeepSpeed ZeRO-3 (a `ds_id`) owns this parameter's storage."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
 def _replicas_to(model: torch.nn.Module, device: torch.device) -> None:
-    """Move every parameter and buffer that FSDP does not manage (not a DTensor) to `device`, in place: the
-    optimiser, peft and FSDP keep references to the parameter objects, so only their data moves."""
+    """Move every parameter and buffer that FSDP or DeepSpeed does not manage to `device`, in place: the optimiser,
+    peft and FSDP keep references to the parameter objects, so only their data moves."""
     from torch.distributed.tensor import DTensor
 
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not isinstance(param, DTensor) and param.device != device:
+            if not _managed(param) and param.device != device:
                 param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and not isinstance(buffer, DTensor) and buffer.device != device:
@@ -63,13 +109,20 @@ class Processes:
     """This process's place among the launched processes, and the few collectives the trainer needs."""
 
     def __init__(self, device: str = "auto"):
-        if _env_flag("ACCELERATE_USE_DEEPSPEED"):  # refuse rather than silently replicate the model
-            raise ConfigError("DeepSpeed is not supported: launch with configs/accelerate/fsdp.yaml to shard the base "
-                              "(FSDP2), or configs/accelerate/ddp.yaml to replicate it.")
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.fsdp = launched and _env_flag("ACCELERATE_USE_FSDP")  # one process has nothing to shard across
         if self.fsdp:
             _check_fsdp_settings()
+        self.zero_stage = _check_deepspeed_settings() if launched and _env_flag("ACCELERATE_USE_DEEPSPEED") else None
+        self.zero3 = self.zero_stage == 3
+        if self.zero3:
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(f"DeepSpeed ZeRO-3 needs the deepspeed package ({err}); see the README's "
+                                  "accelerate section for its install, or launch with configs/accelerate/fsdp.yaml.")
+        self._zero_engine = None  # DeepSpeed's ZeRO-3 engine, kept alive with its hooks
+        self.base_partition = None  # ZeRO-3: this process's share of the base's weights (numbers of elements)
         if launched:
             from accelerate import PartialState
 
@@ -77,6 +130,22 @@ class Processes:
             self.index, self.count, self.device = state.process_index, state.num_processes, state.device
         else:
             self.index, self.count, self.device = 0, 1, None  # the trainer resolves --device itself
+        if self.zero_stage is not None and not self.zero3 and self.is_main:
+            logger.warning("DeepSpeed ZeRO-%d shards only what is trained, here the LoRA modules' gradients and "
+                           "optimiser state (a few MB): ofsdpo runs it as plain data parallelism (the base "
+                           "replicated, one all-reduce of the LoRA gradients per step), which computes the same "
+                           "update. Use zero_stage: 3 (configs/accelerate/deepspeed-zero3.yaml) to partition the "
+                           "base.", self.zero_stage)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the frozen base is split across the processes (FSDP2 or ZeRO-3): every process must then run as
+        many forwards and backwards as the others (the all-gathers are collectives)."""
+        return self.fsdp or self.zero3
+
+    @property
+    def sharding(self) -> str | None:
+        return "fsdp2" if self.fsdp else "zero3" if self.zero3 else None
 
     @property
     def is_main(self) -> bool:
@@ -102,8 +171,8 @@ class Processes:
         return mine
 
     def micro_batches(self, indices: list[int], batch_size: int) -> int:
-        """The most micro-batches of `batch_size` that any process's `shard` of `indices` makes. Under FSDP every
-        process runs this many; it needs no communication, each share being a function of the process index."""
+        """The most micro-batches of `batch_size` that any process's `shard` of `indices` makes. With a sharded base
+        every process runs this many; it needs no communication, each share being a function of the process index."""
         return max(-(-len(self.shard(indices, batch_size, i)) // batch_size) for i in range(self.count))
 
     def shard_model(self, model: torch.nn.Module) -> None:
@@ -113,6 +182,9 @@ class Processes:
 
         The root FSDP module is the backbone (what ofsdpo.logprobs and generation call), holding no parameter of its
         own: FSDP takes the first module to run forward as the root, and it must contain every sharded layer."""
+        if self.zero3:  # the base was partitioned before LoRA came (partition_base): place what stays replicated
+            _replicas_to(model, self.device)
+            return
         import inspect
 
         from torch.distributed.device_mesh import init_device_mesh
@@ -153,6 +225,52 @@ class Processes:
         in_layers = {p for layer in layers for p in layer.parameters()}
         fully_shard(backbone, mesh=mesh, ignored_params=set(backbone.parameters()) - in_layers | trained)
         _replicas_to(model, self.device)
+
+    def partition_base(self, lm: torch.nn.Module) -> None:
+        """DeepSpeed ZeRO-3: partition the frozen backbone (embeddings, decoder layers, final norm) of the causal LM
+        `lm` across the processes, before any LoRA module is attached: DeepSpeed turns every parameter of the module
+        it is given into a partitioned one, and the LoRA parameters must stay plain replicated tensors. An engine
+        without an optimiser (ZeRO-Inference) installs the hooks that all-gather a module's weights for its forward
+        and again for its backward; the LoRA modules peft then wraps around the partitioned linears have no hooks.
+
+        The backbone is the module ofsdpo.logprobs calls, so each of its forwards starts DeepSpeed's step. An untied
+        LM head stays replicated; a head tied to the embeddings is partitioned with them, and ofsdpo.logprobs
+        gathers it for the chunked head. The base comes in on the CPU: partitions go to this process's device."""
+        from .logprobs import _causal_lm_parts
+
+        parts = _causal_lm_parts(lm)
+        if parts is None:
+            raise ConfigError(f"DeepSpeed ZeRO-3: ofsdpo does not know the layout of {type(lm).__name__} (no backbone "
+                              "and output embeddings). Launch with configs/accelerate/ddp.yaml instead.")
+        backbone, _, text_config = parts
+        if any(hasattr(p, "ds_id") for p in backbone.parameters()):  # a continual stage: the first one partitioned it
+            self._record_partition(lm)
+            return
+        import deepspeed
+
+        lm.requires_grad_(False)  # frozen, as attach_adapters leaves it: only the LoRA modules train
+        hidden = getattr(text_config, "hidden_size", 0) or 0
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {  # what accelerate's "auto" values give for this hidden size
+                      "stage": 3, "stage3_param_persistence_threshold": 10 * hidden,
+                      "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}}
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # partitions onto this process's device, one weight at a time; without DeepSpeed's global replacement of
+        # torch.nn.functional.linear (mem_efficient_linear), which would reach every linear of the process
+        deepspeed.zero.Init(module=backbone, config_dict_or_path=config, mem_efficient_linear=False)
+        self._zero_engine, *_ = deepspeed.initialize(model=backbone, config=config)
+        self._record_partition(lm)
+
+    def _record_partition(self, lm: torch.nn.Module) -> None:
+        def stored(p):  # a small weight below DeepSpeed's persistence threshold stays whole on every process
+            if not hasattr(p, "ds_id"):
+                return p.numel()
+            return p.ds_numel if getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+
+        base = [p for name, p in lm.named_parameters() if "lora_" not in name]  # (a continual stage's LoRA: not base)
+        self.base_partition = {"held": sum(stored(p) for p in base),
+                               "of": sum(getattr(p, "ds_numel", p.numel()) for p in base)}
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over processes (a copy; the input is left as it was)."""

@@ -18,6 +18,7 @@ next call on the same batch (OFS-DPO's second module).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -90,6 +91,18 @@ def _chunk_logps(head, hidden, labels, softcap, scale) -> torch.Tensor:
     return checkpoint(_token_logps, head, hidden, labels, softcap, scale, use_reentrant=False)
 
 
+def _gathered(head: torch.nn.Module):
+    """The head's full weights for the duration: under DeepSpeed ZeRO-3 a head tied to the (partitioned) embeddings
+    holds only this process's partition outside a module forward. A collective: every process enters it as many
+    times (the sharded runs keep their forwards in lockstep)."""
+    partitioned = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
 _last_positions: tuple = (lambda: None, None)  # (weak ref to a completion_mask, its scored positions)
 
 
@@ -127,8 +140,9 @@ def sequence_logps(
     labels = input_ids[rows, cols + 1]
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    chunks = [_chunk_logps(head, hidden[start : start + chunk_size], labels[start : start + chunk_size], softcap,
-                           scale) for start in range(0, hidden.shape[0], chunk_size)]
+    with _gathered(head):
+        chunks = [_chunk_logps(head, hidden[start : start + chunk_size], labels[start : start + chunk_size], softcap,
+                               scale) for start in range(0, hidden.shape[0], chunk_size)]
     token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return sums.index_add(0, rows, token_logps)

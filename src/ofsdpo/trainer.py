@@ -131,17 +131,20 @@ class OFSDPOTrainer:
         else:
             self.data = self._load(train_data if train_data is not None else cfg.data, "--data")
         self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
-        fsdp = self.processes.fsdp  # the base stays on the CPU until sharded: FSDP moves one layer at a time
+        sharded = self.processes.sharded  # the base stays on the CPU until sharded: one layer at a time moves
         if model is None or isinstance(model, (str, Path)):
-            base = load_model(self.model_name, self.gguf_file, cfg.dtype, torch.device("cpu") if fsdp else self.device,
-                              cfg.trust_remote_code, dtype_device=self.device)
+            base = load_model(self.model_name, self.gguf_file, cfg.dtype,
+                              torch.device("cpu") if sharded else self.device, cfg.trust_remote_code,
+                              dtype_device=self.device)
         else:
-            base = model if fsdp else model.to(self.device)
+            base = model if sharded else model.to(self.device)
+        if self.processes.zero3:  # before the LoRA modules exist: DeepSpeed would partition them too
+            self.processes.partition_base(base)
         self.names = OFS_ADAPTERS if cfg.method == "ofs-dpo" else DPO_ADAPTERS
         set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
         self.model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                        cfg.target_module_list), self.names)
-        if fsdp:
+        if sharded:
             self.processes.shard_model(self.model)
         self.model.train()
         self.processes.broadcast([p for n in self.names for p in adapter_parameters(self.model, n)])
@@ -290,7 +293,7 @@ class OFSDPOTrainer:
         mine = todo[processes.index::processes.count]
         self.reference.fill(self.model, self.data.pairs, mine, self.tokenizer.pad_token_id, self._eval_batch_size,
                             cfg.logprob_chunk_size)
-        if processes.fsdp and todo:  # FSDP all-gathers inside forwards: as many as process 0 (the largest share)
+        if processes.sharded and todo:  # the base's all-gathers: as many forwards as process 0 (the largest share)
             batches = [math.ceil(len(share) / self._eval_batch_size) for share in (todo[0::processes.count], mine)]
             with reference_mode(self.model):
                 for _ in range(batches[0] - batches[1]):  # stand-ins, their values unused
@@ -307,7 +310,7 @@ class OFSDPOTrainer:
         sums = {key: torch.zeros((), device=self.device) for key in self._stat_keys()}
         mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
         parts = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
-        if self.processes.fsdp:  # FSDP all-gathers inside forward and backward: every process runs as many as the
+        if self.processes.sharded:  # all-gathers inside forward and backward: every process runs as many as the
             parts += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(parts))  # busiest one
         for part in parts:  # an empty part runs a stand-in pair: its loss / inf is 0, and so is its gradient
             batch = self._batch(self.data, part or indices[:1])
@@ -589,7 +592,9 @@ class OFSDPOTrainer:
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
             "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
-            "sharded_base": self.processes.fsdp, "nonfinite_steps_skipped": self.nonfinite_skipped,
+            "sharded_base": self.processes.sharded, "sharding": self.processes.sharding,
+            "zero_stage": self.processes.zero_stage, "base_partition": self.processes.base_partition,
+            "nonfinite_steps_skipped": self.nonfinite_skipped,
         }
         if self.on_policy is not None:
             summary["on_policy"] = {"domain": self.on_policy.name, "prompts_used": self.prompt_position,
