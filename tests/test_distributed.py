@@ -19,6 +19,7 @@ from ofsdpo.metrics import read_metrics
 DDP_CONFIG = Path(__file__).parent.parent / "configs" / "accelerate" / "ddp.yaml"
 FSDP_CONFIG = DDP_CONFIG.with_name("fsdp.yaml")
 ZERO3_CONFIG = DDP_CONFIG.with_name("deepspeed-zero3.yaml")
+ZERO2_CONFIG = DDP_CONFIG.with_name("deepspeed-zero2.yaml")
 try:
     import deepspeed  # noqa: F401
     NO_DEEPSPEED = None
@@ -36,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG, succeed: bool = True,
-            launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _launch(args: list[str], command: str = "train", config: Path = DDP_CONFIG,
+            succeed: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with a shipped config and two processes; without GPUs they use the CPU and gloo."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launcher,
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ofsdpo", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
@@ -127,7 +128,7 @@ def test_zero2_runs_as_plain_data_parallelism(two_process_run, tmp_path):
     data, replicated = two_process_run
     out = tmp_path / "zero2"
     done = _launch(["--model", _model_arg(replicated), "--data", str(data), "--output-dir", str(out), "--batch-size",
-                    "2", "--save-steps", "0", *TRAIN], config=ZERO3_CONFIG, launcher=("--zero_stage", "2"))
+                    "2", "--save-steps", "0", *TRAIN], config=ZERO2_CONFIG)
     assert "DeepSpeed ZeRO-2 shards only what is trained" in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sharded_base"] is False and summary["zero_stage"] == 2 and summary["base_partition"] is None
