@@ -68,3 +68,25 @@ def test_eval_bad_input_exits_2(flags, message, capsys):
     assert main(["eval", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_common_random_numbers_make_an_unmoved_module_tie_with_the_reference(tiny_model_dir, tokenizer,
+                                                                              length_judged):
+    """continual's judging samples the reference and the policy from the same seed: a module equal to the base
+    (a fresh LoRA, B = 0) then draws the very same samples, and the global RNG is left untouched."""
+    from ofsdpo.evaluation import common_random_numbers, judge_eval, reference_samples
+
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(2, 4, 0.0, "all-linear"),
+                            DPO_ADAPTERS)
+    domain, cpu = domains.get_domain("sentiment"), torch.device("cpu")
+    records = domain.prompts("heldout")[:4]
+    with common_random_numbers(3, cpu):
+        ref = reference_samples(model, tokenizer, domain, records)
+    before = torch.random.get_rng_state()
+    with common_random_numbers(3, cpu):
+        same = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert same["win_rate"] == 0.5 and same["judge_score"] == same["reference_judge_score"]
+    with common_random_numbers(4, cpu):  # other draws: other samples
+        other = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
+    assert other["judge_score"] != other["reference_judge_score"]

@@ -378,9 +378,10 @@ class ContinualRunner:
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts (SPEC §6 evaluation)."""
         from .domains import DOMAINS
-        from .evaluation import judge_eval, reference_samples
+        from .evaluation import common_random_numbers, judge_eval, reference_samples
 
         _load_slot(model, "served", lora, state)
+        device = next(model.parameters()).device
         results = []
         for d in self.domains:
             builtin = DOMAINS.get(d.name)
@@ -392,9 +393,11 @@ class ContinualRunner:
                     builtin, max_new_tokens=min(builtin.max_new_tokens, self.config.judge_max_new_tokens))
             records = builtin.prompts("heldout")[:self.config.judge_prompts]
             if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
-                self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
-            results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
-                                      ref_scores=self._reference_scores[d.name]))
+                with common_random_numbers(self.config.seed, device):
+                    self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
+            with common_random_numbers(self.config.seed, device):  # the same draws as the reference's samples
+                results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
+                                          ref_scores=self._reference_scores[d.name]))
         return results
 
     def _materialise(self, lora, states: list[dict], weights: list[float]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .data import PreferenceData, collate
@@ -59,6 +61,17 @@ def completion_logps(model, tokenizer, prompts: list[str], responses: list[str],
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
         out.append(concatenated_forward(model, batch)[0].float().cpu())
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def common_random_numbers(seed: int, device: torch.device):
+    """Sample from a torch RNG seeded with `seed`, leaving the global RNG as it was. Judging the reference and every
+    policy under the same seed makes their samples differ only where the models differ (common random numbers):
+    a module that has not moved scores exactly the reference's score, and the noise of one sample per prompt
+    largely cancels from the comparison."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16) -> list[float]:
