@@ -20,7 +20,7 @@ from transformers import set_seed
 from .config import EvalConfig
 from .data import PreferenceData, load_preference_data
 from .domains import BuiltinDomain, get_domain
-from .evaluation import heldout_scores, judge_eval, reference_samples
+from .evaluation import common_random_numbers, heldout_scores, judge_eval, reference_samples
 from .generation import make_pairs
 from .models import load_model_and_tokenizer, resolve_device
 from .modules import lora_config
@@ -63,9 +63,9 @@ def evaluate_adapter(model, tokenizer, adapter: str, domain: BuiltinDomain, pair
         row.update(heldout_scores(model, pairs, reference, adapter, tokenizer.pad_token_id, beta, batch_size),
                    pairs=len(pairs))
     if judge_records:
-        set_seed(seed)  # common random numbers: every row samples from the same RNG state
-        row.update(judge_eval(model, tokenizer, domain, judge_records, adapter, batch_size, ref_scores=ref_scores),
-                   judge_prompts=len(judge_records))
+        with common_random_numbers(seed, next(model.parameters()).device):  # every row: the reference's draws
+            row.update(judge_eval(model, tokenizer, domain, judge_records, adapter, batch_size, ref_scores=ref_scores),
+                       judge_prompts=len(judge_records))
     return row
 
 
@@ -82,8 +82,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         pairs = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length) if source else None
         reference = ReferenceCache(len(pairs)) if pairs is not None else None
         records = domain.prompts("heldout")[:cfg.judge_prompts]
-        set_seed(cfg.seed)
-        ref_scores = reference_samples(model, tokenizer, domain, records, cfg.batch_size) if records else None
+        with common_random_numbers(cfg.seed, device):
+            ref_scores = reference_samples(model, tokenizer, domain, records, cfg.batch_size) if records else None
         for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
             row = evaluate_adapter(model, tokenizer, adapter, domain, pairs, reference, records, ref_scores,
                                    cfg.beta, cfg.batch_size, cfg.seed)

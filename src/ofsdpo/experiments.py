@@ -284,17 +284,15 @@ class ExperimentRunner:
 
     def reference_scores(self, domain_name: str) -> tuple[list[dict], list[float]]:
         """The judged held-out prompts and the reference's scores on them, drawn once (seed `pair_seed`)."""
-        from transformers import set_seed
-
         from .domains import get_domain
-        from .evaluation import reference_samples
+        from .evaluation import common_random_numbers, reference_samples
 
         domain = get_domain(domain_name)
         records = domain.prompts("heldout")[:self.config.judge_prompts]
         if domain_name not in self._reference_scores:
             base, tokenizer = self.model()
-            set_seed(self.config.pair_seed)
-            self._reference_scores[domain_name] = reference_samples(base, tokenizer, domain, records)
+            with common_random_numbers(self.config.pair_seed, next(base.parameters()).device):
+                self._reference_scores[domain_name] = reference_samples(base, tokenizer, domain, records)
         return records, self._reference_scores[domain_name]
 
     # --- one run -----------------------------------------------------------------------------------------------------
