@@ -6,6 +6,7 @@ and pairs are random token ids (throughput does not depend on what the tokens me
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -147,3 +148,8 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def write_json(path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from pathlib import Path
 
@@ -107,8 +106,7 @@ def main(argv=None) -> dict:
         print(f"KV cache speed-up: {r['kv_cache_speedup']:.2f}x")
     print(f"peak memory: {report['peak_memory_bytes'] / 2**20:.0f} MiB; vLLM: {r['vllm']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        C.write_json(args.json, report)
     return report
 
 

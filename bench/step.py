@@ -352,8 +352,7 @@ def main(argv=None) -> dict | None:
           f"{first['hardware']}; {first['versions']}; commit {first['commit']}\n")
     print(table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        C.write_json(args.json, report)
     return report
 
 

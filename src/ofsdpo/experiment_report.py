@@ -110,6 +110,15 @@ def _band(ax, series: list[dict], label: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps are whole numbers
 
 
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
 def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
     import matplotlib.pyplot as plt
 
@@ -127,11 +136,7 @@ def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
         axes[1][j].set_xlabel("online round (= optimiser step)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{config.name}: learning and regret curves (mean ± std over seeds)")
-    fig.tight_layout()
-    path = out / f"{config.name}-curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, out / f"{config.name}-curves.png")
 
 
 def _plot_reward_kl(out: Path, config: ExperimentConfig, cells: dict) -> str:
@@ -150,11 +155,7 @@ def _plot_reward_kl(out: Path, config: ExperimentConfig, cells: dict) -> str:
     ax.set_ylabel("judge score")
     ax.legend(fontsize=7)
     ax.set_title(f"{config.name}: judge score vs KL at the end (mean ± std)")
-    fig.tight_layout()
-    path = out / f"{config.name}-reward_kl.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, out / f"{config.name}-reward_kl.png")
 
 
 def _plot_matrices(out: Path, config: ExperimentConfig, cells: dict) -> str:
@@ -174,11 +175,7 @@ def _plot_matrices(out: Path, config: ExperimentConfig, cells: dict) -> str:
                         color="w" if v["mean"] < 0.3 else "k")
         ax.set_title(variant)
     fig.suptitle(f"{config.name}: judge score after each stage (mean ± std over seeds)")
-    fig.tight_layout()
-    path = out / f"{config.name}-judge_matrices.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, out / f"{config.name}-judge_matrices.png")
 
 
 def _plot_train_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
@@ -191,8 +188,4 @@ def _plot_train_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
     ax.set_xlabel("optimiser step (domains in order: " + " → ".join(config.domains) + ")")
     ax.set_ylabel("training DPO loss (fast module)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"{config.name}-train_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, out / f"{config.name}-train_curves.png")
