@@ -74,7 +74,7 @@ def test_common_random_numbers_make_an_unmoved_module_tie_with_the_reference(tin
                                                                               length_judged):
     """continual's judging samples the reference and the policy from the same seed: a module equal to the base
     (a fresh LoRA, B = 0) then draws the very same samples, and the global RNG is left untouched."""
-    from ofsdpo.evaluation import common_random_numbers, judge_eval, reference_samples
+    from ofsdpo.scoring import common_random_numbers, judge_eval, reference_samples
 
     model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(2, 4, 0.0, "all-linear"),
                             DPO_ADAPTERS)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from ofsdpo.cli import main
 from ofsdpo.data import load_preference_data
 from ofsdpo.domains import BuiltinDomain, get_domain
-from ofsdpo.evaluation import judge_eval
+from ofsdpo.scoring import judge_eval
 from ofsdpo.generation import make_pairs, sample
 from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
 

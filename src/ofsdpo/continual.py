@@ -36,7 +36,7 @@ from .combine import combine_delta, combine_params, recursive_weights, search_la
 from .config import ConfigError, OFSDPOConfig, _help
 from .data import DataError, PreferenceData, load_preference_data
 from .distributed import Processes
-from .evaluation import heldout_scores
+from .scoring import heldout_scores
 from .models import load_model_and_tokenizer, resolve_device
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
 from .reference import ReferenceCache
@@ -378,7 +378,7 @@ class ContinualRunner:
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts (SPEC §6 evaluation)."""
         from .domains import DOMAINS
-        from .evaluation import common_random_numbers, judge_eval, reference_samples
+        from .scoring import common_random_numbers, judge_eval, reference_samples
 
         _load_slot(model, "served", lora, state)
         device = next(model.parameters()).device

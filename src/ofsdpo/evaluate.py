@@ -20,7 +20,7 @@ from transformers import set_seed
 from .config import EvalConfig
 from .data import PreferenceData, load_preference_data
 from .domains import BuiltinDomain, get_domain
-from .evaluation import common_random_numbers, heldout_scores, judge_eval, reference_samples
+from .scoring import common_random_numbers, heldout_scores, judge_eval, reference_samples
 from .generation import make_pairs
 from .models import load_model_and_tokenizer, resolve_device
 from .modules import lora_config

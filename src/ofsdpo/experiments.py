@@ -285,7 +285,7 @@ class ExperimentRunner:
     def reference_scores(self, domain_name: str) -> tuple[list[dict], list[float]]:
         """The judged held-out prompts and the reference's scores on them, drawn once (seed `pair_seed`)."""
         from .domains import get_domain
-        from .evaluation import common_random_numbers, reference_samples
+        from .scoring import common_random_numbers, reference_samples
 
         domain = get_domain(domain_name)
         records = domain.prompts("heldout")[:self.config.judge_prompts]

@@ -37,12 +37,17 @@ def _causal_lm_parts(model: torch.nn.Module):
     return backbone, head, config
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax precision: fp32 at least (bf16/fp16 heads), fp64 kept (exact equivalence tests run in fp64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap, scale) -> torch.Tensor:
     """log p(label) for each row of `hidden` (N, H): LM head, then fp32 log-softmax of this chunk only."""
     logits = head(hidden)
     if scale is not None:
         logits = logits * scale
-    logits = logits.float()
+    logits = _upcast(logits)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -53,7 +58,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, softcap, scale):
-        logits = F.linear(hidden, weight, bias).float()  # a new tensor (or fp32 already): free to overwrite below
+        logits = _upcast(F.linear(hidden, weight, bias))  # a new tensor (or fp32 already): free to overwrite below
         if scale is not None:
             logits.mul_(scale)
         tanh = None
@@ -123,7 +128,7 @@ def sequence_logps(
     completion_mask: torch.Tensor,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Summed log-probs of the completion tokens of each row, `(N,)` in fp32.
+    """Summed log-probs of the completion tokens of each row, `(N,)` in fp32 (fp64 for a fp64 model).
 
     `completion_mask[i, t] = 1` where token t of row i is a completion token; prompt and padding are 0, so they add
     nothing whatever their logits are (padding-safe).
@@ -143,14 +148,14 @@ def sequence_logps(
     with _gathered(head):
         chunks = [_chunk_logps(head, hidden[start : start + chunk_size], labels[start : start + chunk_size], softcap,
                                scale) for start in range(0, hidden.shape[0], chunk_size)]
-    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    token_logps = torch.cat(chunks) if chunks else _upcast(hidden.new_zeros(0))
+    sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
     return sums.index_add(0, rows, token_logps)
 
 
 def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Reference implementation: full fp32 log-softmax, then gather and masked sum. For tests and odd models."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logps = torch.log_softmax(_upcast(logits[:, :-1]), dim=-1)
     per_token_logps = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (per_token_logps * completion_mask[:, 1:]).sum(-1)
 

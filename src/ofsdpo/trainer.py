@@ -35,7 +35,7 @@ from .config import ConfigError, NonFiniteError, OFSDPOConfig
 from .data import PreferenceData, collate, load_preference_data
 from .distributed import Processes
 from .domains import get_domain
-from .evaluation import pair_losses
+from .scoring import pair_losses
 from .generation import make_pairs
 from .logprobs import concatenated_forward
 from .losses import chase_loss, dpo_loss

@@ -1,4 +1,5 @@
-"""Held-out DPO loss and preference accuracy of one adapter, against the cached reference."""
+"""How good a module is: per-pair DPO loss and preference accuracy against the cached reference, and judged
+samples (judge score, win rate, KL) drawn with common random numbers."""
 
 from __future__ import annotations
 

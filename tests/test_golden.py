@@ -1,0 +1,64 @@
+"""Golden runs: the same fixed-seed commands give the same adapters and metrics as the committed files, which were
+written by the code before the restructuring (issue 13). A behaviour change in the refactor fails here."""
+
+import json
+import math
+
+import pytest
+from safetensors.torch import load_file
+
+from golden_runs import GOLDEN, adapter_files, metrics_files, run_all, strip_timing
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    return run_all(tiny_model_dir, tmp_path_factory.mktemp("golden"))
+
+
+def close(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", ["train-ofs-dpo", "continual-cofs-dpo"])
+def test_adapters_equal_the_golden_ones(runs, name):
+    expected = adapter_files(GOLDEN / name)
+    assert expected and adapter_files(runs[name]) == expected
+    for rel in expected:
+        got, want = load_file(runs[name] / rel), load_file(GOLDEN / name / rel)
+        assert got.keys() == want.keys(), rel
+        for key in want:
+            assert (got[key] - want[key]).abs().max().item() <= 1e-6, f"{rel}: {key}"
+
+
+@pytest.mark.parametrize("name", ["train-ofs-dpo", "continual-cofs-dpo"])
+def test_metrics_equal_the_golden_ones(runs, name):
+    expected = metrics_files(GOLDEN / name)
+    assert expected and metrics_files(runs[name]) == expected
+    for rel in expected:
+        got = [strip_timing(json.loads(line)) for line in (runs[name] / rel).read_text().splitlines()]
+        want = [json.loads(line) for line in (GOLDEN / name / rel).read_text().splitlines()]
+        assert len(got) == len(want), rel
+        for row_got, row_want in zip(got, want):
+            assert close(row_got, row_want), f"{rel} step {row_want['step']}: {row_got} != {row_want}"
+
+
+def test_the_golden_train_run_swaps_roles(runs):
+    """Built so the slow module overtakes: the swap is part of what the golden files pin down."""
+    rows = [json.loads(line) for line in (GOLDEN / "train-ofs-dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["chase/swaps"] >= 1 and rows[-1]["chase/leader"] == "slow"
+    summary = json.loads((runs["train-ofs-dpo"] / "summary.json").read_text())
+    assert summary["chase/swaps"] == rows[-1]["chase/swaps"]
+
+
+@pytest.mark.parametrize("name,file", [("train-ofs-dpo", "summary.json"), ("continual-cofs-dpo", "report.json")])
+def test_summaries_equal_the_golden_ones(runs, name, file):
+    want = json.loads((GOLDEN / name / file).read_text())
+    got = json.loads((runs[name] / file).read_text())
+    got = {k: v for k, v in got.items() if k in want}
+    assert close(got, want)
