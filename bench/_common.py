@@ -6,7 +6,6 @@ and pairs are random token ids (throughput does not depend on what the tokens me
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -18,6 +17,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run as `python bench/step.py` without installing the package
+
+# the package's own choices (auto: a GPU when there is one; bfloat16 where the GPU supports it), and its atomic write
+from ofsdpo.files import write_json  # noqa: E402
+from ofsdpo.models import resolve_device, resolve_dtype  # noqa: E402
 
 # Qwen2 shapes; 0.5b and 1.5b are Qwen2-0.5B / Qwen2-1.5B (tied embeddings, vocabulary 151936).
 SHAPES = {
@@ -35,18 +38,6 @@ SHAPES = {
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 PAD_ID = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def build_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -148,8 +139,3 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-def write_json(path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,68 @@ def test_missing_model_exits_2(tmp_path, pairs_file, capsys):
                  "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "no-such-model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("demo", ["--quick", "--output-dir", "--model", "--gguf-file", "--device", "--seed", "--lr", "--config"]),
+    ("experiment", ["experiment", "--seeds", "--output-dir", "--no-progress", "--config"]),
+    ("eval", ["--adapter", "--domain", "--data", "--judge-prompts", "--json", "--config"]),
+])
+def test_every_command_has_help(capsys, command, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: ofsdpo {command} ")
+    for flag in flags:
+        assert flag in text, flag
+
+
+def test_demo_reads_a_yaml_config_and_flags_override_it(tmp_path):
+    from ofsdpo.config import DemoConfig
+
+    path = tmp_path / "demo.yaml"
+    path.write_text("quick: true\nlr: 0.001\noutput-dir: here\nseed: 3\n")
+    config = parse_config(DemoConfig, ["--config", str(path), "--seed", "4"], "ofsdpo demo", "")
+    assert config == DemoConfig(quick=True, output_dir="here", lr=0.001, seed=4)
+    assert parse_config(DemoConfig, [], "ofsdpo demo", "") == DemoConfig(
+        quick=False, output_dir="demo-output", model=None, gguf_file=None, device="auto", seed=0, lr=5e-4)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quik: true\n", "unknown key 'quik'"), ("lr: -1\n", "--lr must be > 0"),
+    ("quick: 3\n", "--quick must be true or false"),
+])
+def test_demo_bad_yaml_exits_2(tmp_path, capsys, text, message):
+    path = tmp_path / "demo.yaml"
+    path.write_text(text)
+    assert main(["demo", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_experiment_file_is_positional_or_a_flag(tmp_path):
+    from ofsdpo.config import ExperimentCommandConfig
+
+    def parse(argv):
+        return parse_config(ExperimentCommandConfig, argv, "ofsdpo experiment", "", positional="experiment")
+
+    assert parse(["e.yaml", "--seeds", "0,1", "--no-progress", "--output-dir", "o"]) == ExperimentCommandConfig(
+        experiment="e.yaml", seeds="0,1", output_dir="o", progress=False)
+    assert parse(["--seeds", "2", "e.yaml"]) == ExperimentCommandConfig(experiment="e.yaml", seeds="2")
+    assert parse(["--experiment", "f.yaml"]).experiment == "f.yaml"
+    path = tmp_path / "run.yaml"
+    path.write_text("experiment: g.yaml\nseeds: '5'\n")
+    assert parse(["--config", str(path), "--seeds", "6"]) == ExperimentCommandConfig(experiment="g.yaml", seeds="6")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the experiment's YAML file is required"),
+    (["no/such.yaml"], "no/such.yaml: no such file"),
+    (["EXPERIMENTS/in-domain.yaml", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+])
+def test_experiment_bad_input_exits_2(capsys, argv, message):
+    argv = [a.replace("EXPERIMENTS", str(Path(__file__).resolve().parent.parent / "experiments")) for a in argv]
+    assert main(["experiment", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from ofsdpo.cli import main
 from ofsdpo.combine import combine_params, effective_deltas
-from ofsdpo.continual import ContinualConfig, ContinualRunner
+from ofsdpo.config import ConfigError, ContinualConfig
+from ofsdpo.continual import ContinualRunner
 
 
 def domain_rows(word_good, word_bad, n=20):
@@ -30,7 +31,7 @@ def run(tiny_model_dir, tmp_path, domains, **kw):
                   memory_size=4, heldout_size=4, max_steps_per_domain=3, save_steps=0, progress=False,
                   lambda_grid="0,0.5,1", regret=False, seed=0)
     values.update(kw)
-    config = ContinualConfig(**values)
+    config = ContinualConfig.from_flat(**values)
     return config, ContinualRunner(config).run()
 
 
@@ -110,17 +111,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     kw = dict(method=method, save_steps=1, judge_prompts=2, judge_max_new_tokens=4)
     _, whole = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "whole"), **kw)
 
-    step, trained = OFSDPOTrainer._training_step, []
+    after_step, trained = OFSDPOTrainer._after_step, []
 
-    def dies_in_stage_2(self, indices):
-        if self.output_dir.name.startswith("2-") and self.step == 1:
+    def dies_in_stage_2(self, row, seconds):  # step 2 has updated the weights, and is neither logged nor saved
+        if self.output_dir.name.startswith("2-") and self.state.step == 2:
             raise PowerCut
-        return step(self, indices)
+        return after_step(self, row, seconds)
 
-    monkeypatch.setattr(OFSDPOTrainer, "_training_step", dies_in_stage_2)
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies_in_stage_2)
     with pytest.raises(PowerCut):
         run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "cut"), **kw)
-    monkeypatch.setattr(OFSDPOTrainer, "_training_step", step)
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
     train = OFSDPOTrainer.train
 
     def counted(self):
@@ -143,3 +144,75 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_merge_serves_the_mean_delta_of_its_modules(tiny_model_dir, tmp_path, domains):
+    """Each stage trains a fresh DPO module (kept in the stage folder); the served adapter's ΔW = mean of theirs."""
+    _, report = run(tiny_model_dir, tmp_path, domains, method="lora-merge", max_steps_per_domain=2)
+    out = tmp_path / "lora-merge"
+    kept = [load_file(out / "domains" / f"{k + 1}-{n}" / "stage" / "kept.safetensors")
+            for k, n in enumerate(["pos", "safe", "short"])]
+    assert report["stages"][-1]["weights"] == pytest.approx({"pos": 1 / 3, "safe": 1 / 3, "short": 1 / 3})
+    served, served_config = load_file(out / "adapter_model.safetensors"), json.loads(
+        (out / "adapter_config.json").read_text())
+    got = effective_deltas(served, served_config["lora_alpha"] / served_config["r"])
+    deltas = [effective_deltas(s, 4 / 2) for s in kept]
+    assert not torch.allclose(deltas[0][next(iter(got))], deltas[1][next(iter(got))])  # the modules differ
+    for layer, delta in got.items():
+        torch.testing.assert_close(delta, sum(d[layer] for d in deltas) / 3, rtol=1e-5, atol=1e-7)
+
+
+def test_interleave_spreads_the_replay_evenly():
+    from ofsdpo.continual import _interleave
+
+    assert _interleave(list("abcdefgh"), [1, 2]) == list("abcd") + [1] + list("efgh") + [2]
+    assert _interleave(list("abc"), [1, 2, 3, 4]) == ["a", 1, "b", 2, "c", 3, 4]
+    assert _interleave(list("ab"), []) == ["a", "b"]
+
+
+def test_dpo_replay_trains_on_earlier_domains_pairs_interleaved(tiny_model_dir, tmp_path, domains):
+    """Stage 2's stream is its own pairs with `memory_size` training pairs of stage 1 spread through it."""
+    config, report = run(tiny_model_dir, tmp_path, domains[:2], method="dpo-replay", max_steps_per_domain=-1,
+                         batch_size=2)
+    stage_two = json.loads((tmp_path / "dpo-replay" / "domains" / "2-safe" / "summary.json").read_text())
+    own = 20 - config.heldout_size - config.memory_size  # training pairs left of the 20-row file
+    assert stage_two["pairs_seen"] == own + config.memory_size
+    stage_one = json.loads((tmp_path / "dpo-replay" / "domains" / "1-pos" / "summary.json").read_text())
+    assert stage_one["pairs_seen"] == own
+
+
+def test_continual_refuses_train_only_flags(tiny_model_dir, tmp_path, domains, capsys):
+    code = main(["continual", "--domain", domains[0], "--max-steps", "3", "--model", str(tiny_model_dir),
+                 "--output-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-steps-per-domain" in err and "Traceback" not in err
+    for flag, hint in (("--data", "--domain NAME=TRAIN"), ("--eval-data", "heldout=PATH")):
+        assert main(["continual", "--domain", domains[0], flag, "x.jsonl"]) == 2
+        assert hint in capsys.readouterr().err
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"domain: [{domains[0]}]\nmax_steps: 3\n")
+    assert main(["continual", "--config", str(yaml_file)]) == 2
+    assert "--max-steps-per-domain" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--max-steps-per-domain"):
+        ContinualConfig.from_flat(domain=domains[:1], max_steps=3)
+
+
+def test_fresh_init_lets_the_search_keep_an_earlier_module(tiny_model_dir, tmp_path):
+    """Two opposed domains, each module started fresh: the first module is clearly better on the first domain's
+    memory, so the memory loss of every domain seen is lowest with some weight on it: λ > 0. The simplex search
+    (same memory) returns weights on the simplex and does no worse than the pairwise recursion."""
+    files = {"pos": ("great", "awful"), "neg": ("awful", "great")}
+    domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w, n=24))}" for n, w in files.items()]
+    kw = dict(method="cofs-dpo", init="fresh", combine="delta", max_steps_per_domain=4, lr=2e-2, memory_size=8,
+              lambda_grid="0,0.25,0.5,0.75,1", lora_dropout=0.0)
+    _, pairwise = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "pairwise"), **kw)
+    search = pairwise["stages"][1]["search"]
+    assert pairwise["lambdas"][1] > 0, search
+    assert min(r["memory_loss"] for r in search) < next(r["memory_loss"] for r in search if r["lambda"] == 0)
+    _, simplex = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "simplex"), search="simplex",
+                     search_budget=12, **kw)
+    weights = list(simplex["stages"][1]["weights"].values())
+    assert sum(weights) == pytest.approx(1.0, abs=1e-12) and all(w >= 0 for w in weights)
+    assert weights[0] > 0 and simplex["lambdas"][1] is None
+    best = min(r["memory_loss"] for r in simplex["stages"][1]["search"])
+    assert best <= min(r["memory_loss"] for r in search) + 1e-6

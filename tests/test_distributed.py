@@ -162,7 +162,7 @@ def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
     _launch(["--model", str(tiny_model_dir), *[a for d in domains for a in ("--domain", d)], "--output-dir",
              str(two), "--batch-size", "2", "--no-progress", "--no-regret", *flags], command="continual", config=config)
     one = tmp_path / "one"
-    report = ContinualRunner(ContinualConfig(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
+    report = ContinualRunner(ContinualConfig.from_flat(model=str(tiny_model_dir), domain=domains, output_dir=str(one),
                                              batch_size=4, progress=False, regret=False, **common)).run()
     stage = json.loads((two / "domains" / "2-short" / "summary.json").read_text())
     assert stage["sharded_base"] is (config != DDP_CONFIG)

@@ -6,16 +6,13 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import length_judge
 from ofsdpo.cli import main
 from ofsdpo.data import load_preference_data
 from ofsdpo.domains import BuiltinDomain, get_domain
 from ofsdpo.scoring import judge_eval
 from ofsdpo.generation import make_pairs, sample
 from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
-
-
-def length_judge(prompt, response, meta):
-    return float(len(response))
 
 
 def test_sampling_returns_k_responses_per_prompt(tiny_model_dir, tokenizer):

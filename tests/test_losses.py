@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ofsdpo.losses import chase_loss, dpo_loss
+from ofsdpo.losses import CHASE_FORMS, chase_loss, dpo_loss
 
 
 def t(*values, grad=False):
@@ -96,3 +96,88 @@ def test_leader_gradient_closed_form():
 def test_chase_loss_rejects_unknown_form():
     with pytest.raises(ValueError, match="minmax"):
         chase_loss(t(0.0), t(0.0), t(0.0), t(0.0), beta=0.1, form="other")
+
+
+def test_chase_forms_constant():
+    assert CHASE_FORMS == ("minmax", "symmetric", "proximal")
+
+
+def test_margin_only_forms_are_unchanged_bit_for_bit():
+    """minmax and symmetric are exactly the formulas they were before `proximal` was added."""
+    g = torch.Generator().manual_seed(0)
+    pc, pr, qc, qr = (-10 * torch.rand(6, generator=g, dtype=torch.float64) for _ in range(4))
+    beta = 0.1
+    fs = -torch.nn.functional.logsigmoid(beta * ((pc - pr) - (qc - qr)))
+    for form, chaser in [("minmax", torch.nn.functional.logsigmoid(beta * ((pc - pr) - (qc - qr)))),
+                         ("symmetric", -torch.nn.functional.logsigmoid(beta * ((qc - qr) - (pc - pr))))]:
+        leader_terms, chaser_terms, gap = chase_loss(pc, pr, qc, qr, beta, form)
+        assert torch.equal(leader_terms, fs) and torch.equal(chaser_terms, chaser) and torch.equal(gap, fs)
+
+
+def test_proximal_values_and_gradients_closed_form():
+    """h_P = 2, h_Q = 1, β_c = 0.5: β_c(h_P − h_Q) = 0.5 ⇒ both terms ½·0.5² = 0.125; gap = −log σ(0.5).
+    d(leader)/d log π_P(y_w) = β_c²(h_P − h_Q) = +0.25, d/d log π_P(y_l) = −0.25 (descent lowers h_P);
+    d(chaser)/d log π_Q(y_w) = β_c²(h_Q − h_P) = −0.25, d/d log π_Q(y_l) = +0.25 (descent raises h_Q)."""
+    leader, chaser, (leader_terms, chaser_terms, gap) = _chase_grads("proximal")
+    assert leader_terms.item() == pytest.approx(0.125) and chaser_terms.item() == pytest.approx(0.125)
+    assert gap.item() == pytest.approx(math.log1p(math.exp(-0.5))) and not gap.requires_grad
+    (leader_terms + chaser_terms).sum().backward()
+    assert [x.grad.item() for x in leader] == pytest.approx([0.25, -0.25])
+    assert [x.grad.item() for x in chaser] == pytest.approx([-0.25, 0.25])
+
+
+def test_proximal_stop_gradients():
+    leader, chaser, (leader_terms, chaser_terms, _) = _chase_grads("proximal")
+    leader_terms.sum().backward()
+    assert all(x.grad is None for x in chaser)
+    for x in leader:
+        x.grad = None
+    chaser_terms.sum().backward()
+    assert all(x.grad is None for x in leader)
+
+
+def _descent_step(form, leader_h, chaser_h, beta=0.1, lr=1.0):
+    """One gradient-descent step on the chase terms alone, from margins split as chosen = h, rejected = 0.
+    Returns the change of each module's margin, per example."""
+    lc, lr_, cc, cr = t(*leader_h, grad=True), t(*[0.0] * len(leader_h), grad=True), \
+        t(*chaser_h, grad=True), t(*[0.0] * len(chaser_h), grad=True)
+    leader_terms, chaser_terms, _ = chase_loss(lc, lr_, cc, cr, beta, form)
+    (leader_terms + chaser_terms).sum().backward()
+    new_leader = (lc - lr * lc.grad) - (lr_ - lr * lr_.grad)
+    new_chaser = (cc - lr * cc.grad) - (cr - lr * cr.grad)
+    return (new_leader - lc.detach()).tolist(), (new_chaser - cc.detach()).tolist()
+
+
+def test_proximal_pulls_the_module_that_is_ahead_back_and_the_one_behind_forward():
+    """A hand-made batch: leader ahead by 3, equal, chaser ahead by 2 (before a swap). A descent step on the chase
+    term lowers whichever margin is ahead and raises the one behind, by 2 β_c² |Δ| (h = chosen − rejected moves by
+    twice the step on each log-prob); nothing moves where the margins are equal."""
+    beta = 0.1
+    d_leader, d_chaser = _descent_step("proximal", [5.0, 1.0, -1.0], [2.0, 1.0, 1.0], beta)
+    assert d_leader[0] == pytest.approx(-2 * beta**2 * 3) and d_chaser[0] == pytest.approx(2 * beta**2 * 3)
+    assert d_leader[1] == 0.0 and d_chaser[1] == 0.0
+    assert d_leader[2] == pytest.approx(2 * beta**2 * 2) and d_chaser[2] == pytest.approx(-2 * beta**2 * 2)
+
+
+@pytest.mark.parametrize("form", ["minmax", "symmetric"])
+def test_margin_only_forms_always_raise_both_margins(form):
+    """The contrast (SPEC §3): minmax and symmetric push each module's own margin up whatever the sign of the
+    gap, by 2 β_c σ(·) with σ(·) within (0.42, 0.58) here (|Δ| ≤ 3 nats, β_c = 0.1) — a re-weighted DPO step."""
+    d_leader, d_chaser = _descent_step(form, [5.0, 1.0, -1.0], [2.0, 1.0, 1.0], 0.1)
+    for d in d_leader + d_chaser:
+        assert 2 * 0.1 * 0.42 < d < 2 * 0.1 * 0.58
+
+
+@pytest.mark.parametrize("form", CHASE_FORMS)
+def test_gradient_at_equal_margins(form):
+    """Δ = 0: proximal puts no gradient on either module; the margin-only forms give each module exactly
+    β_c/2 · (−∇h), the direction of its own DPO gradient at the start (where DPO's is β/2 · (−∇h))."""
+    leader = [t(-1.0, -4.0, grad=True), t(-3.0, -2.0, grad=True)]
+    chaser = [t(-2.0, -5.0, grad=True), t(-4.0, -3.0, grad=True)]  # same margins (2, −2), other log-probs
+    leader_terms, chaser_terms, gap = chase_loss(*leader, *chaser, beta=0.1, form=form)
+    (leader_terms + chaser_terms).sum().backward()
+    assert torch.allclose(gap, torch.full((2,), math.log(2), dtype=torch.float64))
+    expected = 0.0 if form == "proximal" else 0.05
+    for x in leader + chaser:
+        sign = -1 if x is leader[0] or x is chaser[0] else 1
+        assert torch.allclose(x.grad, torch.full((2,), sign * expected, dtype=torch.float64))

@@ -21,13 +21,15 @@ from safetensors.torch import load_file
 import ofsdpo
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo import checkpoint as ckpt
+from ofsdpo import step as step_module
 from ofsdpo import trainer as trainer_module
 from ofsdpo.cli import main
 from ofsdpo.config import ConfigError, OFSDPOConfig
-from ofsdpo.continual import DomainSpec
+from ofsdpo.config import DomainSpec
 from ofsdpo.data import DataError, load_preference_data
 from ofsdpo.metrics import read_metrics
 from ofsdpo.modules import adapter_state
+from ofsdpo.step import OptimiserStep
 from ofsdpo.trainer import OFSDPOTrainer
 
 SRC = Path(ofsdpo.__file__).parent
@@ -225,26 +227,27 @@ def _same(a, b) -> bool:
 
 def _poison_loss_at(monkeypatch, bad_calls: set[int]) -> None:
     """dpo_loss returns NaN losses on the given calls (one call per step for dpo with one micro-batch)."""
-    original, calls = trainer_module.dpo_loss, []
+    original, calls = step_module.dpo_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         losses, chosen, rejected = original(*args, **kwargs)
         return (losses * math.nan if len(calls) in bad_calls else losses), chosen, rejected
 
-    monkeypatch.setattr(trainer_module, "dpo_loss", poisoned)
+    monkeypatch.setattr(step_module, "dpo_loss", poisoned)
 
 
 def _poison_gradient_at(monkeypatch, bad_step: int) -> None:
-    """An inf in one gradient while the loss stays finite."""
-    original = OFSDPOTrainer._clip_gradients
+    """An inf in one gradient while the loss stays finite (clipping runs once per step)."""
+    original, calls = OptimiserStep._clip_gradients, []
 
     def poisoned(self):
-        if self.step + 1 == bad_step:
+        calls.append(1)
+        if len(calls) == bad_step:
             next(p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None).grad.view(-1)[0] = math.inf
         return original(self)
 
-    monkeypatch.setattr(OFSDPOTrainer, "_clip_gradients", poisoned)
+    monkeypatch.setattr(OptimiserStep, "_clip_gradients", poisoned)
 
 
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
@@ -254,15 +257,15 @@ def test_a_non_finite_step_is_skipped_counted_and_warned(make_config, tmp_path, 
     data = write_jsonl(tmp_path / "with-odd-rows.jsonl", rows[:15] + rows[16:] + rows[15:16])  # 17 pairs, 5 steps
     trainer = OFSDPOTrainer(config=make_config(method="dpo", data=str(data), max_steps=4))
     _poison_loss_at(monkeypatch, {2}) if fault == "loss" else _poison_gradient_at(monkeypatch, 2)
-    snapshots, original = [], OFSDPOTrainer._training_step
+    snapshots, original = [], OptimiserStep.__call__
 
-    def recorded(self, indices):
-        before = _snapshot(self)
-        row = original(self, indices)
-        snapshots.append((before, _snapshot(self)))
+    def recorded(self, *args):
+        before = _snapshot(trainer)
+        row = original(self, *args)
+        snapshots.append((before, _snapshot(trainer)))
         return row
 
-    monkeypatch.setattr(OFSDPOTrainer, "_training_step", recorded)
+    monkeypatch.setattr(OptimiserStep, "__call__", recorded)
     with caplog.at_level(logging.WARNING, logger="ofsdpo.trainer"):
         summary = trainer.train()
     assert [_same(before, after) for before, after in snapshots] == [False, True, False, False]
@@ -362,7 +365,9 @@ def test_model_weights_load_only_from_safetensors(tiny_model_dir, tmp_path):
     torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(ModelError, match=str(pickled)):
         load_model(str(pickled), None, "float32", torch.device("cpu"))
-    assert load_model(str(tiny_model_dir), None, "float32", torch.device("cpu")) is not None
+    safe = load_model(str(tiny_model_dir), None, "float32", torch.device("cpu"))  # the safetensors folder loads
+    expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in safe.state_dict().items())
 
 
 def test_remote_code_runs_only_when_asked(monkeypatch, make_config):
@@ -372,7 +377,7 @@ def test_remote_code_runs_only_when_asked(monkeypatch, make_config):
     for path in SRC.rglob("*.py"):
         assert "trust_remote_code=True" not in path.read_text(encoding="utf-8").replace(" ", ""), path
     assert not OFSDPOConfig().trust_remote_code and not GenerateConfig().trust_remote_code
-    assert not ContinualConfig(domain=["a=b.jsonl"]).trust_remote_code
+    assert not ContinualConfig(domain=["a=b.jsonl"]).training.trust_remote_code
     asked = []
 
     def record(name, gguf_file=None, trust_remote_code=None):
@@ -419,7 +424,7 @@ else:  # "mid-step": step <at> has updated the weights, and is neither logged no
     after_step = trainer.OFSDPOTrainer._after_step
 
     def after_step_or_die(self, row, seconds):
-        if self.step == at:
+        if self.state.step == at:
             die()
         return after_step(self, row, seconds)
 
@@ -500,5 +505,5 @@ def test_resume_on_other_data_of_the_same_length_is_refused(make_config, tmp_pat
     OFSDPOTrainer(config=make_config(method="dpo", max_steps=1)).train()
     other = write_jsonl(tmp_path / "other.jsonl", sentiment_rows(16, offset=500))
     resumed = OFSDPOTrainer(config=make_config(method="dpo", data=str(other), resume=True))
-    with pytest.raises(ConfigError, match="written by a run on other data"):
+    with pytest.raises(ConfigError, match="written by a run on other --data"):
         resumed.train()

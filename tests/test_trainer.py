@@ -15,7 +15,7 @@ from ofsdpo import ConfigError, OFSDPOTrainer
 from ofsdpo.data import collate
 from ofsdpo.logprobs import concatenated_forward
 from ofsdpo.metrics import read_metrics
-from ofsdpo.modules import adapter_parameters, adapter_state
+from ofsdpo.modules import adapter_state
 
 TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
              "logps/rejected"]
@@ -151,7 +151,7 @@ def test_resume_ends_identical_to_an_uninterrupted_run(make_config, tmp_path, mo
     original = OFSDPOTrainer._after_step
 
     def crash_after_step_5(self, row, seconds):
-        if self.step == 5:
+        if self.state.step == 5:
             raise RuntimeError("simulated crash")
         return original(self, row, seconds)
 
@@ -207,10 +207,64 @@ def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_mo
     model = PeftModel.from_pretrained(base, trainer.output_dir / "best_fast")
     saved = adapters(trainer.output_dir / "best_fast")
     assert all(torch.equal(saved[k], trainer.best["state"][k]) for k in saved)
-    assert model is not None
+    loaded = {k.replace(".default", ""): v for k, v in adapter_state(model, "default").items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
 def test_tensorboard_logging_is_optional(make_config):
     trainer = OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, report_to="tensorboard"))
     trainer.train()
     assert list((trainer.output_dir / "runs").glob("events.out.tfevents.*"))
+
+
+# a run built to make the slow module overtake: a fast rate that overshoots, a one-step chase window (as golden)
+OVERTAKE = dict(method="ofs-dpo", lr=0.05, slow_lr_ratio=0.2, alpha=0.5, chase_interval=1, max_grad_norm=0.0,
+                lora_dropout=0.0, lora_r=2, lora_alpha=4, max_steps=4)
+
+
+def test_a_params_swap_moves_the_weights(make_config, tmp_path):
+    """The slow module overtakes (`roles`: the labels move). The same run stopped at the first swap with
+    `swap: params` holds in `fast` exactly what the never-swapping run holds in `slow`, and vice versa."""
+    roles = OFSDPOTrainer(config=make_config(swap="roles", output_dir=str(tmp_path / "roles"), **OVERTAKE))
+    summary = roles.train()
+    assert summary["chase/swaps"] >= 1
+    rows = read_metrics(roles.output_dir / "metrics.jsonl")
+    first = next(r["step"] for r in rows if r["chase/swaps"] == 1)
+    assert rows[first - 1]["chase/leader"] == "slow" and all(r["chase/leader"] == "fast" for r in rows[:first - 1])
+    runs = {}
+    for swap in ("off", "params"):
+        values = dict(OVERTAKE, max_steps=first)
+        runs[swap] = OFSDPOTrainer(config=make_config(swap=swap, output_dir=str(tmp_path / swap), **values))
+        runs[swap].train()
+    assert runs["params"].state.chase.swaps == 1 and runs["params"].state.chase.leader == "fast"
+    for mine, other in (("fast", "slow"), ("slow", "fast")):
+        a, b = adapter_state(runs["params"].model, mine), adapter_state(runs["off"].model, other)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mine
+    a, b = adapter_state(runs["off"].model, "fast"), adapter_state(runs["off"].model, "slow")
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the two modules differ, so the check above can fail
+
+
+def test_without_eval_data_the_module_with_the_lower_recent_online_loss_is_served(make_config):
+    config = make_config(chase_interval=2, **{k: v for k, v in OVERTAKE.items() if k != "chase_interval"})
+    summary = OFSDPOTrainer(config=config).train()
+    rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")[-2:]
+    means = {n: sum(r[f"{n}/online/loss"] for r in rows) / 2 for n in ("fast", "slow")}
+    assert summary["served_by"] == "online loss of the last 2 rounds"
+    assert summary["served_module"] == min(means, key=means.get)
+    assert summary["module_scores"] == pytest.approx(means)
+
+
+@pytest.mark.parametrize("change", ["lr", "data"])
+def test_resume_refuses_a_changed_option_or_data_file(make_config, tmp_path, change):
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, save_steps=1)).train()
+    if change == "lr":
+        changed, message = {"lr": 5e-3}, "--lr"
+    else:
+        other = write_jsonl(tmp_path / "other.jsonl", sentiment_rows(16, offset=50))  # same length, other text
+        changed, message = {"data": str(other)}, "other --data"
+    with pytest.raises(ConfigError, match=message):
+        OFSDPOTrainer(config=make_config(method="dpo", max_steps=4, save_steps=1, resume=True, **changed)).train()
+    # what changes nothing computed may change: progress, checkpoint cadence, and the step limit (constant lr)
+    summary = OFSDPOTrainer(config=make_config(method="dpo", max_steps=4, save_steps=3, resume=True,
+                                               progress=True)).train()
+    assert summary["steps"] == 4

@@ -11,7 +11,6 @@ saves it. The optimiser state is read back with `weights_only=True`, so a tamper
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+from .files import flush_to_disk, write_json
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -65,25 +65,13 @@ def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler,
     save_file({k: v.contiguous() for k, v in reference.items()}, tmp / "reference_cache.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
                tmp / "training_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _flush_to_disk(tmp)
+    write_json(tmp / "trainer_state.json", state)
+    flush_to_disk(tmp)
     tmp.rename(final)
-    _flush_to_disk(root)
+    flush_to_disk(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _flush_to_disk(folder: Path) -> None:
-    """fsync the files of `folder`, then the folder itself: the rename must not reach the disk before the data."""
-    for path in [*folder.iterdir(), folder]:
-        if path.is_dir() and path != folder:
-            continue
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -8,6 +8,8 @@ traceback; Ctrl-C writes a checkpoint of the last whole step and exits with stat
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -32,17 +34,27 @@ commands:
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
 
 
-def parse_config(config_class, argv: list[str], prog: str, description: str):
-    """Flags > YAML (--config) > defaults, into one validated dataclass."""
-    parser = HfArgumentParser(config_class, prog=prog, description=description)
+def parse_config(config_class, argv: list[str], prog: str, description: str, positional: str | None = None):
+    """Flags > YAML (--config) > defaults, into one validated dataclass. `positional` names a field that may also
+    be given as the first positional argument (`ofsdpo experiment FILE` as well as `--experiment FILE`)."""
+    # a config made of several dataclasses (continual: its own options + the training options) parses them together
+    classes = config_class.argument_classes() if hasattr(config_class, "argument_classes") else (config_class,)
+    parser = HfArgumentParser(classes, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file with the same fields; flags override it.")
     for action in parser._actions:  # show --max-steps, not --max_steps (both work)
         action.option_strings.sort(key=lambda option: "_" in option)
+    if positional is not None:
+        field = next(f for f in dataclasses.fields(config_class) if f.name == positional)
+        for action in parser._actions:
+            if action.dest == positional:
+                action.help = argparse.SUPPRESS  # the flag still works; the help shows the positional form
+        parser.add_argument(positional, nargs="?", default=argparse.SUPPRESS, help=field.metadata.get("help"))
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_config_file(known.config, config_class))
     parsed = parser.parse_args_into_dataclasses(args=argv)
-    return parsed[0]
+    parsed = parsed[:len(classes)]  # then a namespace of the extra arguments (--config)
+    return config_class.from_parsed(*parsed) if hasattr(config_class, "from_parsed") else parsed[0]
 
 
 def train_command(argv: list[str]) -> int:
@@ -57,8 +69,10 @@ def train_command(argv: list[str]) -> int:
 
 
 def continual_command(argv: list[str]) -> int:
-    from .continual import ContinualConfig, ContinualRunner, format_table
+    from .config import ContinualConfig, refuse_train_only
+    from .continual import ContinualRunner, format_table
 
+    refuse_train_only([arg for arg in argv if arg.startswith("--")])  # set per stage: say what to use instead
     config = parse_config(ContinualConfig, _merge_repeated(argv, "--domain"), "ofsdpo continual",
                           "Continual alignment across domains: COFS-DPO or a sequential baseline.")
     report = ContinualRunner(config).run()
@@ -98,28 +112,19 @@ def generate_command(argv: list[str]) -> int:
 
 
 def demo_command(argv: list[str]) -> int:
-    import argparse
+    from .commands.demo import run_demo
+    from .config import DemoConfig
 
-    from .demo import run_demo
-
-    parser = argparse.ArgumentParser(prog="ofsdpo demo", description=(
+    config = parse_config(DemoConfig, argv, "ofsdpo demo", (
         "Sequential DPO, sequential OFS-DPO and COFS-DPO on the embedded model over the built-in domains "
         "sentiment -> critic -> concise, with judge scores after every stage and report.md with plots."))
-    parser.add_argument("--quick", action="store_true", help="A smaller run (a few minutes on a laptop CPU).")
-    parser.add_argument("--output-dir", default="demo-output", help="Where data, runs and report.md go.")
-    parser.add_argument("--model", default=None, help="Another model instead of the embedded SmolLM2.")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model.")
-    parser.add_argument("--device", default="auto", help="auto picks a GPU when there is one.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and training.")
-    parser.add_argument("--lr", type=float, default=5e-4, help="Learning rate of the fast (and dpo) module.")
-    args = parser.parse_args(argv)
-    run_demo(args.output_dir, args.quick, args.model, args.gguf_file, args.device, args.seed, args.lr)
+    run_demo(config.output_dir, config.quick, config.model, config.gguf_file, config.device, config.seed, config.lr)
     return 0
 
 
 def eval_command(argv: list[str]) -> int:
     from .config import EvalConfig
-    from .evaluate import format_eval_table, run_eval
+    from .commands.eval import format_eval_table, run_eval
 
     argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--adapter"), "--domain"), "--data")
     config = parse_config(EvalConfig, argv, "ofsdpo eval",
@@ -133,19 +138,14 @@ def eval_command(argv: list[str]) -> int:
 
 
 def experiment_command(argv: list[str]) -> int:
-    import argparse
+    from .commands.experiment import run_experiment
+    from .config import ExperimentCommandConfig
 
-    from .experiments import run_experiment
-
-    parser = argparse.ArgumentParser(prog="ofsdpo experiment", description=(
+    config = parse_config(ExperimentCommandConfig, argv, "ofsdpo experiment", (
         "Run one experiment (a YAML file of experiments/) once per seed, then write aggregate.json and "
-        "aggregate.md (mean +- std per cell over seeds) with plots. Finished cells are kept: rerun to resume."))
-    parser.add_argument("config", help="The experiment's YAML file.")
-    parser.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the file's, else 0,1,2).")
-    parser.add_argument("--output-dir", default=None, help="Default: experiments-output/<name>.")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
-    args = parser.parse_args(argv)
-    run_experiment(args.config, args.seeds, args.output_dir, args.progress)
+        "aggregate.md (mean +- std per cell over seeds) with plots. Finished cells are kept: rerun to resume."),
+        positional="experiment")
+    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress)
     return 0
 
 

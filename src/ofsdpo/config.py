@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,11 @@ def check_field_types(config: Any) -> None:
 
 
 @dataclass
-class OFSDPOConfig:
+class TrainingOptions:
+    """The options of one training run that `ofsdpo continual` passes to every stage: model, stream, method
+    hyper-parameters, LoRA, optimiser, performance and output cadence. `OFSDPOConfig` adds what only `ofsdpo train`
+    has (its data, method, step limit and output folder); `ContinualConfig` contains these instead."""
+
     # --- model -----------------------------------------------------------------------------------------------------
     model: Optional[str] = field(
         default=None,
@@ -85,24 +90,10 @@ class OFSDPOConfig:
         metadata=_help("Weights dtype of the frozen base. auto: bfloat16 on a GPU that supports it, else float32."),
     )
     # --- data ------------------------------------------------------------------------------------------------------
-    data: Optional[str] = field(
-        default=None,
-        metadata=_help("Preference pairs: a .jsonl/.json/.parquet file, a saved HF dataset folder, or a hub name."),
-    )
     data_split: str = field(default="train", metadata=_help("Split to read when --data is a dataset."))
-    eval_data: Optional[str] = field(
-        default=None,
-        metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
-    )
     eval_steps: int = field(
         default=0, metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off).")
     )
-    on_policy: Optional[str] = field(
-        default=None,
-        metadata=_help("Built-in domain: each round, the current policy answers its train prompts and the judge "
-                       "labels best vs worst (true online DPO). Replaces --data; --round-size counts prompts."),
-    )
-    samples_per_prompt: int = field(default=4, metadata=_help("On-policy samples per prompt (best vs worst)."))
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
     max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens; longer prompts keep their end."))
     # --- the online stream -----------------------------------------------------------------------------------------
@@ -112,19 +103,22 @@ class OFSDPOConfig:
                        "pairs)."),
     )
     epochs: int = field(default=1, metadata=_help("Passes over the stream; 1 is online (each pair seen once)."))
-    max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: whole stream)."))
     batch_size: int = field(default=4, metadata=_help("Pairs per forward pass, per process (memory grows with it)."))
     grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
     # --- method ----------------------------------------------------------------------------------------------------
-    method: Literal["dpo", "ofs-dpo"] = field(
-        default="ofs-dpo", metadata=_help("dpo: one LoRA module. ofs-dpo: fast and slow modules chasing (SPEC 3).")
-    )
     beta: float = field(default=0.1, metadata=_help("DPO temperature; larger keeps the policy closer to the base."))
     lr: float = field(default=1e-4, metadata=_help("Learning rate of the fast module (and of the dpo module)."))
     slow_lr_ratio: float = field(default=0.5, metadata=_help("Slow learning rate = lr x this, in (0, 1]."))
     alpha: float = field(default=0.1, metadata=_help("Weight of the chasing regulariser L_FS; 0 turns it off."))
-    chase_form: Literal["minmax", "symmetric"] = field(
-        default="minmax", metadata=_help("minmax: the chaser maximises L_FS; symmetric: it minimises L_FS(Q, P).")
+    chase_form: Literal["minmax", "symmetric", "proximal"] = field(
+        default="minmax",
+        metadata=_help("minmax: the chaser maximises L_FS; symmetric: it minimises L_FS(Q, P); proximal: each module "
+                       "is pulled toward the other's margin (the one ahead is pulled back; SPEC 3)."),
+    )
+    chase_beta: Optional[float] = field(
+        default=None,
+        metadata=_help("Temperature of the chasing term L_FS (default: --beta). A larger one lets the chase act on "
+                       "smaller margin gaps."),
     )
     chase_interval: int = field(
         default=10, metadata=_help("Steps between leader/chaser comparisons (a swap happens if the chaser leads).")
@@ -165,11 +159,8 @@ class OFSDPOConfig:
     )
     eval_batch_size: Optional[int] = field(default=None, metadata=_help("Pairs per no-grad forward (default 2x)."))
     # --- outputs ---------------------------------------------------------------------------------------------------
-    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go."))
     save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
-    resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir."))
-    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
     report_to: Literal["none", "tensorboard"] = field(
         default="none", metadata=_help("Also log to TensorBoard (needs the tensorboard package).")
     )
@@ -185,6 +176,8 @@ class OFSDPOConfig:
 
         check_field_types(self)
         need(0 < self.beta < math.inf, f"--beta must be > 0 (got {self.beta}).")
+        need(self.chase_beta is None or 0 < self.chase_beta < math.inf,
+             f"--chase-beta must be > 0 (got {self.chase_beta}).")
         need(0 < self.lr < math.inf, f"--lr must be > 0 (got {self.lr}).")
         need(0 < self.slow_lr_ratio <= 1, f"--slow-lr-ratio must be in (0, 1] (got {self.slow_lr_ratio}).")
         need(0 <= self.alpha < math.inf, f"--alpha must be >= 0 (got {self.alpha}).")
@@ -193,7 +186,6 @@ class OFSDPOConfig:
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size}).")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1 (got {self.grad_accum}).")
         need(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs}).")
-        need(self.max_steps == -1 or self.max_steps >= 1, f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
         need(self.lora_r >= 1, f"--lora-r must be >= 1 (got {self.lora_r}).")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         need(self.max_length >= 2, f"--max-length must be >= 2 (got {self.max_length}).")
@@ -208,15 +200,6 @@ class OFSDPOConfig:
         need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
-        if self.on_policy is not None:
-            from .domains import DOMAINS
-
-            need(self.on_policy in DOMAINS, f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), "
-                                            f"got {self.on_policy!r}.")
-            need(self.data is None, "--on-policy generates the pairs: drop --data.")
-            need(self.num_processes == 1, "--on-policy runs in one process: each process would sample pairs of its "
-                                          "own. Launch it without data parallelism.")
-            need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
         step_pairs = self.pairs_per_step
         if self.round_size is None:
             self.round_size = step_pairs
@@ -242,6 +225,10 @@ class OFSDPOConfig:
         names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
 
+    @property
+    def chase_temperature(self) -> float:
+        return self.beta if self.chase_beta is None else self.chase_beta
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -255,6 +242,252 @@ class OFSDPOConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any):
         return cls(**{**read_config_file(path, cls), **overrides})
+
+
+@dataclass
+class OFSDPOConfig(TrainingOptions):
+    """`ofsdpo train`: the training options plus the run's own data, method, step limit and output folder."""
+
+    data: Optional[str] = field(
+        default=None,
+        metadata=_help("Preference pairs: a .jsonl/.json/.parquet file, a saved HF dataset folder, or a hub name."),
+    )
+    eval_data: Optional[str] = field(
+        default=None,
+        metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
+    )
+    on_policy: Optional[str] = field(
+        default=None,
+        metadata=_help("Built-in domain: each round, the current policy answers its train prompts and the judge "
+                       "labels best vs worst (true online DPO). Replaces --data; --round-size counts prompts."),
+    )
+    samples_per_prompt: int = field(default=4, metadata=_help("On-policy samples per prompt (best vs worst)."))
+    max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: whole stream)."))
+    method: Literal["dpo", "ofs-dpo"] = field(
+        default="ofs-dpo", metadata=_help("dpo: one LoRA module. ofs-dpo: fast and slow modules chasing (SPEC 3).")
+    )
+    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go."))
+    resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir."))
+    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
+        if self.on_policy is not None:
+            from .domains import DOMAINS
+
+            if self.on_policy not in DOMAINS:
+                raise ConfigError(f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), "
+                                  f"got {self.on_policy!r}.")
+            if self.data is not None:
+                raise ConfigError("--on-policy generates the pairs: drop --data.")
+            if self.num_processes != 1:
+                raise ConfigError("--on-policy runs in one process: each process would sample pairs of its own. "
+                                  "Launch it without data parallelism.")
+            if self.samples_per_prompt < 2:
+                raise ConfigError(f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
+
+    def training_options(self) -> dict[str, Any]:
+        """The fields shared with `TrainingOptions` (what a continual stage would receive)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingOptions)}
+
+
+# Options that change nothing a resumed run computes: `ofsdpo train --resume` may change them, not the others.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to", "output_dir",
+                     "device"}
+
+
+def changed_options(saved: dict[str, Any], now: dict[str, Any], may_change: set[str]) -> list[str]:
+    """The flags (as `--name`) whose saved and current values differ, but for those in `may_change`."""
+    keys = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
+    return [f"--{k.replace('_', '-')} ({saved.get(k)!r} -> {now.get(k)!r})" for k in keys]
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# `ofsdpo train` options that a continual run sets per domain: each refused with what to use instead
+TRAIN_ONLY = {
+    "max_steps": "--max-steps-per-domain (optimiser steps per domain)",
+    "data": "--domain NAME=TRAIN (once per domain)",
+    "eval_data": "--domain NAME=TRAIN,heldout=PATH",
+    "on_policy": "pairs made beforehand: `ofsdpo generate --domain NAME`, then --domain NAME=pairs.jsonl",
+    "samples_per_prompt": "`ofsdpo generate --samples-per-prompt N` to make each domain's pairs",
+}
+
+
+def refuse_train_only(keys, where: str = "") -> None:
+    """`ofsdpo continual` sets these per stage; accepting them would silently overwrite them (issue of the past)."""
+    for key in keys:
+        name = key.lstrip("-").split("=")[0].replace("-", "_")
+        if name in TRAIN_ONLY:
+            raise ConfigError(f"{where}--{name.replace('_', '-')} is an `ofsdpo train` option; a continual run sets it "
+                              f"per domain: use {TRAIN_ONLY[name]}.")
+
+
+@dataclass
+class DomainSpec:
+    name: str
+    train: str
+    heldout: str | None = None
+    memory: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "DomainSpec":
+        """NAME=TRAIN[,heldout=PATH][,memory=PATH]"""
+        name, sep, rest = text.partition("=")
+        parts = rest.split(",") if sep else []
+        if not name or not parts or not parts[0]:
+            raise ConfigError(f"--domain {text!r}: expected NAME=TRAIN[,heldout=PATH][,memory=PATH].")
+        spec = cls(name=name.strip(), train=parts[0].strip())
+        if not SAFE_NAME.fullmatch(spec.name):  # the name becomes domains/<k>-<name>/: it must stay inside
+            raise ConfigError(f"--domain {text!r}: the name {spec.name!r} must be letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit (it names a folder under --output-dir).")
+        for part in parts[1:]:
+            key, _, value = part.partition("=")
+            if key.strip() not in ("heldout", "memory") or not value:
+                raise ConfigError(f"--domain {text!r}: unknown part {part!r} (use heldout=PATH or memory=PATH).")
+            setattr(spec, key.strip(), value.strip())
+        return spec
+
+
+@dataclass
+class ContinualOptions:
+    """What `ofsdpo continual` adds to the training options: the domains, the method and how it combines."""
+
+    method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge"] = field(
+        default="cofs-dpo", metadata=_help("cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.")
+    )
+    domain: list[str] = field(
+        default_factory=list,
+        metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order."),
+    )
+    max_steps_per_domain: int = field(default=-1, metadata=_help("Optimiser steps per domain (-1: its whole stream)."))
+    memory_size: int = field(default=8, metadata=_help("Held-out pairs per domain kept in memory to choose λ."))
+    heldout_size: int = field(
+        default=32, metadata=_help("Pairs held out from the end of a domain's stream when it has no heldout file.")
+    )
+    combine: Literal["params", "delta"] = field(
+        default="params", metadata=_help("params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.")
+    )
+    init: Literal["previous", "fresh"] = field(
+        default="previous", metadata=_help("Start each domain from the previous served module, or from scratch.")
+    )
+    judge_prompts: int = field(
+        default=0, metadata=_help("Held-out prompts judged per built-in domain after every stage (0: no judging).")
+    )
+    judge_max_new_tokens: int = field(
+        default=0, metadata=_help("Cap on the judged samples' length (0: each domain's own); lower is faster.")
+    )
+    lambda_grid: str = field(
+        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
+    )
+    search: Literal["pairwise", "simplex"] = field(
+        default="pairwise",
+        metadata=_help("cofs-dpo weights: pairwise recursion θ ← λθ_prev + (1−λ)θ_new on --lambda-grid, or a search "
+                       "over the whole simplex of the kept modules' weights (it also scores the pairwise candidates, "
+                       "so it never does worse on the memory; costs up to --search-budget memory passes per stage)."),
+    )
+    search_budget: int = field(default=60, metadata=_help("Most combinations scored per stage by --search simplex."))
+    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where the report, stages and served adapter go."))
+    resume: bool = field(default=False, metadata=_help("Resume the run in --output-dir (finished stages are kept)."))
+    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not self.domain:
+            raise ConfigError("--domain is required (NAME=TRAIN, once per domain).")
+        names = [s.name for s in self.domains]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--domain names must be unique (got {', '.join(names)}).")
+        if self.memory_size < 1:
+            raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
+        if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
+            raise ConfigError(f"--max-steps-per-domain must be -1 or >= 1 (got {self.max_steps_per_domain}).")
+        if self.search_budget < 1:
+            raise ConfigError(f"--search-budget must be >= 1 (got {self.search_budget}).")
+        if not all(0.0 <= x <= 1.0 for x in self.lambdas):
+            raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
+
+    @property
+    def domains(self) -> list[DomainSpec]:
+        return [DomainSpec.parse(text) for text in self.domain]
+
+    @property
+    def lambdas(self) -> list[float]:
+        try:
+            return [float(x) for x in self.lambda_grid.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--lambda-grid: expected comma-separated numbers (got {self.lambda_grid!r}).") from None
+
+
+@dataclass
+class ContinualConfig(ContinualOptions):
+    """`ofsdpo continual`: its own options plus the training options every stage runs with (contained, so that a
+    train-only flag such as --max-steps cannot slip in and be overwritten per stage)."""
+
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.training, TrainingOptions):
+            raise ConfigError(f"ContinualConfig.training must be a TrainingOptions (got {type(self.training).__name__}).")
+        super().__post_init__()
+
+    @classmethod
+    def own_field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(ContinualOptions)}
+
+    @classmethod
+    def flat_field_names(cls) -> set[str]:
+        """Every key of the flat form (CLI flags, YAML, `from_flat`): the continual options and the training options."""
+        return cls.own_field_names() | TrainingOptions.field_names()
+
+    field_names = flat_field_names  # what read_config_file checks a YAML file against
+
+    @classmethod
+    def argument_classes(cls) -> tuple[type, ...]:
+        """The dataclasses the command line parses into (one flat set of flags)."""
+        return ContinualOptions, TrainingOptions
+
+    @classmethod
+    def from_parsed(cls, options: ContinualOptions, training: TrainingOptions) -> "ContinualConfig":
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(ContinualOptions)},
+                   training=training)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> "ContinualConfig":
+        """From one flat mapping of option names (as on the command line); train-only keys are refused."""
+        refuse_train_only(values)
+        unknown = set(values) - cls.flat_field_names()
+        if unknown:
+            raise ConfigError(f"unknown continual option(s): {', '.join(sorted(unknown))}.")
+        own = {k: v for k, v in values.items() if k in cls.own_field_names()}
+        training = TrainingOptions(**{k: v for k, v in values.items() if k not in own})
+        return cls(**own, training=training)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form: saved as config.yaml and compared on --resume."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(ContinualOptions)}
+        return {**own, **self.training.to_dict()}
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "ContinualConfig":
+        return cls.from_flat(**{**read_config_file(path, cls), **overrides})
+
+    @staticmethod
+    def translate_yaml(values: dict) -> dict:
+        """YAML may list `domains: [{name, train, heldout, memory}]` instead of `domain: [NAME=TRAIN, …]`."""
+        refuse_train_only(values, "--config: ")
+        if "domains" in values:
+            items = values.pop("domains") or []
+            values["domain"] = [item if isinstance(item, str) else
+                                ",".join([f"{item['name']}={item['train']}"] +
+                                         [f"{k}={item[k]}" for k in ("heldout", "memory") if item.get(k)])
+                                for item in items]
+        return values
 
 
 def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dict[str, Any]:
@@ -374,3 +607,166 @@ class EvalConfig:
                 raise ConfigError(f"--data {entry}: '{name}' is not one of --domain ({', '.join(self.domain)}).")
             files[name] = path
         return files
+
+
+# --- ofsdpo demo and ofsdpo experiment ---------------------------------------------------------------------------------
+DEMO_DOMAINS = ("sentiment", "critic", "concise")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The scale of the demo (and the defaults of an experiment)."""
+
+    prompts: int  # training prompts sampled per domain
+    samples: int  # samples per prompt
+    steps: int  # optimiser steps per domain
+    batch_size: int
+    judge_prompts: int  # held-out prompts judged per domain after every stage
+    heldout: int
+    memory: int
+    lambda_grid: str
+    eval_steps: int  # how often the best fast module is looked for
+    max_new_tokens: int = 0  # cap on sampled responses, pairs and judging (0: each domain's own)
+
+
+DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=8, batch_size=4, judge_prompts=16, heldout=8, memory=4,
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4)
+DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
+                          lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16)
+
+
+@dataclass
+class DemoConfig:
+    """`ofsdpo demo`: sequential DPO, sequential OFS-DPO and COFS-DPO on the built-in domains."""
+
+    quick: bool = field(default=False, metadata=_help("A smaller run (a few minutes on a laptop CPU)."))
+    output_dir: str = field(default="demo-output", metadata=_help("Where data, runs and report.md go."))
+    model: Optional[str] = field(default=None, metadata=_help("Another model instead of the embedded SmolLM2."))
+    gguf_file: Optional[str] = field(default=None, metadata=_help("GGUF file inside --model."))
+    device: str = field(default="auto", metadata=_help("auto picks a GPU when there is one."))
+    seed: int = field(default=0, metadata=_help("Seed of sampling and training."))
+    lr: float = field(default=5e-4, metadata=_help("Learning rate of the fast (and dpo) module."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be > 0 (got {self.lr}).")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+EXPERIMENT_KINDS = ("in-domain", "continual")
+IN_DOMAIN_METHODS = ("dpo", "ofs-dpo")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment of `experiments/*.yaml` (the file's schema): variants run on built-in domains over seeds."""
+
+    name: str = "experiment"
+    kind: Literal["in-domain", "continual"] = "in-domain"
+    description: str = ""
+    domains: list[str] = field(default_factory=lambda: list(DEMO_DOMAINS))
+    # each: {name: ..., method: ..., any other field of OFSDPOConfig (in-domain) or ContinualConfig (continual)}
+    variants: list[dict] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    model: Optional[str] = None  # default: the embedded SmolLM2-135M-Instruct
+    gguf_file: Optional[str] = None
+    device: str = "auto"
+    data_dir: str = "experiments-output/pairs"  # shared by experiments: pairs are sampled once per domain
+    pair_seed: int = 0
+    # the scale; defaults are the demo's (`DEMO_FULL`)
+    prompts: int = DEMO_FULL.prompts  # training prompts sampled per domain
+    samples: int = DEMO_FULL.samples  # samples per prompt (best vs worst form the pair)
+    steps: int = DEMO_FULL.steps  # optimiser steps (per domain)
+    batch_size: int = DEMO_FULL.batch_size
+    lr: float = 5e-4
+    judge_prompts: int = DEMO_FULL.judge_prompts  # held-out prompts judged per domain
+    heldout: int = DEMO_FULL.heldout  # pairs held out of each domain's stream (never trained on)
+    memory: int = DEMO_FULL.memory  # continual: held-out pairs per domain kept to choose λ
+    lambda_grid: str = DEMO_FULL.lambda_grid
+    eval_steps: int = DEMO_FULL.eval_steps  # continual: how often the best fast module is looked for
+    max_length: int = 160
+    max_prompt_length: int = 96
+    train: dict = field(default_factory=dict)  # fields set for every variant (a variant's own keys win)
+
+    def __post_init__(self) -> None:
+        from .domains import DOMAINS
+
+        if self.kind not in EXPERIMENT_KINDS:
+            raise ConfigError(f"experiment '{self.name}': kind must be one of {', '.join(EXPERIMENT_KINDS)} "
+                              f"(got {self.kind!r}).")
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown or not self.domains:
+            raise ConfigError(f"experiment '{self.name}': domains must be built-in ({', '.join(DOMAINS)}); "
+                              f"got {self.domains}.")
+        names = [v.get("name") for v in self.variants]
+        if not names or None in names or len(set(names)) != len(names):
+            raise ConfigError(f"experiment '{self.name}': variants need unique names (got {names}).")
+        if not self.seeds:
+            raise ConfigError(f"experiment '{self.name}': seeds must not be empty.")
+        for variant in self.variants:  # a bad variant fails now, not after an hour of the others
+            self.run_config(variant, self.seeds[0], "unused", [f"{d}=unused" for d in self.domains])
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        return cls(**read_config_file(path, cls))
+
+    def run_config(self, variant: dict, seed: int, output_dir: str | Path, specs: list[str], progress: bool = True):
+        """The OFSDPOConfig (in-domain) or ContinualConfig (continual) of one variant and seed."""
+        from .continual import ContinualConfig
+
+        common = dict(lr=self.lr, batch_size=self.batch_size, max_length=self.max_length, seed=seed,
+                      max_prompt_length=self.max_prompt_length, save_steps=0, device=self.device,
+                      output_dir=str(output_dir), overwrite=True, model=self.model, gguf_file=self.gguf_file,
+                      progress=progress)
+        if self.kind == "in-domain":
+            values, accepted = dict(common, max_steps=self.steps, regret=True), OFSDPOConfig.field_names()
+        else:
+            values = dict(common, domain=specs, max_steps_per_domain=self.steps, heldout_size=self.heldout,
+                          memory_size=self.memory, judge_prompts=self.judge_prompts, lambda_grid=self.lambda_grid,
+                          eval_steps=self.eval_steps, regret=False)
+            accepted = ContinualConfig.flat_field_names()
+        values.update(self.train)
+        values.update({k: v for k, v in variant.items() if k != "name"})
+        if self.kind == "in-domain" and values.get("method") not in IN_DOMAIN_METHODS:
+            raise ConfigError(f"variant '{variant['name']}': in-domain methods are {', '.join(IN_DOMAIN_METHODS)}.")
+        unknown = set(values) - set(accepted)
+        if unknown:
+            raise ConfigError(f"variant '{variant['name']}': unknown field(s) {', '.join(sorted(unknown))}.")
+        return OFSDPOConfig(**values) if self.kind == "in-domain" else ContinualConfig.from_flat(**values)
+
+    def cells(self) -> list[tuple[str, dict, str | None]]:
+        """(cell name, variant, domain): a variant per domain in-domain, a variant over all domains otherwise."""
+        if self.kind == "continual":
+            return [(v["name"], v, None) for v in self.variants]
+        return [(f"{v['name']}/{d}", v, d) for v in self.variants for d in self.domains]
+
+
+@dataclass
+class ExperimentCommandConfig:
+    """`ofsdpo experiment FILE`: how to run an experiment's file (the file itself is an ExperimentConfig)."""
+
+    experiment: Optional[str] = field(
+        default=None, metadata=_help("The experiment's YAML file (experiments/*.yaml); the first positional argument.")
+    )
+    seeds: Optional[str] = field(
+        default=None, metadata=_help("Comma-separated seeds (default: the file's, else 0,1,2).")
+    )
+    output_dir: Optional[str] = field(default=None, metadata=_help("Default: experiments-output/<name>."))
+    progress: bool = field(default=True, metadata=_help("Show progress bars (--no-progress hides them)."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not self.experiment:
+            raise ConfigError("the experiment's YAML file is required: ofsdpo experiment experiments/NAME.yaml")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

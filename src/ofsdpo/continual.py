@@ -8,8 +8,8 @@ pairs, and add `memory_size` held-out pairs to the memory (never trained on). Th
                 every domain seen; `--combine params|delta` says what is combined (see `combine.py`).
 - `dpo`, `ofs-dpo`: sequential training, one module carried through the domains (the forgetting baseline).
 - `dpo-replay`: sequential DPO whose stream mixes in `memory_size` training pairs of every earlier domain.
-- `lora-merge`: a fresh DPO LoRA per domain, merged with peft's `add_weighted_adapter(..., "cat")` (the exact
-                Σ ΔW/k), equal weights.
+- `lora-merge`: a fresh DPO LoRA per domain, merged with equal weights as the exact Σ ΔW/k (`combine_delta`: what
+                peft's `add_weighted_adapter(..., "cat")` computes).
 
 Resuming (`--resume`): every finished stage leaves `domains/<k>-<name>/stage/` (its report rows, the served module,
 the kept module, the combination weights and the reference's judged samples), written last-file-atomically; a
@@ -22,122 +22,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .checkpoint import list_checkpoints
-from .combine import combine_delta, combine_params, recursive_weights, search_lambda
-from .config import ConfigError, OFSDPOConfig, _help
+from .combine import combine_delta, combine_params, recursive_weights, search_lambda, search_simplex
+from .config import ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options, read_config_file
 from .data import DataError, PreferenceData, load_preference_data
 from .distributed import Processes
 from .scoring import heldout_scores
 from .models import load_model_and_tokenizer, resolve_device
+from .files import write_atomic, write_json
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
+from .plotting import plot_heatmap
 from .reference import ReferenceCache
 from .trainer import OFSDPOTrainer
 
 CONTINUAL_MARKERS = ("report.json", "domains")
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STAGE_METHOD = {"dpo": "dpo", "dpo-replay": "dpo", "lora-merge": "dpo", "ofs-dpo": "ofs-dpo", "cofs-dpo": "ofs-dpo"}
-
-
-@dataclass
-class DomainSpec:
-    name: str
-    train: str
-    heldout: str | None = None
-    memory: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "DomainSpec":
-        """NAME=TRAIN[,heldout=PATH][,memory=PATH]"""
-        name, sep, rest = text.partition("=")
-        parts = rest.split(",") if sep else []
-        if not name or not parts or not parts[0]:
-            raise ConfigError(f"--domain {text!r}: expected NAME=TRAIN[,heldout=PATH][,memory=PATH].")
-        spec = cls(name=name.strip(), train=parts[0].strip())
-        if not SAFE_NAME.fullmatch(spec.name):  # the name becomes domains/<k>-<name>/: it must stay inside
-            raise ConfigError(f"--domain {text!r}: the name {spec.name!r} must be letters, digits, '.', '_' or '-', "
-                              "starting with a letter or digit (it names a folder under --output-dir).")
-        for part in parts[1:]:
-            key, _, value = part.partition("=")
-            if key.strip() not in ("heldout", "memory") or not value:
-                raise ConfigError(f"--domain {text!r}: unknown part {part!r} (use heldout=PATH or memory=PATH).")
-            setattr(spec, key.strip(), value.strip())
-        return spec
-
-
-@dataclass
-class ContinualConfig(OFSDPOConfig):
-    method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge"] = field(
-        default="cofs-dpo", metadata=_help("cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.")
-    )
-    domain: list[str] = field(
-        default_factory=list,
-        metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order."),
-    )
-    max_steps_per_domain: int = field(default=-1, metadata=_help("Optimiser steps per domain (-1: its whole stream)."))
-    memory_size: int = field(default=8, metadata=_help("Held-out pairs per domain kept in memory to choose λ."))
-    heldout_size: int = field(
-        default=32, metadata=_help("Pairs held out from the end of a domain's stream when it has no heldout file.")
-    )
-    combine: Literal["params", "delta"] = field(
-        default="params", metadata=_help("params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.")
-    )
-    init: Literal["previous", "fresh"] = field(
-        default="previous", metadata=_help("Start each domain from the previous served module, or from scratch.")
-    )
-    judge_prompts: int = field(
-        default=0, metadata=_help("Held-out prompts judged per built-in domain after every stage (0: no judging).")
-    )
-    judge_max_new_tokens: int = field(
-        default=0, metadata=_help("Cap on the judged samples' length (0: each domain's own); lower is faster.")
-    )
-    lambda_grid: str = field(
-        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.domain:
-            raise ConfigError("--domain is required (NAME=TRAIN, once per domain).")
-        names = [s.name for s in self.domains]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"--domain names must be unique (got {', '.join(names)}).")
-        if self.memory_size < 1:
-            raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
-        if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
-            raise ConfigError(f"--max-steps-per-domain must be -1 or >= 1 (got {self.max_steps_per_domain}).")
-        if not all(0.0 <= x <= 1.0 for x in self.lambdas):
-            raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
-
-    @property
-    def domains(self) -> list[DomainSpec]:
-        return [DomainSpec.parse(text) for text in self.domain]
-
-    @property
-    def lambdas(self) -> list[float]:
-        try:
-            return [float(x) for x in self.lambda_grid.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--lambda-grid: expected comma-separated numbers (got {self.lambda_grid!r}).") from None
-
-    @staticmethod
-    def translate_yaml(values: dict) -> dict:
-        """YAML may list `domains: [{name, train, heldout, memory}]` instead of `domain: [NAME=TRAIN, …]`."""
-        if "domains" in values:
-            items = values.pop("domains") or []
-            values["domain"] = [item if isinstance(item, str) else
-                                ",".join([f"{item['name']}={item['train']}"] +
-                                         [f"{k}={item[k]}" for k in ("heldout", "memory") if item.get(k)])
-                                for item in items]
-        return values
 
 
 def _subset(pairs: list[dict], source: str) -> PreferenceData:
@@ -177,18 +83,22 @@ def _load_slot(model, name: str, lora, state: dict) -> None:
 class ContinualRunner:
     """Runs one method over the domains and writes `report.json`, the stage folders and the served adapter."""
 
-    def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None):
-        self.config = cfg = config
-        self.output_dir = Path(cfg.output_dir)
+    def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
+                 reference_scores: dict[str, list[float]] | None = None):
+        """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
+        several runners (the demo's methods, an experiment's seeds) judge the base model once."""
+        self.config = config
+        cfg = config.training
+        self.output_dir = Path(config.output_dir)
         held = [m for m in CONTINUAL_MARKERS if (self.output_dir / m).exists()]
-        if held and not (cfg.overwrite or cfg.resume):
+        if held and not (config.overwrite or config.resume):
             raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
                               "pass --resume to continue it or --overwrite to replace it.")
-        if cfg.resume:
+        if config.resume:
             self._check_resumable()
         self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
         self.device = self.processes.device or resolve_device(cfg.device)
-        if self.processes.sharded and cfg.judge_prompts:
+        if self.processes.sharded and config.judge_prompts:
             raise ConfigError("--judge-prompts is not supported under FSDP or DeepSpeed ZeRO-3: sampling runs a "
                               "different number of forwards on each process, which the all-gathers of the sharded "
                               "base cannot follow. Set --judge-prompts 0, or launch with configs/accelerate/ddp.yaml.")
@@ -201,11 +111,11 @@ class ContinualRunner:
 
             tokenizer = load_tokenizer(model.config._name_or_path, cfg.gguf_file, cfg.trust_remote_code)
         self.base, self.tokenizer = model, tokenizer
-        self.domains = [self._load_domain(spec) for spec in cfg.domains]
-        self._reference_scores: dict[str, list[float]] = {}
+        self.domains = [self._load_domain(spec) for spec in config.domains]
+        self._reference_scores = reference_scores if reference_scores is not None else {}
 
     def _load(self, source: str) -> PreferenceData:
-        cfg = self.config
+        cfg = self.config.training
         return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_split)
 
     def _load_domain(self, spec: DomainSpec) -> Domain:
@@ -249,7 +159,7 @@ class ContinualRunner:
                 if kept_state is not None:
                     kept.append(kept_state)
                 if cfg.method == "cofs-dpo":
-                    init_state = served if served_lora.r == cfg.lora_r else kept[-1]
+                    init_state = served if served_lora.r == cfg.training.lora_r else kept[-1]
                 elif cfg.method != "lora-merge":
                     init_state = served
                 for key, row in rows.items():
@@ -274,7 +184,7 @@ class ContinualRunner:
                 stage["weights"] = dict(zip([d.name for d in self.domains[:k + 1]], weights))
             elif cfg.method == "lora-merge":
                 kept.append(final)
-                served, served_lora = self._peft_merge(model, lora, kept)
+                served, served_lora = self._materialise(lora, kept, [1.0 / len(kept)] * len(kept), "delta")
                 stage["weights"] = {d.name: 1.0 / len(kept) for d in self.domains[:k + 1]}
             else:
                 served, served_lora, init_state = final, lora, final
@@ -294,8 +204,8 @@ class ContinualRunner:
         if main:
             write_adapter(served_lora, served, out)
             self.tokenizer.save_pretrained(out)
-            (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-            (out / "report.txt").write_text(format_table(report), encoding="utf-8")
+            write_json(out / "report.json", report)
+            write_atomic(out / "report.txt", format_table(report))
             plot_heatmap(report, out / "heatmap.png")
         self.processes.barrier()
         return report
@@ -309,12 +219,9 @@ class ContinualRunner:
         saved_path = self.output_dir / "config.yaml"
         if not saved_path.is_file():
             raise ConfigError(f"--resume: {self.output_dir} holds no continual run (no config.yaml).")
-        from .config import read_config_file
-
         saved = read_config_file(saved_path, ContinualConfig)
         now = self.config.to_dict()
-        ignored = {"resume", "overwrite", "progress", "device", "output_dir"}
-        changed = sorted(k for k in set(saved) | set(now) if k not in ignored and saved.get(k) != now.get(k))
+        changed = changed_options(saved, now, {"resume", "overwrite", "progress", "device", "output_dir"})
         if changed:
             raise ConfigError(f"--resume: {saved_path} was written with other options ({', '.join(changed)}); "
                               "resume with the same options, or pass --overwrite to start again.")
@@ -331,9 +238,7 @@ class ContinualRunner:
 
                 save_file({n: t.detach().contiguous().cpu() for n, t in kept_state.items()}, folder / "kept.safetensors")
             record = {"stage": stage, "rows": rows, "weights": weights, "reference_scores": self._reference_scores}
-            partial = folder / "stage.json.tmp"
-            partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
-            os.replace(partial, folder / "stage.json")
+            write_json(folder / "stage.json", record)
         self.processes.barrier()
 
     def _load_stage(self, k: int):
@@ -354,23 +259,21 @@ class ContinualRunner:
 
     def _stage_trainer(self, k: int, domain: Domain, base) -> OFSDPOTrainer:
         cfg = self.config
-        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(OFSDPOConfig)}
         folder = self._stage_dir(k)
         resume = cfg.resume and bool(list_checkpoints(folder / "checkpoints"))  # the interrupted stage, if it saved
-        values.update(method=STAGE_METHOD[cfg.method], data=None, eval_data=None, resume=resume, overwrite=True,
+        values = dict(cfg.training.to_dict(), method=STAGE_METHOD[cfg.method], resume=resume, overwrite=True,
                       output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
-                      eval_steps=cfg.eval_steps or cfg.chase_interval)
+                      eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
         train = domain.train
         if cfg.method == "dpo-replay" and k > 0:
             train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
                                                       for p in d.train.pairs[:cfg.memory_size]]), domain.name)
-        trainer = OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=train, tokenizer=self.tokenizer,
-                                eval_data=domain.test)
-        trainer.eval_reference = domain.test_reference  # scored once for every stage and the report
-        return trainer
+        # the held-out pairs' reference log-probs are scored once, for every stage and the report
+        return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=train, tokenizer=self.tokenizer,
+                             eval_data=domain.test, eval_reference=domain.test_reference)
 
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
-        cfg = self.config
+        cfg = self.config.training
         _load_slot(model, name, lora, state)
         return heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
                               cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
@@ -393,16 +296,17 @@ class ContinualRunner:
                     builtin, max_new_tokens=min(builtin.max_new_tokens, self.config.judge_max_new_tokens))
             records = builtin.prompts("heldout")[:self.config.judge_prompts]
             if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
-                with common_random_numbers(self.config.seed, device):
+                with common_random_numbers(self.config.training.seed, device):
                     self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
-            with common_random_numbers(self.config.seed, device):  # the same draws as the reference's samples
+            with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
                 results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
                                           ref_scores=self._reference_scores[d.name]))
         return results
 
-    def _materialise(self, lora, states: list[dict], weights: list[float]):
-        """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling."""
-        if self.config.combine == "params":
+    def _materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
+        """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling (the exact
+        Σ λ ΔW, what peft's `add_weighted_adapter(..., "cat")` computes)."""
+        if (combine or self.config.combine) == "params":
             return combine_params(states, weights), lora
         combined = copy.deepcopy(lora)
         combined.r = lora.r * len(states)
@@ -421,27 +325,20 @@ class ContinualRunner:
         return sum(losses) / total, sum(accs) / total
 
     def _choose_weights(self, model, lora, kept, previous, k):
+        """(weights over the kept modules, λ or None, every scored point) by the lowest memory DPO loss (SPEC §4)."""
         if k == 0:
             return [1.0], None, []
 
-        def score(lam: float):
-            state, candidate_lora = self._materialise(lora, kept, recursive_weights(previous, lam))
+        def score(weights: list[float]):
+            state, candidate_lora = self._materialise(lora, kept, weights)
             return self._memory_scores(model, candidate_lora, state, k)
 
-        lam, table = search_lambda(self.config.lambdas, score)
+        if self.config.search == "simplex":  # the pairwise candidates first: never worse than the recursion
+            candidates = [recursive_weights(previous, lam) for lam in self.config.lambdas]
+            weights, table = search_simplex(k + 1, score, self.config.search_budget, include=candidates)
+            return weights, None, table
+        lam, table = search_lambda(self.config.lambdas, lambda lam: score(recursive_weights(previous, lam)))
         return recursive_weights(previous, lam), lam, table
-
-    def _peft_merge(self, model, lora, states: list[dict]):
-        names = [f"merge{i}" for i in range(len(states))]
-        for name, state in zip(names, states):
-            model.add_adapter(name, lora)
-            load_adapter_state(model, name, state)
-        model.add_weighted_adapter(names, [1.0 / len(states)] * len(states), "merged", combination_type="cat")
-        merged, merged_lora = adapter_state(model, "merged"), copy.deepcopy(model.peft_config["merged"])
-        activate(model, next(n for n in model.peft_config if n not in names + ["merged"]))
-        for name in names + ["merged"]:
-            model.delete_adapter(name)
-        return merged, merged_lora
 
     def _report(self, stages: list[dict], matrix: dict) -> dict:
         names, acc, loss = [d.name for d in self.domains], matrix["accuracy"], matrix["loss"]
@@ -459,7 +356,9 @@ class ContinualRunner:
                                              for j in judged if j < last}}
         return {**extra,
             "method": self.config.method, "combine": self.config.combine, "init": self.config.init,
-            "search": "pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid",
+            "search": ("pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid"
+                       if self.config.search == "pairwise" else
+                       f"simplex: Σ λ_k θ_k over all kept modules, at most {self.config.search_budget} points"),
             "domains": names, "stages": stages, "matrix": matrix,
             "cl/avg_accuracy": sum(acc[last]) / len(names), "cl/avg_loss": sum(loss[last]) / len(names),
             "cl/forgetting": forgetting, "cl/forgetting_loss": forgetting_loss,
@@ -502,26 +401,3 @@ def format_table(report: dict) -> str:
         lines.append(f"cl/avg_judge_score {report['cl/avg_judge_score']:+.3f}   cl/forgetting_judge " +
                      ", ".join(f"{k} {v:+.3f}" for k, v in report["cl/forgetting_judge"].items()))
     return "\n".join(lines) + "\n"
-
-
-def plot_heatmap(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    acc = report["matrix"]["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(report["domains"]), 1.2 + 0.8 * len(acc)))
-    image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(report["domains"])), report["domains"])
-    ax.set_yticks(range(len(acc)), [f"{s['stage']}-{s['domain']}" for s in report["stages"]])
-    ax.set_xlabel("evaluated on domain")
-    ax.set_ylabel("after stage")
-    for i, row in enumerate(acc):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
-    ax.set_title(f"{report['method']}: held-out preference accuracy")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -35,6 +35,10 @@ def preference_margin(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) 
     return chosen_logps - rejected_logps
 
 
+CHASE_FORMS = ("minmax", "symmetric", "proximal")
+"""The accepted `form`s of `chase_loss` (SPEC §3); config's `chase_form` choices."""
+
+
 def chase_loss(
     leader_chosen_logps: torch.Tensor,
     leader_rejected_logps: torch.Tensor,
@@ -45,24 +49,44 @@ def chase_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast-slow chasing regulariser of OFS-DPO (SPEC §3), with its stop-gradients.
 
-    L_FS(A, B) = -log σ(β(h_A - h_B)); π_ref cancels, so no reference log-probs are needed.
+    `beta` is the chase temperature β_c (`--chase-beta`, by default the DPO β). With margins
+    h = log π(y_w) − log π(y_l) (π_ref cancels, so no reference log-probs are needed) and Δ = h_P − h_Q:
 
-    Returns `(leader_losses, chaser_losses, gap_losses)`, each `(B,)`:
-      - leader_losses = L_FS(P, sg Q): gradient only on the leader P (it wants to stay preferred over Q).
-      - chaser_losses, gradient only on the chaser Q:
-          minmax:    -L_FS(sg P, Q) = log σ(β(h_P - h_Q))   (Q maximises the shared objective: min-max game)
-          symmetric:  L_FS(Q, sg P) = -log σ(β(h_Q - h_P))  (Q tries to be preferred over P; non-saturating)
-      - gap_losses = L_FS(P, Q), detached: the value to log as `chase/loss`.
+        L_FS(A, B) = −log σ(β_c (h_A − h_B))
+
+    Returns `(leader_losses, chaser_losses, gap_losses)`, each `(B,)`; the leader's term has gradient only on the
+    leader P, the chaser's only on the chaser Q:
+      - minmax:    leader  L_FS(P, sg Q) = −log σ(β_c Δ);   chaser −L_FS(sg P, Q) = log σ(β_c Δ)
+                   (Q maximises the shared objective: the min-max game)
+      - symmetric: leader  L_FS(P, sg Q);                    chaser  L_FS(Q, sg P) = −log σ(−β_c Δ)
+                   (Q tries to be preferred over P; non-saturating)
+      - proximal:  leader  ½ (β_c (h_P − sg h_Q))²;          chaser  ½ (β_c (h_Q − sg h_P))²
+                   (each module is pulled toward the other: d/dh_self = β_c² (h_self − h_other), so the module
+                   that is ahead is pulled back and the one behind pulled forward; zero gradient when equal)
+      - gap_losses = L_FS(P, Q) = −log σ(β_c Δ), detached, for every form: the value to log as `chase/loss`
+        (below log 2 while the leader is ahead), comparable across forms.
     The caller adds α·(leader_losses + chaser_losses) to the two modules' DPO losses and calls backward once.
+
+    Why a form that can change sign: minmax and symmetric are functions of Δ only, so each module's gradient is
+    its own margin gradient ∇h times a weight of one fixed sign, the sign of its own DPO weight −β σ(−β h)
+    (leader −β_c σ(−β_c Δ); chaser −β_c σ(−β_c Δ) in minmax, −β_c σ(β_c Δ) in symmetric: always "raise your
+    own margin"): a per-example re-weighting of the DPO gradient, σ(·) ∈ (0.43, 0.57) while |Δ| < 3 nats at
+    β_c = 0.1. At the start both modules equal π_ref (Δ = 0 and every DPO margin 0), so the first gradient is
+    exactly the α = 0 gradient times 1 + α β_c / β (the same Adam step). The proximal weight
+    β_c² (h_self − h_other) has the sign of the gap; it is 0 at the start and grows as the modules part.
     """
-    if form not in ("minmax", "symmetric"):
-        raise ValueError(f"chase form must be 'minmax' or 'symmetric', got {form!r}")
+    if form not in CHASE_FORMS:
+        raise ValueError(f"chase form must be one of {', '.join(map(repr, CHASE_FORMS))}; got {form!r}")
     h_leader = preference_margin(leader_chosen_logps, leader_rejected_logps)
     h_chaser = preference_margin(chaser_chosen_logps, chaser_rejected_logps)
-    leader_losses = -F.logsigmoid(beta * (h_leader - h_chaser.detach()))
-    if form == "minmax":
-        chaser_losses = F.logsigmoid(beta * (h_leader.detach() - h_chaser))
+    if form == "proximal":
+        leader_losses = 0.5 * (beta * (h_leader - h_chaser.detach())) ** 2
+        chaser_losses = 0.5 * (beta * (h_chaser - h_leader.detach())) ** 2
     else:
-        chaser_losses = -F.logsigmoid(beta * (h_chaser - h_leader.detach()))
+        leader_losses = -F.logsigmoid(beta * (h_leader - h_chaser.detach()))
+        if form == "minmax":
+            chaser_losses = F.logsigmoid(beta * (h_leader.detach() - h_chaser))
+        else:
+            chaser_losses = -F.logsigmoid(beta * (h_chaser - h_leader.detach()))
     gap_losses = -F.logsigmoid(beta * (h_leader - h_chaser)).detach()
     return leader_losses, chaser_losses, gap_losses

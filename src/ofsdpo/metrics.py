@@ -5,6 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# TRL's per-module statistics of a DPO step; under ofs-dpo each is namespaced by the module (`fast/`, `slow/`)
+MODULE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+
+
+def module_key(method: str, module: str, stat: str) -> str:
+    """The one place metric names are built: `loss` for dpo's only module, `fast/loss` for ofs-dpo's."""
+    return stat if method == "dpo" else f"{module}/{stat}"
+
+
+def step_stat_keys(method: str, modules) -> list[str]:
+    """The summed statistics of an optimiser step, in a fixed order (every process sums the same list)."""
+    if method == "dpo":
+        return [*MODULE_STATS, "num_tokens"]
+    return ["loss", *(module_key(method, m, k) for m in modules for k in MODULE_STATS), "chase/loss", "num_tokens"]
+
 
 class MetricsLogger:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
@@ -38,3 +54,14 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_curve(paths: str | Path | list[str | Path], key: str, *fallbacks: str) -> list:
+    """One metric per logged step, from one metrics.jsonl or several read one after another (a continual run's
+    stages): each row's `key`, else its first present fallback (e.g. `read_curve(p, "fast/loss", "loss")`: the
+    fast module's loss under ofs-dpo, the module's under dpo), else None."""
+    curve = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for row in read_metrics(path):
+            curve.append(next((row[k] for k in (key, *fallbacks) if k in row), None))
+    return curve

@@ -25,8 +25,13 @@ class ReferenceCache:
         self.computed_pairs = 0  # how many reference scorings ran: each pair exactly once
         self._on_device: dict = {}  # device -> (chosen, rejected) copies for `get`; emptied when the cache changes
 
+    def grow_to(self, num_pairs: int) -> None:
+        """Room for `num_pairs` pairs in all (on-policy rounds add pairs as they are generated)."""
+        if num_pairs > len(self.chosen):
+            self.extend(num_pairs - len(self.chosen))
+
     def extend(self, count: int) -> None:
-        """Room for `count` more pairs (on-policy rounds add pairs as they are generated)."""
+        """Room for `count` more pairs."""
         pad = torch.full((count,), float("nan"), dtype=torch.float32)
         self.chosen, self.rejected = torch.cat([self.chosen, pad]), torch.cat([self.rejected, pad.clone()])
         self._on_device.clear()
@@ -54,6 +59,25 @@ class ReferenceCache:
                 self.rejected[chunk] = rejected.float().cpu()
         self.computed_pairs += len(todo)
         self._on_device.clear()
+
+    def fill_shared(self, model, pairs: list[dict], indices: list[int], processes, pad_token_id: int,
+                    batch_size: int, chunk_size: int, make_batch) -> None:
+        """`fill` with several processes: each scores a share, then all share all. Under a sharded base every
+        process runs as many forwards as the busiest (the all-gathers must match): the surplus ones run on
+        `make_batch(indices)` of a stand-in pair, their values unused."""
+        todo = self.missing(indices)
+        mine = todo[processes.index::processes.count]
+        self.fill(model, pairs, mine, pad_token_id, batch_size, chunk_size)
+        if processes.sharded and todo:
+            batches = [-(-len(share) // batch_size) for share in (todo[0::processes.count], mine)]
+            with reference_mode(model):
+                for _ in range(batches[0] - batches[1]):
+                    concatenated_forward(model, make_batch(todo[:1]), chunk_size)
+        if processes.distributed and todo:
+            scored = torch.stack([self.chosen[todo], self.rejected[todo]]).nan_to_num(0.0)
+            scored = processes.sum(scored)  # each pair was scored by exactly one process
+            self.set(todo, scored[0], scored[1])
+            self.computed_pairs += len(todo) - len(mine)
 
     def set(self, indices: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         """Store scores computed elsewhere (another process's share of a round)."""

@@ -4,6 +4,7 @@ samples (judge score, win rate, KL) drawn with common random numbers."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -114,3 +115,35 @@ def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | Non
     return {"judge_score": sum(policy_scores) / n, "reference_judge_score": sum(ref_scores) / n,
             "win_rate": sum(wins) / n, "kl": (policy_logps - ref_logps).mean().item(),
             "response_words": sum(len(y.split()) for y in policy) / n}
+
+
+def select_served(names, eval_scores: dict[str, float] | None, online_losses: list[dict], window: int,
+                  leader: str) -> tuple[str, str, dict[str, float]]:
+    """SPEC §3: serve the module with the better held-out DPO loss: on `eval_scores` ({module: loss on the eval
+    pairs}) when given, else on the mean online loss of the latest `window` rounds. Returns (module, basis, scores)."""
+    if len(names) == 1:
+        return names[0], "only module", eval_scores or {}
+    if eval_scores is not None:
+        scores, basis = eval_scores, "eval_data"
+    else:
+        finite = [r for r in online_losses if all(math.isfinite(r[n]) for n in names)]
+        recent = finite[-window:]  # rounds whose loss was NaN cannot rank the modules
+        if not recent:
+            return leader, "chasing leader (no round with a finite loss)", {}
+        scores = {n: sum(r[n] for r in recent) / len(recent) for n in names}
+        basis = f"online loss of the last {len(recent)} rounds"
+    return min(names, key=lambda n: scores[n]), basis, scores
+
+
+def regret_curve(online_losses: list[dict], order: list[int], position: int, final_losses: torch.Tensor,
+                 served: str) -> list[dict]:
+    """Empirical online regret (SPEC §5): the cumulative pre-update round loss of module `served` minus the final
+    module's loss on the same pairs. `final_losses[i]` is the final module's loss on stream pair i."""
+    curve, regret = [], 0.0
+    for i, record in enumerate(online_losses):
+        end = online_losses[i + 1]["position"] if i + 1 < len(online_losses) else position
+        hindsight = final_losses[order[record["position"]:end]].mean().item()
+        regret += record[served] - hindsight
+        curve.append({"round": record["round"], "online_loss": record[served], "final_loss": hindsight,
+                      "regret": regret})
+    return curve

@@ -1,7 +1,6 @@
 """`ofsdpo eval` on the tiny model: one row per (adapter, domain) with the base as a row of its own; a length judge
 stands in for the built-in ones (the tiny model's text is noise, which VADER scores as ties)."""
 
-import dataclasses
 import json
 import math
 
@@ -12,16 +11,10 @@ from transformers import AutoModelForCausalLM
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo import domains
 from ofsdpo.cli import main
+from ofsdpo.commands.eval import format_eval_table
 from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config, save_adapter
 
 TINY = ["--max-length", "64", "--max-prompt-length", "32", "--batch-size", "4", "--no-progress", "--seed", "0"]
-
-
-@pytest.fixture
-def length_judged(monkeypatch):
-    for name, domain in list(domains.DOMAINS.items()):
-        monkeypatch.setitem(domains.DOMAINS, name, dataclasses.replace(
-            domain, judge=lambda prompt, response, meta: float(len(response)), max_new_tokens=5))
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +37,32 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
                  "--domain", "concise", "--data", f"sentiment={pairs}", "--judge-prompts", "3",
                  "--pair-prompts", "3", "--samples-per-prompt", "2", "--json", str(out), *TINY])
     assert code == 0
-    table = capsys.readouterr().out
-    assert "win rate" in table and str(adapter_dir) in table
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [(r["adapter"], r["domain"]) for r in rows] == [
         ("base", "sentiment"), (str(adapter_dir), "sentiment"), ("base", "concise"), (str(adapter_dir), "concise")]
+    # the printed table is the JSON's rows, one line each under the header
+    printed = capsys.readouterr().out
+    assert printed == format_eval_table(rows) + f"results written to {out}\n"
+    lines = printed.splitlines()
+    assert len(lines) == 1 + len(rows) + 1 and "win rate" in lines[0]
+    for line, row in zip(lines[1:], rows):
+        assert line.split() == [row["adapter"], row["domain"], f"{row['loss']:.4f}", f"{row['accuracy']:.3f}",
+                                f"{row['judge_score']:+.3f}", f"{row['win_rate']:.3f}", f"{row['kl']:.3f}",
+                                f"{row['response_words']:.1f}"]
     base, adapted = rows[0], rows[1]
     assert base["pairs"] == 6 and base["pairs_source"] == str(pairs)
     assert base["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(base["kl"]) < 1e-4  # the base is π_ref
     assert abs(adapted["loss"] - math.log(2)) > 1e-4 and abs(adapted["kl"]) > 1e-4
     for row in rows:
-        assert {"judge_score", "win_rate", "kl", "response_words"} <= set(row)
-        assert 0.0 <= row["win_rate"] <= 1.0
-    assert rows[2]["pairs_source"] == "generated"
+        assert row["judge_prompts"] == 3
+        if row["adapter"] == "base":  # the base draws the reference's very samples (common random numbers): a tie
+            assert row["win_rate"] == 0.5 and row["judge_score"] == row["reference_judge_score"]
+        # three prompts, a tie counting half: the win rate is a whole number of half-wins out of three
+        assert row["win_rate"] * 6 == pytest.approx(round(row["win_rate"] * 6))
+    for base_row, adapter_row in (rows[0:2], rows[2:4]):  # one set of reference samples per domain, for every row
+        assert adapter_row["reference_judge_score"] == base_row["reference_judge_score"]
+    assert rows[2]["pairs_source"] == "generated" and rows[2]["pairs"] > 0 and "loss" in rows[2]
 
 
 @pytest.mark.parametrize("flags, message", [

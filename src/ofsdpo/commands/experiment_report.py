@@ -1,10 +1,19 @@
-"""Tables (aggregate.md) and plots of an experiment's aggregate: every figure is mean ± sample std over seeds."""
+"""An experiment's outputs: the aggregate over seeds (mean and sample std of every number), aggregate.json,
+aggregate.md (the tables) and the plots; every figure is mean ± sample std over seeds.
+
+Imports run one way: `experiment` (the runs) imports this module; this one needs only the config and plotting.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Any
 
-from .experiments import ExperimentConfig, fmt
+from ..config import ExperimentConfig
+from ..files import write_atomic, write_json
+from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
 
 IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rate vs ref", False),
                      ("kl", "KL to ref", True), ("heldout_loss", "held-out DPO loss", False),
@@ -12,12 +21,60 @@ IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rat
                      ("response_words", "words", False), ("swaps", "swaps", False))
 
 
+# --- aggregation over seeds ------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n − 1; 0 for one value) of the non-missing values."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "n": len(values), "values": values}
+
+
+def aggregate(results: list[Any]) -> Any:
+    """Mean ± std over seeds of every number in nested seed results: dicts by key, lists by position (curves are
+    cut to the shortest seed), numbers to `mean_std`; anything else is kept if every seed agrees."""
+    present = [r for r in results if r is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in present for k in r))
+        return {k: aggregate([r.get(k) for r in present]) for k in keys}
+    if isinstance(first, list):
+        length = min(len(r) for r in present)
+        return [aggregate([r[i] for r in present]) for i in range(length)]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return mean_std(present)
+    return first if all(r == first for r in present) else present
+
+
+def fmt(stat: dict | None, sign: bool = True, digits: int = 3) -> str:
+    """`mean ± std` of a `mean_std` result; '-' when missing."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    mean = f"{stat['mean']:+.{digits}f}" if sign else f"{stat['mean']:.{digits}f}"
+    return f"{mean} ± {stat['std']:.{digits}f}"
+
+
+def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict[int, dict]]) -> dict:
+    """aggregate.json (cells: the aggregate per cell; per_seed: the results), then the plots and aggregate.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = {cell: aggregate(list(by_seed.values())) for cell, by_seed in results.items()}
+    summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
+               "seeds": config.seeds, "config": dataclasses.asdict(config), "cells": cells,
+               "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()}}
+    write_json(out / "aggregate.json", summary)
+    plots = plot_experiment(out, config, cells)
+    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots))
+    return summary
+
+
+# --- tables ----------------------------------------------------------------------------------------------------------
 def _variants(config: ExperimentConfig) -> list[str]:
     return [v["name"] for v in config.variants]
-
-
-def _means(series: list[dict]) -> tuple[list[float], list[float]]:
-    return [p["mean"] for p in series], [p["std"] for p in series]
 
 
 def _scale(config: ExperimentConfig) -> str:
@@ -91,58 +148,31 @@ def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
 
 # --- plots -----------------------------------------------------------------------------------------------------------
 def plot_experiment(out: Path, config: ExperimentConfig, cells: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     if config.kind == "in-domain":
         return [_plot_curves(out, config, cells), _plot_reward_kl(out, config, cells)]
     return [_plot_matrices(out, config, cells), _plot_train_curves(out, config, cells)]
 
 
-def _band(ax, series: list[dict], label: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    mean, std = _means(series)
-    steps = range(1, len(mean) + 1)
-    line, = ax.plot(steps, mean, label=label)
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                    color=line.get_color(), alpha=0.2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps are whole numbers
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
-
-
 def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
-    import matplotlib.pyplot as plt
-
     n = len(config.domains)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 6.4), squeeze=False)
+    fig, axes = pyplot().subplots(2, n, figsize=(4.2 * n, 6.4), squeeze=False)
     for j, domain in enumerate(config.domains):
         for variant in _variants(config):
             cell = cells.get(f"{variant}/{domain}")
             if cell:
-                _band(axes[0][j], cell["online_loss_curve"], variant)
-                _band(axes[1][j], cell["regret_curve"], variant)
+                band(axes[0][j], cell["online_loss_curve"], variant)
+                band(axes[1][j], cell["regret_curve"], variant)
         axes[0][j].set_title(domain)
         axes[0][j].set_ylabel("pre-update DPO loss (served module)")
         axes[1][j].set_ylabel("cumulative online regret")
         axes[1][j].set_xlabel("online round (= optimiser step)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{config.name}: learning and regret curves (mean ± std over seeds)")
-    return _save(fig, out / f"{config.name}-curves.png")
+    return save(fig, out / f"{config.name}-curves.png")
 
 
 def _plot_reward_kl(out: Path, config: ExperimentConfig, cells: dict) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6, 4.2))
     markers = "osD^v<>p*h"
     for i, variant in enumerate(_variants(config)):
         for j, domain in enumerate(config.domains):
@@ -155,37 +185,17 @@ def _plot_reward_kl(out: Path, config: ExperimentConfig, cells: dict) -> str:
     ax.set_ylabel("judge score")
     ax.legend(fontsize=7)
     ax.set_title(f"{config.name}: judge score vs KL at the end (mean ± std)")
-    return _save(fig, out / f"{config.name}-reward_kl.png")
+    return save(fig, out / f"{config.name}-reward_kl.png")
 
 
 def _plot_matrices(out: Path, config: ExperimentConfig, cells: dict) -> str:
-    import matplotlib.pyplot as plt
-
-    variants = [v for v in _variants(config) if v in cells]
-    names = config.domains
-    fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.6), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
-        matrix = cells[variant]["judge_matrix"]
-        ax.imshow([[v["mean"] for v in row] for row in matrix], cmap="viridis", vmin=-1, vmax=1)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_yticks(range(len(names)), [f"after {n}" for n in names])
-        for i, row in enumerate(matrix):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v['mean']:+.2f}\n±{v['std']:.2f}", ha="center", va="center", fontsize=8,
-                        color="w" if v["mean"] < 0.3 else "k")
-        ax.set_title(variant)
-    fig.suptitle(f"{config.name}: judge score after each stage (mean ± std over seeds)")
-    return _save(fig, out / f"{config.name}-judge_matrices.png")
+    matrices = {v: cells[v]["judge_matrix"] for v in _variants(config) if v in cells}
+    return plot_judge_matrices(matrices, config.domains, out / f"{config.name}-judge_matrices.png", height=3.6,
+                               title=f"{config.name}: judge score after each stage (mean ± std over seeds)")
 
 
 def _plot_train_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for variant in _variants(config):
-        if variant in cells:
-            _band(ax, cells[variant]["train_loss_curve"], variant)
-    ax.set_xlabel("optimiser step (domains in order: " + " → ".join(config.domains) + ")")
-    ax.set_ylabel("training DPO loss (fast module)")
-    ax.legend(fontsize=7)
-    return _save(fig, out / f"{config.name}-train_curves.png")
+    curves = {v: cells[v]["train_loss_curve"] for v in _variants(config) if v in cells}
+    return plot_curves(curves, out / f"{config.name}-train_curves.png",
+                       "optimiser step (domains in order: " + " → ".join(config.domains) + ")",
+                       "training DPO loss (fast module)", figsize=(7, 3.6), legend_fontsize=7)

@@ -11,20 +11,18 @@ reference cache per domain, one set of reference samples per domain, and the sam
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from transformers import set_seed
 
-from .config import EvalConfig
-from .data import PreferenceData, load_preference_data
-from .domains import BuiltinDomain, get_domain
-from .scoring import common_random_numbers, heldout_scores, judge_eval, reference_samples
-from .generation import make_pairs
-from .models import load_model_and_tokenizer, resolve_device
-from .modules import lora_config
-from .reference import ReferenceCache
+from ..config import EvalConfig
+from ..data import PreferenceData, load_preference_data
+from ..domains import BuiltinDomain, get_domain
+from ..files import write_json
+from ..generation import make_pairs
+from ..models import load_model_and_tokenizer, resolve_device
+from ..modules import lora_config
+from ..reference import ReferenceCache
+from ..scoring import common_random_numbers, heldout_scores, judge_eval, reference_samples
 
 BASE_ROW = "base"
 COLUMNS = (("loss", "dpo loss", "{:.4f}"), ("accuracy", "pref acc", "{:.3f}"), ("judge_score", "judge", "{:+.3f}"),
@@ -90,8 +88,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             rows.append({"adapter": label, **row, "pairs_source": files.get(domain.name, "generated")})
     result = {"model": name, "beta": cfg.beta, "seed": cfg.seed, "rows": rows}
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        write_json(cfg.json, result)
     return result
 
 

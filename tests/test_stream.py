@@ -1,21 +1,11 @@
-"""On-policy online DPO: each round's pairs are sampled from the current policy and labelled by the judge."""
-
-import dataclasses
+"""The on-policy stream (stream.py): each round's pairs are sampled from the current policy and labelled by the judge."""
 
 import pytest
 import torch
 
-from ofsdpo import OFSDPOTrainer, domains
+from ofsdpo import OFSDPOTrainer
 from ofsdpo.metrics import read_metrics
 from ofsdpo.modules import adapter_state
-
-
-@pytest.fixture
-def length_judged(monkeypatch):
-    """The tiny model writes noise, which VADER scores as ties: judge by length instead."""
-    domain = domains.DOMAINS["concise"]
-    monkeypatch.setitem(domains.DOMAINS, "concise", dataclasses.replace(
-        domain, judge=lambda prompt, response, meta: float(len(response)), max_new_tokens=5))
 
 
 def test_rounds_are_generated_from_the_policy(make_config, length_judged):
@@ -38,7 +28,7 @@ def test_on_policy_resume_ends_identical(make_config, tmp_path, monkeypatch, len
     original = OFSDPOTrainer._after_step
 
     def crash(self, row, seconds):
-        if self.step == 3:
+        if self.state.step == 3:
             raise RuntimeError("crash")
         return original(self, row, seconds)
 

@@ -1,0 +1,41 @@
+"""Everything a resumed run needs besides tensors: one dataclass, saved as `trainer_state.json` by `to_dict` and
+read back by `from_dict` (the tensors — adapters, optimiser, reference cache, RNG — travel beside it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .chasing import ChaseState
+
+
+@dataclass
+class TrainerState:
+    method: str
+    num_pairs: int = 0  # pairs in the stream (on-policy: generated so far)
+    data_fingerprint: Optional[str] = None  # hash of the tokenized stream (None on-policy)
+    step: int = 0  # optimiser steps done
+    position: int = 0  # pairs of the stream consumed
+    round_end: int = 0  # stream position where the current round ends
+    prompt_position: int = 0  # on-policy: prompts used
+    ties_skipped: int = 0  # on-policy: prompts whose best and worst samples tied
+    num_tokens: int = 0
+    online_losses: list[dict] = field(default_factory=list)  # each round's pre-update loss per module (SPEC §5)
+    chase: ChaseState = field(default_factory=ChaseState)
+    reference_computed_pairs: int = 0
+    nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0
+    generated_pairs: Optional[list[dict]] = None  # on-policy: the pairs generated so far are part of the state
+    best: Optional[dict[str, Any]] = None  # step, loss and accuracy of the best fast module (its weights: adapters)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainerState":
+        """Keys this version does not know are ignored; missing ones (older checkpoints) take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        values["chase"] = ChaseState.from_state_dict(values.get("chase") or ChaseState().state_dict())
+        return cls(**values)

@@ -1,0 +1,227 @@
+"""Paired statistics over seeds for the experiment reports: pure Python (and torch for the bootstrap), no scipy.
+
+- `t_quantile(p, df)` / `t_cdf(t, df)`: Student's t, from the regularised incomplete beta function
+  (continued fraction) inverted by bisection; a Cornish–Fisher expansion for df > 10^5 and the normal for df = ∞.
+- `mean_sd(values)`: mean and sample sd.
+- `paired_difference(method, baseline)`: method − baseline paired by seed, with a t interval over seeds.
+- `bootstrap_ci(per_seed_unit_differences)`: a percentile bootstrap over units (pairs, prompts) within seeds.
+- `minimum_detectable_effect(sd, n)`: the smallest true mean difference a paired t-test over n seeds detects.
+
+Undefined quantities are `None`, never NaN or ±inf, so the results stay valid JSON: with one seed there is no
+sample sd and no t interval (sd, lower, upper, p_value and the minimum detectable effect are None).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from statistics import NormalDist
+
+import torch
+
+
+# --- Student's t ---------------------------------------------------------------------------------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes §6.4)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), a, b > 0, 0 ≤ x ≤ 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t ≥ 0: ½ I_{df/(df+t²)}(df/2, ½), computed without cancellation for large t."""
+    return 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for Student's t with `df` > 0 degrees of freedom (df = math.inf: the standard normal)."""
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if math.isinf(df):
+        return NormalDist().cdf(t)
+    tail = _t_upper_tail(abs(t), df)
+    return 1.0 - tail if t >= 0 else tail
+
+
+def _cornish_fisher(z: float, df: float) -> float:
+    """t quantile from the normal one (Abramowitz & Stegun 26.7.5), error O(df^-5): used for df > 10^5."""
+    z2 = z * z
+    g1 = (z2 + 1) * z / 4
+    g2 = ((5 * z2 + 16) * z2 + 3) * z / 96
+    g3 = (((3 * z2 + 19) * z2 + 17) * z2 - 15) * z / 384
+    g4 = ((((79 * z2 + 776) * z2 + 1482) * z2 - 1920) * z2 - 945) * z / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` > 0 degrees of freedom (any real df; math.inf: the normal).
+
+    Solves P(T > t) = 1 − p for the upper half by bisection on the exact tail (regularised incomplete beta), to
+    ~1e-12 relative; the lower half by symmetry. E.g. t_quantile(0.975, 4) = 2.7764, (0.975, 1) = 12.706.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    z = NormalDist().inv_cdf(p)
+    if math.isinf(df):
+        return z
+    if df > 1e5:
+        return _cornish_fisher(z, df)
+    tail = 1.0 - p
+    lo, hi = 0.0, max(z, 1.0)
+    while _t_upper_tail(hi, df) > tail:  # the t quantile is above the normal one: grow until bracketed
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_upper_tail(mid, df) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+# --- summaries over seeds ------------------------------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> float:
+    """Shifted mean: exactly the value when all values are equal."""
+    first = values[0]
+    return first + math.fsum(v - first for v in values) / len(values)
+
+
+def mean_sd(values: Sequence[float]) -> dict:
+    """{"mean", "sd", "n"}: the mean and the sample sd (n − 1 denominator; None for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_sd needs at least one value")
+    mean = _mean(values)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "sd": sd, "n": len(values)}
+
+
+def paired_difference(method_values: Sequence[float], baseline_values: Sequence[float],
+                      confidence: float = 0.95) -> dict:
+    """Method − baseline paired by seed (same order), with a Student-t interval over the n seeds.
+
+    d_i = method_i − baseline_i; mean d̄, sample sd s; interval d̄ ± t_{(1+c)/2, n−1} · s/√n; p_value is the
+    two-sided paired t-test of mean 0. Returns {"mean", "sd", "n", "lower", "upper", "se", "t", "p_value",
+    "confidence", "values"}. With n = 1 sd, se, lower, upper and p_value are None (no spread to estimate); a
+    constant difference (s = 0, n ≥ 2) gives lower = upper = mean and p_value 0 (or 1 if the mean is 0).
+    """
+    if len(method_values) != len(baseline_values):
+        raise ValueError(f"paired values need equal lengths: {len(method_values)} vs {len(baseline_values)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = [float(m) - float(b) for m, b in zip(method_values, baseline_values)]
+    summary = mean_sd(values)
+    mean, sd, n = summary["mean"], summary["sd"], summary["n"]
+    out = {"mean": mean, "sd": sd, "n": n, "lower": None, "upper": None, "se": None, "t": None, "p_value": None,
+           "confidence": confidence, "values": values}
+    if n < 2:
+        return out
+    se = sd / math.sqrt(n)
+    half = t_quantile((1.0 + confidence) / 2.0, n - 1) * se
+    out.update(se=se, lower=mean - half, upper=mean + half)
+    if se > 0:
+        out["t"] = mean / se
+        out["p_value"] = 2.0 * _t_upper_tail(abs(mean / se), n - 1)
+    else:
+        out["p_value"] = 1.0 if mean == 0 else 0.0
+    return out
+
+
+def bootstrap_ci(per_seed_unit_differences: Sequence[Sequence[float]], resamples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0, shared_units: bool = False) -> dict:
+    """Percentile bootstrap over units of the mean difference, averaged over seeds.
+
+    `per_seed_unit_differences[s][u]` is the method − baseline difference on unit u (a pair, a prompt) under
+    seed s. The statistic is the mean over seeds of each seed's mean over units. Each resample draws, with
+    replacement, as many units as each seed has, independently per seed (`shared_units=True`: one draw of unit
+    indices used by every seed, for units that are the same prompts under every seed; the seeds then need equal
+    unit counts). The interval is the (1 ∓ c)/2 percentiles (linear interpolation) of the resampled statistic.
+    It measures the uncertainty from the finite evaluation set only; the t interval of `paired_difference`
+    measures the seed-to-seed spread. Deterministic for a given `seed` (a torch CPU generator).
+
+    Returns {"mean", "lower", "upper", "resamples", "confidence", "n_seeds", "n_units"}.
+    """
+    if not per_seed_unit_differences or any(len(units) == 0 for units in per_seed_unit_differences):
+        raise ValueError("bootstrap_ci needs at least one seed, each with at least one unit")
+    if resamples < 1:
+        raise ValueError(f"resamples must be positive, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    seeds = [torch.tensor([float(v) for v in units], dtype=torch.float64) for units in per_seed_unit_differences]
+    sizes = [len(x) for x in seeds]
+    if shared_units and len(set(sizes)) != 1:
+        raise ValueError(f"shared_units needs the same number of units under every seed, got {sizes}")
+    mean = math.fsum(_mean(x.tolist()) for x in seeds) / len(seeds)
+
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, 2_000_000 // max(sizes))  # bound the index tensor to ~16 MB
+    statistics = []
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        total = torch.zeros(count, dtype=torch.float64)
+        shared = torch.randint(sizes[0], (count, sizes[0]), generator=generator) if shared_units else None
+        for x in seeds:
+            index = shared if shared_units else torch.randint(len(x), (count, len(x)), generator=generator)
+            total += x[index].mean(dim=1)
+        statistics.append(total / len(seeds))
+    statistics = torch.cat(statistics)
+    alpha = 1.0 - confidence
+    lower, upper = torch.quantile(statistics, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    return {"mean": mean, "lower": lower, "upper": upper, "resamples": resamples, "confidence": confidence,
+            "n_seeds": len(seeds), "n_units": sizes}
+
+
+def minimum_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The smallest true mean paired difference that a two-sided paired t-test at level `alpha` over `n` seeds
+    detects with probability ≈ `power`, given the sd of the per-seed differences:
+
+        MDE ≈ (t_{1−α/2, n−1} + t_{power, n−1}) · sd / √n
+
+    (the usual approximation that ignores the non-centrality of the t distribution; slightly optimistic for very
+    small n). E.g. n = 5, sd = 1: (2.776 + 0.941) / √5 = 1.66. None when n < 2 or sd is None (no sd estimate).
+    """
+    if sd is None or n < 2:
+        return None
+    if sd < 0:
+        raise ValueError(f"sd must be non-negative, got {sd}")
+    return (t_quantile(1.0 - alpha / 2.0, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)

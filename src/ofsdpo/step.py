@@ -1,0 +1,154 @@
+"""One optimiser step of DPO or OFS-DPO (SPEC §2-3).
+
+For each micro-batch: one concatenated forward per module (`fast` then `slow`, or `default`), the cached reference
+log-probs, the DPO losses, the chasing regulariser, and one backward for everything. Each module then clips its own
+gradient and has its own learning rate (one AdamW, a param group per module). A step whose loss or gradient is not
+finite moves nothing (no parameter, optimiser or schedule update), as AMP's GradScaler does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .chasing import ChaseState
+from .config import TrainingOptions
+from .data import PreferenceData, collate
+from .logprobs import concatenated_forward
+from .losses import chase_loss, dpo_loss
+from .metrics import module_key, step_stat_keys
+from .modules import activate
+from .reference import ReferenceCache
+
+
+def objective(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, method: str, cfg: TrainingOptions,
+              chase: ChaseState):
+    """Sum over the micro-batch of the modules' DPO losses plus α·(chasing terms); per-example stats.
+
+    `logps` maps each module to its `(chosen, rejected)` log-probs, `(B,)` each.
+    """
+    stats, total = {}, 0.0
+    for name, (chosen, rejected) in logps.items():
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+        total = total + losses.sum()
+        values = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                  "rewards/margins": chosen_rewards - rejected_rewards,
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                  "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+        stats.update({module_key(method, name, key): value for key, value in values.items()})
+    if method == "ofs-dpo":
+        leader_terms, chaser_terms, gap = chase_loss(*logps[chase.leader], *logps[chase.chaser],
+                                                     cfg.chase_temperature, cfg.chase_form)
+        if cfg.alpha > 0:  # SPEC §3: L_DPO(P) + α L_FS(P, sg Q) and L_DPO(Q) ∓ α L_FS(·) in one backward
+            total = total + cfg.alpha * (leader_terms.sum() + chaser_terms.sum())
+        stats["chase/loss"] = gap
+    return total, stats
+
+
+def lr_schedule(kind: str, warmup: int, total: int):
+    """The learning-rate factor of step `step`: linear warm-up, then constant, linear or cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class OptimiserStep:
+    """The step function: `step(data, reference, indices, chase)` trains on the pairs `indices` of the global batch
+    and returns the step's metrics row (means over its pairs, TRL's names) with `finite` (was the update applied)."""
+
+    def __init__(self, model, names, optimizer, scheduler, processes, method: str, config: TrainingOptions, device,
+                 pad_token_id: int):
+        self.model, self.names, self.optimizer, self.scheduler = model, names, optimizer, scheduler
+        self.processes, self.method, self.cfg, self.device, self.pad_token_id = (processes, method, config, device,
+                                                                                 pad_token_id)
+        self.trained_params = [p for group in optimizer.param_groups for p in group["params"]]  # swaps move data only
+
+    def batch(self, data: PreferenceData, indices: list[int]) -> dict:
+        batch = collate([data.pairs[i] for i in indices], self.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def __call__(self, data: PreferenceData, reference: ReferenceCache, indices: list[int], chase: ChaseState) -> dict:
+        sums = self._accumulate(data, reference, indices, chase)
+        self.processes.sum_gradients(self.trained_params)
+        keys = list(sums)
+        totals = self.processes.sum(torch.stack([sums[k].detach().float() for k in keys]))
+        norms = self._clip_gradients()
+        values = torch.cat([totals, torch.stack([n.float() for n in norms])]).tolist()  # one device sync
+        finite = all(math.isfinite(v) for v in values)  # losses, rewards, log-probs and gradient norms
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        summed = dict(zip(keys, values))
+        tokens = int(summed.pop("num_tokens"))
+        row = {k: v / len(indices) for k, v in summed.items()}
+        grad_norms = dict(zip(self.names, values[len(keys):]))
+        for group in self.optimizer.param_groups:
+            row[module_key(self.method, group["name"], "learning_rate")] = group["lr"]
+            row[module_key(self.method, group["name"], "grad_norm")] = grad_norms[group["name"]]
+        if self.method != "dpo":
+            row["grad_norm"] = math.sqrt(sum(v * v for v in grad_norms.values()))
+        row["num_tokens"], row["pairs"], row["finite"] = tokens, len(indices), finite
+        return row
+
+    def _clip_gradients(self) -> list[torch.Tensor]:
+        """Each module clips its own gradient, as its own learner; the norms are before clipping."""
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        return [torch.nn.utils.clip_grad_norm_(g["params"], max_norm) for g in self.optimizer.param_groups]
+
+    def _accumulate(self, data, reference, indices: list[int], chase: ChaseState) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch of this process; the summed statistics."""
+        cfg = self.cfg
+        # every process holds every statistic, in the same order, even with no pairs this step: they are summed
+        sums = {key: torch.zeros((), device=self.device) for key in step_stat_keys(self.method, self.names)}
+        mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
+        parts = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
+        if self.processes.sharded:  # all-gathers inside forward and backward: every process runs as many as the
+            parts += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(parts))  # busiest one
+        for part in parts:  # an empty part runs a stand-in pair: its loss / inf is 0, and so is its gradient
+            batch = self.batch(data, part or indices[:1])
+            divisor = len(indices) if part else math.inf  # mean over the step's pairs: accumulation-invariant
+            refs = reference.get(batch["index"], self.device)
+            if self.method == "ofs-dpo" and cfg.module_passes == "sequential":
+                total, stats = self._sequential_passes(batch, refs, divisor, chase)
+            else:
+                logps = {name: self._forward(name, batch) for name in self.names}
+                total, stats = objective(logps, *refs, self.method, cfg, chase)
+                (total / divisor).backward()
+            if not part:
+                continue
+            if self.method == "ofs-dpo":
+                sums["loss"] = sums["loss"] + total.detach()
+            for key, value in stats.items():
+                sums[key] = sums[key] + value.sum()
+            sums["num_tokens"] = sums["num_tokens"] + batch["attention_mask"].sum()
+        return sums
+
+    def _forward(self, name: str, batch: dict):
+        activate(self.model, name, self.names)
+        return concatenated_forward(self.model, batch, self.cfg.logprob_chunk_size)
+
+    def _sequential_passes(self, batch: dict, refs, divisor: float, chase: ChaseState):
+        """`--module-passes sequential`: the same gradients with one module's graph alive at a time. The modules
+        meet only through each other's detached log-probs (the stop-gradients of SPEC §3), so each module's
+        objective can be differentiated on its own once the other's values are known."""
+        first, second = self.names
+        with torch.no_grad():
+            second_values = self._forward(second, batch)  # with LoRA dropout, a mask of its own (joint shares one)
+        first_logps = self._forward(first, batch)
+        total, _ = objective({first: first_logps, second: tuple(v.detach() for v in second_values)}, *refs,
+                             self.method, self.cfg, chase)
+        (total / divisor).backward()  # only `first` is live: its part of the objective
+        first_values = tuple(v.detach() for v in first_logps)
+        del first_logps, total  # free the first graph before the second is built
+        total, stats = objective({first: first_values, second: self._forward(second, batch)}, *refs, self.method,
+                                 self.cfg, chase)
+        (total / divisor).backward()
+        return total, stats

@@ -1,0 +1,150 @@
+"""`ofsdpo experiment`: aggregation over seeds (fake results), the tables and plots, the shipped configs, the run
+keys (pinned: a finished run must stay recognised), and a tiny end-to-end run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds
+from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
+from ofsdpo.config import ConfigError, ExperimentConfig
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def test_mean_and_sample_std():
+    stat = mean_std([1.0, 2.0, 6.0])
+    assert stat["mean"] == pytest.approx(3.0) and stat["n"] == 3
+    assert stat["std"] == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1, "values": [5.0]}
+    assert mean_std([None, None])["mean"] is None
+
+
+def test_aggregate_walks_nested_seed_results():
+    seeds = [{"score": 0.1, "curve": [1.0, 2.0, 3.0], "matrix": [[0.0, 1.0]], "per": {"a": 1, "b": None},
+              "lambdas": [None, 0.5], "method": "dpo"},
+             {"score": 0.3, "curve": [3.0, 4.0], "matrix": [[2.0, 3.0]], "per": {"a": 3, "b": 2.0},
+              "lambdas": [None, 0.25], "method": "dpo"}]
+    agg = aggregate(seeds)
+    assert agg["score"]["mean"] == pytest.approx(0.2) and agg["score"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert [p["mean"] for p in agg["curve"]] == [2.0, 3.0]  # cut to the shortest seed
+    assert agg["matrix"][0][1]["mean"] == 2.0 and agg["per"]["a"]["mean"] == 2.0
+    assert agg["per"]["b"]["n"] == 1  # a missing value is skipped, not counted as 0
+    assert agg["lambdas"][0] is None and agg["lambdas"][1]["mean"] == pytest.approx(0.375)
+    assert agg["method"] == "dpo"
+
+
+def fake_in_domain(seed):
+    return {"judge_score": 0.1 * seed, "win_rate": 0.5, "kl": 1.0 + seed, "heldout_loss": 0.6, "heldout_accuracy": 0.5,
+            "online_regret": 0.2, "response_words": 10, "swaps": 0, "base_judge_score": 0.05,
+            "online_loss_curve": [0.69, 0.5], "regret_curve": [0.0, 0.2]}
+
+
+def fake_continual(seed):
+    names = ["sentiment", "critic"]
+    return {"judge_matrix": [[0.5, -0.5], [0.1 * seed, 0.4]], "final_judge": {"sentiment": 0.1 * seed, "critic": 0.4},
+            "avg_final_judge": 0.2, "forgetting_judge": {"sentiment": 0.5 - 0.1 * seed}, "avg_forgetting_judge": 0.4,
+            "avg_final_accuracy": 0.6, "avg_final_kl": 1.5, "lambdas": [0.5],
+            "base_judge_score": dict(zip(names, [0.1, -0.1])), "train_loss_curve": [0.69, 0.6, 0.5]}
+
+
+@pytest.mark.parametrize("kind", ["in-domain", "continual"])
+def test_write_aggregate_tables_and_plots(tmp_path, kind):
+    from PIL import Image
+
+    in_domain = kind == "in-domain"
+    config = ExperimentConfig(name="t", kind=kind, domains=["sentiment"] if in_domain else ["sentiment", "critic"],
+                              variants=[{"name": "dpo", "method": "dpo"}])
+    cell, fake = ("dpo/sentiment", fake_in_domain) if in_domain else ("dpo", fake_continual)
+    summary = write_aggregate(tmp_path, config, {cell: {s: fake(s) for s in (0, 1, 2)}})
+    written = json.loads((tmp_path / "aggregate.json").read_text())
+    assert written["cells"] == json.loads(json.dumps(summary["cells"]))
+    assert written["per_seed"][cell] == {str(s): fake(s) for s in (0, 1, 2)}
+    stats = written["cells"][cell]
+    stat = stats["judge_score" if in_domain else "avg_final_judge"]
+    assert stat["n"] == 3
+    text = (tmp_path / "aggregate.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| dpo |")]
+    assert len(table) == 1  # one row per variant (and domain)
+    if in_domain:  # the row is the aggregate's numbers, column by column
+        assert "+0.100 ± 0.100" in table[0]  # the judge scores of seeds 0, 1, 2: 0.0, 0.1, 0.2
+        assert table[0] == ("| dpo | sentiment | " + " | ".join(fmt(stats[key], sign) for key, sign in (
+            ("judge_score", True), ("win_rate", False), ("kl", True), ("heldout_loss", False),
+            ("heldout_accuracy", False), ("online_regret", True), ("response_words", False), ("swaps", False)))
+            + " |")
+        plots = ["t-curves.png", "t-reward_kl.png"]
+    else:
+        assert table[0].startswith(f"| dpo | {fmt(stats['final_judge']['sentiment'])} | "
+                                   f"{fmt(stats['final_judge']['critic'])} | {fmt(stats['avg_final_judge'])} |")
+        assert "+0.100 ± 0.100" in table[0]  # final sentiment scores 0.0, 0.1, 0.2
+        stages = [line for line in text.splitlines() if line.startswith(("| 1-sentiment |", "| 2-critic |"))]
+        assert stages == ["| 1-sentiment | +0.500 ± 0.000 | -0.500 ± 0.000 |",
+                          "| 2-critic | +0.100 ± 0.100 | +0.400 ± 0.000 |"]
+        plots = ["t-judge_matrices.png", "t-train_curves.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == plots
+    for name in plots:
+        assert f"({name})" in text
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_shipped_experiments_load_and_bad_variants_fail():
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        config = ExperimentConfig.from_yaml(path)
+        assert len(config.seeds) >= 3 and config.cells()
+    with pytest.raises(ConfigError, match="unknown field"):
+        ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
+    with pytest.raises(ConfigError, match="in-domain methods"):
+        ExperimentConfig(variants=[{"name": "x", "method": "cofs-dpo"}])
+    with pytest.raises(ConfigError, match="unknown field.*max_steps"):  # continual: steps are per domain
+        ExperimentConfig(kind="continual", variants=[{"name": "x", "method": "cofs-dpo", "max_steps": 3}])
+    continual = ExperimentConfig(kind="continual", variants=[{"name": "x", "method": "cofs-dpo", "alpha": 0.3}],
+                                 train={"lora_r": 2})
+    run = continual.run_config(continual.variants[0], 5, "o", ["sentiment=s.jsonl"], progress=False)
+    assert run.to_dict()["alpha"] == 0.3 and run.to_dict()["lora_r"] == 2 and run.to_dict()["seed"] == 5
+    assert run.to_dict()["progress"] is False and run.to_dict()["max_steps_per_domain"] == continual.steps
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(None) is None
+    with pytest.raises(ConfigError, match="--seeds"):
+        parse_seeds("0,x")
+
+
+def test_run_keys_are_those_of_earlier_versions(tmp_path):
+    """A run's key decides whether a finished run is reused: it must not change when options are added or moved
+    between config classes (the values below were computed before the configs were split)."""
+    keys = {}
+    for kind, variant in (("in-domain", {"name": "ofs", "method": "ofs-dpo", "alpha": 0.2}),
+                          ("continual", {"name": "cofs", "method": "cofs-dpo", "combine": "delta"})):
+        config = ExperimentConfig(name="k", kind=kind, domains=["sentiment", "critic"], variants=[variant],
+                                  data_dir=str(tmp_path / "pairs"), train={"lora_r": 2})
+        for d in config.domains:
+            path = tmp_path / "pairs" / f"{d}-p40-k4-seed0.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"prompt": f"{d} {i}", "chosen": " a", "rejected": " b"}) + "\n"
+                                    for i in range(20)))
+            path.with_suffix(".info.json").write_text(json.dumps({"model": [None, None], "pairs": 20, "ties": 0}))
+        runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+        keys[kind] = runner.run_key(variant, "sentiment" if kind == "in-domain" else None, 1)
+        other_seed = runner.run_key(variant, "sentiment" if kind == "in-domain" else None, 2)
+        assert other_seed != keys[kind]
+    assert keys == {"in-domain": "fe3ce6c503585acb", "continual": "07c7c61661c01119"}
+
+
+def test_tiny_in_domain_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, monkeypatch, length_judged):
+    values = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), prompts=6, samples=2, steps=2, batch_size=2, heldout=2,
+                  judge_prompts=2, max_length=48, max_prompt_length=24, lr=1e-3,
+                  train={"lora_r": 2, "lora_alpha": 4, "chase_interval": 1},
+                  variants=[{"name": "ofs", "method": "ofs-dpo"}])
+    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False).run()
+    cell = summary["cells"]["ofs/sentiment"]
+    assert cell["judge_score"]["n"] == 2 and len(cell["regret_curve"]) == 2 and len(cell["online_loss_curve"]) == 2
+    assert not list((tmp_path / "runs").rglob("checkpoints"))
+    # a second experiment holding the same run reuses it instead of training again
+    again = ExperimentConfig(**{**values, "name": "tiny2",
+                                "variants": [{"name": "ofs-again", "method": "ofs-dpo"}]})
+    second = ExperimentRunner(again, tmp_path / "runs" / "tiny2", progress=False, verbose=False).run()
+    reused = second["per_seed"]["ofs-again/sentiment"]["0"]
+    assert "reused_from" in reused and reused["judge_score"] == summary["per_seed"]["ofs/sentiment"]["0"]["judge_score"]

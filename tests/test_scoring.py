@@ -1,0 +1,54 @@
+"""The served-module choice and the online-regret curve (SPEC §3, §5), on hand-made numbers."""
+
+import math
+
+import pytest
+import torch
+
+from ofsdpo.scoring import regret_curve, select_served
+
+NAMES = ("fast", "slow")
+
+
+def rounds(*losses):
+    return [{"round": i + 1, "position": 2 * i, "fast": f, "slow": s} for i, (f, s) in enumerate(losses)]
+
+
+def test_served_module_by_the_latest_online_rounds():
+    history = rounds((0.2, 0.9), (0.7, 0.6))
+    assert select_served(NAMES, None, history, 1, "fast")[:2] == ("slow", "online loss of the last 1 rounds")
+    served, basis, scores = select_served(NAMES, None, history, 2, "fast")  # means: fast 0.45, slow 0.75
+    assert served == "fast" and scores == pytest.approx({"fast": 0.45, "slow": 0.75})
+
+
+def test_rounds_with_a_nan_loss_do_not_rank_the_modules():
+    history = rounds((0.7, 0.6), (math.nan, 0.1))
+    assert select_served(NAMES, None, history, 1, "fast")[0] == "slow"  # the NaN round is skipped, not the last
+    assert select_served(NAMES, None, rounds((math.nan, 0.1)), 1, "fast")[:2] == (
+        "fast", "chasing leader (no round with a finite loss)")
+
+
+def test_eval_scores_win_over_online_losses_and_one_module_is_served_as_is():
+    history = rounds((0.2, 0.9))
+    assert select_served(NAMES, {"fast": 0.5, "slow": 0.4}, history, 1, "fast")[:2] == ("slow", "eval_data")
+    assert select_served(("default",), None, [], 1, "fast") == ("default", "only module", {})
+
+
+def test_regret_curve_by_hand():
+    """Two rounds of two pairs. Final module's losses 0.5, 0.3 | 0.4, 0.2: hindsight 0.4 then 0.3.
+    Regret: (0.7 - 0.4) = 0.3, then 0.3 + (0.6 - 0.3) = 0.6."""
+    history = rounds((0.7, 0.8), (0.6, 0.9))
+    curve = regret_curve(history, [0, 1, 2, 3], 4, torch.tensor([0.5, 0.3, 0.4, 0.2]), "fast")
+    assert [c["round"] for c in curve] == [1, 2]
+    assert [c["final_loss"] for c in curve] == pytest.approx([0.4, 0.3])
+    assert [c["regret"] for c in curve] == pytest.approx([0.3, 0.6])
+
+
+def test_regret_follows_the_stream_order_and_its_end():
+    """Epochs repeat pairs: the second round's pairs are stream positions 2..3 = pairs 1 and 0; a run stopped at
+    position 3 counts only pair 1 in the last round."""
+    history = rounds((1.0, 1.0), (1.0, 1.0))
+    final = torch.tensor([0.2, 0.6])
+    curve = regret_curve(history, [0, 1, 1, 0], 3, final, "slow")
+    assert [c["final_loss"] for c in curve] == pytest.approx([0.4, 0.6])
+    assert curve[-1]["regret"] == pytest.approx((1.0 - 0.4) + (1.0 - 0.6))

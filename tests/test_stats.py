@@ -1,0 +1,118 @@
+"""Paired statistics for the reports: t quantiles against published values, intervals, bootstrap, MDE."""
+
+import json
+import math
+
+import pytest
+
+from ofsdpo.stats import (betainc, bootstrap_ci, mean_sd, minimum_detectable_effect, paired_difference, t_cdf,
+                          t_quantile)
+
+
+@pytest.mark.parametrize("p, df, expected", [
+    (0.975, 4, 2.7764), (0.975, 1, 12.706), (0.975, 30, 2.0423), (0.975, 1e9, 1.95996), (0.975, math.inf, 1.95996),
+    (0.975, 2, 4.3027), (0.975, 9, 2.2622), (0.95, 10, 1.8125), (0.995, 3, 5.8409), (0.8, 4, 0.9410),
+    (0.9995, 1, 636.62), (0.975, 2e5, 1.95997), (0.975, 120, 1.9799),
+])
+def test_t_quantile_matches_tables(p, df, expected):
+    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-3, rel=1e-4)
+    assert t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.999])
+def test_t_quantile_closed_forms_for_one_and_two_df(p):
+    """df = 1 (Cauchy): tan(π(p − ½)); df = 2: (2p − 1)/√(2p(1 − p))."""
+    assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+    assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+
+
+@pytest.mark.parametrize("df", [1, 2.5, 7, 40, 5e4])
+def test_t_cdf_inverts_t_quantile(df):
+    for p in (0.51, 0.8, 0.975, 0.999):
+        assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-10)
+    assert t_quantile(0.5, df) == 0.0
+
+
+def test_betainc_known_values():
+    assert betainc(1, 1, 0.3) == pytest.approx(0.3)  # uniform
+    assert betainc(2, 3, 0.4) == pytest.approx(0.5248)  # 1 − Σ_{j<2} C(4,j) .4^j .6^(4−j)
+    assert betainc(0.5, 0.5, 0.5) == pytest.approx(0.5)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    for p, df in [(0.0, 3), (1.0, 3), (0.5, 0), (0.9, -1)]:
+        with pytest.raises(ValueError):
+            t_quantile(p, df)
+
+
+def test_mean_sd():
+    assert mean_sd([1.0, 2.0, 3.0, 4.0]) == {"mean": 2.5, "sd": pytest.approx(math.sqrt(5 / 3)), "n": 4}
+    assert mean_sd([0.7]) == {"mean": 0.7, "sd": None, "n": 1}
+    with pytest.raises(ValueError):
+        mean_sd([])
+
+
+def test_paired_difference_worked_example():
+    """d = (1, 2, 3, 4, 5) − (0, 0, 0, 0, 0): mean 3, sd √2.5, interval 3 ± 2.7764·√2.5/√5 = 3 ± 1.9632."""
+    out = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.0] * 5)
+    assert out["mean"] == 3.0 and out["n"] == 5 and out["sd"] == pytest.approx(math.sqrt(2.5))
+    assert out["lower"] == pytest.approx(3 - 1.9632, abs=1e-3) and out["upper"] == pytest.approx(3 + 1.9632, abs=1e-3)
+    assert out["lower"] <= out["mean"] <= out["upper"]
+    assert out["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert out["p_value"] == pytest.approx(0.0132, abs=1e-3)  # t = 3/√0.5 = 4.243 on 4 df
+
+
+def test_paired_difference_pairs_by_seed():
+    """A shared seed effect cancels: the baselines vary a lot, the differences not at all."""
+    out = paired_difference([10.5, 20.5, 30.5], [10.0, 20.0, 30.0])
+    assert out["mean"] == 0.5 and out["sd"] == 0.0
+    assert out["lower"] == out["upper"] == out["mean"] == 0.5  # constant difference: zero width
+    assert out["p_value"] == 0.0
+
+
+def test_paired_difference_with_one_seed_has_no_interval():
+    out = paired_difference([0.8], [0.6])
+    assert out["mean"] == pytest.approx(0.2) and out["n"] == 1
+    assert out["sd"] is None and out["lower"] is None and out["upper"] is None and out["p_value"] is None
+    json.dumps(out, allow_nan=False)  # None, never inf/NaN: a report stays valid JSON
+
+
+def test_paired_difference_rejects_unpaired_input():
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_is_deterministic_and_contains_the_mean():
+    per_seed = [[0.1, -0.3, 0.5, 0.2, 0.0, 0.4, -0.1, 0.3],
+                [0.2, 0.1, -0.2, 0.6, 0.3, 0.0, 0.1, 0.2, 0.4],
+                [0.0, 0.5, 0.1, -0.4, 0.2, 0.3]]
+    a = bootstrap_ci(per_seed, seed=3)
+    assert a == bootstrap_ci(per_seed, seed=3)
+    assert a != bootstrap_ci(per_seed, seed=4)
+    assert a["resamples"] == 2000 and a["n_units"] == [8, 9, 6]
+    expected = sum(sum(s) / len(s) for s in per_seed) / 3
+    assert a["mean"] == pytest.approx(expected)
+    assert a["lower"] < a["mean"] < a["upper"]
+    shared = bootstrap_ci([[0.1, 0.3, -0.2, 0.5], [0.2, 0.2, 0.0, 0.4]], shared_units=True, resamples=500)
+    assert shared["lower"] <= shared["mean"] <= shared["upper"]
+    with pytest.raises(ValueError, match="same number"):
+        bootstrap_ci(per_seed, shared_units=True)
+
+
+def test_bootstrap_of_a_constant_difference_has_zero_width():
+    out = bootstrap_ci([[0.25] * 5, [0.25] * 7])
+    assert out["lower"] == out["upper"] == out["mean"] == 0.25
+
+
+def test_bootstrap_width_shrinks_with_more_units():
+    few = bootstrap_ci([[(-1) ** i * 1.0 + 0.1 for i in range(10)]])
+    many = bootstrap_ci([[(-1) ** i * 1.0 + 0.1 for i in range(1000)]])
+    assert many["upper"] - many["lower"] < 0.5 * (few["upper"] - few["lower"])
+
+
+def test_minimum_detectable_effect():
+    """n = 5, sd = 1: (t_{.975,4} + t_{.8,4}) / √5 = (2.7764 + 0.9410) / 2.2361 = 1.6625."""
+    assert minimum_detectable_effect(1.0, 5) == pytest.approx(1.6625, abs=1e-3)
+    assert minimum_detectable_effect(2.0, 5) == pytest.approx(2 * minimum_detectable_effect(1.0, 5))
+    assert minimum_detectable_effect(1.0, 20) < minimum_detectable_effect(1.0, 5)
+    assert minimum_detectable_effect(1.0, 1) is None and minimum_detectable_effect(None, 5) is None
