@@ -1,8 +1,12 @@
 """Steady-state optimiser step: TRL's DPOTrainer vs our `dpo` vs our `ofs-dpo`, same model, batch and LoRA.
 
-ofs-dpo runs three ways at the same global batch: `ofs-dpo` (the default: both modules' graphs alive at the one
-backward), `ofs-dpo-sequential` (`--module-passes sequential`: one graph at a time, a no-grad forward more) and
-`ofs-dpo-accum2` (half the micro-batch, two of them per step: the same pairs and gradient); `--variants` picks.
+ofs-dpo runs several ways at the same global batch of pairs per step (the same pairs and gradient), issue 16:
+`ofs-dpo` (the default: `--module-passes fused`, both modules in one forward of the batch stacked twice, on parts of
+half the pairs: what an unset --batch-size/--grad-accum resolves to) beside `ofs-dpo-two-pass` (the old default:
+`--module-passes joint`, one forward per module over the whole micro-batch), always run; on request
+(`--variants`) `ofs-dpo-fused-whole` (fused over the whole micro-batch: an explicit --batch-size),
+`ofs-dpo-sequential` (one graph at a time, a no-grad forward more) and `ofs-dpo-accum2` (two-pass on
+`--batch-size B/2 --grad-accum 2`).
 
     python bench/step.py --quick                                  # CPU, tiny model, well under two minutes
     python bench/step.py --shape 0.5b --device cuda --json out.json  # Qwen2-0.5B shape, bf16, 8 pairs of 256+256
@@ -40,18 +44,23 @@ from pathlib import Path
 import _common as C  # also puts src/ on sys.path
 import torch
 
-# Two ways to give ofs-dpo dpo's activation memory at the same global batch of pairs per optimiser step:
-# ofs-dpo-sequential: `--module-passes sequential`, one module's graph alive at a time (a no-grad forward more);
-# ofs-dpo-accum2: `--batch-size B/2 --grad-accum 2`, both modules' graphs of half the pairs at a time (the
-#   objective is a sum over pairs, so the step's gradient is the same).
-VARIANTS = ("trl", "dpo", "ofs-dpo", "ofs-dpo-sequential", "ofs-dpo-accum2")
-FLOPS_FACTOR = {"trl": 6, "dpo": 4, "ofs-dpo": 8, "ofs-dpo-sequential": 10, "ofs-dpo-accum2": 8}  # x N per token
+# ofs-dpo at the same global batch of pairs per optimiser step (the objective is a per-pair sum, so the step's
+# gradient is the same): {variant: (module_passes, pairs per micro-batch, grad_accum, module_batch_size)}, with
+# B = --batch-pairs; None = B/2. ofs-dpo is the default configuration (fused, parts of half the pairs).
+OFS_VARIANTS = {"ofs-dpo": ("fused", "B", 1, None), "ofs-dpo-two-pass": ("joint", "B", 1, "B"),
+                "ofs-dpo-fused-whole": ("fused", "B", 1, "B"), "ofs-dpo-sequential": ("sequential", "B", 1, "B"),
+                "ofs-dpo-accum2": ("joint", None, 2, None)}
+VARIANTS = ("trl", "dpo", *OFS_VARIANTS)
+ALWAYS = ("trl", "dpo", "ofs-dpo", "ofs-dpo-two-pass")  # the ratios need these
+DEFAULT_VARIANTS = ALWAYS
+FLOPS_FACTOR = {"trl": 6, "dpo": 4, **{v: 8 for v in OFS_VARIANTS}, "ofs-dpo-sequential": 10}  # x N per token
 REFERENCE_FACTOR = 2
 TARGETS = {  # issue 6: each ratio must be <= its target
     "dpo_ours_over_trl_time": 0.8, "ofs_over_dpo_time": 2.0, "ofs_over_trl_time": 1.4,
     "ofs_over_dpo_memory": 1.25, "dpo_ours_over_trl_memory": 1.0,
 }
-MEMORY_VARIANTS = {"ofs-dpo-sequential": "sequential", "ofs-dpo-accum2": "accum2"}  # variant: its ratios' infix
+MEMORY_VARIANTS = {"ofs-dpo-two-pass": "two_pass", "ofs-dpo-fused-whole": "fused_whole",  # variant: its ratios'
+                   "ofs-dpo-sequential": "sequential", "ofs-dpo-accum2": "accum2"}         # infix
 for _key in MEMORY_VARIANTS.values():  # the same targets as ofs-dpo's
     TARGETS.update({f"ofs_{_key}_over_dpo_time": 2.0, f"ofs_{_key}_over_trl_time": 1.4,
                     f"ofs_{_key}_over_dpo_memory": 1.25})
@@ -129,10 +138,11 @@ def run_trl(model, pairs, spec, device, dtype, out: Path) -> dict:
 def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
     from ofsdpo import OFSDPOConfig, OFSDPOTrainer, PreferenceData
 
-    method, passes = ("ofs-dpo", "sequential") if variant == "ofs-dpo-sequential" else (variant, "joint")
-    batch, accum = spec["batch_pairs"], 1
-    if variant == "ofs-dpo-accum2":
-        method, batch, accum = "ofs-dpo", spec["batch_pairs"] // 2, 2
+    method, passes, batch, accum, module_batch = "dpo", "fused", spec["batch_pairs"], 1, None
+    if variant in OFS_VARIANTS:
+        half = max(1, spec["batch_pairs"] // 2)
+        method, (passes, batch, accum, module_batch) = "ofs-dpo", OFS_VARIANTS[variant]
+        batch, module_batch = (spec["batch_pairs"] if v == "B" else half for v in (batch, module_batch))
 
     counter = ForwardCounter(model)
     cfg = OFSDPOConfig(
@@ -141,7 +151,7 @@ def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
         lora_alpha=2 * spec["lora_r"], lora_dropout=spec["lora_dropout"], target_modules="all-linear",
         max_length=spec["prompt_len"] + spec["completion_len"], max_prompt_length=spec["prompt_len"],
         device=str(device), save_steps=0, regret=False, progress=False, seed=0,
-        module_passes=passes)
+        module_passes=passes, module_batch_size=module_batch)
     trainer = OFSDPOTrainer(model, cfg, train_data=PreferenceData(pairs=pairs), tokenizer=dummy_tokenizer())
     fills, fill_forwards = [], [0]
     fill = trainer.reference.fill
@@ -305,8 +315,8 @@ def parse(argv=None):
     p.add_argument("--completion-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; alpha = 2r")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (trl, dpo and ofs-dpo are always run)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} ({', '.join(ALWAYS)} are always run)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the three variants")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -325,11 +335,11 @@ def main(argv=None) -> dict | None:
         return None
     spec = {k: getattr(args, k) for k in ("shape", "device", "dtype", "steps", "warmup", "batch_pairs", "prompt_len",
                                           "completion_len", "lora_r", "lora_dropout", "repeats")}
-    asked = set(args.variants.split(",")) | {"trl", "dpo", "ofs-dpo"}  # the ratios need these three
+    asked = set(args.variants.split(",")) | set(ALWAYS)  # the ratios need these
     if asked - set(VARIANTS):
         raise SystemExit(f"--variants: unknown {', '.join(sorted(asked - set(VARIANTS)))}")
-    if "ofs-dpo-accum2" in asked and args.batch_pairs % 2:
-        raise SystemExit("--variants ofs-dpo-accum2 needs an even --batch-pairs")
+    if args.batch_pairs % 2:
+        raise SystemExit("--batch-pairs must be even: the default ofs-dpo runs parts of half the pairs")
     variants = [v for v in VARIANTS if v in asked]
     started = time.perf_counter()
     runs = {v: [] for v in variants}

@@ -43,7 +43,10 @@ def commands(model_dir: Path, work: Path) -> dict[str, list[str]]:
         "continual-cofs-dpo": ["continual", "--method", "cofs-dpo", "--domain", f"pos={pos}", "--domain",
                                f"safe={safe}", "--output-dir", str(work / "continual-cofs-dpo"), "--lr", "0.005",
                                "--memory-size", "4", "--heldout-size", "4", "--max-steps-per-domain", "3",
-                               "--lambda-grid", "0,0.5,1", "--no-regret", "--combine", "delta", *common],
+                               "--lambda-grid", "0,0.5,1", "--no-regret", "--combine", "delta", *common,
+                               # the code that wrote the golden files chose each stage's best fast module on the
+                               # held-out pairs; that is `--selection heldout` now (the default became `memory`)
+                               "--selection", "heldout"],
     }
 
 

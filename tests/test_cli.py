@@ -138,10 +138,192 @@ def test_experiment_file_is_positional_or_a_flag(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     ([], "the experiment's YAML file is required"),
     (["no/such.yaml"], "no/such.yaml: no such file"),
-    (["EXPERIMENTS/in-domain.yaml", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    (["EXPERIMENTS/in-domain-sentiment.yaml", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
 ])
 def test_experiment_bad_input_exits_2(capsys, argv, message):
     argv = [a.replace("EXPERIMENTS", str(Path(__file__).resolve().parent.parent / "experiments")) for a in argv]
     assert main(["experiment", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# --- every error path: one line, exit status 2, no traceback (issue 15) ----------------------------------------------
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """The checks below must come before the (slow) tokenizer and model loads."""
+    from ofsdpo import trainer as trainer_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded")
+
+    monkeypatch.setattr(trainer_module, "load_tokenizer", refuse)
+    monkeypatch.setattr(trainer_module, "load_model", refuse)
+
+
+def _one_line_error(capsys, argv, message, code=2):
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert message in err, err
+    assert "Traceback" not in err and "usage:" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flag, replacement", [
+    ("--learning-rate", "--lr"), ("--learning_rate", "--lr"), ("--per-device-train-batch-size", "--batch-size"),
+    ("--gradient-accumulation-steps", "--grad-accum"), ("--num-train-epochs", "--epochs"),
+    ("--lr-scheduler-type", "--lr-scheduler"), ("--model-name-or-path", "--model"), ("--bf16", "--dtype bfloat16"),
+    ("--resume-from-checkpoint", "--resume-from PATH"),
+])
+def test_trl_names_are_mapped_to_ours(capsys, flag, replacement):
+    _one_line_error(capsys, ["train", flag, "1"], f"unknown option {flag} (TRL's name); ofsdpo uses {replacement}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--bta", "0.1"], "unknown option --bta; did you mean --beta"),
+    (["continual", "--domain", "a=x.jsonl", "--lora-rr", "4"], "unknown option --lora-rr; did you mean --lora-r"),
+    (["generate", "--samples-per-promt", "2"], "did you mean --samples-per-prompt"),
+    (["eval", "--domain", "sentiment", "--adapters", "x"], "unknown option --adapters; did you mean --adapter"),
+    (["demo", "--quik"], "unknown option --quik; did you mean --quick"),
+    (["train", "--method", "dop"], "argument --method: invalid choice: 'dop'"),
+    (["train", "--max-steps", "x"], "argument --max-steps: invalid int value: 'x'"),
+    (["train", "--progress", "maybe"], "argument --progress: expected true or false, got 'maybe'"),
+    (["train", "extra"], "unexpected argument 'extra'"),
+])
+def test_argument_errors_are_one_line_with_a_suggestion(capsys, argv, message):
+    _one_line_error(capsys, argv, message)
+
+
+def test_a_misspelt_command_is_suggested(capsys):
+    _one_line_error(capsys, ["trian"], "unknown command 'trian'; did you mean 'train'? commands: train, continual")
+
+
+def test_max_steps_keeps_its_name(tmp_path):
+    assert parse_config(OFSDPOConfig, ["--max-steps", "3"], "ofsdpo train", "").max_steps == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_exits_2_before_loading(capsys, no_model_loading, pairs_file, tmp_path):
+    _one_line_error(capsys, ["train", "--data", str(pairs_file), "--output-dir", str(tmp_path / "o"), "--device",
+                             "cuda"], "--device cuda: CUDA is not available here")
+    _one_line_error(capsys, ["generate", "--device", "cuda:0", "--out", str(tmp_path / "p.jsonl")],
+                    "--device cuda:0: CUDA is not available here")
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_modules_matching_nothing_exit_2_before_loading(capsys, no_model_loading, tiny_model_dir,
+                                                               pairs_file, tmp_path):
+    _one_line_error(capsys, ["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir",
+                             str(tmp_path / "o"), "--target-modules", "q_proj,q_prj"],
+                    "--target-modules: q_prj match(es) no module of the model; its linear layers are down_proj")
+
+
+def test_target_modules_matching_nothing_on_a_loaded_model_exit_2(make_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ofsdpo.models import ModelError
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    with pytest.raises(ModelError, match="qq_proj match"):
+        OFSDPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), make_config(target_modules="qq_proj"))
+
+
+def test_an_output_dir_that_is_not_writable_exits_2_before_loading(capsys, no_model_loading, pairs_file, tmp_path,
+                                                                   monkeypatch):
+    from ofsdpo import rundir
+
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    # as root (CI containers) chmod stops nothing: ask os.access what a read-only folder answers
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: str(path) != str(locked))
+    _one_line_error(capsys, ["train", "--data", str(pairs_file), "--output-dir", str(locked / "run")],
+                    f"--output-dir {locked / 'run'} (its nearest existing folder {locked}) is not writable")
+    _one_line_error(capsys, ["train", "--data", str(pairs_file), "--output-dir", str(locked)],
+                    f"--output-dir {locked} is not writable")
+
+
+@pytest.mark.parametrize("data", ["pairs", "./missing/pairs", "pairs.csv", "~/nope/pairs"])
+def test_a_local_looking_data_path_that_does_not_exist_is_missing_at_once(capsys, tiny_model_dir, tmp_path, data):
+    import time
+
+    started = time.monotonic()
+    err = _one_line_error(capsys, ["train", "--model", str(tiny_model_dir), "--data", data, "--output-dir",
+                                   str(tmp_path / "o"), "--no-progress"], "no such file or folder")
+    assert time.monotonic() - started < 60  # no hub retries (they took ~30 s)
+    assert not (tmp_path / "o").exists(), err
+
+
+@pytest.mark.parametrize("model", ["./no-such-model", "../a/b/c", "/abs/missing"])
+def test_a_local_looking_model_path_that_does_not_exist_is_missing_at_once(capsys, no_model_loading, pairs_file,
+                                                                          tmp_path, model):
+    _one_line_error(capsys, ["train", "--model", model, "--data", str(pairs_file), "--output-dir",
+                             str(tmp_path / "o")], f"--model {model}: no such folder")
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch, pairs_file):
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "--data", str(pairs_file), "--beta", "0"])
+    monkeypatch.setenv("OFSDPO_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", "--data", str(pairs_file), "--beta", "0"])
+
+
+def test_an_unexpected_error_is_one_line_pointing_at_debug(capsys, monkeypatch, pairs_file, tmp_path):
+    from ofsdpo import trainer as trainer_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(trainer_module.OFSDPOTrainer, "__init__", boom)
+    _one_line_error(capsys, ["train", "--data", str(pairs_file)],
+                    "ofsdpo train: error: RuntimeError: boom second line (run with --debug for the traceback)")
+
+
+def _adapter_of_another_base(folder: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_eval_with_an_adapter_of_another_base_exits_2_naming_it(capsys, tiny_model_dir, tmp_path):
+    adapter = _adapter_of_another_base(tmp_path / "adapter")
+    _one_line_error(capsys, ["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--domain",
+                             "sentiment", "--no-progress"],
+                    f"--adapter {adapter} was trained on another base model: module "
+                    "model.layers.0.self_attn.q_proj has 32 features, the adapter 48")
+
+
+def test_generate_refuses_to_overwrite_and_samples_from_an_adapter(capsys, tiny_model_dir, make_config, tmp_path,
+                                                                   length_judged):
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    out = tmp_path / "generated.jsonl"
+    out.write_text("keep\n")
+    flags = ["generate", "--model", str(tiny_model_dir), "--out", str(out), "--num-prompts", "2",
+             "--samples-per-prompt", "2", "--max-new-tokens", "3", "--no-progress", "--device", "cpu"]
+    _one_line_error(capsys, flags, f"--out {out} exists; pass --overwrite")
+    assert out.read_text() == "keep\n"
+    run = tmp_path / "run"
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, output_dir=str(run))).train()
+    other = _adapter_of_another_base(tmp_path / "other")
+    capsys.readouterr()
+    _one_line_error(capsys, [*flags, "--overwrite", "--adapter", str(other)], "was trained on another base model")
+    assert main([*flags, "--overwrite", "--adapter", str(run)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompts"] == 2
+    assert all(len(r["chosen"]) < 60 for r in rows)  # 3 new tokens at most
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`ofsdpo --help` and `ofsdpo <command> --help` stay fast (bench/cli_help.py times them)."""
+    code = ("import sys; from ofsdpo.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['continual', '--help'], ['generate', '--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit: pass\n"
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -34,8 +34,8 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
     pairs = write_jsonl(tmp_path / "pairs.jsonl", sentiment_rows(6))
     out = tmp_path / "eval.json"
     code = main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--domain", "sentiment",
-                 "--domain", "concise", "--data", f"sentiment={pairs}", "--judge-prompts", "3",
-                 "--pair-prompts", "3", "--samples-per-prompt", "2", "--json", str(out), *TINY])
+                 "--domain", "concise", "--data", f"sentiment={pairs}", "--judge-prompts", "3", "--judge-samples",
+                 "2", "--pair-prompts", "3", "--samples-per-prompt", "2", "--json", str(out), *TINY])
     assert code == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -55,11 +55,13 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
     assert base["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(base["kl"]) < 1e-4  # the base is π_ref
     assert abs(adapted["loss"] - math.log(2)) > 1e-4 and abs(adapted["kl"]) > 1e-4
     for row in rows:
-        assert row["judge_prompts"] == 3
+        assert row["judge_prompts"] == 3 and row["judged_samples"] == 6  # 3 prompts x --judge-samples 2
+        assert len(row["per_prompt"]["judge_score"]) == 3
+        assert sum(row["per_prompt"]["judge_score"]) / 3 == pytest.approx(row["judge_score"])
         if row["adapter"] == "base":  # the base draws the reference's very samples (common random numbers): a tie
             assert row["win_rate"] == 0.5 and row["judge_score"] == row["reference_judge_score"]
-        # three prompts, a tie counting half: the win rate is a whole number of half-wins out of three
-        assert row["win_rate"] * 6 == pytest.approx(round(row["win_rate"] * 6))
+        # six samples, a tie counting half: the win rate is a whole number of half-wins out of six
+        assert row["win_rate"] * 12 == pytest.approx(round(row["win_rate"] * 12))
     for base_row, adapter_row in (rows[0:2], rows[2:4]):  # one set of reference samples per domain, for every row
         assert adapter_row["reference_judge_score"] == base_row["reference_judge_score"]
     assert rows[2]["pairs_source"] == "generated" and rows[2]["pairs"] > 0 and "loss" in rows[2]

@@ -12,6 +12,7 @@ from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_ag
 from ofsdpo.config import ConfigError, ExperimentConfig
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+PINNED_KEYS = {"in-domain": "a192f3bb0ef0b317", "continual": "85858f165109f160"}
 
 
 def test_mean_and_sample_std():
@@ -37,7 +38,7 @@ def test_aggregate_walks_nested_seed_results():
 
 
 def fake_in_domain(seed):
-    return {"judge_score": 0.1 * seed, "win_rate": 0.5, "kl": 1.0 + seed, "heldout_loss": 0.6, "heldout_accuracy": 0.5,
+    return {"judge_score": 0.1 * seed, "win_rate": 0.5, "kl": 1.0 + seed, "report_loss": 0.6, "report_accuracy": 0.5,
             "online_regret": 0.2, "response_words": 10, "swaps": 0, "base_judge_score": 0.05,
             "online_loss_curve": [0.69, 0.5], "regret_curve": [0.0, 0.2]}
 
@@ -71,8 +72,8 @@ def test_write_aggregate_tables_and_plots(tmp_path, kind):
     if in_domain:  # the row is the aggregate's numbers, column by column
         assert "+0.100 ± 0.100" in table[0]  # the judge scores of seeds 0, 1, 2: 0.0, 0.1, 0.2
         assert table[0] == ("| dpo | sentiment | " + " | ".join(fmt(stats[key], sign) for key, sign in (
-            ("judge_score", True), ("win_rate", False), ("kl", True), ("heldout_loss", False),
-            ("heldout_accuracy", False), ("online_regret", True), ("response_words", False), ("swaps", False)))
+            ("judge_score", True), ("win_rate", False), ("kl", True), ("report_loss", False),
+            ("report_accuracy", False), ("online_regret", True), ("response_words", False), ("swaps", False)))
             + " |")
         plots = ["t-curves.png", "t-reward_kl.png"]
     else:
@@ -92,9 +93,19 @@ def test_write_aggregate_tables_and_plots(tmp_path, kind):
 
 
 def test_shipped_experiments_load_and_bad_variants_fail():
-    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+    """The shipped experiments have the scale issue 12 asks for: >= 128 training pairs, >= 64 report pairs
+    (rounds over the 48 held-out prompts), >= 96 judged samples per domain and arm, >= 5 seeds."""
+    from ofsdpo.domains import get_domain
+
+    shipped = sorted(EXPERIMENTS.glob("*.yaml"))
+    assert shipped
+    for path in shipped:
         config = ExperimentConfig.from_yaml(path)
-        assert len(config.seeds) >= 3 and config.cells()
+        assert len(config.seeds) >= 5 and config.cells(), path
+        assert config.steps * config.batch_size >= 128, path
+        assert config.judge_prompts * config.judge_samples >= 96, path
+        for domain in config.domains:
+            assert len(get_domain(domain).prompts("heldout")) * config.report_rounds >= 64, path
     with pytest.raises(ConfigError, match="unknown field"):
         ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
     with pytest.raises(ConfigError, match="in-domain methods"):
@@ -123,28 +134,74 @@ def test_run_keys_are_those_of_earlier_versions(tmp_path):
             path = tmp_path / "pairs" / f"{d}-p40-k4-seed0.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps({"prompt": f"{d} {i}", "chosen": " a", "rejected": " b"}) + "\n"
-                                    for i in range(20)))
-            path.with_suffix(".info.json").write_text(json.dumps({"model": [None, None], "pairs": 20, "ties": 0}))
+                                    for i in range(60)))
+            path.with_suffix(".info.json").write_text(json.dumps({"model": [None, None], "pairs": 60, "ties": 0}))
         runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
         keys[kind] = runner.run_key(variant, "sentiment" if kind == "in-domain" else None, 1)
         other_seed = runner.run_key(variant, "sentiment" if kind == "in-domain" else None, 2)
         assert other_seed != keys[kind]
-    assert keys == {"in-domain": "fe3ce6c503585acb", "continual": "07c7c61661c01119"}
+    # protocol 2 (issue 12: selection and report sets, judged samples per prompt) changed every key once, on
+    # purpose: results of the old protocol must not be reused as if they were of the new one
+    assert keys == PINNED_KEYS
+
+
+TINY = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], prompts=12, samples=2, steps=2,
+            batch_size=2, selection=3, judge_prompts=3, judge_samples=2, max_length=48, max_prompt_length=24, lr=1e-3,
+            train={"lora_r": 2, "lora_alpha": 4, "chase_interval": 1})
 
 
 def test_tiny_in_domain_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, monkeypatch, length_judged):
-    values = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], model=str(tiny_model_dir),
-                  data_dir=str(tmp_path / "pairs"), prompts=6, samples=2, steps=2, batch_size=2, heldout=2,
-                  judge_prompts=2, max_length=48, max_prompt_length=24, lr=1e-3,
-                  train={"lora_r": 2, "lora_alpha": 4, "chase_interval": 1},
-                  variants=[{"name": "ofs", "method": "ofs-dpo"}])
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"),
+                  variants=[{"name": "dpo", "method": "dpo"}, {"name": "ofs", "method": "ofs-dpo"}])
     summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False).run()
     cell = summary["cells"]["ofs/sentiment"]
     assert cell["judge_score"]["n"] == 2 and len(cell["regret_curve"]) == 2 and len(cell["online_loss_curve"]) == 2
     assert not list((tmp_path / "runs").rglob("checkpoints"))
+    for seed in ("0", "1"):  # three disjoint sets, by pair index and by prompt
+        run = summary["per_seed"]["ofs/sentiment"][seed]
+        sets = {name: set(indices) for name, indices in run["sets"].items()}
+        assert len(sets["train"]) == 4 and len(sets["selection"]) == 3 and len(sets["report"]) == run["report_pairs"]
+        assert not (sets["train"] & sets["selection"] or sets["train"] & sets["report"]
+                    or sets["selection"] & sets["report"])
+        assert run["judged_samples"] == 3 * 2 and len(run["units"]["judge_score"]) == 3
+        assert len(run["units"]["report_loss"]) == run["report_pairs"]
+    runner = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False)
+    parts = runner.split("sentiment")
+    assert not {p["prompt"] for p in parts["report"]} & {p["prompt"] for p in parts["train"] + parts["selection"]}
+    paired = summary["paired"]  # ofs − dpo, per metric, n = the number of seeds
+    assert {r["metric"] for r in paired} == {"report_loss", "report_accuracy", "judge_score", "win_rate", "kl"}
+    for row in paired:
+        assert row["n"] == 2 and row["variant"] == "ofs" and row["baseline"] == "dpo"
+        assert row["lower"] <= row["mean"] <= row["upper"]
+        assert row["bootstrap"]["lower"] <= row["bootstrap"]["mean"] <= row["bootstrap"]["upper"]
+    text = (tmp_path / "runs" / "tiny" / "aggregate.md").read_text()
+    assert "## Paired differences" in text and "| ofs − dpo | sentiment | judge score |" in text
     # a second experiment holding the same run reuses it instead of training again
-    again = ExperimentConfig(**{**values, "name": "tiny2",
+    again = ExperimentConfig(**{**values, "name": "tiny2", "baseline": None,
                                 "variants": [{"name": "ofs-again", "method": "ofs-dpo"}]})
     second = ExperimentRunner(again, tmp_path / "runs" / "tiny2", progress=False, verbose=False).run()
     reused = second["per_seed"]["ofs-again/sentiment"]["0"]
     assert "reused_from" in reused and reused["judge_score"] == summary["per_seed"]["ofs/sentiment"]["0"]["judge_score"]
+
+
+def test_common_random_numbers_for_any_seed(tiny_model_dir, tmp_path, length_judged):
+    """Seed 3 (not the pair seed): a module whose weights equal the base samples exactly what the reference
+    samples, so its judged samples tie the reference's and its win rate is exactly 0.5."""
+    import torch
+
+    from ofsdpo.domains import get_domain
+    from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
+    from ofsdpo.scoring import common_random_numbers, judge_eval
+
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"), pair_seed=0,
+                  variants=[{"name": "dpo", "method": "dpo"}])
+    runner = ExperimentRunner(ExperimentConfig(**values), tmp_path / "out", progress=False, verbose=False)
+    records, ref_scores = runner.reference_scores("sentiment", 3)
+    base, tokenizer = runner.model()
+    model = attach_adapters(base, lora_config(2, 4, 0.0, "all-linear"), DPO_ADAPTERS)  # B = 0: the base exactly
+    with common_random_numbers(3, torch.device("cpu")):
+        judged = judge_eval(model, tokenizer, get_domain("sentiment"), records, "default", ref_scores=ref_scores,
+                            samples_per_prompt=2)
+    assert judged["win_rate"] == 0.5 and judged["judge_score"] == judged["reference_judge_score"]
+    assert judged["judged_samples"] == len(ref_scores) == 6 and abs(judged["kl"]) < 1e-6
+    model.unload()

@@ -112,3 +112,57 @@ def test_collate_stacks_chosen_then_rejected_with_right_padding():
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
     assert batch["attention_mask"].sum().item() == 5 + 3 + 4 + 4
     assert batch["index"].tolist() == [0, 1]
+
+
+# --- conversational roles and lossy data (issue 15) -----------------------------------------------------------------
+USER, SYSTEM = {"role": "user", "content": "hi"}, {"role": "system", "content": "be kind"}
+ANSWER, OTHER = {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "go"}
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": [ANSWER, USER], "chosen": [ANSWER], "rejected": [OTHER]}, "prompt", "must open with a user turn"),
+    ({"prompt": [USER, ANSWER], "chosen": [ANSWER], "rejected": [OTHER]}, "prompt", "roles: user -> assistant"),
+    ({"prompt": [USER], "chosen": [{"role": "user", "content": "x"}], "rejected": [OTHER]}, "chosen",
+     "must hold assistant turns only (found user)"),
+    ({"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "bot", "content": "x"}]}, "rejected",
+     "message 0 has role 'bot'"),
+    ({"chosen": [ANSWER, USER], "rejected": [ANSWER, {"role": "user", "content": "x"}]}, "prompt",
+     "roles: assistant"),  # implicit prompt: the shared prefix is an assistant turn
+])
+def test_conversational_roles_are_checked(row, field, message):
+    with pytest.raises(DataError) as error:
+        check_row(row, "d.jsonl", 3)
+    assert f"d.jsonl, row 3, field '{field}': " in str(error.value) and message in str(error.value)
+
+
+def test_a_system_turn_may_open_the_prompt_and_history_may_precede_the_last_user_turn():
+    prompt = [SYSTEM, USER, ANSWER, USER]
+    assert check_row({"prompt": prompt, "chosen": [ANSWER], "rejected": [OTHER]}, "d", 1)[0] == prompt
+
+
+def test_a_bad_role_order_exits_2_naming_the_row(tiny_model_dir, tmp_path, capsys):
+    from ofsdpo.cli import main
+
+    rows = [{"prompt": [USER], "chosen": [ANSWER], "rejected": [OTHER]},
+            {"prompt": [USER], "chosen": [USER], "rejected": [OTHER]}]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "chat.jsonl, row 2, field 'chosen': must hold assistant turns only" in err
+    assert "Traceback" not in err
+
+
+def test_more_than_a_tenth_of_rows_truncated_or_skipped_is_a_printed_warning(tmp_path, tokenizer, caplog):
+    rows = sentiment_rows(10)
+    rows[0] = {**rows[0], "prompt": "a very long prompt " * 40}
+    rows[1] = {**rows[1], "prompt": "another long prompt " * 40}
+    rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}
+    with caplog.at_level("WARNING", logger="ofsdpo.data"):
+        load(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_length=64, max_prompt_length=16)
+    assert "d.jsonl: 1 of 10 rows skipped" not in caplog.text  # 10 %: not more than a tenth
+    assert "d.jsonl: 2 of 9 prompts cut to --max-prompt-length 16 (their end kept) (22%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ofsdpo.data"):
+        load(write_jsonl(tmp_path / "e.jsonl", sentiment_rows(20)), tokenizer, max_length=64, max_prompt_length=16)
+    assert caplog.text == ""

@@ -3,6 +3,7 @@ what is tested)."""
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -44,9 +45,13 @@ def test_judge_eval_reports_score_win_rate_and_kl(tiny_model_dir, tokenizer):
                             DPO_ADAPTERS)
     records = get_domain("sentiment").prompts("heldout")[:3]
     result = judge_eval(model, tokenizer, get_domain("sentiment"), records, adapter="default", batch_size=3)
-    assert set(result) == {"judge_score", "reference_judge_score", "win_rate", "kl", "response_words"}
+    assert set(result) == {"judge_score", "reference_judge_score", "win_rate", "kl", "response_words", "judged_samples",
+                           "per_prompt"}
+    assert result["judged_samples"] == len(records) and len(result["per_prompt"]["kl"]) == len(records)
     assert abs(result["kl"]) < 1e-4  # B = 0: the policy is the reference
-    assert 0.0 <= result["win_rate"] <= 1.0
+    per_prompt = result["per_prompt"]  # the means are those of the per-prompt values (the bootstrap's units)
+    assert sum(per_prompt["win_rate"]) / 3 == pytest.approx(result["win_rate"])
+    assert sum(per_prompt["judge_score"]) / 3 == pytest.approx(result["judge_score"])
 
 
 def test_generate_command_writes_judged_pairs(tiny_model_dir, tmp_path, capsys):

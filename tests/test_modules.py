@@ -54,3 +54,48 @@ def test_chase_state_swaps_when_the_chaser_leads():
     assert state.end_of_window(step=4, interval=2, mode="params") and state.leader == "slow"  # params: labels stay
     state.record({"fast": 0.1, "slow": 0.9})
     assert not state.end_of_window(step=6, interval=2, mode="off")
+
+
+def test_activate_switches_without_walking_the_model(tiny_model_dir, monkeypatch):
+    """The LoRA layers are found once: later switches neither call peft's set_adapter nor walk the modules, and give
+    the same forwards and requires_grad flags as set_adapter + set_trainable."""
+    from peft import PeftModel
+
+    model = make(tiny_model_dir)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "slow"):
+            p.normal_(0, 0.2)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    want = {}
+    for name in OFS_ADAPTERS:
+        model.set_adapter(name)
+        want[name] = model(ids).logits
+    activate(model, "fast", OFS_ADAPTERS)  # builds the cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("walked the model")
+
+    monkeypatch.setattr(PeftModel, "set_adapter", refuse)
+    monkeypatch.setattr(torch.nn.Module, "modules", refuse)
+    monkeypatch.setattr(torch.nn.Module, "named_parameters", refuse)
+    for name in ("slow", "fast", "slow"):
+        activate(model, name, OFS_ADAPTERS)
+        assert model.active_adapter == name
+        assert torch.equal(model(ids).logits, want[name])
+    monkeypatch.undo()
+    assert all(p.requires_grad for n in OFS_ADAPTERS for p in adapter_parameters(model, n))
+    activate(model, "slow", ["slow"])  # an adapter not trained is frozen, as set_adapter left it
+    assert not any(p.requires_grad for p in adapter_parameters(model, "fast"))
+    assert all(p.requires_grad for p in adapter_parameters(model, "slow"))
+
+
+def test_activate_sees_an_adapter_deleted_and_added_again(tiny_model_dir):
+    """The cache is checked on each call: a replaced adapter's new parameters are the ones made trainable."""
+    model = make(tiny_model_dir)
+    activate(model, "fast", OFS_ADAPTERS)
+    model.delete_adapter("slow")
+    model.add_adapter("slow", lora_config(2, 4, 0.0, "all-linear"))
+    activate(model, "slow", ["fast"])
+    assert all(p.requires_grad for n in OFS_ADAPTERS for p in adapter_parameters(model, n))
+    activate(model, "fast", ["fast"])
+    assert not any(p.requires_grad for p in adapter_parameters(model, "slow"))

@@ -24,8 +24,7 @@ from ofsdpo import checkpoint as ckpt
 from ofsdpo import step as step_module
 from ofsdpo import trainer as trainer_module
 from ofsdpo.cli import main
-from ofsdpo.config import ConfigError, OFSDPOConfig
-from ofsdpo.config import DomainSpec
+from ofsdpo.config import ConfigError, DomainSpec, OFSDPOConfig
 from ofsdpo.data import DataError, load_preference_data
 from ofsdpo.metrics import read_metrics
 from ofsdpo.modules import adapter_state
@@ -507,3 +506,64 @@ def test_resume_on_other_data_of_the_same_length_is_refused(make_config, tmp_pat
     resumed = OFSDPOTrainer(config=make_config(method="dpo", data=str(other), resume=True))
     with pytest.raises(ConfigError, match="written by a run on other --data"):
         resumed.train()
+
+
+# --- adapters loadable anywhere; config.yaml of a Python-API run (issue 15) ------------------------------------------
+def test_an_adapter_of_a_relative_model_path_loads_from_another_directory(tiny_model_dir, pairs_file, tmp_path,
+                                                                          make_config, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    out = tmp_path / "run"
+    OFSDPOTrainer(config=make_config(model=tiny_model_dir.name, method="dpo", max_steps=1,
+                                     output_dir=str(out))).train()
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert model.peft_config["default"].r == 4
+
+
+def test_config_yaml_of_a_python_api_run_names_what_it_can(tiny_model_dir, pairs_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from ofsdpo.config import read_config_file
+
+    options = dict(method="dpo", max_steps=1, batch_size=4, lora_r=4, max_length=64, max_prompt_length=32,
+                   progress=False)
+    by_name = tmp_path / "by-name"
+    OFSDPOTrainer(str(tiny_model_dir), OFSDPOConfig(output_dir=str(by_name), **options),
+                  train_data=str(pairs_file)).train()
+    saved = read_config_file(by_name / "config.yaml")
+    assert (saved["model"], saved["data"]) == (str(tiny_model_dir), str(pairs_file))
+    rerun = tmp_path / "rerun"
+    assert main(["train", "--config", str(by_name / "config.yaml"), "--output-dir", str(rerun)]) == 0
+    assert (rerun / "adapter_model.safetensors").exists()
+
+    in_memory = tmp_path / "in-memory"
+    OFSDPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), OFSDPOConfig(output_dir=str(in_memory),
+                                                                                     **options),
+                  train_data=sentiment_rows(8)).train()
+    text = (in_memory / "config.yaml").read_text()
+    assert f"model: null  # passed in memory: a loaded LlamaForCausalLM of '{tiny_model_dir}'" in text
+    assert "data: null  # passed in memory (list); write the pairs to a .jsonl file" in text
+    assert read_config_file(in_memory / "config.yaml")["model"] is None  # still valid YAML
+
+
+@pytest.mark.skipif(not os.environ.get("OFSDPO_SLOW_TESTS"), reason="slow (loads the embedded model twice, ~2 min): "
+                                                                    "set OFSDPO_SLOW_TESTS=1")
+def test_an_adapter_of_the_embedded_gguf_model_loads_with_the_documented_call(pairs_file, tmp_path):
+    """The README's call for the default model: AutoPeftModelForCausalLM needs the GGUF file's name, which the
+    adapter config cannot hold (peft passes `gguf_file` on to transformers)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from ofsdpo.models import EMBEDDED_GGUF
+
+    out = tmp_path / "run"
+    OFSDPOTrainer(config=OFSDPOConfig(data=str(pairs_file), output_dir=str(out), method="dpo", max_steps=1,
+                                      batch_size=1, lora_r=2, max_length=32, max_prompt_length=16, progress=False,
+                                      regret=False)).train()
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out), gguf_file=EMBEDDED_GGUF)
+    trained = load_file(out / "adapter_model.safetensors")
+    loaded = adapter_state(model, "default")
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)

@@ -72,18 +72,24 @@ def test_ofs_dpo_trains_both_modules_every_step(make_config):
     assert (out / "fast" / "adapter_config.json").exists() and (out / "slow" / "adapter_config.json").exists()
 
 
-def test_no_chasing_and_equal_rates_reduce_to_dpo(make_config, tmp_path):
-    """α = 0, η_S = η_F, no dropout: fast and slow stay identical and equal to a dpo run with the same seed."""
+@pytest.mark.parametrize("passes", ["joint", "fused"])
+def test_no_chasing_and_equal_rates_reduce_to_dpo(make_config, tmp_path, passes):
+    """α = 0, η_S = η_F, no dropout: fast and slow stay identical and equal to a dpo run with the same seed. With
+    one forward per module (joint) bit for bit; fused stacks both in one GEMM, whose rows may round differently
+    (float32: equal to its rounding)."""
     ofs = OFSDPOTrainer(config=make_config(method="ofs-dpo", alpha=0.0, slow_lr_ratio=1.0, lora_dropout=0.0,
-                                           output_dir=str(tmp_path / "ofs")))
+                                           module_passes=passes, output_dir=str(tmp_path / "ofs")))
     ofs.train()
     dpo = OFSDPOTrainer(config=make_config(method="dpo", lora_dropout=0.0, output_dir=str(tmp_path / "dpo")))
     dpo.train()
     fast, slow = adapter_state(ofs.model, "fast"), adapter_state(ofs.model, "slow")
     single = adapter_state(dpo.model, "default")
     for key in fast:
-        assert torch.equal(fast[key], slow[key])
-        assert torch.allclose(fast[key], single[key], atol=1e-6)
+        if passes == "joint":
+            assert torch.equal(fast[key], slow[key])
+        else:
+            torch.testing.assert_close(fast[key], slow[key])  # float32's default tolerances
+        torch.testing.assert_close(fast[key], single[key])
 
 
 @pytest.mark.parametrize("chase_form", ["minmax", "symmetric"])

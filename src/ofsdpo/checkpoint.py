@@ -98,3 +98,12 @@ def load_checkpoint(path: Path) -> dict:
     except (OSError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError, KeyError, RuntimeError) as err:
         raise ConfigError(f"--resume: cannot read checkpoint {path} ({type(err).__name__}: {err}); remove it to "
                           "resume from an older one.") from None
+
+
+def own_rng(rng: dict, path: Path, processes) -> dict:
+    """This process's RNG states out of a checkpoint's (one per process under a multi-process launch)."""
+    saved_processes = len(rng["processes"]) if "processes" in rng else 1
+    if saved_processes != processes.count:
+        raise ConfigError(f"--resume: {path} was written by {saved_processes} process(es); this run has "
+                          f"{processes.count}. Resume with the same number of processes.")
+    return rng["processes"][processes.index] if "processes" in rng else rng

@@ -1,25 +1,28 @@
 """Command line: `ofsdpo train …` (also `python -m ofsdpo train …`, so `accelerate launch -m ofsdpo` works).
 
-Every flag is a field of a config dataclass (help text included), built by transformers' HfArgumentParser. A YAML
-file given with `--config` sets the same fields; flags on the command line override it. Bad input or
+Every flag is a field of a config dataclass (help text included), made as transformers' HfArgumentParser makes
+them. A YAML file given with `--config` sets the same fields; flags on the command line override it. Bad input or
 configuration, and a run stopped by non-finite losses, exit with status 2 and a one-line error, never a
-traceback; Ctrl-C writes a checkpoint of the last whole step and exits with status 130.
+traceback (`--debug` or OFSDPO_DEBUG=1 shows it); Ctrl-C or SIGTERM writes a checkpoint of the last whole step and
+exits with status 130 or 143. Imports are lazy: `ofsdpo --help` loads neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import os
+import re
 import sys
+import types
+import typing
 import warnings
-
-from transformers import HfArgumentParser
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, NonFiniteError, OFSDPOConfig, read_config_file
-from .data import DataError
-from .models import ModelError
 
 USAGE = """usage: ofsdpo <command> [options]
 
@@ -31,7 +34,102 @@ commands:
   eval       the base model and adapters side by side on built-in domains (ofsdpo eval --help)
   experiment one experiment of experiments/*.yaml over seeds, with its aggregate (ofsdpo experiment --help)
 
+global options: --debug (or OFSDPO_DEBUG=1) shows the traceback of an error
+
 ofsdpo {version}: online fast-slow chasing DPO (arXiv 2406.05534) on transformers + peft."""
+
+# TRL's (and transformers.TrainingArguments') names of what ofsdpo calls otherwise: refused with the name to use
+TRL_NAMES = {
+    "learning-rate": "--lr", "per-device-train-batch-size": "--batch-size",
+    "per-device-eval-batch-size": "--eval-batch-size", "gradient-accumulation-steps": "--grad-accum",
+    "num-train-epochs": "--epochs", "lr-scheduler-type": "--lr-scheduler", "model-name-or-path": "--model",
+    "dataset-name": "--data", "dataset-train-split": "--data-split", "dataset-test-split": "--eval-data",
+    "torch-dtype": "--dtype", "bf16": "--dtype bfloat16", "fp16": "--dtype float16",
+    "resume-from-checkpoint": "--resume-from PATH (or --resume for the newest checkpoint)",
+    "lora-target-modules": "--target-modules", "warmup-ratio": "--warmup-steps",
+    "max-completion-length": "--max-length (prompt + completion) and --max-prompt-length",
+    "loss-type": "--method", "logging-steps": "nothing: every optimiser step is logged to metrics.jsonl",
+    "save-strategy": "--save-steps", "use-peft": "nothing: ofsdpo always trains LoRA modules",
+    "overwrite-output-dir": "--overwrite", "dataloader-num-workers": "nothing: pairs are tokenized once, up front",
+}
+
+
+def _to_bool(text: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class DataclassParser(argparse.ArgumentParser):
+    """One flag per dataclass field, as transformers' HfArgumentParser makes them (`--max-steps` and `--max_steps`;
+    Literal → choices; bool → `--flag [true|false]` and `--no-flag`; list → several values), without importing
+    transformers: `ofsdpo <command> --help` stays under 2 s. Errors raise ConfigError: one line through main()."""
+
+    def __init__(self, classes, **kwargs):
+        super().__init__(**kwargs)
+        self.classes = classes
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.init:
+                    self._add_field(f, hints[f.name])
+
+    def _add_field(self, f, hint) -> None:
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = dict(f.metadata)
+        if "help" in kwargs:
+            kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X], X | None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        if typing.get_origin(hint) is typing.Literal:
+            choices = typing.get_args(hint)
+            by_text = {str(c): c for c in choices}
+            kwargs.update(choices=choices, type=lambda text: by_text.get(text, text))
+        elif hint is bool:
+            kwargs.update(type=_to_bool, nargs="?", const=True)
+        elif typing.get_origin(hint) is list:
+            kwargs.update(type=typing.get_args(hint)[0], nargs="+")
+        else:
+            kwargs["type"] = hint
+        self.add_argument(*names, **kwargs)
+        if hint is bool and default is True:
+            self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                              dest=f.name, help=kwargs.get("help"))
+
+    def parse_args_into_dataclasses(self, args: list[str]) -> tuple[list, list[str]]:
+        """(one instance per class, the arguments not recognised)."""
+        namespace, extra = self.parse_known_args(args)
+        values = vars(namespace)
+        return [cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init})
+                for cls in self.classes], extra
+
+    def error(self, message):
+        raise ConfigError(re.sub(r"(--[\w-]+)/--\w+", r"\1", message))  # "--max-steps", not "--max-steps/--max_steps"
+
+
+def _unknown_option(parser, extra: list[str]) -> ConfigError:
+    """What the first unrecognised argument should have been: TRL's name mapped, else the closest flags."""
+    first = extra[0]
+    if not first.startswith("-"):
+        return ConfigError(f"unexpected argument {first!r}")
+    flag = first.split("=", 1)[0]
+    name = flag.lstrip("-").replace("_", "-")
+    if name in TRL_NAMES:
+        return ConfigError(f"unknown option {flag} (TRL's name); ofsdpo uses {TRL_NAMES[name]}")
+    options = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--") and "_" not in o})
+    close = difflib.get_close_matches("--" + name, options, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {parser.prog} --help"
+    return ConfigError(f"unknown option {flag}{hint}")
 
 
 def parse_config(config_class, argv: list[str], prog: str, description: str, positional: str | None = None):
@@ -39,7 +137,7 @@ def parse_config(config_class, argv: list[str], prog: str, description: str, pos
     be given as the first positional argument (`ofsdpo experiment FILE` as well as `--experiment FILE`)."""
     # a config made of several dataclasses (continual: its own options + the training options) parses them together
     classes = config_class.argument_classes() if hasattr(config_class, "argument_classes") else (config_class,)
-    parser = HfArgumentParser(classes, prog=prog, description=description)
+    parser = DataclassParser(classes, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file with the same fields; flags override it.")
     for action in parser._actions:  # show --max-steps, not --max_steps (both work)
         action.option_strings.sort(key=lambda option: "_" in option)
@@ -52,16 +150,19 @@ def parse_config(config_class, argv: list[str], prog: str, description: str, pos
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_config_file(known.config, config_class))
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    parsed = parsed[:len(classes)]  # then a namespace of the extra arguments (--config)
+    parsed, extra = parser.parse_args_into_dataclasses(argv)
+    if extra:
+        raise _unknown_option(parser, extra)
     return config_class.from_parsed(*parsed) if hasattr(config_class, "from_parsed") else parsed[0]
 
 
 def train_command(argv: list[str]) -> int:
-    from .trainer import OFSDPOTrainer
-
     config = parse_config(OFSDPOConfig, argv, "ofsdpo train",
                           "Train a LoRA policy with DPO or OFS-DPO on a stream of preference pairs.")
+    from .trainer import (
+        OFSDPOTrainer,  # after parsing: `--help` and bad flags need no torch
+    )
+
     summary = OFSDPOTrainer(config=config).train()
     print(json.dumps({k: summary[k] for k in ("method", "steps", "pairs_seen", "served_module", "train_runtime")}))
     print(f"served adapter written to {config.output_dir}")
@@ -70,11 +171,12 @@ def train_command(argv: list[str]) -> int:
 
 def continual_command(argv: list[str]) -> int:
     from .config import ContinualConfig, refuse_train_only
-    from .continual import ContinualRunner, format_table
 
     refuse_train_only([arg for arg in argv if arg.startswith("--")])  # set per stage: say what to use instead
     config = parse_config(ContinualConfig, _merge_repeated(argv, "--domain"), "ofsdpo continual",
                           "Continual alignment across domains: COFS-DPO or a sequential baseline.")
+    from .continual import ContinualRunner, format_table
+
     report = ContinualRunner(config).run()
     print(format_table(report), end="")
     print(f"report written to {config.output_dir}/report.json; served adapter at {config.output_dir}")
@@ -82,25 +184,47 @@ def continual_command(argv: list[str]) -> int:
 
 
 def generate_command(argv: list[str]) -> int:
-    import torch
-    from transformers import set_seed
-
     from .config import GenerateConfig
-    from .domains import get_domain
-    from .generation import make_pairs, write_jsonl
-    from .models import load_model_and_tokenizer, resolve_device
 
     config = parse_config(GenerateConfig, argv, "ofsdpo generate",
                           "Sample responses on a built-in domain, judge them, and write best-vs-worst pairs.")
+    from .domains import get_domain
+
     try:
         domain = get_domain(config.domain)
     except KeyError as err:
         raise ConfigError(f"--domain: {err.args[0]}") from None
+    if config.max_new_tokens:
+        domain = dataclasses.replace(domain, max_new_tokens=config.max_new_tokens)
+    _check_out_file(config.out, config.overwrite)
+    if config.adapter is not None and not (Path(config.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {config.adapter}: not a peft adapter folder (no adapter_config.json).")
+    import torch
+    from transformers import set_seed
+
+    from .generation import make_pairs, write_jsonl
+    from .models import (
+        check_adapter,
+        load_model_and_tokenizer,
+        meta_model,
+        resolve_device,
+        resolve_model_name,
+        set_num_threads,
+    )
+
     records = domain.prompts(config.split)
     records = records if config.num_prompts == -1 else records[:config.num_prompts]
     device = resolve_device(config.device)
+    set_num_threads(config.num_threads)
+    if config.adapter is not None:  # before the load: an adapter of another base is a one-line error
+        check_adapter(config.adapter, meta_model(*resolve_model_name(config.model, config.gguf_file),
+                                                 config.trust_remote_code))
     model, tokenizer, _, _ = load_model_and_tokenizer(config.model, config.gguf_file, config.dtype, device,
                                                       config.trust_remote_code)
+    if config.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, config.adapter)
     set_seed(config.seed)
     with torch.inference_mode():
         pairs, ties = make_pairs(model, tokenizer, domain, records, config.samples_per_prompt, config.temperature,
@@ -111,25 +235,50 @@ def generate_command(argv: list[str]) -> int:
     return 0
 
 
+def _check_out_file(out: str, overwrite: bool) -> None:
+    """An output file is replaced only when asked, and its folder must be writable: both before any model loads."""
+    from .rundir import check_writable
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a .jsonl file.")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out.")
+    try:
+        check_writable(path.parent)
+    except ConfigError:
+        raise ConfigError(f"--out {out}: its folder is not writable.") from None
+
+
 def demo_command(argv: list[str]) -> int:
-    from .commands.demo import run_demo
     from .config import DemoConfig
 
     config = parse_config(DemoConfig, argv, "ofsdpo demo", (
         "Sequential DPO, sequential OFS-DPO and COFS-DPO on the embedded model over the built-in domains "
         "sentiment -> critic -> concise, with judge scores after every stage and report.md with plots."))
+    from .commands.demo import run_demo
+    from .models import resolve_device
+
+    resolve_device(config.device)  # a GPU the machine lacks: one line before anything loads
     run_demo(config.output_dir, config.quick, config.model, config.gguf_file, config.device, config.seed, config.lr)
     return 0
 
 
 def eval_command(argv: list[str]) -> int:
     from .config import EvalConfig
-    from .commands.eval import format_eval_table, run_eval
 
     argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--adapter"), "--domain"), "--data")
     config = parse_config(EvalConfig, argv, "ofsdpo eval",
                           "Held-out DPO loss, preference accuracy, judge score, win rate, KL and response length "
                           "of the base model and each adapter on built-in domains.")
+    from .commands.eval import format_eval_table, run_eval
+    from .models import check_adapter, meta_model, resolve_device, resolve_model_name
+
+    resolve_device(config.device)  # a GPU the machine lacks, an adapter of another base: before the model loads
+    if config.adapter:
+        base = meta_model(*resolve_model_name(config.model, config.gguf_file), config.trust_remote_code)
+        for adapter in config.adapter:
+            check_adapter(adapter, base)
     result = run_eval(config)
     print(format_eval_table(result["rows"]), end="")
     if config.json:
@@ -138,13 +287,14 @@ def eval_command(argv: list[str]) -> int:
 
 
 def experiment_command(argv: list[str]) -> int:
-    from .commands.experiment import run_experiment
     from .config import ExperimentCommandConfig
 
     config = parse_config(ExperimentCommandConfig, argv, "ofsdpo experiment", (
         "Run one experiment (a YAML file of experiments/) once per seed, then write aggregate.json and "
         "aggregate.md (mean +- std per cell over seeds) with plots. Finished cells are kept: rerun to resume."),
         positional="experiment")
+    from .commands.experiment import run_experiment
+
     run_experiment(config.experiment, config.seeds, config.output_dir, config.progress)
     return 0
 
@@ -169,8 +319,32 @@ COMMANDS = {"train": train_command, "continual": continual_command, "generate": 
             "demo": demo_command, "eval": eval_command, "experiment": experiment_command}
 
 
+def _debug(argv: list[str]) -> tuple[list[str], bool]:
+    debug = os.environ.get("OFSDPO_DEBUG", "").lower() not in ("", "0", "false", "no")
+    return [a for a in argv if a != "--debug"], debug or "--debug" in argv
+
+
+def _one_line(err: BaseException) -> tuple[str, int]:
+    """The message and exit status of an error that reached main()."""
+    from .data import DataError
+    from .models import ModelError
+
+    if isinstance(err, (ConfigError, DataError, ModelError, NonFiniteError)):
+        return str(err), 2
+    text = " ".join(str(err).split())[:500]
+    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return (f"out of memory ({text[:200]}); lower --batch-size (raise --grad-accum to keep the step), "
+                "--max-length or --logprob-chunk-size, or pass --gradient-checkpointing"), 2
+    if "size mismatch" in text:  # peft loading an adapter onto a base of other shapes
+        return (f"an adapter does not fit --model, it was trained on another base model ({text[:300]}); pass the "
+                "--model it was trained on"), 2
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or text}", 2
+    return f"{type(err).__name__}: {text} (run with --debug for the traceback)", 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _debug(list(sys.argv[1:] if argv is None else argv))
     # a deprecation inside peft's calls into transformers, not ours to act on: keep the progress output readable
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help"):
@@ -181,16 +355,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"ofsdpo: unknown command '{argv[0]}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"ofsdpo: unknown command '{argv[0]}'; {hint}commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         return command(argv[1:])
-    except (ConfigError, DataError, ModelError, NonFiniteError) as err:
-        print(f"ofsdpo {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # the trainer says where its checkpoint went
-        print(f"ofsdpo {argv[0]}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # the trainer says where its checkpoint went (RunInterrupted)
+        reason = getattr(err, "reason", "interrupted")
+        print(f"ofsdpo {argv[0]}: {reason}" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return getattr(err, "exit_code", 130)
+    except Exception as err:  # the promise: one line, never a traceback (unless asked for)
+        if debug:
+            raise
+        message, code = _one_line(err)
+        print(f"ofsdpo {argv[0]}: error: {message}", file=sys.stderr)
+        return code
 
 
 def entry_point() -> None:

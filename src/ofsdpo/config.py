@@ -103,8 +103,10 @@ class TrainingOptions:
                        "pairs)."),
     )
     epochs: int = field(default=1, metadata=_help("Passes over the stream; 1 is online (each pair seen once)."))
-    batch_size: int = field(default=4, metadata=_help("Pairs per forward pass, per process (memory grows with it)."))
-    grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
+    batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Pairs per micro-batch, per process (memory grows with it). Unset: 4, and ofs-dpo then runs its two modules "
+        "on parts of 2 pairs (--module-batch-size), so its stacked batch is dpo's size."))
+    grad_accum: Optional[int] = field(default=None, metadata=_help("Micro-batches per optimiser step. Unset: 1."))
     # --- method ----------------------------------------------------------------------------------------------------
     beta: float = field(default=0.1, metadata=_help("DPO temperature; larger keeps the policy closer to the base."))
     lr: float = field(default=1e-4, metadata=_help("Learning rate of the fast module (and of the dpo module)."))
@@ -127,11 +129,19 @@ class TrainingOptions:
         default="roles",
         metadata=_help("roles: labels swap; params: weights and optimiser states swap so the leader trains fast."),
     )
-    module_passes: Literal["joint", "sequential"] = field(
-        default="joint",
-        metadata=_help("ofs-dpo memory/speed: joint runs both modules' forwards, then one backward (8N FLOPs per "
-                       "token, both activation graphs alive); sequential runs one module's graph at a time after "
-                       "a no-grad forward of the other (10N, about dpo's activation memory)."),
+    module_passes: Literal["fused", "joint", "sequential"] = field(
+        default="fused",
+        metadata=_help("ofs-dpo memory/speed: fused runs both modules in one forward of the batch stacked twice (each "
+                       "half through its own LoRA, one base GEMM per layer), then one backward (8N FLOPs per token); "
+                       "joint runs one forward per module, then one backward (8N); sequential runs one module's "
+                       "graph at a time after a no-grad forward of the other (10N, about dpo's activation memory)."),
+    )
+    module_batch_size: Optional[int] = field(
+        default=None,
+        metadata=_help("ofs-dpo: pairs per forward of the two modules; each --batch-size micro-batch runs in parts "
+                       "of this many, accumulated (the same pairs and gradient per step). Unset: half of "
+                       "--batch-size when neither --batch-size nor --grad-accum is given (fused, the stacked batch "
+                       "is then dpo's size, for dpo's activation memory), else --batch-size. dpo ignores it."),
     )
     # --- LoRA ------------------------------------------------------------------------------------------------------
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
@@ -158,11 +168,23 @@ class TrainingOptions:
         default=1024, metadata=_help("Completion tokens per LM-head chunk; smaller lowers peak memory.")
     )
     eval_batch_size: Optional[int] = field(default=None, metadata=_help("Pairs per no-grad forward (default 2x)."))
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Recompute the base's activations in the backward instead of keeping them: less memory, one "
+                       "more forward per step (about +50% compute with LoRA); the gradients are the same."),
+    )
+    num_threads: Optional[int] = field(
+        default=None,
+        metadata=_help("CPU threads of this process (default: what torch picks, 1 per process under a multi-process "
+                       "launch). On a machine shared with other jobs, 1 or 2 avoid a many-fold slowdown."),
+    )
     # --- outputs ---------------------------------------------------------------------------------------------------
     save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
-    report_to: Literal["none", "tensorboard"] = field(
-        default="none", metadata=_help("Also log to TensorBoard (needs the tensorboard package).")
+    report_to: Literal["none", "tensorboard", "wandb"] = field(
+        default="none",
+        metadata=_help("Also log to TensorBoard (needs tensorboard) or Weights & Biases (needs wandb; WANDB_MODE="
+                       "offline works without an account)."),
     )
     regret: bool = field(
         default=True, metadata=_help("At the end, score the final module on the whole stream for the regret curve.")
@@ -175,6 +197,17 @@ class TrainingOptions:
                 raise ConfigError(message)
 
         check_field_types(self)
+        # issue 16: by default ofs-dpo's fused forward runs on half micro-batches (the same pairs and gradient per
+        # step), so the stacked batch of both modules is dpo's size; a batch size or accumulation the user set is
+        # run exactly as asked. The resolved values are saved in config.yaml.
+        explicit = self.batch_size is not None or self.grad_accum is not None
+        self.batch_size = 4 if self.batch_size is None else self.batch_size
+        self.grad_accum = 1 if self.grad_accum is None else self.grad_accum
+        if self.module_batch_size is None:
+            self.module_batch_size = self.batch_size if explicit else -(-self.batch_size // 2)
+        need(1 <= self.module_batch_size <= self.batch_size,
+             f"--module-batch-size must be in [1, --batch-size] (got {self.module_batch_size}, --batch-size "
+             f"{self.batch_size}).")
         need(0 < self.beta < math.inf, f"--beta must be > 0 (got {self.beta}).")
         need(self.chase_beta is None or 0 < self.chase_beta < math.inf,
              f"--chase-beta must be > 0 (got {self.chase_beta}).")
@@ -200,6 +233,12 @@ class TrainingOptions:
         need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
+        need(self.num_threads is None or self.num_threads >= 1, f"--num-threads must be >= 1 (got {self.num_threads}).")
+        if self.report_to == "wandb":
+            import importlib.util
+
+            need(importlib.util.find_spec("wandb") is not None,
+                 "--report-to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline needs no account).")
         step_pairs = self.pairs_per_step
         if self.round_size is None:
             self.round_size = step_pairs
@@ -268,10 +307,17 @@ class OFSDPOConfig(TrainingOptions):
     )
     output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go."))
     resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir."))
+    resume_from: Optional[str] = field(
+        default=None,
+        metadata=_help("Resume from this checkpoint folder (checkpoints/checkpoint-N of --output-dir) instead of the "
+                       "newest; the checkpoints after it are removed, like the metrics rows."),
+    )
     overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.resume_from is not None:
+            self.resume = True  # --resume-from PATH implies --resume
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
         if self.on_policy is not None:
@@ -295,7 +341,7 @@ class OFSDPOConfig(TrainingOptions):
 
 # Options that change nothing a resumed run computes: `ofsdpo train --resume` may change them, not the others.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to", "output_dir",
-                     "device"}
+                     "device", "num_threads", "resume_from", "gradient_checkpointing"}
 
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any], may_change: set[str]) -> list[str]:
@@ -379,6 +425,14 @@ class ContinualOptions:
     judge_max_new_tokens: int = field(
         default=0, metadata=_help("Cap on the judged samples' length (0: each domain's own); lower is faster.")
     )
+    judge_samples: int = field(
+        default=1, metadata=_help("Judged samples per held-out prompt (more samples, less judge noise).")
+    )
+    selection: Literal["memory", "heldout"] = field(
+        default="memory",
+        metadata=_help("Pairs that choose each stage's best fast module and served module: the memory (never in the "
+                       "report: unbiased) or the held-out pairs the report scores (the choice then flatters it)."),
+    )
     lambda_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
     )
@@ -404,6 +458,8 @@ class ContinualOptions:
             raise ConfigError(f"--memory-size must be >= 1 (got {self.memory_size}).")
         if self.max_steps_per_domain != -1 and self.max_steps_per_domain < 1:
             raise ConfigError(f"--max-steps-per-domain must be -1 or >= 1 (got {self.max_steps_per_domain}).")
+        if self.judge_samples < 1:
+            raise ConfigError(f"--judge-samples must be >= 1 (got {self.judge_samples}).")
         if self.search_budget < 1:
             raise ConfigError(f"--search-budget must be >= 1 (got {self.search_budget}).")
         if not all(0.0 <= x <= 1.0 for x in self.lambdas):
@@ -519,7 +575,13 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
 class GenerateConfig:
     domain: str = field(default="sentiment", metadata=_help("Built-in domain: sentiment, critic, concise, safety."))
     out: str = field(default="pairs.jsonl", metadata=_help("Where to write the judged pairs (JSONL)."))
+    overwrite: bool = field(default=False, metadata=_help("Replace --out if it exists (else the run is refused)."))
     model: Optional[str] = field(default=None, metadata=_help("Model to sample from (default: the embedded one)."))
+    adapter: Optional[str] = field(default=None, metadata=_help(
+        "A peft adapter folder (e.g. a run's --output-dir, or its fast/ or slow/ module) to sample from, on --model."))
+    max_new_tokens: int = field(default=0, metadata=_help(
+        "Most tokens per sample (0: the domain's own, 24-40); a sample cut here may end mid-sentence."))
+    num_threads: Optional[int] = field(default=None, metadata=_help("CPU threads (default: what torch picks)."))
     gguf_file: Optional[str] = field(default=None, metadata=_help("GGUF file inside --model."))
     trust_remote_code: bool = field(default=False, metadata=_help("Run model code shipped with the checkpoint."))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps."))
@@ -543,6 +605,10 @@ class GenerateConfig:
             raise ConfigError(f"--top-p must be in (0, 1] (got {self.top_p}).")
         if self.num_prompts == 0 or self.num_prompts < -1:
             raise ConfigError(f"--num-prompts must be -1 or >= 1 (got {self.num_prompts}).")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0 (got {self.max_new_tokens}).")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"--num-threads must be >= 1 (got {self.num_threads}).")
 
 
 @dataclass
@@ -564,6 +630,8 @@ class EvalConfig:
     pair_prompts: int = field(default=16, metadata=_help("Held-out prompts sampled for pairs when --data lacks one."))
     samples_per_prompt: int = field(default=4, metadata=_help("Samples per prompt for generated pairs."))
     judge_prompts: int = field(default=16, metadata=_help("Held-out prompts judged per domain (0: no judging)."))
+    judge_samples: int = field(default=1, metadata=_help(
+        "Judged samples per prompt (every row draws the same random numbers: a module equal to the base ties it)."))
     beta: float = field(default=0.1, metadata=_help("DPO temperature of the held-out loss (use the training one)."))
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion."))
     max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens."))
@@ -586,8 +654,8 @@ class EvalConfig:
         for name, path in self.data_files.items():
             if not Path(path).exists():
                 raise ConfigError(f"--data {name}={path}: no such file.")
-        if self.judge_prompts < 0 or self.pair_prompts < 1 or self.batch_size < 1:
-            raise ConfigError("--judge-prompts must be >= 0, --pair-prompts and --batch-size >= 1.")
+        if self.judge_prompts < 0 or self.pair_prompts < 1 or self.batch_size < 1 or self.judge_samples < 1:
+            raise ConfigError("--judge-prompts must be >= 0, --pair-prompts, --batch-size and --judge-samples >= 1.")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"--samples-per-prompt must be >= 2 to form a pair (got {self.samples_per_prompt}).")
         if self.beta <= 0:
@@ -684,8 +752,14 @@ class ExperimentConfig:
     batch_size: int = DEMO_FULL.batch_size
     lr: float = 5e-4
     judge_prompts: int = DEMO_FULL.judge_prompts  # held-out prompts judged per domain
-    heldout: int = DEMO_FULL.heldout  # pairs held out of each domain's stream (never trained on)
-    memory: int = DEMO_FULL.memory  # continual: held-out pairs per domain kept to choose λ
+    judge_samples: int = 1  # judged samples per held-out prompt, for every arm and the reference alike
+    # three disjoint sets per domain (issue 12): the training stream; the selection pairs (the last `selection`
+    # pairs of the training prompts: they choose the served and best fast module, and hold the continual memory);
+    # the report pairs, sampled on the held-out prompts in `report_rounds` rounds and never used for a choice
+    selection: int = 16
+    report_rounds: int = 1
+    memory: int = DEMO_FULL.memory  # continual: selection pairs per domain kept in memory to choose λ
+    baseline: Optional[str] = None  # the variant paired differences are taken against (default: `dpo`, else first)
     lambda_grid: str = DEMO_FULL.lambda_grid
     eval_steps: int = DEMO_FULL.eval_steps  # continual: how often the best fast module is looked for
     max_length: int = 160
@@ -707,6 +781,13 @@ class ExperimentConfig:
             raise ConfigError(f"experiment '{self.name}': variants need unique names (got {names}).")
         if not self.seeds:
             raise ConfigError(f"experiment '{self.name}': seeds must not be empty.")
+        if self.baseline is not None and self.baseline not in names:
+            raise ConfigError(f"experiment '{self.name}': baseline '{self.baseline}' is not a variant ({names}).")
+        if self.selection < 1 or self.report_rounds < 1 or self.judge_samples < 1:
+            raise ConfigError(f"experiment '{self.name}': selection, report_rounds and judge_samples must be >= 1.")
+        if self.kind == "continual" and self.memory > self.selection:
+            raise ConfigError(f"experiment '{self.name}': memory ({self.memory}) is carved from the selection pairs "
+                              f"({self.selection}): raise selection.")
         for variant in self.variants:  # a bad variant fails now, not after an hour of the others
             self.run_config(variant, self.seeds[0], "unused", [f"{d}=unused" for d in self.domains])
 
@@ -729,9 +810,9 @@ class ExperimentConfig:
         if self.kind == "in-domain":
             values, accepted = dict(common, max_steps=self.steps, regret=True), OFSDPOConfig.field_names()
         else:
-            values = dict(common, domain=specs, max_steps_per_domain=self.steps, heldout_size=self.heldout,
-                          memory_size=self.memory, judge_prompts=self.judge_prompts, lambda_grid=self.lambda_grid,
-                          eval_steps=self.eval_steps, regret=False)
+            values = dict(common, domain=specs, max_steps_per_domain=self.steps, memory_size=self.memory,
+                          judge_prompts=self.judge_prompts, judge_samples=self.judge_samples,
+                          lambda_grid=self.lambda_grid, eval_steps=self.eval_steps, regret=False, selection="memory")
             accepted = ContinualConfig.flat_field_names()
         values.update(self.train)
         values.update({k: v for k, v in variant.items() if k != "name"})
@@ -741,6 +822,11 @@ class ExperimentConfig:
         if unknown:
             raise ConfigError(f"variant '{variant['name']}': unknown field(s) {', '.join(sorted(unknown))}.")
         return OFSDPOConfig(**values) if self.kind == "in-domain" else ContinualConfig.from_flat(**values)
+
+    @property
+    def baseline_variant(self) -> str:
+        names = [v["name"] for v in self.variants]
+        return self.baseline or ("dpo" if "dpo" in names else names[0])
 
     def cells(self) -> list[tuple[str, dict, str | None]]:
         """(cell name, variant, domain): a variant per domain in-domain, a variant over all domains otherwise."""

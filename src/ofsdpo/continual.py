@@ -1,7 +1,8 @@
 """COFS-DPO: continual alignment across domains without forgetting (SPEC §4), and the baselines it must beat.
 
-For each domain in order: train (DPO or OFS-DPO) on its stream, keep its best fast module on the domain's held-out
-pairs, and add `memory_size` held-out pairs to the memory (never trained on). Then serve:
+For each domain in order: train (DPO or OFS-DPO) on its stream, keep its best fast module on the domain's selection
+pairs (its memory: held out, never trained on and never in the report; `--selection heldout` chooses on the report's
+pairs instead, as earlier versions did), and add the memory to the memory of all domains seen. Then serve:
 
 - `cofs-dpo`:   a linear combination of the kept fast modules, θ ← λ θ_prev + (1 − λ) θ_F^(k) (the pairwise recursive
                 form of SPEC §4), λ chosen on a grid by the lowest DPO loss (ties: higher accuracy) on the memory of
@@ -31,7 +32,8 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .combine import combine_delta, combine_params, recursive_weights, search_lambda, search_simplex
-from .config import ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options, read_config_file
+from .config import (RESUME_MAY_CHANGE, ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
+                     read_config_file)
 from .data import DataError, PreferenceData, load_preference_data
 from .distributed import Processes
 from .scoring import heldout_scores
@@ -40,6 +42,7 @@ from .files import write_atomic, write_json
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
 from .plotting import plot_heatmap
 from .reference import ReferenceCache
+from .rundir import output_dir_lock, refuse_if_locked
 from .trainer import OFSDPOTrainer
 
 CONTINUAL_MARKERS = ("report.json", "domains")
@@ -94,6 +97,7 @@ class ContinualRunner:
         if held and not (config.overwrite or config.resume):
             raise ConfigError(f"--output-dir {self.output_dir} holds another run ({', '.join(held)}); "
                               "pass --resume to continue it or --overwrite to replace it.")
+        refuse_if_locked(self.output_dir)  # another live run writes there: stop before anything loads
         if config.resume:
             self._check_resumable()
         self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
@@ -141,6 +145,10 @@ class ContinualRunner:
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with output_dir_lock(self.output_dir, self.processes):  # held to the end, released on any exit
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, out, main = self.config, self.output_dir, self.processes.is_main
         if main:  # only the main process writes; the others compute the same combinations
             out.mkdir(parents=True, exist_ok=True)
@@ -171,35 +179,15 @@ class ContinualRunner:
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                     load_adapter_state(trainer.model, name, init_state)
             summary = trainer.train()
-            model = trainer.model
-            lora = copy.deepcopy(model.peft_config[trainer.names[0]])
-            final = adapter_state(model, summary["served_module"])
-            stage: dict[str, Any] = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
-                                     "best_fast": summary.get("best_fast"), "lambda": None}
-            if cfg.method == "cofs-dpo":
-                kept.append(trainer.best["state"])
-                weights, stage["lambda"], stage["search"] = self._choose_weights(model, lora, kept, weights, k)
-                served, served_lora = self._materialise(lora, kept, weights)
-                init_state = served if served_lora.r == lora.r else kept[-1]
-                stage["weights"] = dict(zip([d.name for d in self.domains[:k + 1]], weights))
-            elif cfg.method == "lora-merge":
-                kept.append(final)
-                served, served_lora = self._materialise(lora, kept, [1.0 / len(kept)] * len(kept), "delta")
-                stage["weights"] = {d.name: 1.0 / len(kept) for d in self.domains[:k + 1]}
-            else:
-                served, served_lora, init_state = final, lora, final
-            scores = [self._score(model, served_lora, served, d.test, d.test_reference) for d in self.domains]
-            matrix["loss"].append([s["loss"] for s in scores])
-            matrix["accuracy"].append([s["accuracy"] for s in scores])
-            if cfg.judge_prompts:
-                judged = self._judge(model, served_lora, served)
-                for key in ("judge_score", "win_rate", "kl"):
-                    matrix.setdefault(key, []).append([j.get(key) for j in judged])
+            stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
+                     "best_fast": summary.get("best_fast"), "lambda": None}
+            served, served_lora, init_state, weights = self._serve(k, trainer, summary, kept, weights, stage)
+            self._score_stage(trainer.model, served_lora, served, matrix)
             stages.append(stage)
             self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
                              kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
                              weights)
-            base = model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
+            base = trainer.model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
         report = self._report(stages, matrix)
         if main:
             write_adapter(served_lora, served, out)
@@ -209,6 +197,36 @@ class ContinualRunner:
             plot_heatmap(report, out / "heatmap.png")
         self.processes.barrier()
         return report
+
+    def _serve(self, k: int, trainer: OFSDPOTrainer, summary: dict, kept: list, weights: list, stage: dict):
+        """What the method serves after stage k: (state, LoraConfig, next stage's init, combination weights).
+        `kept` grows by this stage's module; `stage` records the weights and the search."""
+        cfg, model = self.config, trainer.model
+        lora = copy.deepcopy(model.peft_config[trainer.names[0]])
+        final = adapter_state(model, summary["served_module"])
+        seen = [d.name for d in self.domains[:k + 1]]
+        if cfg.method == "cofs-dpo":
+            kept.append(trainer.best["state"])
+            weights, stage["lambda"], stage["search"] = self._choose_weights(model, lora, kept, weights, k)
+            served, served_lora = self._materialise(lora, kept, weights)
+            stage["weights"] = dict(zip(seen, weights))
+            return served, served_lora, served if served_lora.r == lora.r else kept[-1], weights
+        if cfg.method == "lora-merge":
+            kept.append(final)
+            served, served_lora = self._materialise(lora, kept, [1.0 / len(kept)] * len(kept), "delta")
+            stage["weights"] = {name: 1.0 / len(kept) for name in seen}
+            return served, served_lora, None, weights
+        return final, lora, final, weights
+
+    def _score_stage(self, model, served_lora, served, matrix: dict) -> None:
+        """The served module on every domain's report pairs (and judged, with --judge-prompts): one matrix row."""
+        scores = [self._score(model, served_lora, served, d.test, d.test_reference) for d in self.domains]
+        matrix["loss"].append([s["loss"] for s in scores])
+        matrix["accuracy"].append([s["accuracy"] for s in scores])
+        if self.config.judge_prompts:
+            judged = self._judge(model, served_lora, served)
+            for key in ("judge_score", "win_rate", "kl"):
+                matrix.setdefault(key, []).append([j.get(key) for j in judged])
 
     # --- resuming ----------------------------------------------------------------------------------------------------
     def _stage_dir(self, k: int) -> Path:
@@ -221,7 +239,7 @@ class ContinualRunner:
             raise ConfigError(f"--resume: {self.output_dir} holds no continual run (no config.yaml).")
         saved = read_config_file(saved_path, ContinualConfig)
         now = self.config.to_dict()
-        changed = changed_options(saved, now, {"resume", "overwrite", "progress", "device", "output_dir"})
+        changed = changed_options(saved, now, RESUME_MAY_CHANGE)
         if changed:
             raise ConfigError(f"--resume: {saved_path} was written with other options ({', '.join(changed)}); "
                               "resume with the same options, or pass --overwrite to start again.")
@@ -268,9 +286,13 @@ class ContinualRunner:
         if cfg.method == "dpo-replay" and k > 0:
             train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
                                                       for p in d.train.pairs[:cfg.memory_size]]), domain.name)
-        # the held-out pairs' reference log-probs are scored once, for every stage and the report
+        # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
+        if cfg.selection == "memory":
+            selection, reference = domain.memory, domain.memory_reference
+        else:
+            selection, reference = domain.test, domain.test_reference
         return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=train, tokenizer=self.tokenizer,
-                             eval_data=domain.test, eval_reference=domain.test_reference)
+                             eval_data=selection, eval_reference=reference)
 
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
         cfg = self.config.training
@@ -297,10 +319,12 @@ class ContinualRunner:
             records = builtin.prompts("heldout")[:self.config.judge_prompts]
             if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
                 with common_random_numbers(self.config.training.seed, device):
-                    self._reference_scores[d.name] = reference_samples(model, self.tokenizer, builtin, records)
+                    self._reference_scores[d.name] = reference_samples(
+                        model, self.tokenizer, builtin, records, samples_per_prompt=self.config.judge_samples)
             with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
                 results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
-                                          ref_scores=self._reference_scores[d.name]))
+                                          ref_scores=self._reference_scores[d.name],
+                                          samples_per_prompt=self.config.judge_samples))
         return results
 
     def _materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):

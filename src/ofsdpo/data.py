@@ -11,6 +11,7 @@ equals rejected carry no preference: they are skipped and counted, never silentl
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 FIELDS = ("prompt", "chosen", "rejected")
+ROLES = ("system", "user", "assistant", "tool")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz")
+WARN_FRACTION = 0.1  # more rows than this truncated or skipped: a printed warning, not only summary.json
 
 
 class DataError(ValueError):
@@ -144,6 +150,13 @@ def _read_dataset(name: str, split: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(loaded, start=1)
 
 
+def _looks_local(name: str) -> bool:
+    """A name that cannot be a hub dataset (`owner/name`): a path, a bare word, or a file name."""
+    from .models import looks_local
+
+    return looks_local(name) or "/" not in name or name.lower().endswith(FILE_SUFFIXES)
+
+
 def read_rows(source: Any, split: str = "train") -> tuple[str, Iterable[tuple[int, Any]]]:
     """(name for messages, iterator of (row number, row)) for a path, a dataset name, a Dataset or an iterable."""
     if isinstance(source, (str, os.PathLike)):
@@ -158,6 +171,8 @@ def read_rows(source: Any, split: str = "train") -> tuple[str, Iterable[tuple[in
             return str(path), reader(path)
         if path.is_file():
             raise DataError(str(path), "unknown file type; use .jsonl, .json or .parquet")
+        if not path.exists() and _looks_local(str(source)):  # at once: no hub lookup and its retries
+            raise DataError(str(path), "no such file or folder (a hub dataset is named owner/name)")
         return str(source), _read_dataset(str(source), split)
     name = "<dataset>" if hasattr(source, "features") else "<rows>"
     return name, enumerate(source, start=1)
@@ -240,9 +255,31 @@ def check_row(row: Any, source: str, row_number: int) -> tuple[Any, Any, Any] | 
         _check_value(prompt, source, row_number, "prompt")
         if isinstance(prompt, str) != isinstance(chosen, str):
             raise DataError(source, "mixes a string and a list of messages with 'chosen'", row_number, "prompt")
+    if not isinstance(prompt, str):
+        _check_roles(prompt, chosen, rejected, source, row_number)
     if chosen == rejected:
         return None
     return prompt, chosen, rejected
+
+
+def _check_roles(prompt: list, chosen: list, rejected: list, source: str, row: int) -> None:
+    """TRL's conversational format: the prompt's turns end with the user's (after an optional system turn it opens
+    with the user), and each completion is the assistant's answer."""
+    for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        for i, message in enumerate(messages):
+            if message["role"] not in ROLES:
+                raise DataError(source, f"message {i} has role {message['role']!r}; roles are {', '.join(ROLES)}",
+                                row, name)
+    opening = [m["role"] for m in prompt if m["role"] != "system"]
+    if not opening or opening[0] != "user" or prompt[-1]["role"] != "user":
+        order = " -> ".join(m["role"] for m in prompt)
+        raise DataError(source, f"must open with a user turn (after an optional system turn) and end with one, so "
+                                f"that the completion answers it (roles: {order})", row, "prompt")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        wrong = [m["role"] for m in messages if m["role"] != "assistant"]
+        if wrong:
+            raise DataError(source, f"must hold assistant turns only (found {', '.join(wrong)}): the completion is "
+                                    "the assistant's answer to the prompt", row, name)
 
 
 # --- tokenization ----------------------------------------------------------------------------------------------------
@@ -350,7 +387,22 @@ def load_preference_data(
     if not pairs:
         raise DataError(name, f"all {stats.rows} rows have chosen identical to rejected; nothing to learn")
     stats.pairs = len(pairs)
+    warn_if_lossy(name, stats, max_length, max_prompt_length)
     return PreferenceData(pairs=pairs, stats=stats, source=name)
+
+
+def warn_if_lossy(name: str, stats: DataStats, max_length: int, max_prompt_length: int) -> list[str]:
+    """A printed warning (with counts) for each kind of row loss above WARN_FRACTION; returns the messages."""
+    losses = [(stats.skipped_identical, stats.rows, "rows skipped (chosen identical to rejected)"),
+              (stats.truncated_prompts, stats.pairs, f"prompts cut to --max-prompt-length {max_prompt_length} "
+                                                     "(their end kept)"),
+              (stats.truncated_completions, stats.pairs, f"pairs with a completion cut to fit --max-length "
+                                                         f"{max_length}")]
+    messages = [f"{name}: {count} of {total} {what} ({count / total:.0%})" for count, total, what in losses
+                if total and count / total > WARN_FRACTION]
+    for message in messages:
+        logger.warning("%s; raise the limit or check the data (counts in summary.json, data).", message)
+    return messages
 
 
 # --- batching --------------------------------------------------------------------------------------------------------

@@ -166,3 +166,11 @@ def concatenated_forward(model: torch.nn.Module, batch: dict, chunk_size: int = 
         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=chunk_size
     )
     return logps.chunk(2)
+
+
+def stacked_forward(model: torch.nn.Module, batch: dict, copies: int, chunk_size: int = 1024) -> list[tuple]:
+    """One forward over `[chosen; rejected]` stacked `copies` times along the batch (under `modules.stacked` each
+    copy goes through its own LoRA module); returns each copy's `(chosen_logps, rejected_logps)`, `(B,)` each."""
+    inputs = [torch.cat([batch[key]] * copies) for key in ("input_ids", "attention_mask", "completion_mask")]
+    logps = sequence_logps(model, *inputs, chunk_size=chunk_size)
+    return [part.chunk(2) for part in logps.chunk(copies)]

@@ -1,8 +1,9 @@
-"""metrics.jsonl (one row per optimiser step, TRL's metric names) and optional TensorBoard."""
+"""metrics.jsonl (one row per optimiser step, TRL's metric names) and optional TensorBoard or Weights & Biases."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 # TRL's per-module statistics of a DPO step; under ofs-dpo each is namespaced by the module (`fast/`, `slow/`)
@@ -23,7 +24,8 @@ def step_stat_keys(method: str, modules) -> list[str]:
 
 
 class MetricsLogger:
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None,
+                 wandb_config: dict | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             # a resumed run rewrites what came after its checkpoint: no row is lost or repeated
@@ -37,6 +39,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        self.wandb = None
+        if wandb_config is not None:  # project from WANDB_PROJECT (default ofsdpo); WANDB_MODE=offline needs no login
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ofsdpo"), dir=str(self.path.parent),
+                                    config=wandb_config, name=self.path.parent.name)
 
     def log(self, row: dict) -> None:
         row = {"step": row["step"], **row}
@@ -46,10 +54,15 @@ class MetricsLogger:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                           step=row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

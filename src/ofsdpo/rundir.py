@@ -1,26 +1,94 @@
-"""The output folder of a training run: what marks it as holding a run, and when it may be (over)written."""
+"""The output folder of a training run: what marks it as holding a run, when it may be (over)written, and the lock
+that keeps two runs out of one folder.
+
+The lock is `<output-dir>/.ofsdpo.lock`, an advisory `flock` held for the whole run and holding the holder's pid,
+host and start time. The kernel drops a `flock` when its process dies, however it dies (SIGKILL and OOM included),
+so a lock file left behind by a dead run is free: the next run takes it over and says so. Where `fcntl` does not
+exist (Windows), the lock is the file itself, taken over when its pid is no longer running on this host.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
+LOCK_NAME = ".ofsdpo.lock"
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+class OutputDirLocked(ConfigError):
+    """Another live run holds the --output-dir; the message names its pid."""
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, resume_from: str | None = None) -> None:
     """Refuse a folder we must not write to; nothing is written here (bad data may still stop the run)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir} is a file, not a directory.")
+    refuse_if_locked(output_dir)  # checked first: a live run's folder holds run markers too
+    check_writable(output_dir)
     held = [m for m in RUN_MARKERS if (output_dir / m).exists()]
     if held and not (resume or overwrite):
         raise ConfigError(f"--output-dir {output_dir} holds another run ({', '.join(held)}); "
                           "pass --resume to continue it or --overwrite to replace it.")
     if resume and not list_checkpoints(output_dir / "checkpoints"):
         raise ConfigError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}.")
+    if resume_from is not None:
+        resume_checkpoint(output_dir, resume_from)
+
+
+def resume_checkpoint(output_dir: Path, resume_from: str | None = None) -> Path:
+    """The checkpoint to resume from: the newest, or --resume-from's (a checkpoint folder of this --output-dir,
+    given as a path or as its name `checkpoint-N`)."""
+    checkpoints = list_checkpoints(Path(output_dir) / "checkpoints")
+    if resume_from is None:
+        return checkpoints[-1]
+    wanted = Path(resume_from)
+    for path in checkpoints:
+        if path.resolve() == wanted.resolve() or (not wanted.exists() and path.name == wanted.name):
+            return path
+    names = ", ".join(p.name for p in checkpoints) or "none"
+    raise ConfigError(f"--resume-from {resume_from}: not a checkpoint of --output-dir {output_dir} (its checkpoints: "
+                      f"{names}).")
+
+
+def drop_checkpoints_after(output_dir: Path, path: Path) -> None:
+    """Remove the checkpoints newer than `path` (a resume from an older one would otherwise find them newest)."""
+    checkpoints = list_checkpoints(Path(output_dir) / "checkpoints")
+    for later in checkpoints[checkpoints.index(path) + 1:] if path in checkpoints else []:
+        shutil.rmtree(later)
+
+
+def check_writable(output_dir: Path) -> None:
+    """The folder, or the nearest existing folder above it (where it will be created), must be writable: found
+    before the model loads, not when the first file is written."""
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {output_dir}: {existing} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == output_dir.absolute() else f" (its nearest existing folder {existing})"
+        raise ConfigError(f"--output-dir {output_dir}{where} is not writable; choose another --output-dir or fix its "
+                          "permissions.")
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -30,3 +98,210 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         for marker in RUN_MARKERS:
             path = output_dir / marker
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def name_sources(config, model=None, train_data=None) -> tuple[Any, dict[str, str]]:
+    """The config a Python-API run saves as config.yaml: `model` and `data` filled in when they were passed by name
+    or path (so that `ofsdpo train --config out/config.yaml` reruns it), and a note for each passed in memory."""
+    updates, notes = {}, {}
+    if config.model is None and isinstance(model, (str, os.PathLike)):
+        updates["model"] = str(model)
+    elif config.model is None and model is not None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
+        notes["model"] = f"passed in memory: a loaded {type(model).__name__} of {name!r}; set model to rerun"
+    if config.data is None and config.on_policy is None:
+        if isinstance(train_data, (str, os.PathLike)):
+            updates["data"] = str(train_data)
+        elif train_data is not None:
+            notes["data"] = (f"passed in memory ({type(train_data).__name__}); write the pairs to a .jsonl file and "
+                             "set data to rerun")
+    return (dataclasses.replace(config, **updates) if updates else config), notes
+
+
+def config_yaml(values: dict, notes: dict[str, str]) -> str:
+    """config.yaml's text: the values, with `# passed in memory` notes on the keys they explain."""
+    import yaml
+
+    text = yaml.safe_dump(values, sort_keys=False)
+    for key, note in notes.items():
+        text = re.sub(rf"^{key}: null$", lambda _, key=key, note=note: f"{key}: null  # {note}", text, count=1,
+                      flags=re.MULTILINE)
+    return text
+
+
+# --- the lock ---------------------------------------------------------------------------------------------------------
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists, owned by someone else
+    return True
+
+
+def _locked_message(output_dir: Path, holder: dict) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    since = f", started {holder['started']}" if holder.get("started") else ""
+    return (f"--output-dir {output_dir} is in use by another run (pid {pid}{where}{since}); wait for it to end, "
+            f"stop it, or choose another --output-dir.")
+
+
+def lock_holder(output_dir: Path) -> dict | None:
+    """Who holds the lock of `output_dir` ({pid, host, started}), or None when it is free. Writes nothing."""
+    path = Path(output_dir) / LOCK_NAME
+    if not path.is_file():
+        return None
+    holder = _read_holder(path)
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        return None  # this process holds it (a check made again once the lock is taken)
+    if fcntl is not None:
+        try:
+            with open(path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return None  # nobody holds it: a file left by a dead run
+        except BlockingIOError:
+            return holder
+        except OSError:  # a file system without flock: fall back to the pid
+            pass
+    same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
+    pid = holder.get("pid")
+    return holder if isinstance(pid, int) and (not same_host or _pid_alive(pid)) else None
+
+
+def refuse_if_locked(output_dir: str | Path) -> None:
+    """The check before anything loads (writes nothing): a folder held by a live run is an `OutputDirLocked`."""
+    holder = lock_holder(Path(output_dir))
+    if holder is not None:
+        raise OutputDirLocked(_locked_message(Path(output_dir), holder))
+
+
+class RunLock:
+    """The lock of one output folder, held from `acquire()` to `release()` (also a context manager)."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.handle = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):  # retries only when another run released or replaced the file under us
+            stale = _read_holder(self.path) if self.path.exists() else None
+            if fcntl is None:
+                self._acquire_by_pid(stale)
+            else:
+                handle = open(self.path, "a+", encoding="utf-8")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.path))) from None
+                if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(handle.fileno()).st_ino:
+                    handle.close()  # the holder removed the file as we opened it: lock the new one
+                    continue
+                self.handle = handle
+            if stale and stale.get("pid") not in (None, os.getpid()):
+                logger.warning("%s: took over the lock left by pid %s (no longer running).", self.path.parent,
+                               stale.get("pid"))
+            self._write_holder()
+            return self
+        raise OutputDirLocked(f"--output-dir {self.path.parent}: could not take its lock {self.path}.")
+
+    def _acquire_by_pid(self, stale: dict | None) -> None:
+        if stale is not None:
+            pid, same_host = stale.get("pid"), stale.get("host", socket.gethostname()) == socket.gethostname()
+            if isinstance(pid, int) and (not same_host or _pid_alive(pid)):  # this process's own lock included
+                raise OutputDirLocked(_locked_message(self.path.parent, stale))
+            self.path.unlink(missing_ok=True)
+        try:
+            self.handle = os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w", encoding="utf-8")
+        except FileExistsError:
+            raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.path))) from None
+
+    def _write_holder(self) -> None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(json.dumps(holder) + "\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # before unlocking: a run waiting on this file sees it replaced and retries
+        self.handle.close()  # closing drops the flock
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | Path, processes=None):
+    """Hold the lock of `output_dir` for the `with` body (released on any exit, exceptions included).
+
+    Under a multi-process launch only the main process takes it, and every process raises the same
+    `OutputDirLocked` when it is held elsewhere (so none waits at a collective for a process that stopped)."""
+    lock = RunLock(Path(output_dir))
+    main = processes is None or processes.is_main
+    error = None
+    if main:
+        try:
+            lock.acquire()
+        except OutputDirLocked as err:
+            error = str(err)
+    if processes is not None and processes.distributed:
+        error = processes.gather(error)[0]
+    if error is not None:
+        raise OutputDirLocked(error)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool, processes=None):
+    """A training run's hold on its folder: the lock, then (the folder may have changed while the model loaded) the
+    checks of `check_output_dir` again, then the folder made ready (`prepare_output_dir`)."""
+    with output_dir_lock(output_dir, processes) as lock:
+        if processes is None or processes.is_main:
+            check_output_dir(Path(output_dir), resume, overwrite)
+            prepare_output_dir(Path(output_dir), resume, overwrite)
+        yield lock
+
+
+def check_same_run(path: Path, saved, now, config, num_pairs: int) -> None:
+    """--resume continues the same run only: same method, data and every option that changes what it computes.
+    `saved` is the checkpoint's `TrainerState`, `now` this run's (fresh) one."""
+    from .config import RESUME_MAY_CHANGE, OFSDPOConfig, changed_options, read_config_file
+
+    if saved.method != config.method or saved.num_pairs != num_pairs:
+        raise ConfigError(f"--resume: {path} was written by a {saved.method} run on {saved.num_pairs} pairs; "
+                          f"this run is {config.method} on {num_pairs} pairs.")
+    if saved.data_fingerprint is not None and saved.data_fingerprint != now.data_fingerprint:
+        raise ConfigError(f"--resume: {path} was written by a run on other --data (same number of pairs, "
+                          "different tokens); resuming would lose or repeat pairs of the stream.")
+    saved_config = Path(config.output_dir) / "config.yaml"
+    if saved_config.is_file():
+        may_change = RESUME_MAY_CHANGE | {"data"}  # the data's tokens are compared above, not its path
+        if config.lr_scheduler == "constant":  # the step limit changes no learning rate: a run may be extended
+            may_change = may_change | {"max_steps"}
+        changed = changed_options(read_config_file(saved_config, OFSDPOConfig), config.to_dict(), may_change)
+        if changed:
+            raise ConfigError(f"--resume: this run was started with other options: {'; '.join(changed)}. Resume "
+                              "with the same options, or start again with --overwrite.")

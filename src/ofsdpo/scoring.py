@@ -1,10 +1,12 @@
-"""How good a module is: per-pair DPO loss and preference accuracy against the cached reference, and judged
-samples (judge score, win rate, KL) drawn with common random numbers."""
+"""How good a module is: per-pair DPO loss and preference accuracy against the cached reference, which module to
+serve (SPEC §3) and the online regret (SPEC §5), and judged samples (judge score, win rate, KL) drawn with common
+random numbers."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -76,45 +78,69 @@ def common_random_numbers(seed: int, device: torch.device):
         yield
 
 
-def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16) -> list[float]:
-    """Judge scores of the reference's samples (adapters disabled): the other side of every win rate."""
+def _sampled(model, tokenizer, domain, records: list[dict], samples_per_prompt: int, batch_size: int,
+             reference: bool = False, progress: bool = False) -> list[str]:
+    """`samples_per_prompt` responses per record, prompt-major (all of prompt 0's, then prompt 1's, …)."""
     from .generation import sample
 
     prompts = [r["prompt"] for r in records]
-    ref = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
-                                batch_size=batch_size, reference=True)]
-    return [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, ref)]
+    per_prompt = sample(model, tokenizer, prompts, domain.chat, samples_per_prompt, domain.max_new_tokens,
+                        batch_size=batch_size, reference=reference, progress=progress)
+    return [response for responses in per_prompt for response in responses]
+
+
+def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16,
+                      samples_per_prompt: int = 1) -> list[float]:
+    """Judge scores of the reference's samples (adapters disabled), prompt-major: the other side of every win rate.
+    Drawn under the same seed as the policy's (`common_random_numbers`), sample j of prompt i of both sides uses
+    the same random numbers."""
+    responses = _sampled(model, tokenizer, domain, records, samples_per_prompt, batch_size, reference=True)
+    repeated = [r for r in records for _ in range(samples_per_prompt)]
+    return [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(repeated, responses)]
+
+
+def _per_prompt(values: list[float], samples_per_prompt: int) -> list[float]:
+    k = samples_per_prompt
+    return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
 
 
 def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
-               progress: bool = False, ref_scores: list[float] | None = None) -> dict[str, float]:
+               progress: bool = False, ref_scores: list[float] | None = None,
+               samples_per_prompt: int = 1) -> dict[str, Any]:
     """Mean judge score of the policy's samples, win rate against the reference's samples (ties count half),
-    a sample-based KL(π || π_ref) estimate, and the mean response length in words. `ref_scores` (from
-    `reference_samples`) lets several evaluations share one set of reference samples."""
-    from .generation import sample
+    a sample-based KL(π || π_ref) estimate, and the mean response length in words, over `samples_per_prompt`
+    samples of each record. `ref_scores` (from `reference_samples`, same records and samples) lets several
+    evaluations share one set of reference samples. `per_prompt` holds each prompt's mean judge score, win rate
+    and KL: the units of a bootstrap over prompts."""
     from .modules import reference_mode
 
     if adapter is not None:
         activate(model, adapter)
-    prompts = [r["prompt"] for r in records]
-    policy = [s[0] for s in sample(model, tokenizer, prompts, domain.chat, 1, domain.max_new_tokens,
-                                   batch_size=batch_size, progress=progress)]
+    repeated = [r for r in records for _ in range(samples_per_prompt)]
+    policy = _sampled(model, tokenizer, domain, records, samples_per_prompt, batch_size, progress=progress)
     if ref_scores is None:
-        ref_scores = reference_samples(model, tokenizer, domain, records, batch_size)
-    policy_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(records, policy)]
+        ref_scores = reference_samples(model, tokenizer, domain, records, batch_size, samples_per_prompt)
+    if len(ref_scores) != len(policy):
+        raise ValueError(f"{len(ref_scores)} reference scores for {len(policy)} samples: draw them with the same "
+                         "records and samples per prompt")
+    policy_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(repeated, policy)]
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, ref_scores)]
     was_training = model.training
     model.eval()
+    prompts = [r["prompt"] for r in repeated]
     policy_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
     with reference_mode(model):
         ref_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
     if adapter is not None:
         activate(model, adapter)
     model.train(was_training)
-    n = len(records)
+    n, kl = len(policy), (policy_logps - ref_logps).tolist()
     return {"judge_score": sum(policy_scores) / n, "reference_judge_score": sum(ref_scores) / n,
-            "win_rate": sum(wins) / n, "kl": (policy_logps - ref_logps).mean().item(),
-            "response_words": sum(len(y.split()) for y in policy) / n}
+            "win_rate": sum(wins) / n, "kl": sum(kl) / n, "response_words": sum(len(y.split()) for y in policy) / n,
+            "judged_samples": n,
+            "per_prompt": {"judge_score": _per_prompt(policy_scores, samples_per_prompt),
+                           "win_rate": _per_prompt(wins, samples_per_prompt),
+                           "kl": _per_prompt(kl, samples_per_prompt)}}
 
 
 def select_served(names, eval_scores: dict[str, float] | None, online_losses: list[dict], window: int,

@@ -28,6 +28,13 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     generated_pairs: Optional[list[dict]] = None  # on-policy: the pairs generated so far are part of the state
     best: Optional[dict[str, Any]] = None  # step, loss and accuracy of the best fast module (its weights: adapters)
+    train_seconds: float = 0.0  # training time up to the checkpoint: `train_runtime` counts a resumed run whole
+
+    def count_finite(self, finite: bool) -> bool:
+        """Count a step whose loss and gradient were finite or not (skipped); returns `finite`."""
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        self.nonfinite_skipped += 0 if finite else 1
+        return finite
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

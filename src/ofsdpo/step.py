@@ -1,25 +1,35 @@
 """One optimiser step of DPO or OFS-DPO (SPEC §2-3).
 
-For each micro-batch: one concatenated forward per module (`fast` then `slow`, or `default`), the cached reference
-log-probs, the DPO losses, the chasing regulariser, and one backward for everything. Each module then clips its own
-gradient and has its own learning rate (one AdamW, a param group per module). A step whose loss or gradient is not
-finite moves nothing (no parameter, optimiser or schedule update), as AMP's GradScaler does.
+For each micro-batch: the modules' concatenated forwards, the cached reference log-probs, the DPO losses, the
+chasing regulariser, and one backward for everything. Each module then clips its own gradient and has its own
+learning rate (one AdamW, a param group per module). A step whose loss or gradient is not finite moves nothing (no
+parameter, optimiser or schedule update), as AMP's GradScaler does.
+
+OFS-DPO's two modules (`--module-passes`, issue 16): `fused` (default) runs both in one forward of the micro-batch
+stacked twice, `[fast rows; slow rows]`, each half through its own LoRA inside the same layer calls
+(`modules.stacked`); `joint` runs one forward per module; `sequential` one graph at a time. All three give the same
+losses and gradients (dropout aside: each module draws its own masks in every mode). `--module-batch-size` splits
+each micro-batch into accumulated parts: every loss term is a per-pair sum divided by the step's pair count, so the
+step's gradient is the same, with the activations of the smaller part alive at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from .chasing import ChaseState
-from .config import TrainingOptions
+from .config import ConfigError, TrainingOptions
 from .data import PreferenceData, collate
-from .logprobs import concatenated_forward
+from .logprobs import concatenated_forward, stacked_forward
 from .losses import chase_loss, dpo_loss
 from .metrics import module_key, step_stat_keys
-from .modules import activate
+from .modules import activate, can_stack, stacked
 from .reference import ReferenceCache
+
+logger = logging.getLogger(__name__)
 
 
 def objective(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, method: str, cfg: TrainingOptions,
@@ -46,6 +56,23 @@ def objective(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     return total, stats
 
 
+def module_plan(model, names, method: str, cfg: TrainingOptions) -> tuple[str, int]:
+    """(how the modules run, pairs per forward). dpo: one module, whole micro-batches. ofs-dpo: `--module-passes`
+    (fused falls back to joint, with a warning, where the LoRA layers are not plain linear ones) on parts of
+    `--module-batch-size` pairs (unset: the whole micro-batch; the config resolves the default, issue 16)."""
+    if method != "ofs-dpo" or len(names) < 2:
+        return "joint", cfg.batch_size
+    size = cfg.module_batch_size or cfg.batch_size
+    if not 1 <= size <= cfg.batch_size:
+        raise ConfigError(f"--module-batch-size must be in [1, --batch-size {cfg.batch_size}] (got {size}).")
+    passes = cfg.module_passes
+    if passes == "fused" and not can_stack(model, names):
+        logger.warning("--module-passes fused needs plain LoRA linear layers and no activation checkpointing; "
+                       "running the modules one forward each (joint) instead.")
+        passes = "joint"
+    return passes, size
+
+
 def lr_schedule(kind: str, warmup: int, total: int):
     """The learning-rate factor of step `step`: linear warm-up, then constant, linear or cosine decay to 0."""
     def factor(step: int) -> float:
@@ -69,6 +96,7 @@ class OptimiserStep:
         self.processes, self.method, self.cfg, self.device, self.pad_token_id = (processes, method, config, device,
                                                                                  pad_token_id)
         self.trained_params = [p for group in optimizer.param_groups for p in group["params"]]  # swaps move data only
+        self.passes, self.part_size = module_plan(model, names, method, config)
 
     def batch(self, data: PreferenceData, indices: list[int]) -> dict:
         batch = collate([data.pairs[i] for i in indices], self.pad_token_id)
@@ -109,17 +137,22 @@ class OptimiserStep:
         # every process holds every statistic, in the same order, even with no pairs this step: they are summed
         sums = {key: torch.zeros((), device=self.device) for key in step_stat_keys(self.method, self.names)}
         mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
-        parts = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
+        micro = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
         if self.processes.sharded:  # all-gathers inside forward and backward: every process runs as many as the
-            parts += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(parts))  # busiest one
+            micro += [[]] * (self.processes.micro_batches(indices, cfg.batch_size) - len(micro))  # busiest one
+        size = self.part_size  # each micro-batch in parts of `size` pairs (--module-batch-size), as many everywhere
+        parts = [m[start:start + size] for m in micro for start in range(0, cfg.batch_size, size)]
+        if not self.processes.sharded:
+            parts = [part for part in parts if part]
         for part in parts:  # an empty part runs a stand-in pair: its loss / inf is 0, and so is its gradient
             batch = self.batch(data, part or indices[:1])
             divisor = len(indices) if part else math.inf  # mean over the step's pairs: accumulation-invariant
             refs = reference.get(batch["index"], self.device)
-            if self.method == "ofs-dpo" and cfg.module_passes == "sequential":
+            if self.passes == "sequential":
                 total, stats = self._sequential_passes(batch, refs, divisor, chase)
             else:
-                logps = {name: self._forward(name, batch) for name in self.names}
+                logps = (self._fused_forward(batch) if self.passes == "fused" else
+                         {name: self._forward(name, batch) for name in self.names})
                 total, stats = objective(logps, *refs, self.method, cfg, chase)
                 (total / divisor).backward()
             if not part:
@@ -134,6 +167,13 @@ class OptimiserStep:
     def _forward(self, name: str, batch: dict):
         activate(self.model, name, self.names)
         return concatenated_forward(self.model, batch, self.cfg.logprob_chunk_size)
+
+    def _fused_forward(self, batch: dict) -> dict:
+        """Both modules in one forward: `[chosen; rejected]` stacked once per module, each copy through its own LoRA
+        (`modules.stacked`); the graph spans both modules until the one backward."""
+        with stacked(self.model, self.names):
+            logps = stacked_forward(self.model, batch, len(self.names), self.cfg.logprob_chunk_size)
+        return dict(zip(self.names, logps))
 
     def _sequential_passes(self, batch: dict, refs, divisor: float, chase: ChaseState):
         """`--module-passes sequential`: the same gradients with one module's graph alive at a time. The modules

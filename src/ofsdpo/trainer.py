@@ -14,24 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import checkpoint as ckpt
-from .config import RESUME_MAY_CHANGE, ConfigError, NonFiniteError, OFSDPOConfig, changed_options, read_config_file
+from .config import ConfigError, NonFiniteError, OFSDPOConfig
 from .data import PreferenceData, load_preference_data
 from .distributed import Processes
 from .domains import get_domain
 from .files import write_atomic, write_json, write_jsonl
 from .metrics import MetricsLogger, module_key
-from .models import load_model, load_tokenizer, resolve_device, resolve_model_name
+from .models import (check_target_modules, load_model, load_tokenizer, resolve_device, resolve_model_name,
+                     set_num_threads)
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters,
                       load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
 from .reference import ReferenceCache
+from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
+                     name_sources, resume_checkpoint)
 from .scoring import pair_losses, regret_curve, select_served
-from .rundir import check_output_dir, prepare_output_dir
-from .signals import deferred_interrupt
+from .signals import RunInterrupted, deferred_interrupt, stop_signal
 from .state import TrainerState
 from .step import OptimiserStep, lr_schedule
 from .stream import Stream
@@ -48,14 +49,18 @@ class OFSDPOTrainer:
 
     def __init__(self, model: Any = None, config: OFSDPOConfig | None = None, train_data: Any = None,
                  tokenizer: Any = None, eval_data: Any = None, eval_reference: ReferenceCache | None = None):
-        self.config = cfg = config or OFSDPOConfig()
+        cfg, self.source_notes = name_sources(config or OFSDPOConfig(), model, train_data)  # for config.yaml
+        self.config = cfg
         self.output_dir = Path(cfg.output_dir)
         self.processes = Processes(cfg.device)  # one, or those of `accelerate launch` (data parallel)
-        check_output_dir(self.output_dir, cfg.resume, cfg.overwrite)
+        check_output_dir(self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)
         self.device = self.processes.device or resolve_device(cfg.device)
+        set_num_threads(cfg.num_threads, self.processes.count)
         loaded = not (model is None or isinstance(model, (str, Path)))
         self.model_name, self.gguf_file = ((model.config._name_or_path, cfg.gguf_file) if loaded else
                                            resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file))
+        check_target_modules(cfg.target_module_list, model if loaded else self.model_name, self.gguf_file,
+                             cfg.trust_remote_code)  # before the (slow) load (GGUF: after it, in _attach)
         self.tokenizer = tokenizer or load_tokenizer(self.model_name, self.gguf_file, cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -110,9 +115,12 @@ class OFSDPOTrainer:
             base = loaded if sharded else loaded.to(self.device)
         if self.processes.zero3:  # before the LoRA modules exist: DeepSpeed would partition them too
             self.processes.partition_base(base)
+        check_target_modules(cfg.target_module_list, base)
         set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
         model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                   cfg.target_module_list), self.names)
+        if cfg.gradient_checkpointing:  # the base's activations recomputed in the backward (peft's input hook)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if sharded:
             self.processes.shard_model(model)
         model.train()
@@ -124,60 +132,61 @@ class OFSDPOTrainer:
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, main = self.config, self.processes.is_main
-        if main:  # only the main process writes
-            prepare_output_dir(self.output_dir, cfg.resume, cfg.overwrite)
-        if cfg.resume:
-            self._resume()
-        state = self.state
-        metrics = self._open_metrics() if main else None  # only the main process writes outputs and logs
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and main), desc=cfg.method,
-                   unit="step")
-        started = time.perf_counter()
-        with deferred_interrupt() as interrupted:
-            while state.step < self.total_steps:
-                row: dict[str, Any] = {}
-                one_step_round = False
-                if state.position >= state.round_end:  # a new round: score it before any update on it (SPEC §5)
-                    round_indices = self._start_round()
-                    if not round_indices:
-                        break  # the prompts ran out (on-policy rounds can be all ties)
-                    one_step_round = len(round_indices) <= cfg.pairs_per_step
-                    if not one_step_round:
-                        row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
-                indices = self.stream.step_indices(state, cfg.pairs_per_step)
-                tick = time.perf_counter()
-                row.update(self.step_fn(self.data, self.reference, indices, state.chase))
-                if one_step_round:  # its training forward ran before the update: that is the pre-update loss
-                    row.update(self._record_online({n: row[module_key(cfg.method, n, "loss")] for n in self.names}))
-                state.step += 1
-                state.position += len(indices)
-                row.update(self._after_step(row, time.perf_counter() - tick))
-                if metrics is not None:
-                    metrics.log(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                if self.eval is not None and cfg.eval_steps and (state.step % cfg.eval_steps == 0
-                                                                  or state.step == self.total_steps):
-                    self._track_best()
-                if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    self._stop_on_nonfinite()
-                if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
-                    self._save_checkpoint()
-                if self.processes.any(interrupted()):  # every process stops at the same step
-                    self._save_checkpoint()
-                    raise KeyboardInterrupt(f"checkpoint of step {state.step} written to "
-                                            f"{self.output_dir / 'checkpoints'}; continue with --resume")
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        self._save_checkpoint()
-        return self._finish(time.perf_counter() - started)
+        with claim_output_dir(self.output_dir, cfg.resume, cfg.overwrite, self.processes):  # locked to the end
+            if cfg.resume:
+                self._resume()
+            state = self.state
+            metrics = self._open_metrics() if main else None  # only the main process writes outputs and logs
+            bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and main), desc=cfg.method,
+                       unit="step")
+            self._started = time.perf_counter() - state.train_seconds  # a resumed run counts its earlier part
+            with deferred_interrupt() as interrupted:
+                while state.step < self.total_steps:
+                    row: dict[str, Any] = {}
+                    one_step_round = False
+                    if state.position >= state.round_end:  # a new round: score it before any update on it (SPEC §5)
+                        round_indices = self._start_round()
+                        if not round_indices:
+                            break  # the prompts ran out (on-policy rounds can be all ties)
+                        one_step_round = len(round_indices) <= cfg.pairs_per_step
+                        if not one_step_round:
+                            row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
+                    indices = self.stream.step_indices(state, cfg.pairs_per_step)
+                    tick = time.perf_counter()
+                    row.update(self.step_fn(self.data, self.reference, indices, state.chase))
+                    if one_step_round:  # its training forward ran before the update: that is the pre-update loss
+                        row.update(self._record_online({n: row[module_key(cfg.method, n, "loss")] for n in self.names}))
+                    state.step += 1
+                    state.position += len(indices)
+                    row.update(self._after_step(row, time.perf_counter() - tick))
+                    if metrics is not None:
+                        metrics.log(row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                    if self.eval is not None and cfg.eval_steps and (state.step % cfg.eval_steps == 0
+                                                                      or state.step == self.total_steps):
+                        self._track_best()
+                    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                        self._stop_on_nonfinite()
+                    if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
+                        self._save_checkpoint()
+                    signum = stop_signal(self.processes, interrupted())  # every process stops at the same step
+                    if signum:
+                        self._save_checkpoint()
+                        raise RunInterrupted(signum, f"checkpoint of step {state.step} written to "
+                                                     f"{self.output_dir / 'checkpoints'}; continue with --resume")
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            self._save_checkpoint()
+            return self._finish(time.perf_counter() - self._started)
 
     def _open_metrics(self) -> MetricsLogger:
         cfg, out = self.config, self.output_dir
-        write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(out / "config.yaml", config_yaml(cfg.to_dict(), self.source_notes))
         return MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
-                             self.state.step if cfg.resume else None)
+                             self.state.step if cfg.resume else None,
+                             wandb_config=cfg.to_dict() if cfg.report_to == "wandb" else None)
 
     def _start_round(self) -> list[int]:
         """The next round's stream indices, with their reference log-probs cached."""
@@ -198,9 +207,7 @@ class OFSDPOTrainer:
         cfg, state = self.config, self.state
         state.num_tokens += row["num_tokens"]
         finite = row.pop("finite")
-        state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
-        if not finite:
-            state.nonfinite_skipped += 1
+        if not state.count_finite(finite):
             logger.warning("step %d: non-finite loss or gradient; the update was skipped (%d in a row, %d in all; the "
                            "run stops at %d in a row, --max-nonfinite-steps)", state.step, state.nonfinite_in_a_row,
                            state.nonfinite_skipped, cfg.max_nonfinite_steps)
@@ -271,6 +278,7 @@ class OFSDPOTrainer:
                 adapters["best"] = self.best_state
             state = self.state
             state.num_pairs, state.reference_computed_pairs = len(self.data), self.reference.computed_pairs
+            state.train_seconds = time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
             state.generated_pairs = self.data.pairs if self.stream.on_policy is not None else None
             ckpt.save_checkpoint(self.output_dir / "checkpoints", state.step, adapters, self.optimizer,
                                  self.scheduler, self.reference.state_dict(), state.to_dict(),
@@ -278,12 +286,12 @@ class OFSDPOTrainer:
         self.processes.barrier()  # nobody reads a checkpoint before it is in place
 
     def _resume(self) -> None:
-        path = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
+        path = resume_checkpoint(self.output_dir, self.config.resume_from)
         saved = ckpt.load_checkpoint(path)
         state = TrainerState.from_dict(saved["state"])
         self.stream.restore(state.generated_pairs)
         self.reference.grow_to(len(self.data))
-        self._check_same_run(path, state)
+        check_same_run(path, state, self.state, self.config, len(self.data))
         for name in self.names:
             load_adapter_state(self.model, name, saved["adapters"][name])
         self.best_state = saved["adapters"].get("best") if state.best else None
@@ -292,33 +300,9 @@ class OFSDPOTrainer:
         self.reference.load_state_dict(saved["reference"])
         self.reference.computed_pairs = state.reference_computed_pairs
         self.state = state
-        ckpt.set_rng_state(self._own_rng(saved["rng"], path))
-
-    def _check_same_run(self, path: Path, state: TrainerState) -> None:
-        """--resume continues the same run only: same method, data and every option that changes what it computes."""
-        cfg = self.config
-        if state.method != cfg.method or state.num_pairs != len(self.data):
-            raise ConfigError(f"--resume: {path} was written by a {state.method} run on {state.num_pairs} pairs; "
-                              f"this run is {cfg.method} on {len(self.data)} pairs.")
-        if state.data_fingerprint is not None and state.data_fingerprint != self.state.data_fingerprint:
-            raise ConfigError(f"--resume: {path} was written by a run on other --data (same number of pairs, "
-                              "different tokens); resuming would lose or repeat pairs of the stream.")
-        saved_config = self.output_dir / "config.yaml"
-        if saved_config.is_file():
-            may_change = RESUME_MAY_CHANGE | {"data"}  # the data's tokens are compared above, not its path
-            if cfg.lr_scheduler == "constant":  # the step limit changes no learning rate: a run may be extended
-                may_change = may_change | {"max_steps"}
-            changed = changed_options(read_config_file(saved_config, OFSDPOConfig), cfg.to_dict(), may_change)
-            if changed:
-                raise ConfigError(f"--resume: this run was started with other options: {'; '.join(changed)}. Resume "
-                                  "with the same options, or start again with --overwrite.")
-
-    def _own_rng(self, rng: dict, path: Path) -> dict:
-        saved_processes = len(rng["processes"]) if "processes" in rng else 1
-        if saved_processes != self.processes.count:
-            raise ConfigError(f"--resume: {path} was written by {saved_processes} process(es); this run has "
-                              f"{self.processes.count}. Resume with the same number of processes.")
-        return rng["processes"][self.processes.index] if "processes" in rng else rng
+        ckpt.set_rng_state(ckpt.own_rng(saved["rng"], path, self.processes))
+        if self.processes.is_main:  # --resume-from an older one: the newer ones belong to the abandoned branch
+            drop_checkpoints_after(self.output_dir, path)
 
     # --- outputs ---------------------------------------------------------------------------------------------------
     def _finish(self, seconds: float) -> dict:

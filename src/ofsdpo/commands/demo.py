@@ -67,7 +67,10 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             max_steps_per_domain=settings.steps, batch_size=settings.batch_size, heldout_size=settings.heldout,
             memory_size=settings.memory, judge_prompts=settings.judge_prompts, lambda_grid=settings.lambda_grid,
             max_length=160, max_prompt_length=96, save_steps=0, regret=False, progress=progress, device=str(dev),
-            eval_steps=settings.eval_steps, judge_max_new_tokens=settings.max_new_tokens)
+            eval_steps=settings.eval_steps, judge_max_new_tokens=settings.max_new_tokens,
+            # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
+            # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
+            selection="heldout")
         # the base's samples are judged once, for all three methods: the runners share (and fill) one dict
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores)
         reports[method] = runner.run()

@@ -8,9 +8,17 @@ An experiment is a list of *variants* (a method plus any fields of the run's con
 - `kind: continual`: each variant runs `ofsdpo continual` over the domains in order (the demo's pipeline): the
   stage × domain judge-score matrix, the average final score and the forgetting.
 
-Each domain's pairs are sampled from the base model ONCE (seed `pair_seed`) and cached in `data_dir`, so every seed,
-variant and experiment trains on the same stream: the seeds vary the LoRA initialisation, dropout and the judged
-samples, not the data. Reference samples (the other side of every win rate) are also drawn once per domain.
+Protocol (issue 12). Each domain's pairs are sampled from the base model ONCE (seed `pair_seed`) and cached in
+`data_dir`, so every seed, variant and experiment trains on the same stream: the seeds vary the LoRA initialisation,
+dropout and the judged samples, not the data. Three disjoint sets per domain (pair indices and prompts apart):
+- the training stream: the first pairs of the training prompts (`steps x batch_size` of them);
+- the selection set: the last `selection` pairs of the training prompts. It chooses the served module and the best
+  fast module, and holds the continual memory (λ search). Never trained on, never reported;
+- the report set: pairs sampled on the held-out prompts (`report_rounds` rounds of `samples` per prompt), whose DPO
+  loss and preference accuracy are reported and never used for any choice.
+Judging: `judge_prompts` held-out prompts x `judge_samples` samples per arm, with common random numbers for every
+seed: the reference's samples are drawn under the run's own seed, so a module equal to the base ties it exactly.
+The headline is paired: per seed, each variant minus the baseline variant, with t and bootstrap intervals.
 
 Output: `runs/<cell>/seed-<s>/` (the run and its `result.json`; a finished cell is kept and skipped on rerun),
 `aggregate.json` (mean, sample standard deviation and values over seeds of every number, by cell), `aggregate.md`
@@ -70,6 +78,8 @@ def key_options(options: dict, kind: str) -> dict:
     """A run's flat options in the form its key has always had (see KEY_OPTIONS)."""
     covered = KEY_OPTIONS | (CONTINUAL_KEY_OPTIONS if kind == "continual" else frozenset())
     defaults = option_defaults()
+    if options.get("module_batch_size") == options.get("batch_size"):  # whole micro-batches: as before the option
+        options = {k: v for k, v in options.items() if k != "module_batch_size"}
     run = {k: v for k, v in options.items() if k in covered or k not in defaults or v != defaults[k]}
     run.update({k: defaults[k] for k in covered - set(run)})
     return run
@@ -83,7 +93,8 @@ class ExperimentRunner:
         self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
-        self._reference_scores: dict[str, list[float]] = {}
+        self._report: dict[str, tuple] = {}
+        self._reference_scores: dict[int, dict[str, list[float]]] = {}  # by seed, then domain
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -132,8 +143,9 @@ class ExperimentRunner:
         for volatile in ("output_dir", "progress", "overwrite", "domain"):
             run.pop(volatile, None)
         pairs = [hashlib.sha256(self.pairs(d).read_bytes()).hexdigest() for d in domains]
-        ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "heldout": cfg.heldout,
-                       "judge_prompts": cfg.judge_prompts, "pair_seed": cfg.pair_seed}
+        ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "pair_seed": cfg.pair_seed,
+                       "judge_prompts": cfg.judge_prompts, "protocol": [2, cfg.selection, cfg.report_rounds,
+                                                                         cfg.judge_samples]}
         return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def find_run(self, key: str) -> Path | None:
@@ -170,14 +182,15 @@ class ExperimentRunner:
         if info["model"] != [cfg.model, cfg.gguf_file]:
             raise ConfigError(f"{path} was sampled from model {info['model']}, not {[cfg.model, cfg.gguf_file]}: "
                               "give this experiment another data_dir.")
-        need = cfg.heldout + (cfg.memory if cfg.kind == "continual" else 0) + cfg.batch_size
+        need = cfg.selection + cfg.steps * cfg.batch_size
         if info["pairs"] < need:
             raise ConfigError(f"'{domain}' gave {info['pairs']} pairs ({info['ties']} ties) from {cfg.prompts} "
-                              f"prompts; this experiment needs at least {need}: raise prompts or drop the domain.")
+                              f"prompts; this experiment needs at least {need} (selection + steps x batch_size): "
+                              "raise prompts, or lower steps or selection.")
         self._pairs[domain] = path
         return path
 
-    def _sample_pairs(self, domain_name: str, path: Path) -> dict:
+    def _sample_pairs(self, domain_name: str, path: Path, split: str = "train", rounds: int = 1) -> dict:
         import torch
         from transformers import set_seed
 
@@ -186,70 +199,140 @@ class ExperimentRunner:
 
         cfg, (base, tokenizer) = self.config, self.model()
         domain = get_domain(domain_name)
-        records = domain.prompts("train")[:cfg.prompts]
-        self.say(f"sampling {len(records)} x {cfg.samples} responses on '{domain_name}' (seed {cfg.pair_seed}) …")
-        set_seed(cfg.pair_seed)  # per domain: a domain's pairs do not depend on which others were sampled first
-        started = time.perf_counter()
-        with torch.inference_mode():
-            pairs, ties = make_pairs(base, tokenizer, domain, records, cfg.samples, progress=self.progress)
+        records = domain.prompts(split)[:cfg.prompts] if split == "train" else domain.prompts(split)
+        started, pairs, ties = time.perf_counter(), [], 0
+        for r in range(rounds):  # a round: every prompt once; rounds differ by their seed only
+            seed = cfg.pair_seed + (0 if split == "train" else 1000 + r)
+            self.say(f"sampling {len(records)} x {cfg.samples} responses on '{domain_name}' {split} prompts "
+                     f"(seed {seed}) …")
+            set_seed(seed)  # per domain: a domain's pairs do not depend on which others were sampled first
+            with torch.inference_mode():
+                made, tied = make_pairs(base, tokenizer, domain, records, cfg.samples, progress=self.progress)
+            pairs, ties = pairs + made, ties + tied
         write_jsonl(path, pairs)  # atomic: never a half-written file under the final name
-        return {"domain": domain_name, "prompts": len(records), "samples": cfg.samples, "pairs": len(pairs),
-                "ties": ties, "seed": cfg.pair_seed, "model": [cfg.model, cfg.gguf_file],
-                "seconds": time.perf_counter() - started}
+        return {"domain": domain_name, "split": split, "prompts": len(records), "samples": cfg.samples,
+                "rounds": rounds, "pairs": len(pairs), "ties": ties, "seed": cfg.pair_seed,
+                "model": [cfg.model, cfg.gguf_file], "seconds": time.perf_counter() - started}
 
-    def reference_scores(self, domain_name: str) -> tuple[list[dict], list[float]]:
-        """The judged held-out prompts and the reference's scores on them, drawn once (seed `pair_seed`)."""
+    def report_pairs(self, domain: str) -> Path:
+        """The report set: pairs sampled on the domain's held-out prompts (cached like the training pairs)."""
+        key = f"report-{domain}"
+        if key not in self._pairs:
+            cfg = self.config
+            path = Path(cfg.data_dir) / f"{domain}-heldout-k{cfg.samples}-r{cfg.report_rounds}-seed{cfg.pair_seed}.jsonl"
+            if not path.is_file():
+                write_json(path.with_suffix(".info.json"), self._sample_pairs(domain, path, "heldout",
+                                                                               cfg.report_rounds))
+            self._pairs[key] = path
+        return self._pairs[key]
+
+    def split(self, domain: str) -> dict[str, list[dict]]:
+        """The domain's three disjoint sets (see the module docstring), as rows, and where they came from: pair
+        indices count the training prompts' pairs first, then the report pairs."""
+        from ..data import read_rows
+
+        cfg = self.config
+        rows = [row for _, row in read_rows(str(self.pairs(domain)), "train")[1]]
+        report = [row for _, row in read_rows(str(self.report_pairs(domain)), "train")[1]]
+        stream = cfg.steps * cfg.batch_size
+        train, selection = rows[:stream], rows[-cfg.selection:]
+        n = len(rows)
+        return {"train": train, "selection": selection, "report": report,
+                "indices": {"train": list(range(stream)), "selection": list(range(n - cfg.selection, n)),
+                            "report": list(range(n, n + len(report)))}}
+
+    def split_files(self, domain: str) -> dict[str, Path]:
+        """The sets as files (continual domains read files): written once beside the cached pairs."""
+        parts = self.split(domain)
+        stem = self.pairs(domain).with_suffix("")
+        files = {}
+        for name in ("train", "selection"):
+            files[name] = Path(f"{stem}-{name}-s{self.config.selection}-n{self.config.steps * self.config.batch_size}"
+                               ".jsonl")
+            if not files[name].is_file():
+                write_jsonl(files[name], parts[name])
+        files["report"] = self.report_pairs(domain)
+        return files
+
+    def report_data(self, domain: str):
+        """The report pairs tokenized, with their reference log-probs cached once for every seed and variant."""
+        from ..data import load_preference_data
+        from ..reference import ReferenceCache
+
+        if domain not in self._report:
+            cfg, (_, tokenizer) = self.config, self.model()
+            data = load_preference_data(self.split(domain)["report"], tokenizer, cfg.max_length,
+                                        cfg.max_prompt_length)
+            self._report[domain] = (data, ReferenceCache(len(data)))
+        return self._report[domain]
+
+    def reference_scores(self, domain_name: str, seed: int) -> tuple[list[dict], list[float]]:
+        """The judged held-out prompts and the reference's scores on them, drawn under the run's seed (common
+        random numbers: every variant of this seed samples with the same draws), once per (domain, seed)."""
         from ..domains import get_domain
         from ..scoring import common_random_numbers, reference_samples
 
-        domain = get_domain(domain_name)
-        records = domain.prompts("heldout")[:self.config.judge_prompts]
-        if domain_name not in self._reference_scores:
+        cfg, domain = self.config, get_domain(domain_name)
+        records = domain.prompts("heldout")[:cfg.judge_prompts]
+        scores = self._reference_scores.setdefault(seed, {})
+        if domain_name not in scores:
             base, tokenizer = self.model()
-            with common_random_numbers(self.config.pair_seed, next(base.parameters()).device):
-                self._reference_scores[domain_name] = reference_samples(base, tokenizer, domain, records)
-        return records, self._reference_scores[domain_name]
+            with common_random_numbers(seed, next(base.parameters()).device):
+                scores[domain_name] = reference_samples(base, tokenizer, domain, records,
+                                                        samples_per_prompt=cfg.judge_samples)
+        return records, scores[domain_name]
 
     # --- one run -----------------------------------------------------------------------------------------------------
     def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path) -> dict:
-        from ..data import read_rows
         from ..domains import get_domain
+        from ..scoring import common_random_numbers, judge_eval, pair_losses
         from ..trainer import OFSDPOTrainer
-        from .eval import evaluate_adapter
 
-        cfg = self.config
-        _, rows = read_rows(str(self.pairs(domain_name)), "train")
-        rows = [row for _, row in rows]
-        train, heldout = rows[:-cfg.heldout], rows[-cfg.heldout:]  # the stream's end is held out, as in continual
-        records, ref_scores = self.reference_scores(domain_name)
+        cfg, parts = self.config, self.split(domain_name)
+        records, ref_scores = self.reference_scores(domain_name, seed)
+        report, report_reference = self.report_data(domain_name)
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, [], progress=self.progress)
-        trainer = OFSDPOTrainer(base, run_config, train_data=train, tokenizer=tokenizer, eval_data=heldout)
+        on_policy = run_config.on_policy is not None  # then the stream is sampled from the policy, round by round
+        trainer = OFSDPOTrainer(base, run_config, train_data=None if on_policy else parts["train"],
+                                tokenizer=tokenizer, eval_data=parts["selection"])  # selection: the served module
         summary = trainer.train()
-        served = summary["served_module"]
-        scores = evaluate_adapter(trainer.model, tokenizer, served, get_domain(domain_name), trainer.eval,
-                                  trainer.eval_reference, records, ref_scores, run_config.beta, seed=seed)
-        trainer.model.unload()  # the same base object, LoRA layers removed, for the next run
+        served, model = summary["served_module"], trainer.model
+        losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
+                                      tokenizer.pad_token_id, run_config.beta, 2 * run_config.batch_size,
+                                      run_config.logprob_chunk_size, trainer.names)
+        with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws, this seed's
+            judged = judge_eval(model, tokenizer, get_domain(domain_name), records, served, ref_scores=ref_scores,
+                                samples_per_prompt=cfg.judge_samples)
+        model.unload()  # the same base object, LoRA layers removed, for the next run
         regret = [json.loads(line) for line in (run_dir / "regret.jsonl").read_text().splitlines() if line.strip()]
         return {"domain": domain_name, "method": run_config.method, "served_module": served, "steps": summary["steps"],
-                "judge_score": scores["judge_score"], "win_rate": scores["win_rate"], "kl": scores["kl"],
-                "response_words": scores["response_words"], "base_judge_score": scores["reference_judge_score"],
-                "heldout_loss": scores["loss"], "heldout_accuracy": scores["accuracy"],
-                "online_regret": summary["online_regret"], "swaps": summary.get("chase/swaps", 0),
+                "judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
+                "response_words": judged["response_words"], "base_judge_score": judged["reference_judge_score"],
+                "judged_samples": judged["judged_samples"], "report_loss": losses.mean().item(),
+                "report_accuracy": correct.mean().item(), "report_pairs": len(report),
+                "selection_loss": summary["module_scores"].get(served), "online_regret": summary["online_regret"],
+                "swaps": summary.get("chase/swaps", 0), "pairs_seen": summary["pairs_seen"],
                 "online_loss_curve": [r[served] for r in trainer.state.online_losses],
-                "regret_curve": [r["regret"] for r in regret], "train_seconds": summary["train_runtime"]}
+                "regret_curve": [r["regret"] for r in regret], "train_seconds": summary["train_runtime"],
+                "units": {"report_loss": losses.tolist(), "report_accuracy": correct.tolist(),
+                          **judged["per_prompt"]},
+                "sets": {**parts["indices"], "train": [] if on_policy else parts["indices"]["train"]},
+                **({"on_policy": summary["on_policy"]} if on_policy else {})}
 
     def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
         from ..continual import ContinualRunner
         from .demo import continual_loss_curve
 
         cfg = self.config
-        specs = [f"{d}={self.pairs(d)}" for d in cfg.domains]
-        for d in cfg.domains:  # seeded reference samples, shared with the in-domain experiments' definition
-            self.reference_scores(d)
+        files = {d: self.split_files(d) for d in cfg.domains}  # the report pairs are the held-out file: reported
+        specs = [f"{d}={f['train']},heldout={f['report']},memory={f['selection']}" for d, f in files.items()]
+        for d in cfg.domains:  # this seed's reference samples, the same draws as its in-domain runs'
+            self.reference_scores(d, seed)
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress)
-        runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer, reference_scores=self._reference_scores)
+        runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer,
+                                 reference_scores=self._reference_scores[seed])
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
         forgetting = report["cl/forgetting_judge"]
@@ -263,6 +346,9 @@ class ExperimentRunner:
                 "avg_final_kl": sum(matrix["kl"][-1]) / len(names),
                 "avg_final_accuracy": report["cl/avg_accuracy"], "forgetting_accuracy": report["cl/forgetting"],
                 "bwt_accuracy": report["cl/bwt"], "lambdas": report["lambdas"][1:],
+                "avg_final_loss": report["cl/avg_loss"],
+                "weights": [stage.get("weights") for stage in report["stages"]],
+                "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report["base_judge_score"], "train_loss_curve": curve}
 
 

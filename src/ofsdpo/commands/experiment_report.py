@@ -16,9 +16,18 @@ from ..files import write_atomic, write_json
 from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
 
 IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rate vs ref", False),
-                     ("kl", "KL to ref", True), ("heldout_loss", "held-out DPO loss", False),
-                     ("heldout_accuracy", "held-out pref. acc.", False), ("online_regret", "online regret", True),
+                     ("kl", "KL to ref", True), ("report_loss", "report DPO loss", False),
+                     ("report_accuracy", "report pref. acc.", False), ("online_regret", "online regret", True),
                      ("response_words", "words", False), ("swaps", "swaps", False))
+# the paired headline: metric, its title, and the per-unit values a bootstrap resamples (pairs or prompts)
+PAIRED_IN_DOMAIN = (("report_loss", "report DPO loss (lower is better)"),
+                    ("report_accuracy", "report preference accuracy"), ("judge_score", "judge score"),
+                    ("win_rate", "win rate vs reference"), ("kl", "KL to reference"))
+PAIRED_CONTINUAL = (("avg_final_judge", "avg final judge score"),
+                    ("avg_forgetting_judge", "avg forgetting (judge; lower is better)"),
+                    ("avg_final_loss", "avg final report DPO loss (lower is better)"),
+                    ("avg_final_accuracy", "avg final report pref. acc."), ("bwt_accuracy", "backward transfer (acc.)"))
+PER_RUN_ONLY = ("units", "sets")  # per-pair / per-prompt values and set indices: kept per seed, not averaged
 
 
 # --- aggregation over seeds ------------------------------------------------------------------------------------------
@@ -62,14 +71,86 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     """aggregate.json (cells: the aggregate per cell; per_seed: the results), then the plots and aggregate.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = {cell: aggregate(list(by_seed.values())) for cell, by_seed in results.items()}
+    cells = {cell: aggregate([{k: v for k, v in r.items() if k not in PER_RUN_ONLY} for r in by_seed.values()])
+             for cell, by_seed in results.items()}
+    paired = paired_differences(config, results)
     summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
-               "seeds": config.seeds, "config": dataclasses.asdict(config), "cells": cells,
-               "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()}}
+               "seeds": config.seeds, "config": dataclasses.asdict(config), "baseline": config.baseline_variant,
+               "paired": paired, "cells": cells,
+               "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()},
+               "wall_seconds": sum(r.get("wall_seconds", 0.0) for by_seed in results.values()
+                                   for r in by_seed.values() if not r.get("reused_from"))}
     write_json(out / "aggregate.json", summary)
     plots = plot_experiment(out, config, cells)
-    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots))
+    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired))
     return summary
+
+
+# --- paired differences against the baseline (the headline) ---------------------------------------------------------
+def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, dict]]) -> list[dict]:
+    """For every variant but the baseline (and every domain, in-domain), every headline metric: the per-seed
+    difference variant − baseline with a t interval over seeds and, where per-unit values exist, a bootstrap over
+    the units (report pairs or judged prompts, the same units under every seed), mean ± sd of both arms beside."""
+    from ..stats import bootstrap_ci, mean_sd, minimum_detectable_effect, paired_difference
+
+    baseline = config.baseline_variant
+    domains = config.domains if config.kind == "in-domain" else [None]
+    metrics = PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL
+    rows = []
+    for variant in (v["name"] for v in config.variants if v["name"] != baseline):
+        for domain in domains:
+            cell, base_cell = (f"{variant}/{domain}", f"{baseline}/{domain}") if domain else (variant, baseline)
+            runs, base_runs = results.get(cell, {}), results.get(base_cell, {})
+            seeds = [s for s in config.seeds if s in runs and s in base_runs]
+            for metric, title in metrics:
+                pairs = [(runs[s].get(metric), base_runs[s].get(metric)) for s in seeds]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                if not pairs:
+                    continue
+                diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+                row = {"variant": variant, "baseline": baseline, "domain": domain, "metric": metric, "title": title,
+                       **{k: diff[k] for k in ("mean", "sd", "n", "lower", "upper", "p_value")},
+                       "variant_arm": mean_sd([a for a, _ in pairs]), "baseline_arm": mean_sd([b for _, b in pairs]),
+                       "mde": minimum_detectable_effect(diff["sd"], diff["n"]) if diff["sd"] is not None else None}
+                units = [(runs[s].get("units", {}).get(metric), base_runs[s].get("units", {}).get(metric))
+                         for s in seeds]
+                if units and all(a is not None and b is not None and len(a) == len(b) for a, b in units):
+                    boot = bootstrap_ci([[x - y for x, y in zip(a, b)] for a, b in units], shared_units=True)
+                    row["bootstrap"] = {k: boot[k] for k in ("mean", "lower", "upper", "n_units")}
+                rows.append(row)
+    return rows
+
+
+def verdict(row: dict) -> str:
+    """`better` / `worse` when the t interval excludes 0 (direction by the metric), else `no difference shown`."""
+    if row["lower"] is None or row["upper"] is None or row["lower"] <= 0 <= row["upper"]:
+        return "no difference shown"
+    lower_is_better = "lower is better" in row["title"]
+    higher = row["lower"] > 0
+    return "better" if higher != lower_is_better else "worse"
+
+
+def _paired_table(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    lines = ["## Paired differences (the headline)", "",
+             "Per seed: variant − baseline on the same data, judged with the same random numbers. 95 % intervals: "
+             "t over seeds, and a bootstrap over report pairs / judged prompts (the same units under every seed). "
+             "MDE: the smallest true difference this many seeds detect with 80 % power (two-sided 5 %).", "",
+             "| variant − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (bootstrap) | n | MDE | "
+             "variant (mean ± sd) | baseline (mean ± sd) | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in paired:
+        t_ci = "-" if r["lower"] is None else f"[{r['lower']:+.4f}, {r['upper']:+.4f}]"
+        boot = r.get("bootstrap")
+        b_ci = f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]" if boot else "-"
+        mde = "-" if r["mde"] is None else f"{r['mde']:.4f}"
+        arms = [f"{a['mean']:+.4f} ± {a['sd']:.4f}" if a["sd"] is not None else f"{a['mean']:+.4f}"
+                for a in (r["variant_arm"], r["baseline_arm"])]
+        lines.append(f"| {r['variant']} − {r['baseline']} | {r['domain'] or 'all'} | {r['title']} | "
+                     f"{r['mean']:+.4f} | {t_ci} | {b_ci} | {r['n']} | {mde} | {arms[0]} | {arms[1]} | "
+                     f"{verdict(r)} |")
+    return lines + [""]
 
 
 # --- tables ----------------------------------------------------------------------------------------------------------
@@ -80,10 +161,13 @@ def _variants(config: ExperimentConfig) -> list[str]:
 def _scale(config: ExperimentConfig) -> str:
     c = config
     text = (f"pairs from {c.prompts} training prompts x {c.samples} samples per domain (sampled once, seed "
-            f"{c.pair_seed}), {c.heldout} held out; {c.steps} steps of {c.batch_size} pairs, lr {c.lr}; "
-            f"{c.judge_prompts} judged held-out prompts per domain; max length {c.max_length}")
+            f"{c.pair_seed}): a stream of {c.steps} steps x {c.batch_size} pairs (lr {c.lr}) and the last "
+            f"{c.selection} pairs as the selection set; report pairs from the held-out prompts ({c.report_rounds} "
+            f"round(s)); {c.judge_prompts} judged held-out prompts x {c.judge_samples} samples per arm; max length "
+            f"{c.max_length}")
     if c.kind == "continual":
-        text += f"; memory {c.memory} pairs per domain, λ grid {c.lambda_grid}, best-fast check every {c.eval_steps}"
+        text += (f"; memory {c.memory} selection pairs per domain, λ grid {c.lambda_grid}, best-fast check every "
+                 f"{c.eval_steps}")
     if c.train:
         text += "; for every variant: " + ", ".join(f"{k}={v}" for k, v in c.train.items())
     return text
@@ -94,8 +178,8 @@ def _variant_line(variant: dict) -> str:
     return f"- `{variant['name']}`: {settings}"
 
 
-def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str]) -> str:
-    lines = [f"# {config.name}", "", config.description.strip(), "",
+def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str], paired: list[dict] | None = None) -> str:
+    lines = [f"# {config.name}", "", config.description.strip(), "", *_paired_table(paired or []),
              f"Seeds {', '.join(map(str, config.seeds))}; every cell is mean ± sample standard deviation (n − 1) "
              f"over the seeds. Scale: {_scale(config)}.", "", "Variants:", "",
              *(_variant_line(v) for v in config.variants), ""]
@@ -150,7 +234,34 @@ def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
 def plot_experiment(out: Path, config: ExperimentConfig, cells: dict) -> list[str]:
     if config.kind == "in-domain":
         return [_plot_curves(out, config, cells), _plot_reward_kl(out, config, cells)]
-    return [_plot_matrices(out, config, cells), _plot_train_curves(out, config, cells)]
+    plots = [_plot_matrices(out, config, cells), _plot_train_curves(out, config, cells)]
+    searched = _plot_lambda_search(out, config, cells)
+    return plots + ([searched] if searched else [])
+
+
+def _plot_lambda_search(out: Path, config: ExperimentConfig, cells: dict) -> str | None:
+    """The memory DPO loss over the whole λ grid at every stage after the first (pairwise searches), mean ± std."""
+    searched = {v: cells[v]["searches"] for v in _variants(config)
+                if v in cells and cells[v].get("searches") and all(
+                    isinstance(stage, list) and stage and "lambda" in stage[0] for stage in cells[v]["searches"])}
+    if not searched:
+        return None
+    stages = max(len(s) for s in searched.values())
+    fig, axes = pyplot().subplots(1, stages, figsize=(4.4 * stages, 3.6), squeeze=False)
+    for k in range(stages):
+        ax = axes[0][k]
+        for i, (variant, per_stage) in enumerate(searched.items()):
+            if k < len(per_stage):
+                rows = per_stage[k]
+                ax.errorbar([r["lambda"]["mean"] for r in rows], [r["memory_loss"]["mean"] for r in rows],
+                            yerr=[r["memory_loss"]["std"] for r in rows], color=f"C{i}", marker="o", capsize=2,
+                            label=variant)
+        ax.set_title(f"stage {k + 2}: {config.domains[k + 1]}")
+        ax.set_xlabel("λ (weight of the modules kept before)")
+        ax.set_ylabel("memory DPO loss (all domains seen)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{config.name}: the λ search's memory loss (mean ± std over seeds)")
+    return save(fig, out / f"{config.name}-lambda_search.png")
 
 
 def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:

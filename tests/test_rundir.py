@@ -1,0 +1,108 @@
+"""The output-folder lock: held for the run, released on any exit, a stale one taken over; and --resume-from."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ofsdpo.config import ConfigError
+from ofsdpo.rundir import LOCK_NAME, OutputDirLocked, RunLock, lock_holder, output_dir_lock
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
+    with output_dir_lock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(OutputDirLocked, match=rf"in use by another run \(pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()  # another open file: flock conflicts within one process too
+        assert isinstance(OutputDirLocked("x"), ConfigError)  # exit status 2 through the CLI
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_lock_is_released_when_the_run_raises(tmp_path):
+    with pytest.raises(RuntimeError):
+        with output_dir_lock(tmp_path):
+            raise RuntimeError("crash")
+    assert lock_holder(tmp_path) is None
+    with output_dir_lock(tmp_path):
+        pass
+
+
+def test_a_lock_held_by_another_process_is_seen_and_a_dead_ones_is_taken_over(tmp_path, caplog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ofsdpo.rundir import RunLock; "
+                               "lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(tmp_path)["pid"] == holder.pid
+        with pytest.raises(OutputDirLocked, match=f"pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the file stays, the kernel drops the flock
+        holder.wait()
+    assert (tmp_path / LOCK_NAME).exists() and lock_holder(tmp_path) is None
+    with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
+        with output_dir_lock(tmp_path):
+            pass
+    assert f"took over the lock left by pid {holder.pid} (no longer running)" in caplog.text
+
+
+def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path, caplog):
+    pid = _dead_pid()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
+    with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
+        with output_dir_lock(tmp_path):
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"pid {pid}" in caplog.text
+
+
+def test_the_pid_fallback_without_flock(tmp_path, monkeypatch, caplog):
+    """Where fcntl does not exist (Windows) the file itself is the lock, taken over once its pid is gone."""
+    from ofsdpo import rundir
+
+    monkeypatch.setattr(rundir, "fcntl", None)
+    with output_dir_lock(tmp_path):
+        with pytest.raises(OutputDirLocked):
+            RunLock(tmp_path).acquire()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+    with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
+        with output_dir_lock(tmp_path):
+            pass
+    assert "took over the lock" in caplog.text
+
+
+def test_resume_from_a_chosen_checkpoint_drops_the_later_ones(make_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from ofsdpo.checkpoint import list_checkpoints
+    from ofsdpo.metrics import read_metrics
+    from ofsdpo.modules import adapter_state
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    options = dict(method="dpo", batch_size=2, save_steps=2, save_total_limit=4, lora_dropout=0.0)
+    whole = OFSDPOTrainer(config=make_config(output_dir=str(tmp_path / "whole"), **options))
+    whole.train()
+    out = tmp_path / "out"
+    OFSDPOTrainer(config=make_config(output_dir=str(out), **options)).train()
+    checkpoints = out / "checkpoints"
+    with pytest.raises(ConfigError, match="--resume-from checkpoint-3: not a checkpoint of --output-dir"):
+        OFSDPOTrainer(config=make_config(output_dir=str(out), resume_from="checkpoint-3", **options))
+    resumed = OFSDPOTrainer(config=make_config(output_dir=str(out), resume_from=str(checkpoints / "checkpoint-4"),
+                                               **options))
+    assert resumed.config.resume
+    resumed.train()
+    assert [p.name for p in list_checkpoints(checkpoints)][-1] == "checkpoint-8"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
+    a, b = adapter_state(whole.model, "default"), load_file(out / "adapter_model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)

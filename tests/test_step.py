@@ -1,0 +1,153 @@
+"""The fused forward of both OFS-DPO modules (issue 16) against one forward per module: same losses and gradients,
+each module's own dropout, and whole runs that end with the same adapters."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ofsdpo import OFSDPOTrainer
+from ofsdpo.logprobs import concatenated_forward, stacked_forward
+from ofsdpo.metrics import read_metrics
+from ofsdpo.modules import OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters, lora_config, stacked
+
+
+def float64_trainer(make_config, tiny_model_dir, tmp_path, name, **overrides):
+    """An ofs-dpo trainer on the tiny model in float64, both modules moved off their (equal, B = 0) start so that
+    every LoRA weight has a gradient and the two modules differ."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    values = dict(method="ofs-dpo", alpha=0.5, lora_dropout=0.0, chase_interval=1, output_dir=str(tmp_path / name))
+    trainer = OFSDPOTrainer(model, make_config(**{**values, **overrides}))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in OFS_ADAPTERS:
+            for p in adapter_parameters(trainer.model, module):
+                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
+    return trainer
+
+
+def step_gradients(trainer, indices):
+    """The summed statistics and each module's gradients of one step's forward and backward (no update)."""
+    trainer.reference.fill(trainer.model, trainer.data.pairs, indices, trainer.tokenizer.pad_token_id, 8, 1024)
+    sums = trainer.step_fn._accumulate(trainer.data, trainer.reference, indices, trainer.state.chase)
+    grads = {name: [p.grad.clone() for p in adapter_parameters(trainer.model, name)] for name in OFS_ADAPTERS}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach().double() for k, v in sums.items()}, grads
+
+
+@pytest.mark.parametrize("chase_form", ["minmax", "proximal"])
+def test_fused_step_equals_the_two_pass_step(make_config, tiny_model_dir, tmp_path, chase_form):
+    """float64, no dropout: the fused forward (one forward of the batch stacked twice, one backward), the same in
+    parts of 2 pairs (the default memory plan) and the sequential passes all give the two-pass (joint) losses and
+    both modules' gradients, to rounding."""
+    indices = list(range(4))
+    runs = {}
+    for name, overrides in {"joint": dict(module_passes="joint"), "fused": dict(module_passes="fused"),
+                            "fused-parts": dict(module_passes="fused", module_batch_size=2),
+                            "sequential": dict(module_passes="sequential")}.items():
+        trainer = float64_trainer(make_config, tiny_model_dir, tmp_path, name, chase_form=chase_form, **overrides)
+        assert trainer.step_fn.passes == overrides["module_passes"]
+        runs[name] = step_gradients(trainer, indices)
+    want_sums, want_grads = runs.pop("joint")
+    assert all(g.abs().sum() > 0 for grads in want_grads.values() for g in grads)  # every LoRA weight is reached
+    assert not torch.equal(want_grads["fast"][0], want_grads["slow"][0])
+    for name, (sums, grads) in runs.items():
+        assert sums.keys() == want_sums.keys()
+        for key in want_sums:
+            torch.testing.assert_close(sums[key], want_sums[key], rtol=1e-6, atol=1e-12, msg=f"{name}: {key}")
+        for module in OFS_ADAPTERS:
+            for got, want in zip(grads[module], want_grads[module], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, msg=f"{name}: {module}")
+
+
+def test_stacked_forward_equals_one_forward_per_module(tiny_model_dir, tokenizer):
+    """The forward alone, float64: each copy of the stacked batch gets exactly its module's log-probs; the active
+    adapter and every requires_grad flag are as before afterwards."""
+    from test_logprobs import make_batch
+
+    torch.manual_seed(0)
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                            lora_config(4, 8, 0.0, "all-linear"), OFS_ADAPTERS)
+    with torch.no_grad():
+        for name in OFS_ADAPTERS:
+            for p in adapter_parameters(model, name):
+                p.normal_(0, 0.2)
+    _, batch = make_batch(tokenizer, n=3)
+    model.set_adapter("slow")
+    want = {}
+    for name in OFS_ADAPTERS:
+        model.set_adapter(name)
+        want[name] = concatenated_forward(model, batch)
+    model.set_adapter("slow")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with stacked(model, OFS_ADAPTERS):
+        got = dict(zip(OFS_ADAPTERS, stacked_forward(model, batch, 2)))
+    for name in OFS_ADAPTERS:
+        for g, w in zip(got[name], want[name]):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    assert model.active_adapter == "slow" and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.get_base_model()._forward_hooks and all(
+        not m._forward_hooks for m in model.modules())  # nothing left behind
+
+
+def test_each_module_draws_its_own_dropout_masks(tiny_model_dir):
+    """Dropout > 0: in the fused forward each module's rows go through its own dropout, with its own rate, and the
+    two modules' masks are independent draws (they agree no more than chance)."""
+    torch.manual_seed(0)
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            lora_config(4, 8, 0.1, "all-linear"), OFS_ADAPTERS)
+    model.train()
+    rates = {"fast": 0.1, "slow": 0.4}
+    kept = {name: [] for name in OFS_ADAPTERS}
+    handles = []
+    for module_name, module in model.named_modules():
+        for name in OFS_ADAPTERS:
+            if module_name.endswith(f"lora_dropout.{name}"):
+                module.p = rates[name]
+
+                def record(mod, args, out, name=name):
+                    kept[name].append((out != 0).flatten())
+                handles.append(module.register_forward_hook(record))
+    ids = torch.randint(3, 200, (8, 32))
+    with stacked(model, OFS_ADAPTERS):
+        model(torch.cat([ids, ids])).logits.sum().backward()
+    for handle in handles:
+        handle.remove()
+    fast, slow = torch.cat(kept["fast"]).float(), torch.cat(kept["slow"]).float()
+    assert fast.numel() == slow.numel() > 100_000
+    for name, mask in (("fast", fast), ("slow", slow)):
+        assert abs((1 - mask.mean().item()) - rates[name]) < 0.01, name  # its own rate, on its own rows
+    both_dropped = ((1 - fast) * (1 - slow)).mean().item()
+    assert abs(both_dropped - rates["fast"] * rates["slow"]) < 0.01  # independent draws
+    for name in OFS_ADAPTERS:  # both modules trained through the one backward (B starts at 0: only B moves)
+        params = adapter_parameters(model, name)
+        assert all(p.grad is not None for p in params) and sum(p.grad.abs().sum() for p in params) > 0, name
+
+
+def test_fused_run_ends_with_the_adapters_of_the_two_pass_run(make_config, tiny_model_dir, tmp_path):
+    """Whole `--method ofs-dpo` runs in float64 (a loaded float64 model): fused, fused in parts of half the pairs
+    (the default memory plan) and the two-pass path end with the same adapters and losses."""
+    runs = {}
+    for name, overrides in {"joint": dict(module_passes="joint"), "fused": dict(module_passes="fused"),
+                            "fused-parts": dict(module_passes="fused", module_batch_size=2)}.items():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+        trainer = OFSDPOTrainer(model, make_config(method="ofs-dpo", alpha=0.5, lora_dropout=0.0, chase_interval=1,
+                                                   lr=1e-2, output_dir=str(tmp_path / name), **overrides))
+        trainer.train()
+        runs[name] = trainer
+    joint = {n: adapter_state(runs["joint"].model, n) for n in OFS_ADAPTERS}
+    assert any(not torch.equal(joint["fast"][k], joint["slow"][k]) for k in joint["fast"])  # real, different updates
+    want = [r["loss"] for r in read_metrics(tmp_path / "joint" / "metrics.jsonl")]
+    for name in ("fused", "fused-parts"):
+        for module in OFS_ADAPTERS:
+            got = adapter_state(runs[name].model, module)
+            for key in joint[module]:
+                torch.testing.assert_close(got[key], joint[module][key], rtol=1e-6, atol=1e-9, msg=f"{name} {key}")
+        got_losses = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+        assert got_losses == pytest.approx(want, rel=1e-6)
+
+
+def test_module_batch_size_is_checked(make_config):
+    from ofsdpo import ConfigError
+
+    with pytest.raises(ConfigError, match="--module-batch-size"):
+        OFSDPOTrainer(config=make_config(method="ofs-dpo", batch_size=2, module_batch_size=3))

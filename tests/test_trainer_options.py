@@ -1,0 +1,65 @@
+"""What TRL users reach for (issue 15): gradient checkpointing, threads, Weights & Biases."""
+
+import pytest
+import torch
+
+from ofsdpo.data import collate
+from ofsdpo.models import set_num_threads
+from ofsdpo.trainer import OFSDPOTrainer
+
+
+def _lora_gradients(trainer) -> dict[str, torch.Tensor]:
+    """Gradients of the LoRA weights for a sum of completion log-probs of 4 pairs (the DPO loss's ingredient)."""
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero, which would leave A without gradient
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    batch = collate(trainer.data.pairs[:4], trainer.tokenizer.pad_token_id)
+    trainer.model.zero_grad()
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = logits.float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    (logps * batch["completion_mask"][:, 1:]).sum().backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_config, tmp_path):
+    plain = OFSDPOTrainer(config=make_config(method="dpo", lora_dropout=0.0, output_dir=str(tmp_path / "a")))
+    checkpointed = OFSDPOTrainer(config=make_config(method="dpo", lora_dropout=0.0, gradient_checkpointing=True,
+                                                    output_dir=str(tmp_path / "b")))
+    assert checkpointed.model.base_model.model.model.gradient_checkpointing
+    assert not plain.model.base_model.model.model.gradient_checkpointing
+    a, b = _lora_gradients(plain), _lora_gradients(checkpointed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert a[name].abs().sum() > 0, name
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
+    summary = checkpointed.train()  # and a whole run trains with it
+    assert summary["steps"] == 4
+
+
+def test_num_threads_is_set_and_one_per_process_under_a_launch(make_config, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        OFSDPOTrainer(config=make_config(num_threads=1, output_dir=str(tmp_path / "a")))
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        set_num_threads(None, processes=2)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the launcher's (or the user's) own choice is kept
+        set_num_threads(None, processes=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_report_to_wandb_logs_offline(make_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, report_to="wandb", output_dir=str(out))).train()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
