@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test demo demo-quick train-example clean
+.PHONY: setup test test-slow demo demo-quick train-example clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml constraints-ci.txt
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# the multi-process tests (accelerate launch of two processes: DDP, FSDP, DeepSpeed, SIGTERM to both)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(BIN)/ofsdpo demo --output-dir demo-output

@@ -26,6 +26,7 @@ try:
 except ImportError as err:  # an optional extra; `make setup` installs it
     NO_DEEPSPEED = f"deepspeed is not installed ({err})"
 needs_deepspeed = pytest.mark.skipif(NO_DEEPSPEED is not None, reason=NO_DEEPSPEED or "")
+MULTI_PROCESS = pytest.mark.slow  # `accelerate launch` of two processes: `make test-slow` (CI runs both)
 TRAIN = ["--method", "ofs-dpo", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
          "--max-length", "64", "--max-prompt-length", "32", "--seed", "0", "--chase-interval", "2",
          "--swap", "params", "--no-progress"]
@@ -113,15 +114,18 @@ def two_process_run(tiny_model_dir, tmp_path_factory):
     return _run_two_processes(tiny_model_dir, tmp_path_factory, 18, DDP_CONFIG)
 
 
+@MULTI_PROCESS
 def test_two_processes_equal_one_with_the_same_global_batch(two_process_run, make_config, tmp_path):
     two, summary = _compare_with_one_process(*two_process_run, make_config, tmp_path, [4, 8, 12, 16, 18])
     assert two["sharded_base"] is False
 
 
+@MULTI_PROCESS
 def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process_run, tmp_path):
     _crash_and_resume(*two_process_run, tmp_path, DDP_CONFIG)
 
 
+@MULTI_PROCESS
 @needs_deepspeed
 def test_zero2_runs_as_plain_data_parallelism(two_process_run, tmp_path):
     """ZeRO-2 would shard only the LoRA gradients and optimiser state: the run is the replicated one, and says so."""
@@ -145,6 +149,7 @@ def _model_arg(run_dir) -> str:
 
 @pytest.mark.parametrize("config", [DDP_CONFIG, FSDP_CONFIG, pytest.param(ZERO3_CONFIG, marks=needs_deepspeed)],
                          ids=["replicated", "fsdp", "zero3"])
+@MULTI_PROCESS
 def test_continual_runs_data_parallel(tiny_model_dir, tmp_path, config):
     """COFS-DPO over two domains with two processes serves the same combination as one process (under FSDP, the
     second domain's modules go onto the base the first one sharded)."""
@@ -179,6 +184,7 @@ def fsdp_run(tiny_model_dir, tmp_path_factory):
     return _run_two_processes(tiny_model_dir, tmp_path_factory, 17, FSDP_CONFIG)
 
 
+@MULTI_PROCESS
 def test_fsdp_two_processes_equal_one_with_the_same_global_batch(fsdp_run, make_config, tmp_path):
     two, summary = _compare_with_one_process(*fsdp_run, make_config, tmp_path, [4, 8, 12, 16, 17])
     assert two["sharded_base"] is True and summary["sharded_base"] is False
@@ -188,6 +194,7 @@ def test_fsdp_two_processes_equal_one_with_the_same_global_batch(fsdp_run, make_
     torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
 
 
+@MULTI_PROCESS
 def test_resumed_fsdp_run_matches_the_uninterrupted_one(fsdp_run, tmp_path):
     _crash_and_resume(*fsdp_run, tmp_path, FSDP_CONFIG)
 
@@ -204,6 +211,7 @@ def zero3_run(tmp_path_factory):
     return _run_two_processes(tied, tmp_path_factory, 17, ZERO3_CONFIG)
 
 
+@MULTI_PROCESS
 @needs_deepspeed
 def test_zero3_two_processes_equal_one_with_the_same_global_batch(zero3_run, make_config, tmp_path):
     two, summary = _compare_with_one_process(*zero3_run, make_config, tmp_path, [4, 8, 12, 16, 17])
@@ -219,6 +227,7 @@ def test_zero3_two_processes_equal_one_with_the_same_global_batch(zero3_run, mak
     torch.testing.assert_close(checkpoint, _adapters(out)["fast"], rtol=0, atol=0)
 
 
+@MULTI_PROCESS
 @needs_deepspeed
 def test_resumed_zero3_run_matches_the_uninterrupted_one(zero3_run, tmp_path):
     _crash_and_resume(*zero3_run, tmp_path, ZERO3_CONFIG)
@@ -226,6 +235,7 @@ def test_resumed_zero3_run_matches_the_uninterrupted_one(zero3_run, tmp_path):
 
 @pytest.mark.parametrize("config", [FSDP_CONFIG, pytest.param(ZERO3_CONFIG, marks=needs_deepspeed)],
                          ids=["fsdp", "zero3"])
+@MULTI_PROCESS
 def test_sharded_base_refuses_judging_by_sampling(tiny_model_dir, tmp_path, config):
     """Sampling runs a different number of forwards on each process: the sharded base's all-gathers would hang."""
     from conftest import write_jsonl

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -91,6 +92,7 @@ def test_sigterm_checkpoints_exits_143_locks_out_a_second_run_and_resumes_identi
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow  # an `accelerate launch` of two processes: `make test-slow`
 def test_sigterm_to_a_two_process_launch_stops_both_at_one_step_and_resumes(tiny_model_dir, tmp_path, make_config):
     """As Slurm's scancel does: SIGTERM to every process of the launch. Both processes stop after the same step,
     the main one writes its checkpoint, and a two-process --resume ends as one process with the same global batch."""
