@@ -22,7 +22,8 @@ IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rat
 # the paired headline: metric, its title, and the per-unit values a bootstrap resamples (pairs or prompts)
 PAIRED_IN_DOMAIN = (("report_loss", "report DPO loss (lower is better)"),
                     ("report_accuracy", "report preference accuracy"), ("judge_score", "judge score"),
-                    ("win_rate", "win rate vs reference"), ("kl", "KL to reference"))
+                    ("win_rate", "win rate vs reference"),
+                    ("kl", "KL to reference (lower is better at an equal judge score)"))
 PAIRED_CONTINUAL = (("avg_final_judge", "avg final judge score"),
                     ("avg_forgetting_judge", "avg forgetting (judge; lower is better)"),
                     ("avg_final_loss", "avg final report DPO loss (lower is better)"),
