@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import weakref
 from pathlib import Path
 
@@ -238,16 +237,6 @@ def write_adapter(config: LoraConfig, state: dict[str, torch.Tensor], directory:
 
 
 def save_adapter(model: PeftModel, name: str, directory: str | Path) -> Path:
-    """Write adapter `name` as a standalone peft adapter (adapter_config.json + adapter_model.safetensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / f".staging-{name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    # LoRA never trains the embeddings: no need for peft to look for the base config to decide (it warns on GGUF)
-    model.save_pretrained(staging, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
-    written = staging if name == "default" else staging / name  # peft nests non-default adapters
-    for file in written.iterdir():
-        if file.is_file():
-            shutil.move(str(file), directory / file.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    """Write adapter `name` of `model` as a standalone peft adapter (adapter_config.json + adapter_model.safetensors):
+    the one writer, `write_adapter`, given the adapter's config and weights."""
+    return write_adapter(model.peft_config[name], adapter_state(model, name), directory)
