@@ -801,8 +801,6 @@ class ExperimentConfig:
 
     def run_config(self, variant: dict, seed: int, output_dir: str | Path, specs: list[str], progress: bool = True):
         """The OFSDPOConfig (in-domain) or ContinualConfig (continual) of one variant and seed."""
-        from .continual import ContinualConfig
-
         common = dict(lr=self.lr, batch_size=self.batch_size, max_length=self.max_length, seed=seed,
                       max_prompt_length=self.max_prompt_length, save_steps=0, device=self.device,
                       output_dir=str(output_dir), overwrite=True, model=self.model, gguf_file=self.gguf_file,
