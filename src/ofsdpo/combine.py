@@ -163,40 +163,48 @@ def search_simplex(
     if len(points) + _lattice_size(num_modules, resolution) > budget:
         raise ValueError(f"budget {budget} is too small for {len(points)} included points and the "
                          f"{_lattice_size(num_modules, resolution)}-point lattice of resolution {resolution}")
+    scored = _ScoredPoints(score)
+    for point in points:
+        scored.evaluate(point, "include")
+    for point in _lattice(num_modules, resolution):
+        scored.evaluate(point, "lattice")
+    best = _refine(scored, num_modules, Fraction(1, 2 * resolution), Fraction(min_step), budget)
+    return list(scored.table[best]["weights"]), scored.table
 
-    table: list[dict] = []
-    exact: list[tuple[Fraction, ...]] = []  # the exact point of each table row
-    seen: set[tuple[float, ...]] = set()
 
-    def evaluate(point: tuple[Fraction, ...], phase: str) -> dict | None:
+class _ScoredPoints:
+    """Every point scored so far, in order (each distinct point once): its table row and its exact weights."""
+
+    def __init__(self, score: Callable[[list[float]], tuple[float, float]]):
+        self.score, self.table, self.exact, self.seen = score, [], [], set()
+
+    def evaluate(self, point: tuple[Fraction, ...], phase: str) -> dict | None:
         weights = _as_floats(point)
-        if tuple(weights) in seen:
+        if tuple(weights) in self.seen:
             return None
-        loss, accuracy = score(list(weights))
+        loss, accuracy = self.score(list(weights))
         row = {"weights": weights, "memory_loss": float(loss), "memory_accuracy": float(accuracy), "phase": phase}
-        seen.add(tuple(weights))
-        table.append(row)
-        exact.append(point)
+        self.seen.add(tuple(weights))
+        self.table.append(row)
+        self.exact.append(point)
         return row
 
-    for point in points:
-        evaluate(point, "include")
-    for point in _lattice(num_modules, resolution):
-        evaluate(point, "lattice")
 
+def _refine(scored: _ScoredPoints, num_modules: int, step: Fraction, min_step: Fraction, budget: int) -> int:
+    """Pattern search along the simplex edges from the best point so far; returns the best row's index."""
+    table = scored.table
     best = min(range(len(table)), key=lambda i: _rank(table[i]))  # first of the ties
-    step = Fraction(1, 2 * resolution)
-    while num_modules > 1 and step >= Fraction(min_step) and len(table) < budget:
-        centre, moved = exact[best], False
+    while num_modules > 1 and step >= min_step and len(table) < budget:
+        centre, moved = scored.exact[best], False
         for i in range(num_modules):
             for j in range(num_modules):
                 if i == j or centre[i] == 0 or len(table) >= budget:
                     continue
                 shift = min(step, centre[i])
                 point = tuple(w - shift if k == i else w + shift if k == j else w for k, w in enumerate(centre))
-                row = evaluate(point, "refine")
+                row = scored.evaluate(point, "refine")
                 if row is not None and _rank(row) < _rank(table[best]):
                     best, moved = len(table) - 1, True
         if not moved:
             step /= 2
-    return list(table[best]["weights"]), table
+    return best
