@@ -70,7 +70,7 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
 @pytest.mark.parametrize("flags, message", [
     (["--adapter", "no/such/adapter", "--domain", "sentiment"], "--adapter no/such/adapter: not a peft adapter"),
     (["--domain", "poetry"], "unknown domain 'poetry'"),
-    ([], "--domain is required"),
+    ([], "or --prompts FILE --judge SPEC is required"),
 ])
 def test_eval_bad_input_exits_2(flags, message, capsys):
     assert main(["eval", *flags]) == 2
@@ -98,3 +98,31 @@ def test_common_random_numbers_make_an_unmoved_module_tie_with_the_reference(tin
     with common_random_numbers(4, cpu):  # other draws: other samples
         other = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
     assert other["judge_score"] != other["reference_judge_score"]
+
+
+def test_eval_on_your_own_prompts_and_judge(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    """`--prompts NAME=FILE --judge module:function` (conversational prompts, a meta column the judge reads) and
+    held-out pairs from `--data NAME=PATH`: the base and the adapter each get a row on the user's domain."""
+    (tmp_path / "evaljudge.py").write_text("def longer(prompt, response, meta):\n"
+                                           "    return float(len(response)) + meta['bonus']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "asks.jsonl", [{"prompt": [{"role": "user", "content": f"Tell me about {i}."}],
+                                                      "bonus": 100} for i in range(5)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", sentiment_rows(4))
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--prompts", f"mine={prompts}",
+                 "--judge", "evaljudge:longer", "--data", f"mine={pairs}", "--judge-prompts", "4", "--json", str(out),
+                 *TINY])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["adapter"], r["domain"]) for r in rows] == [("base", "mine"), (str(adapter_dir), "mine")]
+    for row in rows:
+        assert row["pairs"] == 4 and row["pairs_source"] == str(pairs) and row["judge_prompts"] == 4
+        assert row["judge_score"] >= 100  # the judge read the row's `bonus` column
+    assert rows[0]["win_rate"] == 0.5 and abs(rows[0]["kl"]) < 1e-4  # the base against itself: ties, no KL
+
+
+def test_eval_prompts_need_a_judge(tiny_model_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "asks.jsonl", [{"prompt": "Hi"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), *TINY]) == 2
+    assert "--judge" in capsys.readouterr().err

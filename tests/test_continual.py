@@ -216,3 +216,33 @@ def test_fresh_init_lets_the_search_keep_an_earlier_module(tiny_model_dir, tmp_p
     assert weights[0] > 0 and simplex["lambdas"][1] is None
     best = min(r["memory_loss"] for r in simplex["stages"][1]["search"])
     assert best <= min(r["memory_loss"] for r in search) + 1e-6
+
+
+def test_an_on_policy_domain_samples_its_own_stage(tiny_model_dir, tmp_path, monkeypatch):
+    """`NAME=prompts:PATH,judge=SPEC`: the stage's stream is sampled from the policy and judged (its rounds on
+    disk), its report and memory pairs are sampled once from the base on prompts kept out of the stream."""
+    (tmp_path / "lenjudge.py").write_text("def longer(prompt, response, meta):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "asks.jsonl", [{"prompt": f"Item {i}: it is"} for i in range(24)])
+    pos = f"pos={write_jsonl(tmp_path / 'pos.jsonl', domain_rows('great', 'awful'))}"
+    config, report = run(tiny_model_dir, tmp_path, [pos, f"asks=prompts:{prompts},judge=lenjudge:longer"],
+                         method="cofs-dpo", batch_size=2, samples_per_prompt=3, max_new_tokens=5, judge_prompts=2)
+    out = tmp_path / "cofs-dpo"
+    assert [s["domain"] for s in report["stages"]] == ["pos", "asks"] and report["stages"][1]["steps"] == 3
+    rounds = sorted((out / "domains" / "2-asks" / "rounds").glob("round-*.jsonl"))
+    assert len(rounds) >= 3 and all(json.loads(line)["domain"] == "asks" for p in rounds
+                                    for line in p.read_text().splitlines())
+    assert report["matrix"]["judge_score"][-1][1] is not None  # judged on its held-out prompts by its own judge
+    assert report["matrix"]["judge_score"][-1][0] is None  # a pairs-file domain has no judge
+
+
+def test_on_policy_domain_specs_are_checked():
+    from ofsdpo.config import DomainSpec
+
+    spec = DomainSpec.parse("mine=prompts:p.jsonl,judge=mod:fn:0.5,judge=sentiment,heldout=h.jsonl")
+    assert spec.prompts == "p.jsonl" and spec.judge == ["mod:fn:0.5", "sentiment"] and spec.heldout == "h.jsonl"
+    with pytest.raises(ConfigError, match="needs judge=SPEC"):
+        DomainSpec.parse("mine=prompts:p.jsonl")
+    with pytest.raises(ConfigError, match="give prompts:PATH"):
+        DomainSpec.parse("mine=pairs.jsonl,judge=sentiment")
+    assert DomainSpec.parse("s=prompts:builtin:sentiment").judge == []  # a built-in's own judge

@@ -52,3 +52,46 @@ def test_regret_follows_the_stream_order_and_its_end():
     curve = regret_curve(history, [0, 1, 1, 0], 3, final, "slow")
     assert [c["final_loss"] for c in curve] == pytest.approx([0.4, 0.6])
     assert curve[-1]["regret"] == pytest.approx((1.0 - 0.4) + (1.0 - 0.6))
+
+
+def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
+    """One forward per response (rows counted at the input embedding), and the values of the pair path it replaces
+    (each response tokenized as chosen = rejected, the chosen half kept), float64, with a random LoRA module."""
+    from transformers import AutoModelForCausalLM
+
+    from ofsdpo.data import collate, tokenize_pair
+    from ofsdpo.logprobs import concatenated_forward
+    from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
+    from ofsdpo.scoring import completion_logps
+
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                            lora_config(4, 8, 0.0, "all-linear"), DPO_ADAPTERS).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    prompts = ["Hello there", "A much longer prompt than the first one", "Why?", "x"]
+    responses = ["General Kenobi.", "", "Because the sky is blue and the grass is green.", "y"]
+    for chat in (False, True):
+        want = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if chat:
+                p, r = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response or " "}]
+            else:
+                p, r = prompt, response or " "
+            example, _, _ = tokenize_pair(tokenizer, p, r, r, 512, 256)
+            batch = collate([{**example, "index": i}], tokenizer.pad_token_id)
+            with torch.no_grad():
+                want.append(concatenated_forward(model, batch)[0].float())
+        rows: list[int] = []
+        handle = model.get_input_embeddings().register_forward_pre_hook(
+            lambda m, args, seen=rows: seen.append(len(args[0])))
+        try:
+            got = completion_logps(model, tokenizer, prompts, responses, chat, batch_size=3)
+        finally:
+            handle.remove()
+        assert rows == [3, 1]  # 4 responses, 3 per forward: each scored once
+        torch.testing.assert_close(got, torch.cat(want), rtol=1e-6, atol=0)
+    as_messages = [[{"role": "user", "content": p}] for p in prompts]  # a conversational prompt as it is
+    torch.testing.assert_close(completion_logps(model, tokenizer, as_messages, responses, chat=False), got)

@@ -202,7 +202,8 @@ def generate_command(argv: list[str]) -> int:
     import torch
     from transformers import set_seed
 
-    from .generation import make_pairs, write_jsonl
+    from .files import write_jsonl
+    from .rounds import RoundSettings, judged_pairs
     from .models import (
         check_adapter,
         load_model_and_tokenizer,
@@ -227,9 +228,11 @@ def generate_command(argv: list[str]) -> int:
         model = PeftModel.from_pretrained(model, config.adapter)
     set_seed(config.seed)
     with torch.inference_mode():
-        pairs, ties = make_pairs(model, tokenizer, domain, records, config.samples_per_prompt, config.temperature,
-                                 config.top_p, config.batch_size, progress=config.progress)
-    write_jsonl(pairs, config.out)
+        settings = RoundSettings(config.samples_per_prompt, 0, config.temperature, config.top_p,
+                                 batch_size=config.batch_size * config.samples_per_prompt)
+        pairs, stats = judged_pairs(model, tokenizer, domain, records, settings, progress=config.progress)
+        ties = stats.ties
+    write_jsonl(config.out, pairs)
     print(json.dumps({"domain": domain.name, "prompts": len(records), "pairs": len(pairs), "ties_skipped": ties,
                       "out": config.out}))
     return 0

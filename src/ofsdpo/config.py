@@ -19,6 +19,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+ON_PROMPTS = "prompts"  # --on-policy given bare: the prompts of --prompts
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag."""
 
@@ -103,6 +106,18 @@ class TrainingOptions:
                        "pairs)."),
     )
     epochs: int = field(default=1, metadata=_help("Passes over the stream; 1 is online (each pair seen once)."))
+    # --- on-policy rounds (train --on-policy / --prompts, continual prompts: domains) ---------------------------
+    samples_per_prompt: int = field(default=4, metadata=_help("On-policy samples per prompt (best vs worst)."))
+    max_new_tokens: int = field(default=0, metadata=_help(
+        "On-policy: most tokens per sampled response (0: the built-in domain's own, 64 for --prompts)."))
+    temperature: float = field(default=1.0, metadata=_help("On-policy sampling temperature."))
+    top_p: float = field(default=0.95, metadata=_help("On-policy nucleus sampling threshold."))
+    missing_eos_penalty: Optional[float] = field(default=None, metadata=_help(
+        "On-policy: subtract this from the judge score of a response that did not end (no EOS), as TRL does."))
+    generation_batch_size: int = field(default=64, metadata=_help(
+        "On-policy: responses (prompts x samples) per generate call; lower it if sampling runs out of memory."))
+    judge_device: Optional[str] = field(default=None, metadata=_help(
+        "Device of an hf:MODEL judge (default: the policy's)."))
     batch_size: Optional[int] = field(default=None, metadata=_help(
         "Pairs per micro-batch, per process (memory grows with it). Unset: 4, and ofs-dpo then runs its two modules "
         "on parts of 2 pairs (--module-batch-size), so its stacked batch is dpo's size."))
@@ -234,6 +249,14 @@ class TrainingOptions:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
         need(self.num_threads is None or self.num_threads >= 1, f"--num-threads must be >= 1 (got {self.num_threads}).")
+        need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
+        need(self.max_new_tokens >= 0, f"--max-new-tokens must be >= 0 (got {self.max_new_tokens}).")
+        need(0 < self.temperature < math.inf, f"--temperature must be > 0 (got {self.temperature}).")
+        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}).")
+        need(self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+             f"--missing-eos-penalty must be a finite number (got {self.missing_eos_penalty}).")
+        need(self.generation_batch_size >= 1,
+             f"--generation-batch-size must be >= 1 (got {self.generation_batch_size}).")
         if self.report_to == "wandb":
             import importlib.util
 
@@ -297,10 +320,16 @@ class OFSDPOConfig(TrainingOptions):
     )
     on_policy: Optional[str] = field(
         default=None,
-        metadata=_help("Built-in domain: each round, the current policy answers its train prompts and the judge "
-                       "labels best vs worst (true online DPO). Replaces --data; --round-size counts prompts."),
+        metadata=_help("On-policy (true online DPO): each round, the current policy answers the next prompts and the "
+                       "judge labels best vs worst. A built-in domain name, or bare with --prompts FILE. Replaces "
+                       "--data; --round-size counts prompts.", nargs="?", const=ON_PROMPTS),
     )
-    samples_per_prompt: int = field(default=4, metadata=_help("On-policy samples per prompt (best vs worst)."))
+    prompts: Optional[str] = field(default=None, metadata=_help(
+        "On-policy prompts: .jsonl/.json/.parquet, a saved dataset folder, a hub name or builtin:NAME[:SPLIT]; "
+        "TRL's prompt-only formats (standard or conversational); other columns reach the judge as the row's meta."))
+    judge: list[str] = field(default_factory=list, metadata=_help(
+        "On-policy judge: a built-in name, module:function (pointwise or batched), hf:MODEL (reward model) or "
+        "pairwise:module:function; several, each with a trailing :WEIGHT, are summed (--judge a:0.7 b:0.3)."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: whole stream)."))
     method: Literal["dpo", "ofs-dpo"] = field(
         default="ofs-dpo", metadata=_help("dpo: one LoRA module. ofs-dpo: fast and slow modules chasing (SPEC 3).")
@@ -320,19 +349,28 @@ class OFSDPOConfig(TrainingOptions):
             self.resume = True  # --resume-from PATH implies --resume
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
+        if self.prompts is not None and self.on_policy is None:
+            self.on_policy = ON_PROMPTS  # --prompts implies --on-policy
         if self.on_policy is not None:
             from .domains import DOMAINS
 
-            if self.on_policy not in DOMAINS:
-                raise ConfigError(f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), "
-                                  f"got {self.on_policy!r}.")
+            if self.on_policy == ON_PROMPTS:
+                if self.prompts is None:
+                    raise ConfigError("--on-policy without a domain name needs --prompts FILE (or name a built-in "
+                                      f"domain: --on-policy {' | '.join(DOMAINS)}).")
+            elif self.on_policy not in DOMAINS:
+                raise ConfigError(f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), or be given bare "
+                                  f"with --prompts FILE; got {self.on_policy!r}.")
+            elif self.prompts is not None:
+                raise ConfigError(f"--on-policy {self.on_policy} uses that domain's prompts: drop --prompts, or give "
+                                  f"--on-policy bare with --prompts {self.prompts}.")
             if self.data is not None:
                 raise ConfigError("--on-policy generates the pairs: drop --data.")
             if self.num_processes != 1:
                 raise ConfigError("--on-policy runs in one process: each process would sample pairs of its own. "
                                   "Launch it without data parallelism.")
-            if self.samples_per_prompt < 2:
-                raise ConfigError(f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
+        elif self.judge:
+            raise ConfigError("--judge labels on-policy samples: add --prompts FILE (or --on-policy DOMAIN).")
 
     def training_options(self) -> dict[str, Any]:
         """The fields shared with `TrainingOptions` (what a continual stage would receive)."""
@@ -341,7 +379,7 @@ class OFSDPOConfig(TrainingOptions):
 
 # Options that change nothing a resumed run computes: `ofsdpo train --resume` may change them, not the others.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to", "output_dir",
-                     "device", "num_threads", "resume_from", "gradient_checkpointing"}
+                     "device", "num_threads", "resume_from", "gradient_checkpointing", "judge_device"}
 
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any], may_change: set[str]) -> list[str]:
@@ -357,8 +395,9 @@ TRAIN_ONLY = {
     "max_steps": "--max-steps-per-domain (optimiser steps per domain)",
     "data": "--domain NAME=TRAIN (once per domain)",
     "eval_data": "--domain NAME=TRAIN,heldout=PATH",
-    "on_policy": "pairs made beforehand: `ofsdpo generate --domain NAME`, then --domain NAME=pairs.jsonl",
-    "samples_per_prompt": "`ofsdpo generate --samples-per-prompt N` to make each domain's pairs",
+    "on_policy": "--domain NAME=prompts:PATH,judge=SPEC (an on-policy domain)",
+    "prompts": "--domain NAME=prompts:PATH,judge=SPEC (an on-policy domain)",
+    "judge": "--domain NAME=prompts:PATH,judge=SPEC (an on-policy domain)",
 }
 
 
@@ -373,27 +412,48 @@ def refuse_train_only(keys, where: str = "") -> None:
 
 @dataclass
 class DomainSpec:
+    """One `--domain` of a continual run: its training pairs (`train`), or on-policy its prompts and judges."""
+
     name: str
     train: str
     heldout: str | None = None
     memory: str | None = None
+    judge: list[str] = field(default_factory=list)
+
+    FORM = "NAME=TRAIN[,heldout=PATH][,memory=PATH] or NAME=prompts:PATH,judge=SPEC[,judge=SPEC][,heldout=PATH]"
+
+    @property
+    def prompts(self) -> str | None:
+        """The prompts source of an on-policy domain (`prompts:PATH`), else None."""
+        return self.train[len("prompts:"):] if self.train.startswith("prompts:") else None
 
     @classmethod
     def parse(cls, text: str) -> "DomainSpec":
-        """NAME=TRAIN[,heldout=PATH][,memory=PATH]"""
         name, sep, rest = text.partition("=")
         parts = rest.split(",") if sep else []
         if not name or not parts or not parts[0]:
-            raise ConfigError(f"--domain {text!r}: expected NAME=TRAIN[,heldout=PATH][,memory=PATH].")
+            raise ConfigError(f"--domain {text!r}: expected {cls.FORM}.")
         spec = cls(name=name.strip(), train=parts[0].strip())
         if not SAFE_NAME.fullmatch(spec.name):  # the name becomes domains/<k>-<name>/: it must stay inside
             raise ConfigError(f"--domain {text!r}: the name {spec.name!r} must be letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit (it names a folder under --output-dir).")
         for part in parts[1:]:
             key, _, value = part.partition("=")
-            if key.strip() not in ("heldout", "memory") or not value:
-                raise ConfigError(f"--domain {text!r}: unknown part {part!r} (use heldout=PATH or memory=PATH).")
-            setattr(spec, key.strip(), value.strip())
+            key = key.strip()
+            if key not in ("heldout", "memory", "judge") or not value:
+                raise ConfigError(f"--domain {text!r}: unknown part {part!r} (use heldout=PATH, memory=PATH or, with "
+                                  "prompts:PATH, judge=SPEC).")
+            if key == "judge":
+                spec.judge.append(value.strip())
+            else:
+                setattr(spec, key, value.strip())
+        if spec.prompts is not None and not spec.prompts:
+            raise ConfigError(f"--domain {text!r}: prompts: needs a path (prompts:PATH).")
+        if spec.judge and spec.prompts is None:
+            raise ConfigError(f"--domain {text!r}: judge= labels on-policy samples: give prompts:PATH as the source.")
+        if spec.prompts is not None and not spec.judge and not spec.prompts.startswith("builtin:"):
+            raise ConfigError(f"--domain {text!r}: an on-policy domain needs judge=SPEC (a built-in name, "
+                              "module:function, hf:MODEL or pairwise:module:function).")
         return spec
 
 
@@ -406,7 +466,8 @@ class ContinualOptions:
     )
     domain: list[str] = field(
         default_factory=list,
-        metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order."),
+        metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order; on-policy: "
+                       "NAME=prompts:PATH,judge=SPEC[,heldout=PATH] (the stage samples and judges its own pairs)."),
     )
     max_steps_per_domain: int = field(default=-1, metadata=_help("Optimiser steps per domain (-1: its whole stream)."))
     memory_size: int = field(default=8, metadata=_help("Held-out pairs per domain kept in memory to choose λ."))
@@ -613,7 +674,8 @@ class GenerateConfig:
 
 @dataclass
 class EvalConfig:
-    """`ofsdpo eval`: score the base model and each adapter on built-in domains (held-out pairs and judge)."""
+    """`ofsdpo eval`: score the base model and each adapter on built-in domains and on your own prompts and judge
+    (held-out pairs and judged samples)."""
 
     model: Optional[str] = field(default=None, metadata=_help("Base model the adapters were trained on (default: "
                                                               "the embedded one)."))
@@ -624,6 +686,12 @@ class EvalConfig:
     adapter: list[str] = field(default_factory=list, metadata=_help(
         "A peft adapter folder, once per adapter (the base model is always scored too, as the row 'base')."))
     domain: list[str] = field(default_factory=list, metadata=_help("Built-in domain to score on, once per domain."))
+    prompts: Optional[str] = field(default=None, metadata=_help(
+        "Your own domain: prompts to judge (.jsonl/.json/.parquet, a dataset folder, a hub name; NAME=SOURCE names "
+        "the domain, else the file's stem), scored by --judge; its held-out pairs from --data NAME=PATH."))
+    judge: list[str] = field(default_factory=list, metadata=_help(
+        "Judge of --prompts: a built-in name, module:function, hf:MODEL or pairwise:module:function (:WEIGHT each)."))
+    judge_device: Optional[str] = field(default=None, metadata=_help("Device of an hf:MODEL judge (default: the model's)."))
     data: list[str] = field(default_factory=list, metadata=_help(
         "Held-out pairs for the DPO loss: NAME=PATH (or PATH, in --domain order). A domain without a file gets "
         "pairs sampled from the base model on its held-out prompts and judged."))
@@ -643,8 +711,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from .domains import DOMAINS
 
-        if not self.domain:
-            raise ConfigError("--domain is required (a built-in domain, once per domain).")
+        if not self.domain and self.prompts is None:
+            raise ConfigError("--domain (a built-in domain, once per domain) or --prompts FILE --judge SPEC is required.")
+        if self.prompts is not None and not self.judge and not self.prompts_source.startswith("builtin:"):
+            raise ConfigError(f"--prompts {self.prompts}: give --judge SPEC to score the samples.")
+        if self.judge and self.prompts is None:
+            raise ConfigError("--judge scores --prompts: give --prompts FILE (built-in domains keep their own judges).")
         for name in self.domain:
             if name not in DOMAINS:
                 raise ConfigError(f"--domain: unknown domain '{name}': built-in domains are {', '.join(DOMAINS)}.")
@@ -662,17 +734,35 @@ class EvalConfig:
             raise ConfigError(f"--beta must be > 0 (got {self.beta}).")
 
     @property
+    def prompts_name(self) -> str | None:
+        """The domain name of --prompts: NAME of NAME=SOURCE, else the source's stem."""
+        if self.prompts is None:
+            return None
+        name, sep, _ = self.prompts.partition("=")
+        source = self.prompts_source
+        return name if sep else (source.split(":")[1] if source.startswith("builtin:") else Path(source).stem)
+
+    @property
+    def prompts_source(self) -> str | None:
+        return None if self.prompts is None else self.prompts.partition("=")[2] or self.prompts
+
+    @property
+    def domain_names(self) -> list[str]:
+        return self.domain + ([self.prompts_name] if self.prompts is not None else [])
+
+    @property
     def data_files(self) -> dict[str, str]:
-        """{domain: path} from `NAME=PATH` entries, or bare paths matched to --domain in order."""
-        files = {}
+        """{domain: path} from `NAME=PATH` entries, or bare paths matched to the domains (--domain, then --prompts)
+        in order."""
+        files, names = {}, self.domain_names
         for i, entry in enumerate(self.data):
             name, sep, path = entry.partition("=")
             if not sep:
-                if i >= len(self.domain):
-                    raise ConfigError(f"--data {entry}: more files than --domain entries; write NAME=PATH.")
-                name, path = self.domain[i], entry
-            if name not in self.domain:
-                raise ConfigError(f"--data {entry}: '{name}' is not one of --domain ({', '.join(self.domain)}).")
+                if i >= len(names):
+                    raise ConfigError(f"--data {entry}: more files than domains; write NAME=PATH.")
+                name, path = names[i], entry
+            if name not in names:
+                raise ConfigError(f"--data {entry}: '{name}' is not one of the domains ({', '.join(names)}).")
             files[name] = path
         return files
 

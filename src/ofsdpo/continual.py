@@ -57,11 +57,12 @@ def _subset(pairs: list[dict], source: str) -> PreferenceData:
 @dataclass
 class Domain:
     name: str
-    train: PreferenceData
+    train: PreferenceData  # empty for an on-policy domain until its stage has sampled it
     test: PreferenceData
     memory: PreferenceData
     test_reference: ReferenceCache = None
     memory_reference: ReferenceCache = None
+    on_policy: Any = None  # `prompts:PATH,judge=SPEC`: the domain (domains.PromptDomain) whose rounds the stage samples
 
     def __post_init__(self):
         self.test_reference = ReferenceCache(len(self.test))
@@ -123,6 +124,8 @@ class ContinualRunner:
         return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_split)
 
     def _load_domain(self, spec: DomainSpec) -> Domain:
+        if spec.prompts is not None:
+            return self._load_on_policy_domain(spec)
         cfg, train = self.config, self._load(spec.train)
         pairs = train.pairs
         if spec.heldout:
@@ -142,6 +145,56 @@ class ContinualRunner:
             memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
         return Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
                       _subset(memory, spec.memory or spec.heldout or spec.train))
+
+    def _load_on_policy_domain(self, spec: DomainSpec) -> Domain:
+        """`NAME=prompts:PATH,judge=SPEC`: the stage samples its pairs from the policy, round by round. Its report
+        and memory pairs come from heldout=PATH, or are sampled once from the base model on prompts kept out of
+        the stream (a built-in domain's held-out prompts; else the last --heldout-size + --memory-size prompts)."""
+        from .domains import prompt_domain
+        from .rounds import RoundSettings, judged_pairs
+
+        cfg, training = self.config, self.config.training
+        if self.processes.count > 1:
+            raise ConfigError(f"--domain {spec.name}: an on-policy domain runs in one process (each process would "
+                              "sample pairs of its own); launch without data parallelism.")
+        if cfg.method == "dpo-replay":
+            raise ConfigError(f"--domain {spec.name}: dpo-replay mixes earlier pairs into a fixed stream; an "
+                              "on-policy domain has none. Use another --method, or generate the pairs first.")
+        domain = prompt_domain(spec.prompts, spec.judge, name=spec.name, max_new_tokens=training.max_new_tokens,
+                               judge_device=training.judge_device or str(self.device))
+        if spec.heldout:
+            heldout = self._load(spec.heldout).pairs
+        else:
+            need = cfg.heldout_size + cfg.memory_size
+            if spec.prompts.startswith("builtin:"):  # its own held-out prompts: never in a stream
+                from .domains import get_domain
+
+                held_records = get_domain(spec.prompts.split(":")[1]).prompts("heldout")[:need]
+            else:
+                if len(domain.records) <= need:
+                    raise DataError(spec.prompts, f"has {len(domain.records)} prompts; holding out {need} "
+                                                  "(--heldout-size + --memory-size) would leave none to train on")
+                domain.records, held_records = domain.records[:-need], domain.records[-need:]
+            domain.heldout = held_records
+            settings = RoundSettings(training.samples_per_prompt, training.max_new_tokens, training.temperature,
+                                     training.top_p, training.missing_eos_penalty, training.generation_batch_size)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(training.seed)  # the same held-out pairs for every method of a comparison
+                rows, _ = judged_pairs(self.base, self.tokenizer, domain, held_records, settings)
+            heldout = self._load_rows(rows, f"{spec.prompts} (held-out prompts, sampled from the base)").pairs
+        if len(heldout) <= cfg.memory_size:
+            raise DataError(spec.heldout or spec.prompts, f"gives {len(heldout)} held-out pairs; the memory "
+                                                          f"(--memory-size {cfg.memory_size}) and the report need more")
+        memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
+        source = spec.heldout or spec.prompts
+        return Domain(spec.name, _subset([], f"on-policy:{spec.name}"), _subset(heldout, source),
+                      _subset(memory, source), on_policy=domain)
+
+    def _load_rows(self, rows: list[dict], source: str) -> PreferenceData:
+        cfg = self.config.training
+        data = load_preference_data(rows, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
+        data.source = source
+        return data
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -179,6 +232,8 @@ class ContinualRunner:
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                     load_adapter_state(trainer.model, name, init_state)
             summary = trainer.train()
+            if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
+                domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
             stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
                      "best_fast": summary.get("best_fast"), "lambda": None}
             served, served_lora, init_state, weights = self._serve(k, trainer, summary, kept, weights, stage)
@@ -291,8 +346,9 @@ class ContinualRunner:
             selection, reference = domain.memory, domain.memory_reference
         else:
             selection, reference = domain.test, domain.test_reference
-        return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=train, tokenizer=self.tokenizer,
-                             eval_data=selection, eval_reference=reference)
+        return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=None if domain.on_policy else train,
+                             tokenizer=self.tokenizer, eval_data=selection, eval_reference=reference,
+                             on_policy_domain=domain.on_policy)
 
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
         cfg = self.config.training
@@ -301,7 +357,8 @@ class ContinualRunner:
                               cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
     def _judge(self, model, lora, state) -> list[dict]:
-        """Judge the served module's samples on each built-in domain's held-out prompts (SPEC §6 evaluation)."""
+        """Judge the served module's samples on each built-in domain's held-out prompts, and on an on-policy
+        domain's held-out prompts with its own judge (SPEC §6 evaluation)."""
         from .domains import DOMAINS
         from .scoring import common_random_numbers, judge_eval, reference_samples
 
@@ -309,8 +366,8 @@ class ContinualRunner:
         device = next(model.parameters()).device
         results = []
         for d in self.domains:
-            builtin = DOMAINS.get(d.name)
-            if builtin is None:
+            builtin = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
+            if builtin is None:  # a domain of pairs files only: nothing to judge with
                 results.append({})
                 continue
             if self.config.judge_max_new_tokens:

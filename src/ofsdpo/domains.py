@@ -10,12 +10,17 @@
 sentiment, critic and concise pull the model in different directions (upbeat text, harsh text, brevity), so
 sequential training can forget. The refusal judge is binary and SmolLM2-135M rarely refuses, so `safety` yields few
 pairs from that model (ties are skipped); it is there for stronger models and for evaluation.
+
+A user's domain (`PromptDomain`) is the same idea with the user's prompts (`prompts.load_prompts`: a file, a saved
+dataset, a hub name or `builtin:NAME`) and the user's judges (`judges.resolve_judges`: built-in names,
+`module:function`, `hf:MODEL`, `pairwise:module:function`, weighted). Both answer `prompts(split)` and
+`score(records, responses)`, which is all that on-policy rounds (`rounds.py`) and judged evaluation need.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from .judges import Judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
@@ -30,10 +35,41 @@ class BuiltinDomain:
     description: str
 
     def prompts(self, split: str = "train") -> list[dict]:
-        """[{"prompt", "meta", "split"}] of `split` ("train", "heldout" or "all"), in the fixed order."""
+        """[{"prompt", "meta", "split", "row", "source"}] of `split` ("train", "heldout" or "all"), in the fixed
+        order; `row` is the line of the built-in file (errors name it)."""
         text = resources.files("ofsdpo.builtin").joinpath(f"{self.name}.jsonl").read_text(encoding="utf-8")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [{**json.loads(line), "row": i, "source": f"builtin:{self.name}"}
+                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
         return records if split == "all" else [r for r in records if r["split"] == split]
+
+    def score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
+        """The judge's scores of each record's responses (checked: real and finite, else a JudgeError)."""
+        from .judges import resolve_judges
+
+        return resolve_judges(self.judge).score(records, responses)
+
+
+DEFAULT_MAX_NEW_TOKENS = 64  # a user's domain samples this many tokens unless told otherwise (TRL's online DPO too)
+
+
+@dataclass
+class PromptDomain:
+    """The user's prompts and judges as a domain. `records` are `prompts.load_prompts` records; `heldout` (for
+    evaluation) defaults to none."""
+
+    name: str
+    records: list[dict]
+    judge: object  # a judges.GroupJudge
+    chat: bool
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    heldout: list[dict] = field(default_factory=list)
+    description: str = ""
+
+    def prompts(self, split: str = "train") -> list[dict]:
+        return {"train": self.records, "heldout": self.heldout, "all": self.records + self.heldout}[split]
+
+    def score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
+        return self.judge.score(records, responses)
 
 
 DOMAINS: dict[str, BuiltinDomain] = {
@@ -52,3 +88,45 @@ def get_domain(name: str) -> BuiltinDomain:
     if name not in DOMAINS:
         raise KeyError(f"unknown domain '{name}': built-in domains are {', '.join(DOMAINS)}")
     return DOMAINS[name]
+
+
+def prompt_domain(prompts: str, judges: list[str] | None = None, name: str | None = None, split: str | None = "train",
+                  max_new_tokens: int = 0, judge_device: str | None = None, heldout: str | None = None):
+    """The domain of `--prompts SOURCE --judge SPEC…`. `builtin:NAME` prompts without a judge keep NAME's judge and
+    length; any other source needs a judge. `max_new_tokens` 0 keeps the domain's own (64 for the user's)."""
+    from .config import ConfigError
+    from .judges import resolve_judges
+    from .prompts import load_prompts
+
+    builtin = DOMAINS.get(prompts.split(":")[1]) if prompts.startswith("builtin:") else None
+    if not judges and builtin is None:
+        raise ConfigError(f"--prompts {prompts}: give a --judge (a built-in name such as sentiment, module:function, "
+                          "hf:MODEL or pairwise:module:function) to label the sampled responses.")
+    judge = resolve_judges(judges, device=judge_device) if judges else resolve_judges(builtin.judge)
+    loaded = load_prompts(prompts, split)
+    held = load_prompts(heldout, None).records if heldout else []
+    own = builtin.max_new_tokens if builtin is not None else DEFAULT_MAX_NEW_TOKENS
+    chat = builtin.chat if builtin is not None else loaded.chat
+    return PromptDomain(name or (builtin.name if builtin else _stem(prompts)), loaded.records, judge, chat,
+                        max_new_tokens or own, held, f"prompts {prompts}, judge {', '.join(judges or [builtin.name])}")
+
+
+def _stem(source: str) -> str:
+    from pathlib import Path
+
+    return Path(source.rstrip("/")).stem or "prompts"
+
+
+def on_policy_domain(config, device: str | None = None):
+    """The domain an on-policy `ofsdpo train` samples: `--on-policy NAME` (a built-in domain, its judge unless
+    `--judge` replaces it) or `--prompts SOURCE --judge SPEC…`; `--max-new-tokens` overrides the domain's length."""
+    from .config import ON_PROMPTS
+
+    judge_device = config.judge_device or device
+    if config.on_policy != ON_PROMPTS:
+        if not config.judge and not config.max_new_tokens:
+            return get_domain(config.on_policy)
+        return prompt_domain(f"builtin:{config.on_policy}", config.judge, max_new_tokens=config.max_new_tokens,
+                             judge_device=judge_device)
+    return prompt_domain(config.prompts, config.judge, max_new_tokens=config.max_new_tokens,
+                         judge_device=judge_device)

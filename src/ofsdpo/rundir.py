@@ -294,11 +294,13 @@ def check_same_run(path: Path, saved, now, config, num_pairs: int) -> None:
         raise ConfigError(f"--resume: {path} was written by a {saved.method} run on {saved.num_pairs} pairs; "
                           f"this run is {config.method} on {num_pairs} pairs.")
     if saved.data_fingerprint is not None and saved.data_fingerprint != now.data_fingerprint:
-        raise ConfigError(f"--resume: {path} was written by a run on other --data (same number of pairs, "
-                          "different tokens); resuming would lose or repeat pairs of the stream.")
+        what = ("other --prompts (different prompts or meta); resuming would train on another stream"
+                if config.on_policy else "other --data (same number of pairs, different tokens); resuming would lose "
+                                         "or repeat pairs of the stream")
+        raise ConfigError(f"--resume: {path} was written by a run on {what}.")
     saved_config = Path(config.output_dir) / "config.yaml"
     if saved_config.is_file():
-        may_change = RESUME_MAY_CHANGE | {"data"}  # the data's tokens are compared above, not its path
+        may_change = RESUME_MAY_CHANGE | {"data", "prompts"}  # their contents are compared above, not their paths
         if config.lr_scheduler == "constant":  # the step limit changes no learning rate: a run may be extended
             may_change = may_change | {"max_steps"}
         changed = changed_options(read_config_file(saved_config, OFSDPOConfig), config.to_dict(), may_change)

@@ -45,25 +45,42 @@ def heldout_scores(model, data: PreferenceData, reference: ReferenceCache, adapt
     return {"loss": losses.mean().item(), "accuracy": correct.mean().item()}
 
 
+def _response_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, response ids) pairs as one right-padded batch with a response mask (`sequence_logps`'s input)."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        input_ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        attention_mask[i, :len(prompt) + len(response)] = 1
+        completion_mask[i, len(prompt):len(prompt) + len(response)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], responses: list[str], chat: bool, max_length: int = 512,
-                     batch_size: int = 8) -> torch.Tensor:
-    """log π(response | prompt) summed over the response tokens, for the model's active adapter."""
+def completion_logps(model, tokenizer, prompts: list, responses: list[str], chat: bool, max_length: int = 512,
+                     batch_size: int = 16) -> torch.Tensor:
+    """log π(response | prompt) summed over the response tokens, for the model's active adapter. Each response is
+    tokenized as training tokenizes a completion (`data.tokenize_pair`: EOS appended, the same truncation) and
+    scored by one forward, `batch_size` responses at a time. A prompt is a string (with `chat`, one user message)
+    or a list of messages."""
     from .data import tokenize_pair
+    from .logprobs import sequence_logps
 
     device = next(model.parameters()).device
-    examples = []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        if chat:
-            p, r = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response or " "}]
-        else:
-            p, r = prompt, response or " "
-        example, _, _ = tokenize_pair(tokenizer, p, r, r, max_length, max_length // 2)
-        examples.append({**example, "index": i})
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-        out.append(concatenated_forward(model, batch)[0].float().cpu())
+    sequences = []
+    for prompt, response in zip(prompts, responses):
+        response = response or " "  # an empty sample still has its EOS to score
+        if isinstance(prompt, list) or chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            prompt, response = messages, [{"role": "assistant", "content": response}]
+        example, _, _ = tokenize_pair(tokenizer, prompt, response, response, max_length, max_length // 2)
+        sequences.append((example["prompt_ids"], example["chosen_ids"]))
+    out = [torch.zeros(0)]
+    for start in range(0, len(sequences), batch_size):
+        batch = _response_batch(sequences[start:start + batch_size], tokenizer.pad_token_id)
+        out.append(sequence_logps(model, **{k: v.to(device) for k, v in batch.items()}).float().cpu())
     return torch.cat(out)
 
 
@@ -95,8 +112,14 @@ def reference_samples(model, tokenizer, domain, records: list[dict], batch_size:
     Drawn under the same seed as the policy's (`common_random_numbers`), sample j of prompt i of both sides uses
     the same random numbers."""
     responses = _sampled(model, tokenizer, domain, records, samples_per_prompt, batch_size, reference=True)
-    repeated = [r for r in records for _ in range(samples_per_prompt)]
-    return [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(repeated, responses)]
+    return _scores(domain, records, responses, samples_per_prompt)
+
+
+def _scores(domain, records: list[dict], responses: list[str], samples_per_prompt: int) -> list[float]:
+    """The domain's judge scores of prompt-major `responses` (`domain.score`: checked, batched where it can)."""
+    k = samples_per_prompt
+    groups = domain.score(records, [responses[i * k:(i + 1) * k] for i in range(len(records))])
+    return [x for group in groups for x in group]
 
 
 def _per_prompt(values: list[float], samples_per_prompt: int) -> list[float]:
@@ -123,7 +146,7 @@ def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | Non
     if len(ref_scores) != len(policy):
         raise ValueError(f"{len(ref_scores)} reference scores for {len(policy)} samples: draw them with the same "
                          "records and samples per prompt")
-    policy_scores = [domain.judge(r["prompt"], y, r.get("meta", {})) for r, y in zip(repeated, policy)]
+    policy_scores = _scores(domain, records, policy, samples_per_prompt)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, ref_scores)]
     was_training = model.training
     model.eval()

@@ -1,8 +1,10 @@
 """The online stream (SPEC §1, §5): pairs in a fixed order, consumed in rounds of `round_size` pairs.
 
-From a file, the order is the data's, repeated `epochs` times. On-policy (`--on-policy DOMAIN`), each round's pairs
-are made when the round starts: the current leader answers the next prompts, the judge labels best vs worst, and
-the new pairs are appended to the stream (ties are skipped and counted).
+From a file, the order is the data's, repeated `epochs` times. On-policy (`--on-policy DOMAIN` or `--prompts FILE
+--judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the current leader answers the
+next prompts, the judge labels best vs worst, and the new pairs are appended to the stream (ties are skipped and
+counted). Every sampled round's pairs are also written to `rounds/round-<k>.jsonl` (k counts sampled rounds from
+1), so a run's data can be read and replayed offline.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Callable
 
+from . import checkpoint as ckpt
 from .data import PreferenceData
-from .generation import make_pairs
+from .files import write_jsonl
 from .modules import activate
+from .rounds import RoundSettings, RoundStats, judged_pairs
 from .state import TrainerState
 
 
@@ -28,13 +33,15 @@ def fingerprint(data: PreferenceData) -> str:
 
 class Stream:
     def __init__(self, data: PreferenceData, epochs: int, round_size: int, on_policy=None,
-                 samples_per_prompt: int = 4, tokenizer=None,
-                 tokenize: Callable[[list[dict]], PreferenceData] | None = None):
-        """`tokenizer` samples on-policy rounds and `tokenize(rows)` turns their judged pairs into stream pairs."""
+                 settings: RoundSettings = RoundSettings(), tokenizer=None,
+                 tokenize: Callable[[list[dict]], PreferenceData] | None = None, rounds_dir: Path | None = None):
+        """`on_policy` is a domain (`domains.py`); `tokenizer` samples its rounds, `tokenize(rows)` turns their
+        judged pairs into stream pairs, and each round's rows go to `rounds_dir` (None: not written)."""
         self.data, self.round_size, self.on_policy, self.tokenizer = data, round_size, on_policy, tokenizer
         self.order = list(range(len(data))) * epochs
         self.prompts = on_policy.prompts("train") * epochs if on_policy is not None else []
-        self.samples_per_prompt, self.tokenize = samples_per_prompt, tokenize
+        self.settings, self.tokenize, self.rounds_dir = settings, tokenize, rounds_dir
+        self.last_round: RoundStats | None = None  # the statistics of the latest sampled round (for the metrics)
 
     def total_steps(self, pairs_per_step: int, max_steps: int) -> int:
         steps = math.ceil(len(self.order) / pairs_per_step)
@@ -43,24 +50,37 @@ class Stream:
         return steps if max_steps == -1 else min(steps, max_steps)
 
     def fingerprint(self) -> str | None:
-        return fingerprint(self.data) if self.on_policy is None else None
+        """The data's hash; on-policy, the prompts' (a resume on other prompts would train on other pairs)."""
+        if self.on_policy is None:
+            return fingerprint(self.data)
+        digest = hashlib.sha256()
+        for record in self.prompts:
+            digest.update(json.dumps([record["prompt"], record.get("meta", {})], sort_keys=True, default=str).encode())
+        return digest.hexdigest()
 
     def step_indices(self, state: TrainerState, pairs_per_step: int) -> list[int]:
         return self.order[state.position:min(state.position + pairs_per_step, state.round_end)]
 
-    def next_round(self, state: TrainerState, model, policy: str, names, batch_size: int) -> list[int]:
+    def next_round(self, state: TrainerState, model, policy: str, names) -> list[int]:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs sampled from
         adapter `policy` (empty when the stream or the prompts ran out)."""
         if self.on_policy is None:
             return self.order[state.position:state.position + self.round_size]
         while state.prompt_position < len(self.prompts):
             records = self.prompts[state.prompt_position:state.prompt_position + self.round_size]
-            state.prompt_position += len(records)
             activate(model, policy, names)
-            rows, ties = make_pairs(model, self.tokenizer, self.on_policy, records, self.samples_per_prompt,
-                                    batch_size=batch_size)
-            state.ties_skipped += ties
-            if rows:
+            rng = ckpt.rng_state()
+            try:
+                rows, self.last_round = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings)
+            except Exception:  # a checkpoint taken now must redo this round exactly: as if it had not started
+                ckpt.set_rng_state(rng)
+                raise
+            state.prompt_position += len(records)
+            state.ties_skipped += self.last_round.ties
+            if self.rounds_dir is not None:
+                k = math.ceil(state.prompt_position / self.round_size)
+                write_jsonl(self.rounds_dir / f"round-{k}.jsonl", rows)
+            if rows:  # (a round of ties only samples the next prompts at once)
                 start = len(self.data.pairs)
                 self.data.pairs += [{**p, "index": start + i} for i, p in enumerate(self.tokenize(rows).pairs)]
                 self.order += list(range(start, len(self.data.pairs)))

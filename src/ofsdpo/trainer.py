@@ -21,7 +21,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, NonFiniteError, OFSDPOConfig
 from .data import PreferenceData, load_preference_data
 from .distributed import Processes
-from .domains import get_domain
+from .domains import on_policy_domain
+from .judges import JudgeError
 from .files import write_atomic, write_json, write_jsonl
 from .metrics import MetricsLogger, module_key
 from .models import (check_target_modules, load_model, load_tokenizer, resolve_device, resolve_model_name,
@@ -29,6 +30,7 @@ from .models import (check_target_modules, load_model, load_tokenizer, resolve_d
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters,
                       load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
 from .reference import ReferenceCache
+from .rounds import RoundSettings
 from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
                      name_sources, resume_checkpoint)
 from .scoring import pair_losses, regret_curve, select_served
@@ -45,10 +47,13 @@ class OFSDPOTrainer:
     `model` is a loaded causal LM or a name/path (default: `config.model`); `train_data` is a path, a dataset name,
     a `datasets.Dataset`, an iterable of rows or a `PreferenceData` (default: `config.data`). `eval_reference`
     may hold the eval pairs' reference log-probs already (a continual run scores them once for every stage).
+    On-policy, the prompts and judge come from `config.on_policy` / `config.prompts` / `config.judge`, or from
+    `on_policy_domain` (a `domains.PromptDomain`, e.g. with judge functions of your own).
     """
 
     def __init__(self, model: Any = None, config: OFSDPOConfig | None = None, train_data: Any = None,
-                 tokenizer: Any = None, eval_data: Any = None, eval_reference: ReferenceCache | None = None):
+                 tokenizer: Any = None, eval_data: Any = None, eval_reference: ReferenceCache | None = None,
+                 on_policy_domain: Any = None):
         cfg, self.source_notes = name_sources(config or OFSDPOConfig(), model, train_data)  # for config.yaml
         self.config = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -61,6 +66,7 @@ class OFSDPOTrainer:
                                            resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file))
         check_target_modules(cfg.target_module_list, model if loaded else self.model_name, self.gguf_file,
                              cfg.trust_remote_code)  # before the (slow) load (GGUF: after it, in _attach)
+        self.on_policy_domain = on_policy_domain  # a continual stage's on-policy domain (else from the config)
         self.tokenizer = tokenizer or load_tokenizer(self.model_name, self.gguf_file, cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -96,11 +102,15 @@ class OFSDPOTrainer:
 
     def _make_stream(self, train_data: Any) -> Stream:
         cfg = self.config
-        if cfg.on_policy:  # pairs are generated round by round from the policy itself
-            return Stream(PreferenceData(pairs=[], source=f"on-policy:{cfg.on_policy}"), cfg.epochs, cfg.round_size,
-                          get_domain(cfg.on_policy), cfg.samples_per_prompt, self.tokenizer,
+        if cfg.on_policy or self.on_policy_domain is not None:  # pairs generated round by round from the policy
+            domain = self.on_policy_domain or on_policy_domain(cfg, str(self.device))
+            settings = RoundSettings(cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                     cfg.missing_eos_penalty, cfg.generation_batch_size)
+            return Stream(PreferenceData(pairs=[], source=f"on-policy:{domain.name}"), cfg.epochs, cfg.round_size,
+                          domain, settings, self.tokenizer,
                           lambda rows: load_preference_data(rows, self.tokenizer, cfg.max_length,
-                                                            cfg.max_prompt_length))
+                                                            cfg.max_prompt_length),
+                          self.output_dir / "rounds" if self.processes.is_main else None)
         data = self._load(train_data if train_data is not None else cfg.data, "--data")
         return Stream(data, cfg.epochs, cfg.round_size)
 
@@ -148,6 +158,8 @@ class OFSDPOTrainer:
                         round_indices = self._start_round()
                         if not round_indices:
                             break  # the prompts ran out (on-policy rounds can be all ties)
+                        if self.stream.last_round is not None:  # on-policy: what the round sampled and judged
+                            row.update(self.stream.last_round.metrics())
                         one_step_round = len(round_indices) <= cfg.pairs_per_step
                         if not one_step_round:
                             row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
@@ -191,8 +203,13 @@ class OFSDPOTrainer:
     def _start_round(self) -> list[int]:
         """The next round's stream indices, with their reference log-probs cached."""
         state = self.state
-        indices = self.stream.next_round(state, self.model, state.chase.leader if len(self.names) > 1 else "default",
-                                         self.names, self._eval_batch_size)
+        try:
+            indices = self.stream.next_round(state, self.model, state.chase.leader if len(self.names) > 1 else "default",
+                                             self.names)
+        except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
+            self._save_checkpoint()
+            raise JudgeError(f"{err}. Checkpoint of step {state.step} written to {self.output_dir / 'checkpoints'}: "
+                             "fix the judge, then continue with --resume.") from None
         if indices:
             self.reference.grow_to(len(self.data))  # on-policy rounds add pairs
             state.round_end = state.position + len(indices)

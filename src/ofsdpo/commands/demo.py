@@ -19,7 +19,7 @@ from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoS
 from ..continual import ContinualConfig, ContinualRunner, format_table
 from ..domains import get_domain
 from ..files import write_atomic, write_json, write_jsonl
-from ..generation import make_pairs
+from ..rounds import RoundSettings, judged_pairs
 from ..metrics import read_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..plotting import plot_curves, plot_judge_matrices, pyplot, save
@@ -54,7 +54,10 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         records = domain.prompts("train")[:settings.prompts]
         say(f"[demo] sampling {len(records)} x {settings.samples} responses on '{domain_name}' and judging them …")
         with torch.inference_mode():
-            pairs, ties = make_pairs(base, tokenizer, domain, records, settings.samples, progress=progress)
+            pairs, stats = judged_pairs(base, tokenizer, domain, records,
+                                        RoundSettings(samples_per_prompt=settings.samples,
+                                                      batch_size=16 * settings.samples), progress=progress)
+            ties = stats.ties
         need = settings.heldout + settings.memory + settings.batch_size
         if len(pairs) < need:
             raise RuntimeError(f"'{domain_name}' gave {len(pairs)} pairs ({ties} ties); the demo needs {need}")

@@ -1,4 +1,7 @@
-"""`ofsdpo eval`: the base model and each adapter, scored on built-in domains, side by side.
+"""`ofsdpo eval`: the base model and each adapter, scored on built-in domains and on your own, side by side.
+
+Your own domain is `--prompts FILE --judge SPEC` (prompts in TRL's prompt-only formats, judges as in `ofsdpo train
+--on-policy`), with held-out pairs from `--data NAME=PATH` or sampled from the base on its prompts and judged.
 
 Per (adapter, domain) row: held-out DPO loss and preference accuracy (against the base as reference), mean judge
 score of the adapter's samples, win rate against the reference's samples, a sample-based KL(π || π_ref) estimate
@@ -16,12 +19,12 @@ from transformers import set_seed
 
 from ..config import EvalConfig
 from ..data import PreferenceData, load_preference_data
-from ..domains import BuiltinDomain, get_domain
+from ..domains import get_domain, prompt_domain
 from ..files import write_json
-from ..generation import make_pairs
 from ..models import load_model_and_tokenizer, resolve_device
 from ..modules import lora_config
 from ..reference import ReferenceCache
+from ..rounds import RoundSettings, judged_pairs
 from ..scoring import common_random_numbers, heldout_scores, judge_eval, reference_samples
 
 BASE_ROW = "base"
@@ -42,17 +45,29 @@ def attach_for_eval(base, adapters: list[str]):
     return model, names
 
 
-def generated_pairs(model, tokenizer, domain: BuiltinDomain, prompts: int, samples: int, seed: int,
+def generated_pairs(model, tokenizer, domain, prompts: int, samples: int, seed: int,
                     batch_size: int, progress: bool) -> list[dict]:
     """Judged best-vs-worst pairs sampled from the base on the domain's held-out prompts (never trained on)."""
     set_seed(seed)
     with torch.inference_mode(), model.disable_adapter():
-        pairs, _ = make_pairs(model, tokenizer, domain, domain.prompts("heldout")[:prompts], samples,
-                              batch_size=batch_size, progress=progress)
+        pairs, _ = judged_pairs(model, tokenizer, domain, domain.prompts("heldout")[:prompts],
+                                RoundSettings(samples_per_prompt=samples, batch_size=batch_size * samples),
+                                progress=progress)
     return pairs
 
 
-def evaluate_adapter(model, tokenizer, adapter: str, domain: BuiltinDomain, pairs: PreferenceData | None,
+def eval_domains(cfg: EvalConfig, device) -> list:
+    """The built-in domains of --domain, then the user's of --prompts/--judge (all its prompts held out)."""
+    domains = [get_domain(d) for d in cfg.domain]
+    if cfg.prompts is not None:
+        mine = prompt_domain(cfg.prompts_source, cfg.judge, name=cfg.prompts_name, split=None,
+                             judge_device=cfg.judge_device or str(device))
+        mine.heldout, mine.records = mine.records, []
+        domains.append(mine)
+    return domains
+
+
+def evaluate_adapter(model, tokenizer, adapter: str, domain, pairs: PreferenceData | None,
                      reference: ReferenceCache | None, judge_records: list[dict], ref_scores: list[float] | None,
                      beta: float, batch_size: int = 8, seed: int = 0, samples_per_prompt: int = 1) -> dict:
     """One row: held-out DPO loss/accuracy on `pairs` (if any) and judge metrics on `judge_records` (if any),
@@ -74,7 +89,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                         cfg.trust_remote_code)
     model, names = attach_for_eval(base, cfg.adapter)
     files, rows = cfg.data_files, []
-    for domain in (get_domain(d) for d in cfg.domain):
+    for domain in eval_domains(cfg, device):
         source = files.get(domain.name) or generated_pairs(model, tokenizer, domain, cfg.pair_prompts,
                                                            cfg.samples_per_prompt, cfg.seed, cfg.batch_size,
                                                            cfg.progress)

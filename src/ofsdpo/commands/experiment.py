@@ -195,7 +195,7 @@ class ExperimentRunner:
         from transformers import set_seed
 
         from ..domains import get_domain
-        from ..generation import make_pairs
+        from ..rounds import RoundSettings, judged_pairs
 
         cfg, (base, tokenizer) = self.config, self.model()
         domain = get_domain(domain_name)
@@ -207,8 +207,10 @@ class ExperimentRunner:
                      f"(seed {seed}) …")
             set_seed(seed)  # per domain: a domain's pairs do not depend on which others were sampled first
             with torch.inference_mode():
-                made, tied = make_pairs(base, tokenizer, domain, records, cfg.samples, progress=self.progress)
-            pairs, ties = pairs + made, ties + tied
+                made, stats = judged_pairs(base, tokenizer, domain, records,
+                                           RoundSettings(samples_per_prompt=cfg.samples, batch_size=16 * cfg.samples),
+                                           progress=self.progress)
+            pairs, ties = pairs + made, ties + stats.ties
         write_jsonl(path, pairs)  # atomic: never a half-written file under the final name
         return {"domain": domain_name, "split": split, "prompts": len(records), "samples": cfg.samples,
                 "rounds": rounds, "pairs": len(pairs), "ties": ties, "seed": cfg.pair_seed,

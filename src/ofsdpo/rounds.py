@@ -1,0 +1,92 @@
+"""One on-policy round (SPEC §1, TRL's online DPO): the policy answers prompts, the judge labels its samples, the
+best and the worst sample of each prompt form a preference pair.
+
+`judged_pairs` samples `samples_per_prompt` responses per prompt (merged-LoRA sampling, `generation.py`), scores
+them with the domain's judge (`domains.py`: built-in, the user's functions, a reward model or a pairwise judge),
+lowers the score of a response that never ended (`missing_eos_penalty`, as TRL), and pairs best against worst.
+A prompt whose best and worst tie (same score or same text) gives no pair and is counted. The round's statistics
+are the `online/*` metrics of the step that starts the round.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 0  # 0: the domain's own
+    temperature: float = 1.0
+    top_p: float = 0.95
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    batch_size: int = 64  # rows (prompts x samples) per generate call
+
+
+@dataclass
+class RoundStats:
+    prompts: int = 0
+    ties: int = 0
+    judge_score: float = float("nan")  # mean judge score of every sampled response (before any EOS penalty)
+    chosen_score: float = float("nan")  # mean score of the chosen responses (after the penalty: what ranked them)
+    rejected_score: float = float("nan")
+    sampled_tokens: int = 0
+    sample_seconds: float = 0.0
+    judge_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """The `online/*` metrics of the round (TRL's online DPO logs the same quantities as `objective/*`)."""
+        return {"online/judge_score": self.judge_score, "online/chosen_score": self.chosen_score,
+                "online/rejected_score": self.rejected_score, "online/ties": self.ties,
+                "online/sampled_tokens": self.sampled_tokens, "online/sample_seconds": self.sample_seconds,
+                "online/judge_seconds": self.judge_seconds}
+
+
+def pair_row(domain, record: dict, chosen: str, rejected: str, scores: tuple[float, float]) -> dict:
+    """A TRL-format preference row: conversational when the domain is chat (the record's messages, or its text
+    as one user message), standard otherwise; with both scores and the prompt's source row."""
+    prompt = record["prompt"]
+    if domain.chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        row = {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}]}
+    else:
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    row.update(score_chosen=scores[0], score_rejected=scores[1], domain=domain.name)
+    if "row" in record:
+        row["prompt_row"] = record["row"]
+    return row
+
+
+def judged_pairs(model, tokenizer, domain, records: list[dict], settings: RoundSettings = RoundSettings(),
+                 progress: bool = False) -> tuple[list[dict], RoundStats]:
+    """Judge-labelled pairs from samples of `model`'s active adapter; returns (pairs, the round's statistics)."""
+    from .generation import sample_details
+
+    stats = RoundStats(prompts=len(records))
+    tick = time.perf_counter()
+    samples = sample_details(model, tokenizer, [r["prompt"] for r in records], domain.chat,
+                             settings.samples_per_prompt, settings.max_new_tokens or domain.max_new_tokens,
+                             settings.temperature, settings.top_p, batch_size=settings.batch_size, progress=progress)
+    stats.sample_seconds = time.perf_counter() - tick
+    stats.sampled_tokens = sum(s.num_tokens for group in samples for s in group)
+    tick = time.perf_counter()
+    scores = domain.score(records, [[s.text for s in group] for group in samples])
+    stats.judge_seconds = time.perf_counter() - tick
+    every = [x for group in scores for x in group]
+    stats.judge_score = sum(every) / len(every) if every else float("nan")
+    pairs, chosen, rejected = [], [], []
+    for record, group, raw in zip(records, samples, scores):
+        penalty = settings.missing_eos_penalty or 0.0
+        ranked = [(score - (0.0 if s.finished else penalty), s.text) for s, score in zip(group, raw)]
+        best, worst = max(ranked, key=lambda r: r[0]), min(ranked, key=lambda r: r[0])
+        if best[0] == worst[0] or best[1] == worst[1]:
+            stats.ties += 1
+            continue
+        pairs.append(pair_row(domain, record, best[1], worst[1], (best[0], worst[0])))
+        chosen.append(best[0])
+        rejected.append(worst[0])
+    if pairs:
+        stats.chosen_score, stats.rejected_score = sum(chosen) / len(chosen), sum(rejected) / len(rejected)
+    return pairs, stats
