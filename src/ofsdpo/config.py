@@ -249,14 +249,7 @@ class TrainingOptions:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
         need(self.num_threads is None or self.num_threads >= 1, f"--num-threads must be >= 1 (got {self.num_threads}).")
-        need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
-        need(self.max_new_tokens >= 0, f"--max-new-tokens must be >= 0 (got {self.max_new_tokens}).")
-        need(0 < self.temperature < math.inf, f"--temperature must be > 0 (got {self.temperature}).")
-        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}).")
-        need(self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
-             f"--missing-eos-penalty must be a finite number (got {self.missing_eos_penalty}).")
-        need(self.generation_batch_size >= 1,
-             f"--generation-batch-size must be >= 1 (got {self.generation_batch_size}).")
+        self._check_sampling(need)
         if self.report_to == "wandb":
             import importlib.util
 
@@ -270,6 +263,17 @@ class TrainingOptions:
             f"--round-size ({self.round_size}) must be a positive multiple of --batch-size x processes x --grad-accum "
             f"({step_pairs}), so that every round is a whole number of optimiser steps.",
         )
+
+    def _check_sampling(self, need) -> None:
+        """The on-policy round controls (they apply only when a run samples, but a bad value is an error anyway)."""
+        need(self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (got {self.samples_per_prompt}).")
+        need(self.max_new_tokens >= 0, f"--max-new-tokens must be >= 0 (got {self.max_new_tokens}).")
+        need(0 < self.temperature < math.inf, f"--temperature must be > 0 (got {self.temperature}).")
+        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}).")
+        need(self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+             f"--missing-eos-penalty must be a finite number (got {self.missing_eos_penalty}).")
+        need(self.generation_batch_size >= 1,
+             f"--generation-batch-size must be >= 1 (got {self.generation_batch_size}).")
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     @property
