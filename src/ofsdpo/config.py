@@ -194,10 +194,10 @@ class TrainingOptions:
                        "launch). On a machine shared with other jobs, 1 or 2 avoid a many-fold slowdown."),
     )
     malloc_mmap_threshold: int = field(
-        default=65536,
-        metadata=_help("Linux CPU runs: glibc maps blocks of at least this many bytes and gives them back to the OS "
-                       "when torch frees them, so the process's RSS follows its live tensors (0: glibc's default, "
-                       "which keeps freed activation blocks; the environment's MALLOC_MMAP_THRESHOLD_ wins)."),
+        default=0,
+        metadata=_help("Linux CPU runs: glibc maps blocks of at least this many bytes (e.g. 65536) and gives them "
+                       "back to the OS when torch frees them: peak RSS follows the live tensors, but steps are slower "
+                       "(page faults; docs/performance.md measures both). 0, the default: glibc's own setting."),
     )
     # --- outputs ---------------------------------------------------------------------------------------------------
     save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
