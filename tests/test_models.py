@@ -46,7 +46,12 @@ def test_the_cached_model_equals_the_gguf_load(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert cached.config.to_diff_dict() == direct.config.to_diff_dict() | {"_name_or_path": name}
+    # the same config but for the GGUF quantizer's mark (the cached weights are plain float32) and what
+    # save_pretrained writes of its own (the architecture's class name)
+    ignored = ("quantization_config", "architectures", "_name_or_path")
+    assert ({k: v for k, v in cached.config.to_diff_dict().items() if k not in ignored}
+            == {k: v for k, v in direct.config.to_diff_dict().items() if k not in ignored})
+    assert not getattr(cached, "is_quantized", False)
     chat = [{"role": "user", "content": "Write one upbeat line about rain."}]
     assert (cached_tok.apply_chat_template(chat, add_generation_prompt=True)
             == direct_tok.apply_chat_template(chat, add_generation_prompt=True))

@@ -115,7 +115,13 @@ def dequantized_gguf(name: str, gguf_file: str, trust_remote_code: bool = False)
 
         kwargs = {"gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
         AutoTokenizer.from_pretrained(name, **kwargs).save_pretrained(staging)
-        AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs).save_pretrained(staging)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+        # the weights are already plain float32: drop the GGUF marks, which make save_pretrained refuse and would
+        # send the folder's load through the GGUF quantizer again
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
         (staging / "complete").write_text(key + "\n")
         os.replace(staging, folder)  # atomic: a reader sees no folder or a complete one
     except (OSError, ValueError):  # disk full, read-only, another process won the race, or an unreadable GGUF (the
