@@ -358,31 +358,43 @@ class ContinualRunner:
 
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts, and on an on-policy
-        domain's held-out prompts with its own judge (SPEC §6 evaluation)."""
-        from .domains import DOMAINS
-        from .scoring import common_random_numbers, judge_eval, reference_samples
+        domain's held-out prompts with its own judge (SPEC §6 evaluation). Every domain's prompts are sampled in
+        one call, the reference's (once per run, all domains together) and the policy's alike, under the run's
+        seed: common random numbers."""
+        from .scoring import common_random_numbers, judge_evals, reference_sample_groups
 
         _load_slot(model, "served", lora, state)
         device = next(model.parameters()).device
-        results = []
-        for d in self.domains:
-            builtin = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
-            if builtin is None:  # a domain of pairs files only: nothing to judge with
-                results.append({})
-                continue
-            if self.config.judge_max_new_tokens:
-                builtin = dataclasses.replace(
-                    builtin, max_new_tokens=min(builtin.max_new_tokens, self.config.judge_max_new_tokens))
-            records = builtin.prompts("heldout")[:self.config.judge_prompts]
-            if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
-                with common_random_numbers(self.config.training.seed, device):
-                    self._reference_scores[d.name] = reference_samples(
-                        model, self.tokenizer, builtin, records, samples_per_prompt=self.config.judge_samples)
-            with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
-                results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
-                                          ref_scores=self._reference_scores[d.name],
-                                          samples_per_prompt=self.config.judge_samples))
+        judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains, self._judge_tasks())) if task]
+        if not judged:
+            return [{} for _ in self.domains]
+        tasks = [task for _, _, task in judged]
+        if any(name not in self._reference_scores for _, name, _ in judged):  # one set for all stages and methods
+            with common_random_numbers(self.config.training.seed, device):
+                scores = reference_sample_groups(model, self.tokenizer, tasks,
+                                                 samples_per_prompt=self.config.judge_samples)
+            self._reference_scores.update({name: s for (_, name, _), s in zip(judged, scores)})
+        with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
+            evals = judge_evals(model, self.tokenizer, tasks, "served",
+                                ref_scores=[self._reference_scores[name] for _, name, _ in judged],
+                                samples_per_prompt=self.config.judge_samples)
+        results = [{} for _ in self.domains]  # a domain of pairs files only: nothing to judge with
+        for (i, _, _), result in zip(judged, evals):
+            results[i] = result
         return results
+
+    def _judge_tasks(self) -> list[tuple | None]:
+        """Per domain, (judged domain, held-out prompt records), or None for a domain of pairs files only."""
+        from .domains import DOMAINS
+
+        tasks = []
+        for d in self.domains:
+            judged = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
+            if judged is not None and self.config.judge_max_new_tokens:
+                judged = dataclasses.replace(
+                    judged, max_new_tokens=min(judged.max_new_tokens, self.config.judge_max_new_tokens))
+            tasks.append(None if judged is None else (judged, judged.prompts("heldout")[:self.config.judge_prompts]))
+        return tasks
 
     def _materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
         """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling (the exact
