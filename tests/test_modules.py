@@ -99,3 +99,38 @@ def test_activate_sees_an_adapter_deleted_and_added_again(tiny_model_dir):
     assert all(p.requires_grad for n in OFS_ADAPTERS for p in adapter_parameters(model, n))
     activate(model, "fast", ["fast"])
     assert not any(p.requires_grad for p in adapter_parameters(model, "slow"))
+
+
+def test_adapters_disabled_runs_the_base_as_peft_does_and_restores(tiny_model_dir):
+    """The cached-layer switch gives peft's `disable_adapter()` logits (the plain base's) with non-zero modules,
+    walks nothing (model.modules is not called), and leaves every layer's flag and the active adapter as before."""
+    from ofsdpo.modules import adapters_disabled, reference_mode
+
+    model = make(tiny_model_dir)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "fast") + adapter_parameters(model, "slow"):
+            p.add_(0.1)
+    activate(model, "slow", OFS_ADAPTERS)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            want = model(ids).logits
+        walks = []
+        original = type(model).modules
+        try:
+            type(model).modules = lambda self: walks.append(1) or original(self)
+            with adapters_disabled(model):
+                got = model(ids).logits
+                assert model._adapters_disabled
+        finally:
+            type(model).modules = original
+    assert not walks and torch.equal(got, want) and not torch.equal(got, adapted)
+    assert not model._adapters_disabled and all(not m._disable_adapters for m in model.modules()
+                                                if hasattr(m, "_disable_adapters"))
+    with reference_mode(model):
+        assert torch.equal(model(ids).logits, want)
+    assert model.active_adapter == "slow" and all(p.requires_grad for p in adapter_parameters(model, "fast"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, adapted)

@@ -363,7 +363,9 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
         bar = tqdm(total=len(prompt_ids), desc="sampling", unit=" prompts", leave=False)
     try:
         if reference and hasattr(model, "disable_adapter"):
-            weights = model.disable_adapter()  # the base: nothing to merge
+            from .modules import adapters_disabled
+
+            weights = adapters_disabled(model)  # the base: nothing to merge
         else:
             weights = merged(model) if merge else contextlib.nullcontext()
         with weights:

@@ -179,12 +179,37 @@ def stacked(model: PeftModel, names):
 
 
 @contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """`model.disable_adapter()`: forwards run the frozen base. For plain LoRA layers this flips the cached layers'
+    flag; peft's context walks the model twice and builds its status report on every entry (a large share of
+    scoring time on small batches). Anything else goes through peft. A model without adapters is left as it is."""
+    if not isinstance(model, PeftModel):
+        yield model
+        return
+    layers = _lora_layers(model)
+    if not layers.plain:
+        with model.disable_adapter():
+            yield model
+        return
+    before, was_disabled = [layer._disable_adapters for layer in layers.layers], model._adapters_disabled
+    try:
+        for layer in layers.layers:
+            layer._disable_adapters = True
+        model._adapters_disabled = True
+        yield model
+    finally:
+        for layer, flag in zip(layers.layers, before):
+            layer._disable_adapters = flag
+        model._adapters_disabled = was_disabled
+
+
+@contextlib.contextmanager
 def reference_mode(model: PeftModel):
     """The reference π_ref: the base with adapters disabled, no gradients, no dropout (SPEC §2)."""
     was_training, active = model.training, model.active_adapter
     model.eval()
     try:
-        with model.disable_adapter(), torch.no_grad():
+        with adapters_disabled(model), torch.no_grad():
             yield model
     finally:
         model.train(was_training)
