@@ -134,3 +134,27 @@ def test_adapters_disabled_runs_the_base_as_peft_does_and_restores(tiny_model_di
     assert model.active_adapter == "slow" and all(p.requires_grad for p in adapter_parameters(model, "fast"))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, adapted)
+
+
+def test_loading_a_state_directly_equals_peft_loading_it(tiny_model_dir, monkeypatch):
+    """The direct copy into the cached LoRA parameters and peft's loader leave the same weights; the keys are
+    peft's state-dict keys (the adapter's name left out), and an adapter added later is found."""
+    from peft.utils import set_peft_model_state_dict
+
+    from ofsdpo.modules import adapter_state, load_adapter_state
+
+    model, twin = make(tiny_model_dir), make(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in adapter_state(model, "fast").items()}
+    import ofsdpo.modules
+
+    with monkeypatch.context() as patch:  # the direct path: peft's loader is not called
+        patch.setattr(ofsdpo.modules, "set_peft_model_state_dict", None)
+        load_adapter_state(model, "slow", state)
+    set_peft_model_state_dict(twin, state, adapter_name="slow")
+    for a, b in zip(adapter_parameters(model, "slow"), adapter_parameters(twin, "slow"), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(v, adapter_state(model, "slow")[k]) for k, v in state.items())
+    model.add_adapter("extra", lora_config(2, 4, 0.0, "all-linear"))
+    load_adapter_state(model, "extra", state)
+    assert all(torch.equal(v, adapter_state(model, "extra")[k]) for k, v in state.items())

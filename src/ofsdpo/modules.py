@@ -70,6 +70,9 @@ class _LoraLayers:
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.names = tuple(model.peft_config)
         self.params = {name: adapter_parameters(model, name) for name in self.names}
+        # each adapter's parameters under the keys of its saved state (peft's: the adapter's name left out)
+        self.by_key = {name: {n.replace(f".{name}.", ".", 1): p for n, p in model.named_parameters()
+                              if f".{name}." in n and "lora_" in n} for name in self.names}
         # what peft's set_adapter would do besides the two things `activate` does: then `activate` calls it
         self.plain = bool(self.layers) and all(
             isinstance(m, LoraLinear) and not m.merged and not getattr(m, "frozen_peft_weight_names", None)
@@ -242,6 +245,17 @@ def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Adapter `name` takes the weights of `state` (keys as `adapter_state` gives them). Plain LoRA layers holding
+    exactly those keys and shapes are copied into directly; peft's loader walks the whole model's state dict on
+    every call (the λ search loads a candidate per point). Anything else goes through peft."""
+    layers = _lora_layers(model) if name in model.peft_config else None
+    targets = layers.by_key.get(name) if layers is not None and layers.plain else None
+    if targets is not None and targets.keys() == state.keys() and all(
+            targets[k].shape == v.shape for k, v in state.items()):
+        with torch.no_grad():
+            for key, value in state.items():
+                targets[key].copy_(value)
+        return
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
