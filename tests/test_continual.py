@@ -246,3 +246,24 @@ def test_on_policy_domain_specs_are_checked():
     with pytest.raises(ConfigError, match="give prompts:PATH"):
         DomainSpec.parse("mine=pairs.jsonl,judge=sentiment")
     assert DomainSpec.parse("s=prompts:builtin:sentiment").judge == []  # a built-in's own judge
+
+
+def test_scoring_borrows_the_stage_adapters_with_the_same_results(tiny_model_dir, tmp_path, domains, monkeypatch):
+    """The served module and the λ search's candidates are scored in the stage's own trained adapters when the
+    shapes fit (no new LoRA layers injected per stage): the report equals that of a run that injects them."""
+    import ofsdpo.continual as continual
+
+    added = []
+    original_add = continual._load_slot
+
+    def counting(model, name, lora, state):
+        added.append(name)
+        return original_add(model, name, lora, state)
+
+    monkeypatch.setattr(continual, "_load_slot", counting)
+    _, borrowed = run(tiny_model_dir, tmp_path / "a", domains, method="cofs-dpo", combine="params")
+    assert added == []
+    monkeypatch.setattr(continual, "_fits", lambda held, lora: False)
+    _, injected = run(tiny_model_dir, tmp_path / "b", domains, method="cofs-dpo", combine="params")
+    assert set(added) == {"served", "candidate"}
+    assert borrowed["matrix"] == injected["matrix"] and borrowed["lambdas"] == injected["lambdas"]

@@ -84,6 +84,13 @@ def _load_slot(model, name: str, lora, state: dict) -> None:
     load_adapter_state(model, name, state)
 
 
+def _fits(held, lora) -> bool:
+    """Whether an adapter configured as `held` can hold a module configured as `lora` (dropout aside: scoring
+    runs without it)."""
+    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+    return all(getattr(held, k, None) == getattr(lora, k, None) for k in keys)
+
+
 class ContinualRunner:
     """Runs one method over the domains and writes `report.json`, the stage folders and the served adapter."""
 
@@ -118,6 +125,9 @@ class ContinualRunner:
         self.base, self.tokenizer = model, tokenizer
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
+        # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
+        # instead of injecting new LoRA layers into every target module of the model for each stage
+        self._borrowed: dict[str, str] = {}
 
     def _load(self, source: str) -> PreferenceData:
         cfg = self.config.training
@@ -232,6 +242,7 @@ class ContinualRunner:
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                     load_adapter_state(trainer.model, name, init_state)
             summary = trainer.train()
+            self._borrowed = dict(zip(("served", "candidate"), trainer.names))  # `_serve` clones what it keeps
             if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
                 domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
             stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
@@ -242,6 +253,7 @@ class ContinualRunner:
             self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
                              kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
                              weights)
+            self._borrowed = {}
             base = trainer.model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
         report = self._report(stages, matrix)
         if main:
@@ -350,9 +362,19 @@ class ContinualRunner:
                              tokenizer=self.tokenizer, eval_data=selection, eval_reference=reference,
                              on_policy_domain=domain.on_policy)
 
+    def _slot(self, model, name: str, lora, state: dict) -> str:
+        """The adapter now holding `state` for slot `name`: the stage's trained adapter borrowed for it when its
+        shape fits, else an adapter of that name (`_load_slot`)."""
+        borrowed = self._borrowed.get(name)
+        if borrowed is not None and _fits(model.peft_config[borrowed], lora):
+            load_adapter_state(model, borrowed, state)
+            return borrowed
+        _load_slot(model, name, lora, state)
+        return name
+
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
         cfg = self.config.training
-        _load_slot(model, name, lora, state)
+        name = self._slot(model, name, lora, state)
         return heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
                               cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
@@ -363,7 +385,7 @@ class ContinualRunner:
         seed: common random numbers."""
         from .scoring import common_random_numbers, judge_evals, reference_sample_groups
 
-        _load_slot(model, "served", lora, state)
+        served = self._slot(model, "served", lora, state)
         device = next(model.parameters()).device
         judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains, self._judge_tasks())) if task]
         if not judged:
@@ -375,7 +397,7 @@ class ContinualRunner:
                                                  samples_per_prompt=self.config.judge_samples)
             self._reference_scores.update({name: s for (_, name, _), s in zip(judged, scores)})
         with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
-            evals = judge_evals(model, self.tokenizer, tasks, "served",
+            evals = judge_evals(model, self.tokenizer, tasks, served,
                                 ref_scores=[self._reference_scores[name] for _, name, _ in judged],
                                 samples_per_prompt=self.config.judge_samples)
         results = [{} for _ in self.domains]  # a domain of pairs files only: nothing to judge with
