@@ -62,11 +62,13 @@ class Domain:
     memory: PreferenceData
     test_reference: ReferenceCache = None
     memory_reference: ReferenceCache = None
+    train_reference: ReferenceCache = None
     on_policy: Any = None  # `prompts:PATH,judge=SPEC`: the domain (domains.PromptDomain) whose rounds the stage samples
 
     def __post_init__(self):
-        self.test_reference = ReferenceCache(len(self.test))
-        self.memory_reference = ReferenceCache(len(self.memory))
+        self.test_reference = self.test_reference or ReferenceCache(len(self.test))
+        self.memory_reference = self.memory_reference or ReferenceCache(len(self.memory))
+        self.train_reference = self.train_reference or ReferenceCache(len(self.train))
 
 
 def _load_slot(model, name: str, lora, state: dict) -> None:
@@ -95,9 +97,12 @@ class ContinualRunner:
     """Runs one method over the domains and writes `report.json`, the stage folders and the served adapter."""
 
     def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
-                 reference_scores: dict[str, list[float]] | None = None):
+                 reference_scores: dict[str, list[float]] | None = None,
+                 reference_caches: dict[tuple, ReferenceCache] | None = None):
         """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
-        several runners (the demo's methods, an experiment's seeds) judge the base model once."""
+        several runners (the demo's methods, an experiment's seeds) judge the base model once. `reference_caches`
+        likewise holds π_ref's log-probs of each pairs file domain's stream, report and memory pairs, for runners
+        over the same base model and files (the demo's methods): the reference scores each pair once."""
         self.config = config
         cfg = config.training
         self.output_dir = Path(config.output_dir)
@@ -123,6 +128,7 @@ class ContinualRunner:
 
             tokenizer = load_tokenizer(model.config._name_or_path, cfg.gguf_file, cfg.trust_remote_code)
         self.base, self.tokenizer = model, tokenizer
+        self._reference_caches = reference_caches if reference_caches is not None else {}
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
         # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
@@ -153,8 +159,16 @@ class ContinualRunner:
                 raise DataError(spec.heldout or spec.train, f"needs more than --memory-size ({cfg.memory_size}) "
                                                             "held-out pairs: the memory is carved from them")
             memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
-        return Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
-                      _subset(memory, spec.memory or spec.heldout or spec.train))
+        training = cfg.training
+        key = (spec.train, spec.heldout, spec.memory, cfg.heldout_size, cfg.memory_size, training.max_length,
+               training.max_prompt_length, training.data_split)  # the same pairs, tokenized alike
+        caches = self._reference_caches.get(key, {})
+        domain = Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
+                        _subset(memory, spec.memory or spec.heldout or spec.train), **caches)
+        self._reference_caches[key] = {"train_reference": domain.train_reference,
+                                       "test_reference": domain.test_reference,
+                                       "memory_reference": domain.memory_reference}
+        return domain
 
     def _load_on_policy_domain(self, spec: DomainSpec) -> Domain:
         """`NAME=prompts:PATH,judge=SPEC`: the stage samples its pairs from the policy, round by round. Its report
@@ -349,8 +363,9 @@ class ContinualRunner:
         values = dict(cfg.training.to_dict(), method=STAGE_METHOD[cfg.method], resume=resume, overwrite=True,
                       output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
                       eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
-        train = domain.train
+        train, train_reference = domain.train, domain.train_reference
         if cfg.method == "dpo-replay" and k > 0:
+            train_reference = None  # another stream: its own cache
             train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
                                                       for p in d.train.pairs[:cfg.memory_size]]), domain.name)
         # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
@@ -360,7 +375,8 @@ class ContinualRunner:
             selection, reference = domain.test, domain.test_reference
         return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=None if domain.on_policy else train,
                              tokenizer=self.tokenizer, eval_data=selection, eval_reference=reference,
-                             on_policy_domain=domain.on_policy)
+                             on_policy_domain=domain.on_policy,
+                             train_reference=None if domain.on_policy else train_reference)
 
     def _slot(self, model, name: str, lora, state: dict) -> str:
         """The adapter now holding `state` for slot `name`: the stage's trained adapter borrowed for it when its

@@ -53,7 +53,7 @@ class OFSDPOTrainer:
 
     def __init__(self, model: Any = None, config: OFSDPOConfig | None = None, train_data: Any = None,
                  tokenizer: Any = None, eval_data: Any = None, eval_reference: ReferenceCache | None = None,
-                 on_policy_domain: Any = None):
+                 on_policy_domain: Any = None, train_reference: ReferenceCache | None = None):
         cfg, self.source_notes = name_sources(config or OFSDPOConfig(), model, train_data)  # for config.yaml
         self.config = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -84,7 +84,11 @@ class OFSDPOTrainer:
             self.optimizer, lr_schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
         self.step_fn = OptimiserStep(self.model, self.names, self.optimizer, self.scheduler, self.processes,
                                      cfg.method, cfg, self.device, self.tokenizer.pad_token_id)
-        self.reference = ReferenceCache(len(self.data))
+        # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
+        self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
+        if len(self.reference.chosen) != len(self.data):
+            raise ValueError(f"train_reference holds {len(self.reference.chosen)} pairs; the stream has "
+                             f"{len(self.data)}")
         self.eval_reference = eval_reference or (ReferenceCache(len(self.eval)) if self.eval is not None else None)
         self.state = TrainerState(method=cfg.method, data_fingerprint=self.stream.fingerprint())
         self.best_state: dict | None = None  # weights of the best fast (or dpo) module on --eval-data

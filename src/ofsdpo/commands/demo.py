@@ -62,7 +62,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         if len(pairs) < need:
             raise RuntimeError(f"'{domain_name}' gave {len(pairs)} pairs ({ties} ties); the demo needs {need}")
         specs.append(f"{domain_name}={write_jsonl(out / 'data' / f'{domain_name}.jsonl', pairs)}")
-    reports, reference_scores = {}, {}
+    reports, reference_scores, reference_caches = {}, {}, {}
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
         config = ContinualConfig.from_flat(
@@ -74,8 +74,10 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
             # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
             selection="heldout")
-        # the base's samples are judged once, for all three methods: the runners share (and fill) one dict
-        runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores)
+        # the base's samples are judged, and its log-probs of every pair computed, once for all three methods: the
+        # runners share (and fill) the same dicts
+        runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores,
+                                 reference_caches=reference_caches)
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started
