@@ -92,6 +92,7 @@ class OFSDPOTrainer:
         self.eval_reference = eval_reference or (ReferenceCache(len(self.eval)) if self.eval is not None else None)
         self.state = TrainerState(method=cfg.method, data_fingerprint=self.stream.fingerprint())
         self.best_state: dict | None = None  # weights of the best fast (or dpo) module on --eval-data
+        self._eval_losses: dict = {}  # the last `_track_best` loss on --eval-data: {"step": s, module: loss}
 
     # --- set-up ----------------------------------------------------------------------------------------------------
     def _load(self, source: Any, flag: str | None) -> PreferenceData | None:
@@ -280,6 +281,7 @@ class OFSDPOTrainer:
         name = self.names[0]  # `fast`, or dpo's only module
         losses, correct = self.pair_losses(self.eval, self.eval_reference, list(range(len(self.eval))), name)
         loss, accuracy = losses.mean().item(), correct.mean().item()
+        self._eval_losses = {"step": self.state.step, name: loss}
         if self.state.best is None or loss < self.state.best["loss"]:
             self.state.best = {"step": self.state.step, "loss": loss, "accuracy": accuracy}
             self.best_state = adapter_state(self.model, name)
@@ -329,10 +331,8 @@ class OFSDPOTrainer:
     # --- outputs ---------------------------------------------------------------------------------------------------
     def _finish(self, seconds: float) -> dict:
         cfg, state = self.config, self.state
-        every_eval = list(range(len(self.eval))) if self.eval is not None else []
-        served, basis, scores = select_served(
-            self.names, self._evaluate(self.eval, self.eval_reference, every_eval) if self.eval else None,
-            state.online_losses, cfg.chase_interval, state.chase.leader)
+        served, basis, scores = select_served(self.names, self._final_eval_losses(), state.online_losses,
+                                              cfg.chase_interval, state.chase.leader)
         regret = self._regret(served) if cfg.regret and state.online_losses else []
         summary = {
             "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": state.step,
@@ -355,6 +355,16 @@ class OFSDPOTrainer:
             self._write_outputs(served, regret, summary)
         self.processes.barrier()  # the outputs are complete when any process returns
         return summary
+
+    def _final_eval_losses(self) -> dict[str, float] | None:
+        """Every module's mean loss on --eval-data now; the fast module's from the last `_track_best` when it ran
+        at this step (the same weights, the same pairs: the same number)."""
+        if not self.eval:
+            return None
+        known = self._eval_losses if self._eval_losses.get("step") == self.state.step else {}
+        every = list(range(len(self.eval)))
+        return {name: known[name] if name in known else
+                self.pair_losses(self.eval, self.eval_reference, every, name)[0].mean().item() for name in self.names}
 
     def _regret(self, served: str) -> list[dict]:
         order, position = self.stream.order, self.state.position
