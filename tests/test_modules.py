@@ -158,3 +158,38 @@ def test_loading_a_state_directly_equals_peft_loading_it(tiny_model_dir, monkeyp
     model.add_adapter("extra", lora_config(2, 4, 0.0, "all-linear"))
     load_adapter_state(model, "extra", state)
     assert all(torch.equal(v, adapter_state(model, "extra")[k]) for k, v in state.items())
+
+
+def test_attaching_again_resets_the_same_layers_as_a_fresh_attach(tiny_model_dir, monkeypatch):
+    """A PeftModel attached before (trained since, an extra scoring slot added) and attached again under the same
+    seed: no injection, and the adapters, the trainable flags and the RNG afterwards are a fresh attach's. Another
+    seed or config strips it and attaches anew."""
+    import ofsdpo.modules as modules
+
+    config = lora_config(2, 4, 0.0, "all-linear")
+    torch.manual_seed(5)
+    fresh = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, OFS_ADAPTERS)
+    fresh_state, fresh_draw = {n: modules.adapter_state(fresh, n) for n in OFS_ADAPTERS}, torch.rand(3)
+
+    torch.manual_seed(5)
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, OFS_ADAPTERS)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "fast") + adapter_parameters(model, "slow"):
+            p.add_(torch.randn_like(p))  # trained
+    model.add_adapter("served", lora_config(4, 8, 0.0, "all-linear"))
+    with monkeypatch.context() as patch:
+        patch.setattr(modules, "get_peft_model", None)  # no injection
+        torch.manual_seed(5)
+        again = attach_adapters(model, config, OFS_ADAPTERS)
+    assert again is model and tuple(model.peft_config) == OFS_ADAPTERS and torch.equal(torch.rand(3), fresh_draw)
+    for name in OFS_ADAPTERS:
+        state = modules.adapter_state(model, name)
+        assert state.keys() == fresh_state[name].keys()
+        assert all(torch.equal(state[k], fresh_state[name][k]) for k in state)
+        assert all(p.requires_grad for p in adapter_parameters(model, name))
+    assert model.active_adapter == "fast"
+    torch.manual_seed(6)  # another seed: a fresh attach on the stripped base
+    other = attach_adapters(model, config, OFS_ADAPTERS)
+    assert other is not model and isinstance(other, type(model))
+    assert not all(torch.equal(a, b) for a, b in zip(adapter_parameters(other, "fast"),
+                                                     adapter_parameters(fresh, "fast")))

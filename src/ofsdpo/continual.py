@@ -268,7 +268,11 @@ class ContinualRunner:
                              kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
                              weights)
             self._borrowed = {}
-            base = trainer.model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
+            # the next stage's trainer resets the same LoRA layers when it can (`attach_adapters`); after the last
+            # stage every LoRA layer is stripped: the base goes back to the caller as it came
+            keep = (k + 1 < len(self.domains) and self.processes.count == 1 and not self.processes.sharded
+                    and not cfg.training.gradient_checkpointing)  # one process, hooks added once
+            base = trainer.model if keep else trainer.model.unload()
         report = self._report(stages, matrix)
         if main:
             write_adapter(served_lora, served, out)
