@@ -246,3 +246,50 @@ def test_on_policy_domain_specs_are_checked():
     with pytest.raises(ConfigError, match="give prompts:PATH"):
         DomainSpec.parse("mine=pairs.jsonl,judge=sentiment")
     assert DomainSpec.parse("s=prompts:builtin:sentiment").judge == []  # a built-in's own judge
+
+
+def test_scoring_borrows_the_stage_adapters_with_the_same_results(tiny_model_dir, tmp_path, domains, monkeypatch):
+    """The served module and the λ search's candidates are scored in the stage's own trained adapters when the
+    shapes fit (no new LoRA layers injected per stage): the report equals that of a run that injects them."""
+    import ofsdpo.continual as continual
+
+    added = []
+    original_add = continual._load_slot
+
+    def counting(model, name, lora, state):
+        added.append(name)
+        return original_add(model, name, lora, state)
+
+    monkeypatch.setattr(continual, "_load_slot", counting)
+    _, borrowed = run(tiny_model_dir, tmp_path / "a", domains, method="cofs-dpo", combine="params")
+    assert added == []
+    monkeypatch.setattr(continual, "_fits", lambda held, lora: False)
+    _, injected = run(tiny_model_dir, tmp_path / "b", domains, method="cofs-dpo", combine="params")
+    assert set(added) == {"served", "candidate"}
+    assert borrowed["matrix"] == injected["matrix"] and borrowed["lambdas"] == injected["lambdas"]
+
+
+def test_runners_over_the_same_pairs_share_the_reference(tiny_model_dir, tmp_path, domains):
+    """The demo's methods run over the same base and files: with one `reference_caches` dict, π_ref scores each
+    pair once (the second runner computes none) and the second report equals a run with its own caches."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    caches = {}
+
+    def runner(method, folder, shared):
+        config = ContinualConfig.from_flat(
+            model=str(tiny_model_dir), domain=domains, output_dir=str(tmp_path / folder), batch_size=4, lr=5e-3,
+            lora_r=2, lora_alpha=4, max_length=48, max_prompt_length=24, memory_size=4, heldout_size=4,
+            max_steps_per_domain=3, save_steps=0, progress=False, lambda_grid="0,0.5,1", regret=False, seed=0,
+            method=method)
+        return ContinualRunner(config, model=base, reference_caches=shared)
+
+    runner("dpo", "first", caches).run()
+    assert len(caches) == 3 and all(c["train_reference"].computed_pairs > 0 for c in caches.values())
+    computed = {key: {part: c.computed_pairs for part, c in parts.items()} for key, parts in caches.items()}
+    shared = runner("ofs-dpo", "shared", caches).run()
+    assert {key: {part: c.computed_pairs for part, c in parts.items()} for key, parts in caches.items()} == computed
+    alone = runner("ofs-dpo", "alone", None).run()
+    for key in ("loss", "accuracy"):
+        assert torch.allclose(torch.tensor(shared["matrix"][key]), torch.tensor(alone["matrix"][key]), atol=1e-5)

@@ -13,10 +13,10 @@ from ofsdpo.cli import main
 from ofsdpo.data import load_preference_data
 from ofsdpo.domains import BuiltinDomain, get_domain
 from ofsdpo.rounds import RoundSettings, judged_pairs
-from ofsdpo.generation import merged, sample, sample_details, sample_token_ids
+from ofsdpo.generation import merged, sample, sample_details, sample_groups, sample_token_ids
 from ofsdpo.modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, attach_adapters, can_stack,
                             lora_config)
-from ofsdpo.scoring import judge_eval
+from ofsdpo.scoring import common_random_numbers, judge_eval, judge_evals, reference_sample_groups
 
 
 def test_sampling_returns_k_responses_per_prompt(tiny_model_dir, tokenizer):
@@ -56,6 +56,51 @@ def test_judge_eval_reports_score_win_rate_and_kl(tiny_model_dir, tokenizer):
     per_prompt = result["per_prompt"]  # the means are those of the per-prompt values (the bootstrap's units)
     assert sum(per_prompt["win_rate"]) / 3 == pytest.approx(result["win_rate"])
     assert sum(per_prompt["judge_score"]) / 3 == pytest.approx(result["judge_score"])
+
+
+def test_several_domains_are_judged_in_one_call_with_common_random_numbers(tiny_model_dir, tokenizer,
+                                                                           length_judged):
+    """Two domains (one chat, one plain text; different token limits) sampled together under seed 3: a module
+    equal to the base draws each domain's reference samples exactly (win rate 0.5, equal scores, KL 0), rows stop
+    at their own domain's limit, and one domain alone through `judge_eval` reports what `judge_evals` does for it
+    when drawn alone."""
+    from dataclasses import replace
+
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(2, 4, 0.0, "all-linear"),
+                            DPO_ADAPTERS)  # B = 0: the base exactly
+    chat, plain = get_domain("concise"), replace(get_domain("sentiment"), max_new_tokens=3)
+    assert chat.chat and not plain.chat
+    tasks = [(chat, chat.prompts("heldout")[:3]), (plain, plain.prompts("heldout")[:2])]
+    with common_random_numbers(3, torch.device("cpu")):
+        refs = reference_sample_groups(model, tokenizer, tasks, samples_per_prompt=2)
+    with common_random_numbers(3, torch.device("cpu")):
+        judged = judge_evals(model, tokenizer, tasks, "default", ref_scores=refs, samples_per_prompt=2)
+    assert [j["judged_samples"] for j in judged] == [len(r) for r in refs] == [6, 4]
+    for result in judged:
+        assert result["win_rate"] == 0.5 and result["judge_score"] == result["reference_judge_score"]
+        assert abs(result["kl"]) < 1e-5
+    with common_random_numbers(3, torch.device("cpu")):
+        alone = judge_evals(model, tokenizer, tasks[1:], "default", samples_per_prompt=2)[0]
+    with common_random_numbers(3, torch.device("cpu")):
+        single = judge_eval(model, tokenizer, plain, tasks[1][1], "default", samples_per_prompt=2)
+    assert alone == single
+
+
+def test_rows_stop_at_their_own_limit(tiny_model_dir, tokenizer):
+    """Per-prompt limits: each row is the row sampled with the longest limit for all, cut at its own limit (a row's
+    draws do not depend on when other rows stop); `sample_groups` gives each group its own limit and chat."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = [tokenizer(p)["input_ids"] for p in ("Hello there", "Hi", "A longer prompt than both")]
+    kwargs = dict(eos_token_ids=(), pad_token_id=tokenizer.pad_token_id)  # no EOS: rows run to their limits
+    uniform = seeded(sample_token_ids, model, ids, 2, 6, **kwargs)
+    limited = seeded(sample_token_ids, model, ids, 2, [2, 6, 4], **kwargs)
+    for limit, want, got in zip([2, 6, 4], uniform, limited):
+        assert [tokens for tokens, _ in got] == [tokens[:limit] for tokens, _ in want]
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample_token_ids(model, ids, 1, [2, 3])
+    groups = seeded(sample_groups, model, tokenizer, [(PROMPTS[:2], True, 3), (["Plain text"], False, 5)], 2)
+    assert [len(g) for g in groups] == [2, 1] and groups[0].seconds == groups[1].seconds > 0
+    assert all(s.num_tokens <= 3 for g in groups[0] for s in g) and all(s.num_tokens <= 5 for s in groups[1][0])
 
 
 def test_generate_command_writes_judged_pairs(tiny_model_dir, tmp_path, capsys):

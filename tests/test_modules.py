@@ -99,3 +99,97 @@ def test_activate_sees_an_adapter_deleted_and_added_again(tiny_model_dir):
     assert all(p.requires_grad for n in OFS_ADAPTERS for p in adapter_parameters(model, n))
     activate(model, "fast", ["fast"])
     assert not any(p.requires_grad for p in adapter_parameters(model, "slow"))
+
+
+def test_adapters_disabled_runs_the_base_as_peft_does_and_restores(tiny_model_dir):
+    """The cached-layer switch gives peft's `disable_adapter()` logits (the plain base's) with non-zero modules,
+    walks nothing (model.modules is not called), and leaves every layer's flag and the active adapter as before."""
+    from ofsdpo.modules import adapters_disabled, reference_mode
+
+    model = make(tiny_model_dir)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "fast") + adapter_parameters(model, "slow"):
+            p.add_(0.1)
+    activate(model, "slow", OFS_ADAPTERS)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            want = model(ids).logits
+        walks = []
+        original = type(model).modules
+        try:
+            type(model).modules = lambda self: walks.append(1) or original(self)
+            with adapters_disabled(model):
+                got = model(ids).logits
+                assert model._adapters_disabled
+        finally:
+            type(model).modules = original
+    assert not walks and torch.equal(got, want) and not torch.equal(got, adapted)
+    assert not model._adapters_disabled and all(not m._disable_adapters for m in model.modules()
+                                                if hasattr(m, "_disable_adapters"))
+    with reference_mode(model):
+        assert torch.equal(model(ids).logits, want)
+    assert model.active_adapter == "slow" and all(p.requires_grad for p in adapter_parameters(model, "fast"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, adapted)
+
+
+def test_loading_a_state_directly_equals_peft_loading_it(tiny_model_dir, monkeypatch):
+    """The direct copy into the cached LoRA parameters and peft's loader leave the same weights; the keys are
+    peft's state-dict keys (the adapter's name left out), and an adapter added later is found."""
+    from peft.utils import set_peft_model_state_dict
+
+    from ofsdpo.modules import adapter_state, load_adapter_state
+
+    model, twin = make(tiny_model_dir), make(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in adapter_state(model, "fast").items()}
+    import ofsdpo.modules
+
+    with monkeypatch.context() as patch:  # the direct path: peft's loader is not called
+        patch.setattr(ofsdpo.modules, "set_peft_model_state_dict", None)
+        load_adapter_state(model, "slow", state)
+    set_peft_model_state_dict(twin, state, adapter_name="slow")
+    for a, b in zip(adapter_parameters(model, "slow"), adapter_parameters(twin, "slow"), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(v, adapter_state(model, "slow")[k]) for k, v in state.items())
+    model.add_adapter("extra", lora_config(2, 4, 0.0, "all-linear"))
+    load_adapter_state(model, "extra", state)
+    assert all(torch.equal(v, adapter_state(model, "extra")[k]) for k, v in state.items())
+
+
+def test_attaching_again_resets_the_same_layers_as_a_fresh_attach(tiny_model_dir, monkeypatch):
+    """A PeftModel attached before (trained since, an extra scoring slot added) and attached again under the same
+    seed: no injection, and the adapters, the trainable flags and the RNG afterwards are a fresh attach's. Another
+    seed or config strips it and attaches anew."""
+    import ofsdpo.modules as modules
+
+    config = lora_config(2, 4, 0.0, "all-linear")
+    torch.manual_seed(5)
+    fresh = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, OFS_ADAPTERS)
+    fresh_state, fresh_draw = {n: modules.adapter_state(fresh, n) for n in OFS_ADAPTERS}, torch.rand(3)
+
+    torch.manual_seed(5)
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, OFS_ADAPTERS)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "fast") + adapter_parameters(model, "slow"):
+            p.add_(torch.randn_like(p))  # trained
+    model.add_adapter("served", lora_config(4, 8, 0.0, "all-linear"))
+    with monkeypatch.context() as patch:
+        patch.setattr(modules, "get_peft_model", None)  # no injection
+        torch.manual_seed(5)
+        again = attach_adapters(model, config, OFS_ADAPTERS)
+    assert again is model and tuple(model.peft_config) == OFS_ADAPTERS and torch.equal(torch.rand(3), fresh_draw)
+    for name in OFS_ADAPTERS:
+        state = modules.adapter_state(model, name)
+        assert state.keys() == fresh_state[name].keys()
+        assert all(torch.equal(state[k], fresh_state[name][k]) for k in state)
+        assert all(p.requires_grad for p in adapter_parameters(model, name))
+    assert model.active_adapter == "fast"
+    torch.manual_seed(6)  # another seed: a fresh attach on the stripped base
+    other = attach_adapters(model, config, OFS_ADAPTERS)
+    assert other is not model and isinstance(other, type(model))
+    assert not all(torch.equal(a, b) for a, b in zip(adapter_parameters(other, "fast"),
+                                                     adapter_parameters(fresh, "fast")))

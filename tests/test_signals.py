@@ -20,14 +20,20 @@ from test_reliability import ENV, train_flags
 
 
 def test_sigterm_and_sigint_are_deferred_then_the_handlers_restored():
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with deferred_interrupt() as interrupted:
-        assert interrupted() == 0
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert interrupted() == signal.SIGTERM
-        # a second signal acts at once (here SIGINT: KeyboardInterrupt, not a killed test process)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    # Python's own SIGINT handler, whatever this process inherited (a shell's background job starts with SIGINT
+    # ignored, and the handlers restored below would then be SIG_IGN)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        with deferred_interrupt() as interrupted:
+            assert interrupted() == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupted() == signal.SIGTERM
+            # a second signal acts at once (here SIGINT: KeyboardInterrupt, not a killed test process)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_run_interrupted_carries_the_shell_exit_status():

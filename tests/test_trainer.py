@@ -203,6 +203,25 @@ def test_eval_data_picks_the_served_module(make_config, tmp_path):
     assert summary["served_module"] == min(scores, key=scores.get)
 
 
+def test_the_served_choice_reuses_the_last_evaluation_of_the_fast_module(make_config, tmp_path):
+    """With an evaluation at the last step, the final choice scores only the slow module again; every module's
+    score equals a fresh evaluation of the trained weights."""
+    held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
+    trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), eval_steps=2, max_steps=4))
+    scored, original = [], trainer.pair_losses
+
+    def counting(data, reference, indices, name):
+        scored.append((trainer.state.step, name, data is trainer.eval))
+        return original(data, reference, indices, name)
+
+    trainer.pair_losses = counting
+    summary = trainer.train()
+    assert [s for s in scored if s[2] and s[0] == 4] == [(4, "fast", True), (4, "slow", True)]
+    every = list(range(len(trainer.eval)))
+    fresh = {n: original(trainer.eval, trainer.eval_reference, every, n)[0].mean().item() for n in trainer.names}
+    assert summary["module_scores"] == fresh
+
+
 def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_model_dir):
     held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
     trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), eval_steps=1))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ofsdpo.data import collate
-from ofsdpo.models import set_num_threads
+import ofsdpo.trainer
+from ofsdpo.models import map_large_blocks, set_num_threads
 from ofsdpo.trainer import OFSDPOTrainer
 
 
@@ -53,6 +54,33 @@ def test_num_threads_is_set_and_one_per_process_under_a_launch(make_config, tmp_
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_malloc_mmap_threshold_is_asked_of_glibc_on_cpu_only(make_config, tmp_path, monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr("ctypes.CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr("sys.platform", "linux")
+    assert map_large_blocks(65536, "cpu") and calls == [(-3, 65536)]  # M_MMAP_THRESHOLD
+    assert not map_large_blocks(0, "cpu")  # 0: glibc's own default
+    assert not map_large_blocks(65536, "cuda:0")  # the GPU's caching allocator is torch's, not glibc's
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert not map_large_blocks(65536, "cpu")  # the user's environment wins
+    monkeypatch.setattr("sys.platform", "darwin")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert not map_large_blocks(65536, "cpu")
+    assert calls == [(-3, 65536)]
+
+    asked = []
+    monkeypatch.setattr(ofsdpo.trainer, "map_large_blocks", lambda threshold, device: asked.append(threshold))
+    OFSDPOTrainer(config=make_config(malloc_mmap_threshold=4096, output_dir=str(tmp_path / "a")))
+    assert asked == [4096]
 
 
 def test_report_to_wandb_logs_offline(make_config, tmp_path, monkeypatch):

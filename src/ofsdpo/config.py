@@ -193,6 +193,12 @@ class TrainingOptions:
         metadata=_help("CPU threads of this process (default: what torch picks, 1 per process under a multi-process "
                        "launch). On a machine shared with other jobs, 1 or 2 avoid a many-fold slowdown."),
     )
+    malloc_mmap_threshold: int = field(
+        default=0,
+        metadata=_help("Linux CPU runs: glibc maps blocks of at least this many bytes (e.g. 65536) and gives them "
+                       "back to the OS when torch frees them: peak RSS follows the live tensors, but steps are slower "
+                       "(page faults; docs/performance.md measures both). 0, the default: glibc's own setting."),
+    )
     # --- outputs ---------------------------------------------------------------------------------------------------
     save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
@@ -249,6 +255,8 @@ class TrainingOptions:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {self.max_grad_norm}).")
         need(self.num_threads is None or self.num_threads >= 1, f"--num-threads must be >= 1 (got {self.num_threads}).")
+        need(self.malloc_mmap_threshold >= 0,
+             f"--malloc-mmap-threshold must be >= 0 (got {self.malloc_mmap_threshold}).")
         self._check_sampling(need)
         if self.report_to == "wandb":
             import importlib.util
@@ -383,7 +391,7 @@ class OFSDPOConfig(TrainingOptions):
 
 # Options that change nothing a resumed run computes: `ofsdpo train --resume` may change them, not the others.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to", "output_dir",
-                     "device", "num_threads", "resume_from", "gradient_checkpointing", "judge_device"}
+                     "device", "num_threads", "malloc_mmap_threshold", "resume_from", "gradient_checkpointing", "judge_device"}
 
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any], may_change: set[str]) -> list[str]:

@@ -62,11 +62,13 @@ class Domain:
     memory: PreferenceData
     test_reference: ReferenceCache = None
     memory_reference: ReferenceCache = None
+    train_reference: ReferenceCache = None
     on_policy: Any = None  # `prompts:PATH,judge=SPEC`: the domain (domains.PromptDomain) whose rounds the stage samples
 
     def __post_init__(self):
-        self.test_reference = ReferenceCache(len(self.test))
-        self.memory_reference = ReferenceCache(len(self.memory))
+        self.test_reference = self.test_reference or ReferenceCache(len(self.test))
+        self.memory_reference = self.memory_reference or ReferenceCache(len(self.memory))
+        self.train_reference = self.train_reference or ReferenceCache(len(self.train))
 
 
 def _load_slot(model, name: str, lora, state: dict) -> None:
@@ -84,13 +86,23 @@ def _load_slot(model, name: str, lora, state: dict) -> None:
     load_adapter_state(model, name, state)
 
 
+def _fits(held, lora) -> bool:
+    """Whether an adapter configured as `held` can hold a module configured as `lora` (dropout aside: scoring
+    runs without it)."""
+    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+    return all(getattr(held, k, None) == getattr(lora, k, None) for k in keys)
+
+
 class ContinualRunner:
     """Runs one method over the domains and writes `report.json`, the stage folders and the served adapter."""
 
     def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
-                 reference_scores: dict[str, list[float]] | None = None):
+                 reference_scores: dict[str, list[float]] | None = None,
+                 reference_caches: dict[tuple, ReferenceCache] | None = None):
         """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
-        several runners (the demo's methods, an experiment's seeds) judge the base model once."""
+        several runners (the demo's methods, an experiment's seeds) judge the base model once. `reference_caches`
+        likewise holds π_ref's log-probs of each pairs file domain's stream, report and memory pairs, for runners
+        over the same base model and files (the demo's methods): the reference scores each pair once."""
         self.config = config
         cfg = config.training
         self.output_dir = Path(config.output_dir)
@@ -116,8 +128,12 @@ class ContinualRunner:
 
             tokenizer = load_tokenizer(model.config._name_or_path, cfg.gguf_file, cfg.trust_remote_code)
         self.base, self.tokenizer = model, tokenizer
+        self._reference_caches = reference_caches if reference_caches is not None else {}
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
+        # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
+        # instead of injecting new LoRA layers into every target module of the model for each stage
+        self._borrowed: dict[str, str] = {}
 
     def _load(self, source: str) -> PreferenceData:
         cfg = self.config.training
@@ -143,8 +159,16 @@ class ContinualRunner:
                 raise DataError(spec.heldout or spec.train, f"needs more than --memory-size ({cfg.memory_size}) "
                                                             "held-out pairs: the memory is carved from them")
             memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
-        return Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
-                      _subset(memory, spec.memory or spec.heldout or spec.train))
+        training = cfg.training
+        key = (spec.train, spec.heldout, spec.memory, cfg.heldout_size, cfg.memory_size, training.max_length,
+               training.max_prompt_length, training.data_split)  # the same pairs, tokenized alike
+        caches = self._reference_caches.get(key, {})
+        domain = Domain(spec.name, _subset(pairs, spec.train), _subset(heldout, spec.heldout or spec.train),
+                        _subset(memory, spec.memory or spec.heldout or spec.train), **caches)
+        self._reference_caches[key] = {"train_reference": domain.train_reference,
+                                       "test_reference": domain.test_reference,
+                                       "memory_reference": domain.memory_reference}
+        return domain
 
     def _load_on_policy_domain(self, spec: DomainSpec) -> Domain:
         """`NAME=prompts:PATH,judge=SPEC`: the stage samples its pairs from the policy, round by round. Its report
@@ -232,6 +256,7 @@ class ContinualRunner:
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                     load_adapter_state(trainer.model, name, init_state)
             summary = trainer.train()
+            self._borrowed = dict(zip(("served", "candidate"), trainer.names))  # `_serve` clones what it keeps
             if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
                 domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
             stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
@@ -242,7 +267,12 @@ class ContinualRunner:
             self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
                              kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
                              weights)
-            base = trainer.model.unload()  # strip every LoRA layer: the next stage attaches its own on the same base
+            self._borrowed = {}
+            # the next stage's trainer resets the same LoRA layers when it can (`attach_adapters`); after the last
+            # stage every LoRA layer is stripped: the base goes back to the caller as it came
+            keep = (k + 1 < len(self.domains) and self.processes.count == 1 and not self.processes.sharded
+                    and not cfg.training.gradient_checkpointing)  # one process, hooks added once
+            base = trainer.model if keep else trainer.model.unload()
         report = self._report(stages, matrix)
         if main:
             write_adapter(served_lora, served, out)
@@ -337,8 +367,9 @@ class ContinualRunner:
         values = dict(cfg.training.to_dict(), method=STAGE_METHOD[cfg.method], resume=resume, overwrite=True,
                       output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
                       eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
-        train = domain.train
+        train, train_reference = domain.train, domain.train_reference
         if cfg.method == "dpo-replay" and k > 0:
+            train_reference = None  # another stream: its own cache
             train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
                                                       for p in d.train.pairs[:cfg.memory_size]]), domain.name)
         # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
@@ -348,41 +379,64 @@ class ContinualRunner:
             selection, reference = domain.test, domain.test_reference
         return OFSDPOTrainer(base, OFSDPOConfig(**values), train_data=None if domain.on_policy else train,
                              tokenizer=self.tokenizer, eval_data=selection, eval_reference=reference,
-                             on_policy_domain=domain.on_policy)
+                             on_policy_domain=domain.on_policy,
+                             train_reference=None if domain.on_policy else train_reference)
+
+    def _slot(self, model, name: str, lora, state: dict) -> str:
+        """The adapter now holding `state` for slot `name`: the stage's trained adapter borrowed for it when its
+        shape fits, else an adapter of that name (`_load_slot`)."""
+        borrowed = self._borrowed.get(name)
+        if borrowed is not None and _fits(model.peft_config[borrowed], lora):
+            load_adapter_state(model, borrowed, state)
+            return borrowed
+        _load_slot(model, name, lora, state)
+        return name
 
     def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
         cfg = self.config.training
-        _load_slot(model, name, lora, state)
+        name = self._slot(model, name, lora, state)
         return heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
                               cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts, and on an on-policy
-        domain's held-out prompts with its own judge (SPEC §6 evaluation)."""
-        from .domains import DOMAINS
-        from .scoring import common_random_numbers, judge_eval, reference_samples
+        domain's held-out prompts with its own judge (SPEC §6 evaluation). Every domain's prompts are sampled in
+        one call, the reference's (once per run, all domains together) and the policy's alike, under the run's
+        seed: common random numbers."""
+        from .scoring import common_random_numbers, judge_evals, reference_sample_groups
 
-        _load_slot(model, "served", lora, state)
+        served = self._slot(model, "served", lora, state)
         device = next(model.parameters()).device
-        results = []
-        for d in self.domains:
-            builtin = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
-            if builtin is None:  # a domain of pairs files only: nothing to judge with
-                results.append({})
-                continue
-            if self.config.judge_max_new_tokens:
-                builtin = dataclasses.replace(
-                    builtin, max_new_tokens=min(builtin.max_new_tokens, self.config.judge_max_new_tokens))
-            records = builtin.prompts("heldout")[:self.config.judge_prompts]
-            if d.name not in self._reference_scores:  # one set of reference samples per domain for all stages
-                with common_random_numbers(self.config.training.seed, device):
-                    self._reference_scores[d.name] = reference_samples(
-                        model, self.tokenizer, builtin, records, samples_per_prompt=self.config.judge_samples)
-            with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
-                results.append(judge_eval(model, self.tokenizer, builtin, records, "served",
-                                          ref_scores=self._reference_scores[d.name],
-                                          samples_per_prompt=self.config.judge_samples))
+        judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains, self._judge_tasks())) if task]
+        if not judged:
+            return [{} for _ in self.domains]
+        tasks = [task for _, _, task in judged]
+        if any(name not in self._reference_scores for _, name, _ in judged):  # one set for all stages and methods
+            with common_random_numbers(self.config.training.seed, device):
+                scores = reference_sample_groups(model, self.tokenizer, tasks,
+                                                 samples_per_prompt=self.config.judge_samples)
+            self._reference_scores.update({name: s for (_, name, _), s in zip(judged, scores)})
+        with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
+            evals = judge_evals(model, self.tokenizer, tasks, served,
+                                ref_scores=[self._reference_scores[name] for _, name, _ in judged],
+                                samples_per_prompt=self.config.judge_samples)
+        results = [{} for _ in self.domains]  # a domain of pairs files only: nothing to judge with
+        for (i, _, _), result in zip(judged, evals):
+            results[i] = result
         return results
+
+    def _judge_tasks(self) -> list[tuple | None]:
+        """Per domain, (judged domain, held-out prompt records), or None for a domain of pairs files only."""
+        from .domains import DOMAINS
+
+        tasks = []
+        for d in self.domains:
+            judged = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
+            if judged is not None and self.config.judge_max_new_tokens:
+                judged = dataclasses.replace(
+                    judged, max_new_tokens=min(judged.max_new_tokens, self.config.judge_max_new_tokens))
+            tasks.append(None if judged is None else (judged, judged.prompts("heldout")[:self.config.judge_prompts]))
+        return tasks
 
     def _materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
         """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling (the exact

@@ -274,11 +274,12 @@ def _draw(probs: torch.Tensor, candidates: torch.Tensor, noise: torch.Tensor) ->
 
 
 def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int, settings: _Settings,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample `copies` continuations of each prompt; returns (new tokens (rows, steps), each row's new tokens up
-    to and including EOS, whether it emitted EOS), rows prompt-major. A row that emits EOS leaves the batch (its
-    cache rows dropped); each step draws the random numbers of every row, finished or not, so row j's draws do
-    not depend on when the other rows stop (common random numbers between models: `scoring`)."""
+            generator: torch.Generator, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample `copies` continuations of each prompt, at most `limits[i]` new tokens for prompt i; returns (new
+    tokens (rows, steps), each row's new tokens up to and including EOS, whether it emitted EOS), rows
+    prompt-major. A row that emits EOS or reaches its limit leaves the batch (its cache rows dropped); each step
+    draws the random numbers of every row, finished or not, so row j's draws do not depend on when the other rows
+    stop (common random numbers between models: `scoring`)."""
     key = _cache_key(lm)
     cache = _prefill(lm, ids, mask, shared, copies)
     rows = ids.shape[0] * copies
@@ -290,6 +291,7 @@ def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int,
     out = torch.full((rows, settings.max_new_tokens), settings.pad, dtype=torch.long, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    limits = limits.to(device).repeat_interleave(copies)
     eos = torch.tensor(settings.eos, dtype=torch.long, device=device)
     for step in range(settings.max_new_tokens):
         result = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], use_cache=True,
@@ -303,9 +305,10 @@ def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int,
         tokens = _draw(probs, candidates, noise)
         out[active, step] = tokens
         lengths[active] += 1
-        done = torch.isin(tokens, eos)
+        ended = torch.isin(tokens, eos)
+        finished[active[ended]] = True
+        done = ended | (lengths[active] >= limits[active])
         if done.any():
-            finished[active[done]] = True
             if done.all():
                 break
             keep = (~done).nonzero().squeeze(-1)
@@ -324,7 +327,7 @@ def _chunk_generator(device: torch.device) -> torch.Generator:
 
 
 @torch.inference_mode()
-def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, max_new_tokens: int = 32,
+def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, max_new_tokens: int | list[int] = 32,
                      temperature: float = 1.0, top_p: float = 0.95, top_k: int | None = None,
                      batch_size: int = ROWS_PER_CALL, eos_token_ids=(), pad_token_id: int = 0,
                      min_new_tokens: int = 0, reference: bool = False, merge: bool = True,
@@ -332,6 +335,7 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
     """`num_samples` continuations of each prompt (token ids), sampled from the model's active adapter (or, with
     `reference`, from the base: adapters disabled): per prompt, per sample, (its new token ids up to and including
     the first of `eos_token_ids` (and those of the model's generation config), whether it emitted one).
+    `max_new_tokens` is one limit for every prompt or one per prompt (prompts of several tasks decoded together).
 
     Sampling is temperature, then top-k (None: the model's generation config's, else transformers' 50, as
     `generate` did), then top-p; the generation config's other processors (repetition penalty, ...) are not
@@ -342,7 +346,10 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft injects LoRA in place
     device = next(model.parameters()).device
-    settings = _Settings(temperature, _default_top_k(lm) if top_k is None else top_k, top_p, max_new_tokens,
+    limits = [max_new_tokens] * len(prompt_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompt_ids) or min(limits, default=1) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, one for all prompts or one per prompt (got {max_new_tokens})")
+    settings = _Settings(temperature, _default_top_k(lm) if top_k is None else top_k, top_p, max(limits, default=1),
                          min_new_tokens, _eos_ids(lm, eos_token_ids), pad_token_id)
     per_call = max(1, batch_size // num_samples)
     share = _full_attention(lm.config)
@@ -356,14 +363,17 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
         bar = tqdm(total=len(prompt_ids), desc="sampling", unit=" prompts", leave=False)
     try:
         if reference and hasattr(model, "disable_adapter"):
-            weights = model.disable_adapter()  # the base: nothing to merge
+            from .modules import adapters_disabled
+
+            weights = adapters_disabled(model)  # the base: nothing to merge
         else:
             weights = merged(model) if merge else contextlib.nullcontext()
         with weights:
             for first in range(0, len(prompt_ids), per_call):
                 chunk = prompt_ids[first:first + per_call]
                 new, lengths, finished = _decode(lm, *_layout(chunk, pad_token_id, device, share), num_samples,
-                                                 settings, _chunk_generator(device))
+                                                 settings, _chunk_generator(device),
+                                                 torch.tensor(limits[first:first + per_call]))
                 rows = [(t[:n], f) for t, n, f in zip(new.cpu().tolist(), lengths.tolist(), finished.tolist())]
                 outputs.extend(rows[i:i + num_samples] for i in range(0, len(rows), num_samples))
                 if bar is not None:
@@ -372,6 +382,40 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
         model.train(was_training)
         if bar is not None:
             bar.close()
+    return outputs
+
+
+def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]], num_samples: int = 1,
+                  temperature: float = 1.0, top_p: float = 0.95, batch_size: int = ROWS_PER_CALL,
+                  reference: bool = False, progress: bool = False, merge: bool = True, min_new_tokens: int = 0,
+                  top_k: int | None = None) -> list[Samples]:
+    """`sample_details` for several groups of prompts at once, each (prompts, chat, max_new_tokens): every group's
+    prompts decode in the same batches (one call instead of one per group: at a few rows a decoding step costs the
+    same as at many, its time is reading the weights), each row stopping at EOS or at its own group's limit.
+    Returns each group's `Samples`, all with the call's wall time. Models sampled with the same groups and seed
+    draw the same random numbers row for row (common random numbers: `scoring`)."""
+    start = time.perf_counter()
+    ids, conversational, limits = [], [], []
+    for prompts, chat, max_new_tokens in groups:
+        group_ids, group_conversational = _encode(tokenizer, prompts, chat)
+        ids += group_ids
+        conversational += group_conversational
+        limits += [max_new_tokens] * len(group_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    rows = sample_token_ids(model, ids, num_samples, limits, temperature, top_p, top_k, batch_size, eos,
+                            pad, min_new_tokens, reference, merge, progress)
+    outputs = [Samples() for _ in groups]
+    at = 0
+    for out, (prompts, _, _) in zip(outputs, groups):
+        for group, strip in zip(rows[at:at + len(prompts)], conversational[at:at + len(prompts)]):
+            texts = tokenizer.batch_decode([tokens for tokens, _ in group], skip_special_tokens=True)
+            out.append([Sample(t.strip() if strip else t, len(tokens), done)
+                        for t, (tokens, done) in zip(texts, group)])
+        at += len(prompts)
+    seconds = time.perf_counter() - start
+    for out in outputs:
+        out.seconds = seconds
     return outputs
 
 
@@ -384,19 +428,8 @@ def sample_details(model, tokenizer, prompts: list[Prompt], chat: bool, num_samp
 
     A prompt is a string (with `chat`, sent as one user message through the chat template) or a list of messages
     (always through the chat template, whose answers are stripped of surrounding white space)."""
-    start = time.perf_counter()
-    ids, conversational = _encode(tokenizer, prompts, chat)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    rows = sample_token_ids(model, ids, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size, eos,
-                            pad, min_new_tokens, reference, merge, progress)
-    outputs = Samples()
-    for group, strip in zip(rows, conversational):
-        texts = tokenizer.batch_decode([tokens for tokens, _ in group], skip_special_tokens=True)
-        outputs.append([Sample(t.strip() if strip else t, len(tokens), done)
-                        for t, (tokens, done) in zip(texts, group)])
-    outputs.seconds = time.perf_counter() - start
-    return outputs
+    return sample_groups(model, tokenizer, [(prompts, chat, max_new_tokens)], num_samples, temperature, top_p,
+                         batch_size, reference, progress, merge, min_new_tokens, top_k)[0]
 
 
 def sample(model, tokenizer, prompts: list[Prompt], chat: bool, num_samples: int = 1, max_new_tokens: int = 32,

@@ -52,7 +52,20 @@ def set_trainable(model: torch.nn.Module, names) -> None:
 
 
 def attach_adapters(base_model: torch.nn.Module, config: LoraConfig, names) -> PeftModel:
-    """Wrap `base_model` with one LoRA adapter per name, all starting from the first adapter's weights."""
+    """Wrap `base_model` with one LoRA adapter per name, all starting from the first adapter's weights.
+
+    `base_model` may be a PeftModel this function made before (a continual run's previous stage): if it holds the
+    same adapters, configured alike, and the RNG is where it was then (the same seed), the adapters are reset to
+    the weights that attaching drew, and the RNG moved to where attaching left it: the same model and the same
+    random numbers afterwards, without injecting LoRA layers into every target module again (peft's injection
+    walks the model; 2.6 s for fast and slow on SmolLM2). Otherwise its LoRA layers are stripped and it is
+    attached anew."""
+    if isinstance(base_model, PeftModel):
+        reset = _reset_adapters(base_model, config, names)
+        if reset is not None:
+            return reset
+        base_model = base_model.unload()
+    rng = torch.get_rng_state()
     base_model.requires_grad_(False)
     model = get_peft_model(base_model, config, adapter_name=names[0])
     for name in names[1:]:
@@ -60,6 +73,31 @@ def attach_adapters(base_model: torch.nn.Module, config: LoraConfig, names) -> P
         copy_adapter(model, names[0], name)
     model.set_adapter(names[0])
     set_trainable(model, names)
+    _FRESH[model] = (_attach_key(config, names), rng, adapter_state(model, names[0]), torch.get_rng_state())
+    return model
+
+
+def _attach_key(config: LoraConfig, names) -> str:
+    return repr((sorted(config.to_dict().items(), key=lambda kv: kv[0]), tuple(names)))
+
+
+def _reset_adapters(model: PeftModel, config: LoraConfig, names) -> PeftModel | None:
+    """`model` as `attach_adapters(config, names)` would make it, or None when it was not attached with them."""
+    record = _FRESH.get(model)
+    if record is None:
+        return None
+    key, rng, initial, rng_after = record
+    if key != _attach_key(config, names) or not torch.equal(rng, torch.get_rng_state()):
+        return None
+    for extra in [n for n in model.peft_config if n not in names]:  # slots a stage added for scoring
+        activate(model, names[0])
+        model.delete_adapter(extra)
+    if tuple(model.peft_config) != tuple(names):
+        return None
+    for name in names:
+        load_adapter_state(model, name, initial)
+    activate(model, names[0])
+    torch.set_rng_state(rng_after)
     return model
 
 
@@ -70,6 +108,9 @@ class _LoraLayers:
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.names = tuple(model.peft_config)
         self.params = {name: adapter_parameters(model, name) for name in self.names}
+        # each adapter's parameters under the keys of its saved state (peft's: the adapter's name left out)
+        self.by_key = {name: {n.replace(f".{name}.", ".", 1): p for n, p in model.named_parameters()
+                              if f".{name}." in n and "lora_" in n} for name in self.names}
         # what peft's set_adapter would do besides the two things `activate` does: then `activate` calls it
         self.plain = bool(self.layers) and all(
             isinstance(m, LoraLinear) and not m.merged and not getattr(m, "frozen_peft_weight_names", None)
@@ -92,6 +133,8 @@ class _LoraLayers:
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _LoraLayers]" = weakref.WeakKeyDictionary()
+# what `attach_adapters` did to each model: (config and names, RNG before, the drawn weights, RNG after)
+_FRESH: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _lora_layers(model: PeftModel) -> _LoraLayers:
@@ -179,12 +222,37 @@ def stacked(model: PeftModel, names):
 
 
 @contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """`model.disable_adapter()`: forwards run the frozen base. For plain LoRA layers this flips the cached layers'
+    flag; peft's context walks the model twice and builds its status report on every entry (a large share of
+    scoring time on small batches). Anything else goes through peft. A model without adapters is left as it is."""
+    if not isinstance(model, PeftModel):
+        yield model
+        return
+    layers = _lora_layers(model)
+    if not layers.plain:
+        with model.disable_adapter():
+            yield model
+        return
+    before, was_disabled = [layer._disable_adapters for layer in layers.layers], model._adapters_disabled
+    try:
+        for layer in layers.layers:
+            layer._disable_adapters = True
+        model._adapters_disabled = True
+        yield model
+    finally:
+        for layer, flag in zip(layers.layers, before):
+            layer._disable_adapters = flag
+        model._adapters_disabled = was_disabled
+
+
+@contextlib.contextmanager
 def reference_mode(model: PeftModel):
     """The reference π_ref: the base with adapters disabled, no gradients, no dropout (SPEC §2)."""
     was_training, active = model.training, model.active_adapter
     model.eval()
     try:
-        with model.disable_adapter(), torch.no_grad():
+        with adapters_disabled(model), torch.no_grad():
             yield model
     finally:
         model.train(was_training)
@@ -217,6 +285,17 @@ def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Adapter `name` takes the weights of `state` (keys as `adapter_state` gives them). Plain LoRA layers holding
+    exactly those keys and shapes are copied into directly; peft's loader walks the whole model's state dict on
+    every call (the λ search loads a candidate per point). Anything else goes through peft."""
+    layers = _lora_layers(model) if name in model.peft_config else None
+    targets = layers.by_key.get(name) if layers is not None and layers.plain else None
+    if targets is not None and targets.keys() == state.keys() and all(
+            targets[k].shape == v.shape for k, v in state.items()):
+        with torch.no_grad():
+            for key, value in state.items():
+                targets[key].copy_(value)
+        return
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

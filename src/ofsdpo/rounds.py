@@ -62,14 +62,29 @@ def pair_row(domain, record: dict, chosen: str, rejected: str, scores: tuple[flo
 def judged_pairs(model, tokenizer, domain, records: list[dict], settings: RoundSettings = RoundSettings(),
                  progress: bool = False) -> tuple[list[dict], RoundStats]:
     """Judge-labelled pairs from samples of `model`'s active adapter; returns (pairs, the round's statistics)."""
-    from .generation import sample_details
+    return judged_pairs_groups(model, tokenizer, [(domain, records)], settings, progress)[0]
 
-    stats = RoundStats(prompts=len(records))
+
+def judged_pairs_groups(model, tokenizer, tasks: list[tuple], settings: RoundSettings = RoundSettings(),
+                        progress: bool = False) -> list[tuple[list[dict], RoundStats]]:
+    """`judged_pairs` for several (domain, records) tasks, their prompts sampled in one call (`sample_groups`:
+    a decoding step costs about the same for a few rows as for a few dozen); each task's `sample_seconds` is the
+    call's."""
+    from .generation import sample_groups
+
     tick = time.perf_counter()
-    samples = sample_details(model, tokenizer, [r["prompt"] for r in records], domain.chat,
-                             settings.samples_per_prompt, settings.max_new_tokens or domain.max_new_tokens,
-                             settings.temperature, settings.top_p, batch_size=settings.batch_size, progress=progress)
-    stats.sample_seconds = time.perf_counter() - tick
+    groups = [([r["prompt"] for r in records], domain.chat, settings.max_new_tokens or domain.max_new_tokens)
+              for domain, records in tasks]
+    sampled = sample_groups(model, tokenizer, groups, settings.samples_per_prompt, settings.temperature,
+                            settings.top_p, batch_size=settings.batch_size, progress=progress)
+    seconds = time.perf_counter() - tick
+    return [_pairs(domain, records, samples, settings, seconds) for (domain, records), samples in zip(tasks, sampled)]
+
+
+def _pairs(domain, records: list[dict], samples, settings: RoundSettings, sample_seconds: float):
+    """Best against worst of each prompt's judged samples (ties skipped and counted)."""
+    stats = RoundStats(prompts=len(records))
+    stats.sample_seconds = sample_seconds
     stats.sampled_tokens = sum(s.num_tokens for group in samples for s in group)
     tick = time.perf_counter()
     scores = domain.score(records, [[s.text for s in group] for group in samples])

@@ -95,24 +95,31 @@ def common_random_numbers(seed: int, device: torch.device):
         yield
 
 
-def _sampled(model, tokenizer, domain, records: list[dict], samples_per_prompt: int, batch_size: int,
-             reference: bool = False, progress: bool = False) -> list[str]:
-    """`samples_per_prompt` responses per record, prompt-major (all of prompt 0's, then prompt 1's, …)."""
-    from .generation import sample
+def _sampled(model, tokenizer, tasks: list[tuple[Any, list[dict]]], samples_per_prompt: int, batch_size: int,
+             reference: bool = False, progress: bool = False) -> list[list[str]]:
+    """Each (domain, records) task's `samples_per_prompt` responses per record, prompt-major (all of prompt 0's,
+    then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time."""
+    from .generation import sample_groups
 
-    prompts = [r["prompt"] for r in records]
-    per_prompt = sample(model, tokenizer, prompts, domain.chat, samples_per_prompt, domain.max_new_tokens,
-                        batch_size=batch_size, reference=reference, progress=progress)
-    return [response for responses in per_prompt for response in responses]
+    groups = [([r["prompt"] for r in records], domain.chat, domain.max_new_tokens) for domain, records in tasks]
+    per_task = sample_groups(model, tokenizer, groups, samples_per_prompt, batch_size=batch_size * samples_per_prompt,
+                             reference=reference, progress=progress)
+    return [[s.text for group in samples for s in group] for samples in per_task]
+
+
+def reference_sample_groups(model, tokenizer, tasks: list[tuple[Any, list[dict]]], batch_size: int = 16,
+                            samples_per_prompt: int = 1) -> list[list[float]]:
+    """Judge scores of the reference's samples (adapters disabled) for each (domain, records) task, prompt-major:
+    the other side of every win rate. Drawn under the same seed and with the same tasks as the policy's
+    (`common_random_numbers`, `judge_evals`), sample j of prompt i of both sides uses the same random numbers."""
+    responses = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, reference=True)
+    return [_scores(domain, records, r, samples_per_prompt) for (domain, records), r in zip(tasks, responses)]
 
 
 def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16,
                       samples_per_prompt: int = 1) -> list[float]:
-    """Judge scores of the reference's samples (adapters disabled), prompt-major: the other side of every win rate.
-    Drawn under the same seed as the policy's (`common_random_numbers`), sample j of prompt i of both sides uses
-    the same random numbers."""
-    responses = _sampled(model, tokenizer, domain, records, samples_per_prompt, batch_size, reference=True)
-    return _scores(domain, records, responses, samples_per_prompt)
+    """`reference_sample_groups` for one domain."""
+    return reference_sample_groups(model, tokenizer, [(domain, records)], batch_size, samples_per_prompt)[0]
 
 
 def _scores(domain, records: list[dict], responses: list[str], samples_per_prompt: int) -> list[float]:
@@ -127,6 +134,51 @@ def _per_prompt(values: list[float], samples_per_prompt: int) -> list[float]:
     return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
 
 
+def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: str | None = None,
+                batch_size: int = 16, progress: bool = False, ref_scores: list[list[float]] | None = None,
+                samples_per_prompt: int = 1) -> list[dict[str, Any]]:
+    """`judge_eval` for several (domain, records) tasks at once: their prompts are sampled in one call and their
+    responses scored by one log-prob pass each for the policy and the reference (at a few rows per step, one call
+    for three domains takes about the time of one). `ref_scores` holds one list per task, drawn by
+    `reference_sample_groups` with the same tasks and seed."""
+    from .modules import reference_mode
+
+    if adapter is not None:
+        activate(model, adapter)
+    policy = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, progress=progress)
+    if ref_scores is None:
+        ref_scores = reference_sample_groups(model, tokenizer, tasks, batch_size, samples_per_prompt)
+    if len(ref_scores) != len(tasks) or any(len(r) != len(p) for r, p in zip(ref_scores, policy)):
+        raise ValueError(f"reference scores ({[len(r) for r in ref_scores]}) do not match the samples "
+                         f"({[len(p) for p in policy]}): draw them with the same tasks and samples per prompt")
+    # one log-prob pass over every task's samples: a chat domain's prompt as its one user message
+    prompts = [r["prompt"] if isinstance(r["prompt"], list) or not domain.chat
+               else [{"role": "user", "content": r["prompt"]}]
+               for domain, records in tasks for r in records for _ in range(samples_per_prompt)]
+    responses = [y for task in policy for y in task]
+    was_training = model.training
+    model.eval()
+    policy_logps = completion_logps(model, tokenizer, prompts, responses, False)
+    with reference_mode(model):
+        ref_logps = completion_logps(model, tokenizer, prompts, responses, False)
+    if adapter is not None:
+        activate(model, adapter)
+    model.train(was_training)
+    kls, results, at = (policy_logps - ref_logps).tolist(), [], 0
+    for (domain, records), samples, refs in zip(tasks, policy, ref_scores):
+        scores = _scores(domain, records, samples, samples_per_prompt)
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, refs)]
+        n, kl = len(samples), kls[at:at + len(samples)]
+        at += n
+        results.append({
+            "judge_score": sum(scores) / n, "reference_judge_score": sum(refs) / n, "win_rate": sum(wins) / n,
+            "kl": sum(kl) / n, "response_words": sum(len(y.split()) for y in samples) / n, "judged_samples": n,
+            "per_prompt": {"judge_score": _per_prompt(scores, samples_per_prompt),
+                           "win_rate": _per_prompt(wins, samples_per_prompt),
+                           "kl": _per_prompt(kl, samples_per_prompt)}})
+    return results
+
+
 def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
                progress: bool = False, ref_scores: list[float] | None = None,
                samples_per_prompt: int = 1) -> dict[str, Any]:
@@ -135,35 +187,8 @@ def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | Non
     samples of each record. `ref_scores` (from `reference_samples`, same records and samples) lets several
     evaluations share one set of reference samples. `per_prompt` holds each prompt's mean judge score, win rate
     and KL: the units of a bootstrap over prompts."""
-    from .modules import reference_mode
-
-    if adapter is not None:
-        activate(model, adapter)
-    repeated = [r for r in records for _ in range(samples_per_prompt)]
-    policy = _sampled(model, tokenizer, domain, records, samples_per_prompt, batch_size, progress=progress)
-    if ref_scores is None:
-        ref_scores = reference_samples(model, tokenizer, domain, records, batch_size, samples_per_prompt)
-    if len(ref_scores) != len(policy):
-        raise ValueError(f"{len(ref_scores)} reference scores for {len(policy)} samples: draw them with the same "
-                         "records and samples per prompt")
-    policy_scores = _scores(domain, records, policy, samples_per_prompt)
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, ref_scores)]
-    was_training = model.training
-    model.eval()
-    prompts = [r["prompt"] for r in repeated]
-    policy_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
-    with reference_mode(model):
-        ref_logps = completion_logps(model, tokenizer, prompts, policy, domain.chat)
-    if adapter is not None:
-        activate(model, adapter)
-    model.train(was_training)
-    n, kl = len(policy), (policy_logps - ref_logps).tolist()
-    return {"judge_score": sum(policy_scores) / n, "reference_judge_score": sum(ref_scores) / n,
-            "win_rate": sum(wins) / n, "kl": sum(kl) / n, "response_words": sum(len(y.split()) for y in policy) / n,
-            "judged_samples": n,
-            "per_prompt": {"judge_score": _per_prompt(policy_scores, samples_per_prompt),
-                           "win_rate": _per_prompt(wins, samples_per_prompt),
-                           "kl": _per_prompt(kl, samples_per_prompt)}}
+    return judge_evals(model, tokenizer, [(domain, records)], adapter, batch_size, progress,
+                       None if ref_scores is None else [ref_scores], samples_per_prompt)[0]
 
 
 def select_served(names, eval_scores: dict[str, float] | None, online_losses: list[dict], window: int,

@@ -25,8 +25,8 @@ from .domains import on_policy_domain
 from .judges import JudgeError
 from .files import write_atomic, write_json, write_jsonl
 from .metrics import MetricsLogger, module_key
-from .models import (check_target_modules, load_model, load_tokenizer, resolve_device, resolve_model_name,
-                     set_num_threads)
+from .models import (check_target_modules, load_model, load_tokenizer, map_large_blocks, resolve_device,
+                     resolve_model_name, set_num_threads)
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters,
                       load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
 from .reference import ReferenceCache
@@ -53,7 +53,7 @@ class OFSDPOTrainer:
 
     def __init__(self, model: Any = None, config: OFSDPOConfig | None = None, train_data: Any = None,
                  tokenizer: Any = None, eval_data: Any = None, eval_reference: ReferenceCache | None = None,
-                 on_policy_domain: Any = None):
+                 on_policy_domain: Any = None, train_reference: ReferenceCache | None = None):
         cfg, self.source_notes = name_sources(config or OFSDPOConfig(), model, train_data)  # for config.yaml
         self.config = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -61,6 +61,7 @@ class OFSDPOTrainer:
         check_output_dir(self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)
         self.device = self.processes.device or resolve_device(cfg.device)
         set_num_threads(cfg.num_threads, self.processes.count)
+        map_large_blocks(cfg.malloc_mmap_threshold, self.device)
         loaded = not (model is None or isinstance(model, (str, Path)))
         self.model_name, self.gguf_file = ((model.config._name_or_path, cfg.gguf_file) if loaded else
                                            resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file))
@@ -83,10 +84,15 @@ class OFSDPOTrainer:
             self.optimizer, lr_schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
         self.step_fn = OptimiserStep(self.model, self.names, self.optimizer, self.scheduler, self.processes,
                                      cfg.method, cfg, self.device, self.tokenizer.pad_token_id)
-        self.reference = ReferenceCache(len(self.data))
+        # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
+        self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
+        if len(self.reference.chosen) != len(self.data):
+            raise ValueError(f"train_reference holds {len(self.reference.chosen)} pairs; the stream has "
+                             f"{len(self.data)}")
         self.eval_reference = eval_reference or (ReferenceCache(len(self.eval)) if self.eval is not None else None)
         self.state = TrainerState(method=cfg.method, data_fingerprint=self.stream.fingerprint())
         self.best_state: dict | None = None  # weights of the best fast (or dpo) module on --eval-data
+        self._eval_losses: dict = {}  # the last `_track_best` loss on --eval-data: {"step": s, module: loss}
 
     # --- set-up ----------------------------------------------------------------------------------------------------
     def _load(self, source: Any, flag: str | None) -> PreferenceData | None:
@@ -275,6 +281,7 @@ class OFSDPOTrainer:
         name = self.names[0]  # `fast`, or dpo's only module
         losses, correct = self.pair_losses(self.eval, self.eval_reference, list(range(len(self.eval))), name)
         loss, accuracy = losses.mean().item(), correct.mean().item()
+        self._eval_losses = {"step": self.state.step, name: loss}
         if self.state.best is None or loss < self.state.best["loss"]:
             self.state.best = {"step": self.state.step, "loss": loss, "accuracy": accuracy}
             self.best_state = adapter_state(self.model, name)
@@ -324,10 +331,8 @@ class OFSDPOTrainer:
     # --- outputs ---------------------------------------------------------------------------------------------------
     def _finish(self, seconds: float) -> dict:
         cfg, state = self.config, self.state
-        every_eval = list(range(len(self.eval))) if self.eval is not None else []
-        served, basis, scores = select_served(
-            self.names, self._evaluate(self.eval, self.eval_reference, every_eval) if self.eval else None,
-            state.online_losses, cfg.chase_interval, state.chase.leader)
+        served, basis, scores = select_served(self.names, self._final_eval_losses(), state.online_losses,
+                                              cfg.chase_interval, state.chase.leader)
         regret = self._regret(served) if cfg.regret and state.online_losses else []
         summary = {
             "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": state.step,
@@ -350,6 +355,16 @@ class OFSDPOTrainer:
             self._write_outputs(served, regret, summary)
         self.processes.barrier()  # the outputs are complete when any process returns
         return summary
+
+    def _final_eval_losses(self) -> dict[str, float] | None:
+        """Every module's mean loss on --eval-data now; the fast module's from the last `_track_best` when it ran
+        at this step (the same weights, the same pairs: the same number)."""
+        if not self.eval:
+            return None
+        known = self._eval_losses if self._eval_losses.get("step") == self.state.step else {}
+        every = list(range(len(self.eval)))
+        return {name: known[name] if name in known else
+                self.pair_losses(self.eval, self.eval_reference, every, name)[0].mean().item() for name in self.names}
 
     def _regret(self, served: str) -> list[dict]:
         order, position = self.stream.order, self.state.position

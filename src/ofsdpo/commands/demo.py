@@ -19,7 +19,7 @@ from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoS
 from ..continual import ContinualConfig, ContinualRunner, format_table
 from ..domains import get_domain
 from ..files import write_atomic, write_json, write_jsonl
-from ..rounds import RoundSettings, judged_pairs
+from ..rounds import RoundSettings, judged_pairs_groups
 from ..metrics import read_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..plotting import plot_curves, plot_judge_matrices, pyplot, save
@@ -46,23 +46,24 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
     say(f"[demo] loading the model on {dev} …")
     base, tokenizer, name, _ = load_model_and_tokenizer(model, gguf_file, "auto", dev)
     set_seed(seed)
-    specs = []
+    tasks = []
     for domain_name in DEMO_DOMAINS:
         domain = get_domain(domain_name)
         if settings.max_new_tokens:
             domain = replace(domain, max_new_tokens=min(domain.max_new_tokens, settings.max_new_tokens))
-        records = domain.prompts("train")[:settings.prompts]
-        say(f"[demo] sampling {len(records)} x {settings.samples} responses on '{domain_name}' and judging them …")
-        with torch.inference_mode():
-            pairs, stats = judged_pairs(base, tokenizer, domain, records,
-                                        RoundSettings(samples_per_prompt=settings.samples,
-                                                      batch_size=16 * settings.samples), progress=progress)
-            ties = stats.ties
+        tasks.append((domain, domain.prompts("train")[:settings.prompts]))
+    say(f"[demo] sampling {settings.prompts} x {settings.samples} responses on each of {', '.join(DEMO_DOMAINS)} "
+        "and judging them …")
+    with torch.inference_mode():  # every domain's prompts decode together (up to 128 rows a call)
+        judged = judged_pairs_groups(base, tokenizer, tasks, RoundSettings(samples_per_prompt=settings.samples,
+                                                                           batch_size=128), progress=progress)
+    specs = []
+    for (domain, _), (pairs, stats) in zip(tasks, judged):
         need = settings.heldout + settings.memory + settings.batch_size
         if len(pairs) < need:
-            raise RuntimeError(f"'{domain_name}' gave {len(pairs)} pairs ({ties} ties); the demo needs {need}")
-        specs.append(f"{domain_name}={write_jsonl(out / 'data' / f'{domain_name}.jsonl', pairs)}")
-    reports, reference_scores = {}, {}
+            raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
+        specs.append(f"{domain.name}={write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)}")
+    reports, reference_scores, reference_caches = {}, {}, {}
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
         config = ContinualConfig.from_flat(
@@ -74,8 +75,10 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
             # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
             selection="heldout")
-        # the base's samples are judged once, for all three methods: the runners share (and fill) one dict
-        runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores)
+        # the base's samples are judged, and its log-probs of every pair computed, once for all three methods: the
+        # runners share (and fill) the same dicts
+        runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores,
+                                 reference_caches=reference_caches)
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started

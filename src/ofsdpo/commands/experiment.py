@@ -329,12 +329,12 @@ class ExperimentRunner:
         cfg = self.config
         files = {d: self.split_files(d) for d in cfg.domains}  # the report pairs are the held-out file: reported
         specs = [f"{d}={f['train']},heldout={f['report']},memory={f['selection']}" for d, f in files.items()]
-        for d in cfg.domains:  # this seed's reference samples, the same draws as its in-domain runs'
-            self.reference_scores(d, seed)
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress)
+        # the first variant of this seed draws the reference's samples (every domain in one call, as the runner
+        # judges its served modules); the other variants share them: the same draws for every variant of a seed
         runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer,
-                                 reference_scores=self._reference_scores[seed])
+                                 reference_scores=self._reference_scores.setdefault(seed, {}))
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
         forgetting = report["cl/forgetting_judge"]
