@@ -1,6 +1,10 @@
-"""Rewrite docs/results.md's claim-1 section from an in-domain experiment's aggregate.json (no hand-typed numbers).
+"""Rewrite docs/results.md's claim-1 sections from in-domain experiments' aggregates (no hand-typed numbers).
 
-    python scripts/results_in_domain.py experiments-output/in-domain-sentiment   # then copy the aggregate beside it
+    python scripts/results_in_domain.py docs/results/in-domain-sentiment-aggregate.json \
+        docs/results/in-domain-critic-aggregate.json
+
+Each argument is an aggregate.json with its aggregate.md beside it (as `ofsdpo experiment` writes them, or copied
+into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given.
 """
 
 from __future__ import annotations
@@ -22,16 +26,15 @@ def verdict(row: dict) -> str:
     return "**unresolved**"
 
 
-def section(folder: Path) -> str:
-    agg = json.loads((folder / "aggregate.json").read_text())
-    md = (folder / "aggregate.md").read_text()
+def section(path: Path) -> str:
+    agg = json.loads(path.read_text())
+    md = path.with_name(path.name.replace(".json", ".md")).read_text()
     tables = re.findall(r"(\| variant[^\n]*\n(?:\|[^\n]*\n)+)", md)
     seeds = agg["seeds"]
     walls = {}
-    for path in sorted(folder.glob("runs/*/*/seed-*/result.json")):
-        result = json.loads(path.read_text())
-        variant, seed = path.parts[-4], path.parts[-2].split("-")[1]
-        walls.setdefault(variant, []).append(f"seed {seed} {result['wall_seconds'] / 60:.1f} min")
+    for cell, runs in agg["per_seed"].items():
+        variant = cell.split("/")[0]
+        walls[variant] = [f"seed {seed} {runs[str(seed)]['wall_seconds'] / 60:.1f} min" for seed in seeds]
     name = agg["experiment"]
     lines = [f"{START}: OFS-DPO aligns better than DPO on the same online stream — {name}, seeds "
              f"{', '.join(map(str, seeds))}", "",
@@ -45,8 +48,8 @@ def section(folder: Path) -> str:
         diffs = [per_seed[variant][str(s)][metric] - per_seed[baseline][str(s)][metric] for s in seeds]
         lines.append(f"Per seed, {NAMES[metric].lower()} (OFS-DPO − DPO): "
                      + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
-    lines += ["", "### Both arms", "", tables[1].rstrip(), "", "![curves](results/in-domain-sentiment-curves.png)", "",
-              "![judge vs KL](results/in-domain-sentiment-reward_kl.png)", "", "### Wall time", ""]
+    lines += ["", "### Both arms", "", tables[1].rstrip(), "", f"![curves](results/{name}-curves.png)", "",
+              f"![judge vs KL](results/{name}-reward_kl.png)", "", "### Wall time", ""]
     for v, items in walls.items():
         lines.append(f"- `{v}`: " + "; ".join(items) + ".")
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs (both arms, "
@@ -60,11 +63,11 @@ def section(folder: Path) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def main(folder: str, page: str = "docs/results.md") -> None:
+def main(aggregates: list[str], page: str = "docs/results.md") -> None:
     text = Path(page).read_text()
     start, end = text.index(START), text.index(END)
-    Path(page).write_text(text[:start] + section(Path(folder)) + text[end:])
+    Path(page).write_text(text[:start] + "".join(section(Path(a)) for a in aggregates) + text[end:])
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])
