@@ -41,6 +41,7 @@ def test_the_cached_model_equals_the_gguf_load(tmp_path, monkeypatch):
     assert folder is not None and (tmp_path / "gguf").is_dir() and folder.startswith(str(tmp_path))
     cached = load_model(name, gguf, "float32", torch.device("cpu"))
     assert cached.config._name_or_path == direct.config._name_or_path == name  # adapters name the user's base
+    assert vars(cached).get("name_or_path") == vars(direct).get("name_or_path") == name  # what peft records
     assert cached_tok.name_or_path == name
     a, b = direct.state_dict(), cached.state_dict()
     assert a.keys() == b.keys()

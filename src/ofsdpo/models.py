@@ -185,7 +185,10 @@ def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.devic
     except (OSError, ValueError) as err:
         flag = f"--model {name}" + (f" --gguf-file {gguf_file}" if gguf_file else "")
         raise ModelError(f"{flag}: cannot load ({err})") from None
-    model.config._name_or_path = name  # adapters name their base as the user did, not the cache
+    # adapters name their base as the user did, not the cache (peft reads the model's own `name_or_path`)
+    model.config._name_or_path = name
+    if "name_or_path" in vars(model):
+        model.name_or_path = name
     return model.to(device)
 
 
