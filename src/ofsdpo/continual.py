@@ -66,24 +66,9 @@ class Domain:
     on_policy: Any = None  # `prompts:PATH,judge=SPEC`: the domain (domains.PromptDomain) whose rounds the stage samples
 
     def __post_init__(self):
-        self.test_reference = self.test_reference or ReferenceCache(len(self.test))
-        self.memory_reference = self.memory_reference or ReferenceCache(len(self.memory))
-        self.train_reference = self.train_reference or ReferenceCache(len(self.train))
-
-
-def _load_slot(model, name: str, lora, state: dict) -> None:
-    """Adapter `name` holding `state`. The slot is kept between calls while its shape stays the same: peft's
-    add/delete_adapter walk the whole model, and scoring runs many times per stage (the λ search, the report).
-    The stage's `model.unload()` strips it with the rest."""
-    held = model.peft_config.get(name)
-    if held is not None and (held.r, held.lora_alpha, held.target_modules) != (lora.r, lora.lora_alpha,
-                                                                                 lora.target_modules):
-        activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
-        model.delete_adapter(name)
-        held = None
-    if held is None:
-        model.add_adapter(name, lora)
-    load_adapter_state(model, name, state)
+        for part in ("test", "memory", "train"):  # given (shared by runners over the same files), or new
+            if getattr(self, f"{part}_reference") is None:
+                setattr(self, f"{part}_reference", ReferenceCache(len(getattr(self, part))))
 
 
 def _fits(held, lora) -> bool:
@@ -91,6 +76,20 @@ def _fits(held, lora) -> bool:
     runs without it)."""
     keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
     return all(getattr(held, k, None) == getattr(lora, k, None) for k in keys)
+
+
+def _load_slot(model, name: str, lora, state: dict) -> None:
+    """Adapter `name` holding `state`. The slot is kept between calls while its shape stays the same: peft's
+    add/delete_adapter walk the whole model, and scoring runs many times per stage (the λ search, the report).
+    The stage's `model.unload()` strips it with the rest."""
+    held = model.peft_config.get(name)
+    if held is not None and not _fits(held, lora):
+        activate(model, next(n for n in model.peft_config if n != name))  # never delete the active adapter
+        model.delete_adapter(name)
+        held = None
+    if held is None:
+        model.add_adapter(name, lora)
+    load_adapter_state(model, name, state)
 
 
 class ContinualRunner:
