@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from golden_runs import GOLDEN, adapter_files, metrics_files, run_all, strip_timing
@@ -15,9 +16,17 @@ def runs(tiny_model_dir, tmp_path_factory):
     return run_all(tiny_model_dir, tmp_path_factory.mktemp("golden"))
 
 
+# The runs are float32 and single-threaded, but CPUs differ in their GEMM kernels (AVX2 vs AVX-512 sum in different
+# orders), and six optimiser steps amplify those last-bit differences: an AMD EPYC machine reproduces the files to
+# a relative 6e-5 (grad norm) and 2e-5 (adapter weights). Half of float32's digits is the tolerance: far above that
+# noise and below what a change of behaviour does: alpha 0.45 instead of 0.5 moves the logged grad norms by 3.6 %
+# and the adapter weights by 4e-4 of their largest entry (both measured; both fail here).
+TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)  # 3.45e-4
+
+
 def close(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+        return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-5)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
@@ -33,7 +42,8 @@ def test_adapters_equal_the_golden_ones(runs, name):
         got, want = load_file(runs[name] / rel), load_file(GOLDEN / name / rel)
         assert got.keys() == want.keys(), rel
         for key in want:
-            assert (got[key] - want[key]).abs().max().item() <= 1e-6, f"{rel}: {key}"
+            scale = max(want[key].abs().max().item(), 1e-3)
+            assert (got[key] - want[key]).abs().max().item() <= TOLERANCE * scale, f"{rel}: {key}"
 
 
 @pytest.mark.parametrize("name", ["train-ofs-dpo", "continual-cofs-dpo"])
