@@ -95,6 +95,12 @@ def test_common_random_numbers_make_an_unmoved_module_tie_with_the_reference(tin
         same = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert same["win_rate"] == 0.5 and same["judge_score"] == same["reference_judge_score"]
+    store: dict = {}  # the reference's prompts kept across calls, as the continual runner keeps them
+    for _ in range(2):
+        with common_random_numbers(3, cpu):
+            again = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref, ref_prompt_states=store)
+        assert again["kl"] == 0.0 and again["per_prompt"]["kl"] == [0.0] * len(records)  # the same numbers, exactly
+    assert store and same["kl"] == 0.0
     with common_random_numbers(4, cpu):  # other draws: other samples
         other = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
     assert other["judge_score"] != other["reference_judge_score"]

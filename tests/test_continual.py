@@ -293,3 +293,15 @@ def test_runners_over_the_same_pairs_share_the_reference(tiny_model_dir, tmp_pat
     alone = runner("ofs-dpo", "alone", None).run()
     for key in ("loss", "accuracy"):
         assert torch.allclose(torch.tensor(shared["matrix"][key]), torch.tensor(alone["matrix"][key]), atol=1e-5)
+
+
+def test_later_stages_reset_the_first_stages_lora_layers(tiny_model_dir, tmp_path, domains, monkeypatch):
+    """Each stage's trainer builds a new LoraConfig (which peft would fill in); the LoRA layers are still injected
+    once per run and reset at every later stage (`modules.attach_adapters`), not injected again."""
+    import ofsdpo.modules as modules
+
+    calls = []
+    real = modules.get_peft_model
+    monkeypatch.setattr(modules, "get_peft_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, report = run(tiny_model_dir, tmp_path, domains, method="ofs-dpo")
+    assert len(report["matrix"]["loss"]) == 3 and len(calls) == 1

@@ -179,8 +179,8 @@ def test_attaching_again_resets_the_same_layers_as_a_fresh_attach(tiny_model_dir
     model.add_adapter("served", lora_config(4, 8, 0.0, "all-linear"))
     with monkeypatch.context() as patch:
         patch.setattr(modules, "get_peft_model", None)  # no injection
-        torch.manual_seed(5)
-        again = attach_adapters(model, config, OFS_ADAPTERS)
+        torch.manual_seed(5)  # a new config object, as each stage's trainer makes (peft fills in the one it got)
+        again = attach_adapters(model, lora_config(2, 4, 0.0, "all-linear"), OFS_ADAPTERS)
     assert again is model and tuple(model.peft_config) == OFS_ADAPTERS and torch.equal(torch.rand(3), fresh_draw)
     for name in OFS_ADAPTERS:
         state = modules.adapter_state(model, name)

@@ -55,8 +55,9 @@ def test_regret_follows_the_stream_order_and_its_end():
 
 
 def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
-    """One forward per response (rows counted at the input embedding), and the values of the pair path it replaces
-    (each response tokenized as chosen = rejected, the chosen half kept), float64, with a random LoRA module."""
+    """Each distinct prompt forwarded once, then each response once (rows counted at the input embedding), and the
+    values of the pair path it replaces (each response tokenized as chosen = rejected, the chosen half kept),
+    float64, with a random LoRA module."""
     from transformers import AutoModelForCausalLM
 
     from ofsdpo.data import collate, tokenize_pair
@@ -91,7 +92,72 @@ def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
             got = completion_logps(model, tokenizer, prompts, responses, chat, batch_size=3)
         finally:
             handle.remove()
-        assert rows == [3, 1]  # 4 responses, 3 per forward: each scored once
+        # each prompt once, then the responses after them, 3 rows per forward; in plain text "x" + "y" is one
+        # token (no prompt token of its own): that row is scored whole
+        assert rows == ([3, 3, 1] if not chat else [3, 1, 3, 1]), rows
         torch.testing.assert_close(got, torch.cat(want), rtol=1e-6, atol=0)
     as_messages = [[{"role": "user", "content": p}] for p in prompts]  # a conversational prompt as it is
     torch.testing.assert_close(completion_logps(model, tokenizer, as_messages, responses, chat=False), got)
+
+
+def test_completion_logps_keep_prompt_states_across_calls(tiny_model_dir, tokenizer):
+    """Two samples of one prompt share its forward; a store kept by the caller (the reference's, at every stage)
+    forwards the prompts once: a second call with new responses runs the responses alone, with the values of a call
+    without the store (float64; the values themselves are checked against whole sequences above)."""
+    from transformers import AutoModelForCausalLM
+
+    from ofsdpo.scoring import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    prompts = ["Tell me about the film", "Tell me about the film", "What did you think of the ending?"]
+    rows: list[int] = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args, seen=rows: seen.append(len(args[0])))
+    store: dict = {}
+    try:
+        first = completion_logps(model, tokenizer, prompts, [" It was fine.", " Dull.", " Sad."], True,
+                                 prompt_states=store)
+        assert sum(rows[:-1]) == 2 and rows[-1] == 3  # 2 distinct prompts, then the 3 responses in one forward
+        rows.clear()
+        second = completion_logps(model, tokenizer, prompts, [" Long and slow.", " Great!", " Hopeful."], True,
+                                  prompt_states=store)
+        assert rows == [3]  # the responses alone
+    finally:
+        handle.remove()
+    assert len(store) == 2
+    fresh = [completion_logps(model, tokenizer, prompts[i:i + 1], [r], True)
+             for i, r in enumerate([" Long and slow.", " Great!", " Hopeful."])]
+    torch.testing.assert_close(second, torch.cat(fresh), rtol=1e-9, atol=0)
+    assert first.shape == (3,) and torch.isfinite(first).all()
+
+
+def test_pair_losses_many_equal_each_set_scored_alone(tiny_model_dir, tokenizer):
+    """Several domains' pairs in shared batches (a batch straddles two sets) give each set the losses and
+    correctness it gets alone, float64, with a random LoRA module; each set keeps its own reference."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import sentiment_rows
+    from ofsdpo.data import load_preference_data
+    from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
+    from ofsdpo.reference import ReferenceCache
+    from ofsdpo.scoring import pair_losses, pair_losses_many
+
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                            lora_config(4, 8, 0.0, "all-linear"), DPO_ADAPTERS).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    rows = sentiment_rows(8)
+    short = load_preference_data(rows[:3], tokenizer, 128, 64)
+    long = load_preference_data([{**r, "prompt": r["prompt"] + " that everyone talked about for weeks"}
+                                 for r in rows[3:]], tokenizer, 128, 64)
+    sets = [(short, ReferenceCache(len(short)), [0, 2, 1]), (long, ReferenceCache(len(long)), [4, 0, 3, 1])]
+    together = pair_losses_many(model, sets, "default", tokenizer.pad_token_id, 0.1, batch_size=2)
+    for (data, _, indices), (losses, correct) in zip(sets, together):
+        alone = pair_losses(model, data, ReferenceCache(len(data)), indices, "default", tokenizer.pad_token_id, 0.1,
+                            batch_size=4)
+        torch.testing.assert_close(losses, alone[0], rtol=1e-9, atol=0)
+        assert torch.equal(correct, alone[1]) and len(losses) == len(indices)
+    assert not torch.equal(together[0][0][:2], together[1][0][:2])  # the sets did not get each other's numbers

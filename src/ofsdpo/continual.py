@@ -36,7 +36,7 @@ from .config import (RESUME_MAY_CHANGE, ConfigError, ContinualConfig, DomainSpec
                      read_config_file)
 from .data import DataError, PreferenceData, load_preference_data
 from .distributed import Processes
-from .scoring import heldout_scores
+from .scoring import heldout_scores_many
 from .models import load_model_and_tokenizer, resolve_device
 from .files import write_atomic, write_json
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
@@ -97,11 +97,14 @@ class ContinualRunner:
 
     def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
                  reference_scores: dict[str, list[float]] | None = None,
-                 reference_caches: dict[tuple, ReferenceCache] | None = None):
+                 reference_caches: dict[tuple, ReferenceCache] | None = None,
+                 reference_prompts: dict | None = None):
         """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
         several runners (the demo's methods, an experiment's seeds) judge the base model once. `reference_caches`
         likewise holds π_ref's log-probs of each pairs file domain's stream, report and memory pairs, for runners
-        over the same base model and files (the demo's methods): the reference scores each pair once."""
+        over the same base model and files (the demo's methods): the reference scores each pair once.
+        `reference_prompts` holds the base's states after each judged prompt (`scoring.completion_logps`), for
+        runners over the same base: the reference's side of every KL forwards the judged responses alone."""
         self.config = config
         cfg = config.training
         self.output_dir = Path(config.output_dir)
@@ -130,6 +133,7 @@ class ContinualRunner:
         self._reference_caches = reference_caches if reference_caches is not None else {}
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
+        self._reference_prompts = reference_prompts if reference_prompts is not None else {}
         # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
         # instead of injecting new LoRA layers into every target module of the model for each stage
         self._borrowed: dict[str, str] = {}
@@ -304,7 +308,7 @@ class ContinualRunner:
 
     def _score_stage(self, model, served_lora, served, matrix: dict) -> None:
         """The served module on every domain's report pairs (and judged, with --judge-prompts): one matrix row."""
-        scores = [self._score(model, served_lora, served, d.test, d.test_reference) for d in self.domains]
+        scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in self.domains])
         matrix["loss"].append([s["loss"] for s in scores])
         matrix["accuracy"].append([s["accuracy"] for s in scores])
         if self.config.judge_prompts:
@@ -391,11 +395,12 @@ class ContinualRunner:
         _load_slot(model, name, lora, state)
         return name
 
-    def _score(self, model, lora, state, data: PreferenceData, reference: ReferenceCache, name="served") -> dict:
+    def _score(self, model, lora, state, sets: list[tuple[PreferenceData, ReferenceCache]], name="served") -> list:
+        """`state`'s loss and accuracy on each (pairs, reference) set, the sets' pairs in shared batches."""
         cfg = self.config.training
         name = self._slot(model, name, lora, state)
-        return heldout_scores(model, data, reference, name, self.tokenizer.pad_token_id, cfg.beta,
-                              cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
+        return heldout_scores_many(model, sets, name, self.tokenizer.pad_token_id, cfg.beta,
+                                   cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
     def _judge(self, model, lora, state) -> list[dict]:
         """Judge the served module's samples on each built-in domain's held-out prompts, and on an on-policy
@@ -418,6 +423,7 @@ class ContinualRunner:
         with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
             evals = judge_evals(model, self.tokenizer, tasks, served,
                                 ref_scores=[self._reference_scores[name] for _, name, _ in judged],
+                                ref_prompt_states=self._reference_prompts,
                                 samples_per_prompt=self.config.judge_samples)
         results = [{} for _ in self.domains]  # a domain of pairs files only: nothing to judge with
         for (i, _, _), result in zip(judged, evals):
@@ -450,13 +456,10 @@ class ContinualRunner:
     def _memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
         """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
         seen = self.domains[:k + 1]
-        losses, accs = [], []
-        for d in seen:
-            s = self._score(model, lora, state, d.memory, d.memory_reference, name="candidate")
-            losses.append(s["loss"] * len(d.memory))
-            accs.append(s["accuracy"] * len(d.memory))
+        scores = self._score(model, lora, state, [(d.memory, d.memory_reference) for d in seen], name="candidate")
         total = sum(len(d.memory) for d in seen)
-        return sum(losses) / total, sum(accs) / total
+        return (sum(s["loss"] * len(d.memory) for s, d in zip(scores, seen)) / total,
+                sum(s["accuracy"] * len(d.memory) for s, d in zip(scores, seen)) / total)
 
     def _choose_weights(self, model, lora, kept, previous, k):
         """(weights over the kept modules, λ or None, every scored point) by the lowest memory DPO loss (SPEC §4)."""

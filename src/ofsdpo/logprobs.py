@@ -174,3 +174,105 @@ def stacked_forward(model: torch.nn.Module, batch: dict, copies: int, chunk_size
     inputs = [torch.cat([batch[key]] * copies) for key in ("input_ids", "attention_mask", "completion_mask")]
     logps = sequence_logps(model, *inputs, chunk_size=chunk_size)
     return [part.chunk(2) for part in logps.chunk(copies)]
+
+
+# --- responses after shared prompts (judging) ------------------------------------------------------------------------
+# A judged response is scored after its prompt, and judging meets the same prompts again and again: every sample of
+# a prompt, and the reference's side at every stage of a run. Each distinct prompt is forwarded once here (its KV
+# cache and last hidden state kept) and only the responses run after it; a caller that keeps `states` across calls
+# (the reference's, whose weights never change) forwards a prompt once per run.
+
+PromptState = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]  # per-layer (keys, values), last hidden
+
+
+def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, device) -> dict[tuple, PromptState]:
+    """Each prompt's KV cache and last hidden state, `batch_size` prompts per forward (left-padded: at a few rows
+    a forward costs about what reading the weights does, so one forward for many short prompts), in a fixed order,
+    so the same prompts always give the same numbers (a module equal to the base ties the reference)."""
+    from .generation import _cache_of
+
+    states = {}
+    ordered = sorted(prompts, key=lambda p: (len(p), p))
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start:start + batch_size]
+        width = len(group[-1])
+        ids = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for j, prompt in enumerate(group):
+            ids[j, width - len(prompt):] = torch.tensor(prompt, device=device)
+            mask[j, width - len(prompt):] = 1
+        out = backbone(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+        for j, prompt in enumerate(group):
+            n = len(prompt)
+            states[prompt] = ([(k[j:j + 1, :, width - n:], v[j:j + 1, :, width - n:]) for k, v in layers],
+                              out.last_hidden_state[j, -1])
+    return states
+
+
+def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptState, int, list[int]]], device):
+    """Summed log-probs of each (prompt state, prompt length, response ids) row: one forward of the responses
+    (right-padded) after the prompts' caches (left-padded), at each row's own positions."""
+    from transformers import DynamicCache
+
+    width, span = max(n for _, n, _ in rows), max(len(r) for _, _, r in rows)
+    mask = torch.zeros((len(rows), width + span), dtype=torch.long, device=device)
+    responses = torch.zeros((len(rows), span), dtype=torch.long, device=device)
+    layers = []
+    for layer, (k0, v0) in enumerate(rows[0][0][0]):
+        keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+        values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+        for i, ((kv, _), n, _) in enumerate(rows):
+            keys[i, :, width - n:], values[i, :, width - n:] = kv[layer][0][0], kv[layer][1][0]
+        layers.append((keys, values))
+    for i, (_, n, response) in enumerate(rows):
+        mask[i, width - n:width] = 1
+        mask[i, width:width + len(response)] = 1
+        responses[i, :len(response)] = torch.tensor(response, device=device)
+    positions = torch.tensor([n for _, n, _ in rows], device=device)[:, None] + torch.arange(span, device=device)
+    hidden = backbone(input_ids=responses, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{key: DynamicCache(ddp_cache_data=layers)}).last_hidden_state
+    # response token t is predicted at the position before it: the prompt's last one for t = 0
+    scored = torch.cat([torch.stack([state[1] for state, _, _ in rows])[:, None], hidden[:, :-1]], dim=1)
+    at, cols = mask[:, width:].nonzero(as_tuple=True)
+    with _gathered(head):
+        token_logps = _token_logps(head, scored[at, cols], responses[at, cols], getattr(config, "final_logit_softcapping",
+                                   None), getattr(config, "logit_scale", None))
+    return torch.zeros(len(rows), dtype=token_logps.dtype, device=device).index_add(0, at, token_logps)
+
+
+@torch.no_grad()
+def prompt_cached_logps(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                        batch_size: int = 16, states: dict | None = None) -> torch.Tensor | None:
+    """log π(response | prompt) summed over each response's tokens, the numbers `sequence_logps` gives for prompt +
+    response, with each distinct prompt forwarded once (`states`: a caller's store of prompt states, filled as
+    needed and kept across calls). Rows of similar lengths run together, `batch_size` at a time. None where this
+    does not apply (an unknown layout, windowed attention, no rows, an empty prompt or response): score whole
+    sequences."""
+    from .generation import _cache_key, _full_attention
+
+    parts = _causal_lm_parts(model)
+    if parts is None or not _full_attention(parts[2]) or not all(prompt_ids) or not all(response_ids):
+        return None
+    backbone, head, config = parts
+    device, key = next(model.parameters()).device, _cache_key(backbone)
+    keys = [tuple(p) for p in prompt_ids]
+    out = None
+    # without a caller's store, prompts are kept only for a block of rows at a time (prompt-major callers keep a
+    # prompt's samples together): memory stays bounded for any number of prompts
+    block = len(keys) if states is not None else 16 * batch_size
+    for first in range(0, len(keys), block):
+        store = states if states is not None else {}
+        ids = range(first, min(first + block, len(keys)))
+        missing = list({keys[i] for i in ids if keys[i] not in store})
+        store.update(_prompt_states(backbone, missing, batch_size, device))
+        order = sorted(ids, key=lambda i: (len(keys[i]), len(response_ids[i])))  # similar rows pad little
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            sums = _after_prompts(backbone, head, config, key,
+                                  [(store[keys[i]], len(keys[i]), response_ids[i]) for i in chunk], device)
+            if out is None:
+                out = sums.new_zeros(len(keys))
+            out[chunk] = sums
+    return out

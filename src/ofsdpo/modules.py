@@ -65,7 +65,8 @@ def attach_adapters(base_model: torch.nn.Module, config: LoraConfig, names) -> P
         if reset is not None:
             return reset
         base_model = base_model.unload()
-    rng = torch.get_rng_state()
+    rng, key = torch.get_rng_state(), _attach_key(config, names)
+    config = copy.deepcopy(config)  # peft fills in the config it gets (the base's name, the target modules resolved)
     base_model.requires_grad_(False)
     model = get_peft_model(base_model, config, adapter_name=names[0])
     for name in names[1:]:
@@ -73,7 +74,7 @@ def attach_adapters(base_model: torch.nn.Module, config: LoraConfig, names) -> P
         copy_adapter(model, names[0], name)
     model.set_adapter(names[0])
     set_trainable(model, names)
-    _FRESH[model] = (_attach_key(config, names), rng, adapter_state(model, names[0]), torch.get_rng_state())
+    _FRESH[model] = (key, rng, adapter_state(model, names[0]), torch.get_rng_state())
     return model
 
 

@@ -21,28 +21,55 @@ from .reference import ReferenceCache
 def pair_losses(model, data: PreferenceData, reference: ReferenceCache, indices: list[int], adapter: str,
                 pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None):
     """Per-pair DPO loss and correctness (r(y_w) > r(y_l)) of `adapter` on `data[indices]`: no dropout, no grad."""
-    reference.fill(model, data.pairs, indices, pad_token_id, batch_size, chunk_size)
+    return pair_losses_many(model, [(data, reference, indices)], adapter, pad_token_id, beta, batch_size, chunk_size,
+                            trained)[0]
+
+
+@torch.no_grad()
+def pair_losses_many(model, sets: list[tuple[PreferenceData, ReferenceCache, list[int]]], adapter: str,
+                     pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None):
+    """`pair_losses` for several (data, reference, indices) sets at once, their pairs in shared batches (a few
+    pairs of each of several domains make one forward, not one each: at a few rows a forward costs about what
+    reading the weights does). Returns each set's (losses, correct)."""
+    for data, reference, indices in sets:
+        reference.fill(model, data.pairs, indices, pad_token_id, batch_size, chunk_size)
+    items = [(k, i) for k, (_, _, indices) in enumerate(sets) for i in indices]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     activate(model, adapter, trained)
     losses, correct = [], []
-    for start in range(0, len(indices), batch_size):
-        batch = collate([data.pairs[i] for i in indices[start:start + batch_size]], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        chosen, rejected = concatenated_forward(model, batch, chunk_size)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *reference.get(batch["index"], device), beta)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = collate([sets[k][0].pairs[i] for k, i in chunk], pad_token_id)
+        chosen, rejected = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
+        references = [sets[k][1].get(torch.tensor([sets[k][0].pairs[i]["index"]]), device) for k, i in chunk]
+        ref_chosen = torch.cat([c for c, _ in references])
+        ref_rejected = torch.cat([r for _, r in references])
+        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
         losses.append(loss.float().cpu())
         correct.append((chosen_rewards > rejected_rewards).float().cpu())
     model.train(was_training)
-    return torch.cat(losses), torch.cat(correct)
+    losses, correct = torch.cat(losses or [torch.zeros(0)]), torch.cat(correct or [torch.zeros(0)])
+    out, at = [], 0
+    for _, _, indices in sets:
+        out.append((losses[at:at + len(indices)], correct[at:at + len(indices)]))
+        at += len(indices)
+    return out
 
 
 def heldout_scores(model, data: PreferenceData, reference: ReferenceCache, adapter: str, pad_token_id: int,
                    beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None) -> dict[str, float]:
-    losses, correct = pair_losses(model, data, reference, list(range(len(data))), adapter, pad_token_id, beta,
-                                  batch_size, chunk_size, trained)
-    return {"loss": losses.mean().item(), "accuracy": correct.mean().item()}
+    return heldout_scores_many(model, [(data, reference)], adapter, pad_token_id, beta, batch_size, chunk_size,
+                               trained)[0]
+
+
+def heldout_scores_many(model, sets: list[tuple[PreferenceData, ReferenceCache]], adapter: str, pad_token_id: int,
+                        beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None) -> list[dict]:
+    """Each (data, reference) set's mean DPO loss and accuracy over all its pairs, the sets scored together."""
+    scored = pair_losses_many(model, [(d, r, list(range(len(d)))) for d, r in sets], adapter, pad_token_id, beta,
+                              batch_size, chunk_size, trained)
+    return [{"loss": losses.mean().item(), "accuracy": correct.mean().item()} for losses, correct in scored]
 
 
 def _response_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -60,13 +87,15 @@ def _response_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: 
 
 @torch.no_grad()
 def completion_logps(model, tokenizer, prompts: list, responses: list[str], chat: bool, max_length: int = 512,
-                     batch_size: int = 16) -> torch.Tensor:
+                     batch_size: int = 16, prompt_states: dict | None = None) -> torch.Tensor:
     """log π(response | prompt) summed over the response tokens, for the model's active adapter. Each response is
     tokenized as training tokenizes a completion (`data.tokenize_pair`: EOS appended, the same truncation) and
-    scored by one forward, `batch_size` responses at a time. A prompt is a string (with `chat`, one user message)
-    or a list of messages."""
+    scored after its prompt, each distinct prompt forwarded once (`logprobs.prompt_cached_logps`; `prompt_states`
+    keeps them across calls for weights that do not change), `batch_size` responses at a time; where that does not
+    apply, one forward of each whole sequence. A prompt is a string (with `chat`, one user message) or a list of
+    messages."""
     from .data import tokenize_pair
-    from .logprobs import sequence_logps
+    from .logprobs import prompt_cached_logps, sequence_logps
 
     device = next(model.parameters()).device
     sequences = []
@@ -77,11 +106,20 @@ def completion_logps(model, tokenizer, prompts: list, responses: list[str], chat
             prompt, response = messages, [{"role": "assistant", "content": response}]
         example, _, _ = tokenize_pair(tokenizer, prompt, response, response, max_length, max_length // 2)
         sequences.append((example["prompt_ids"], example["chosen_ids"]))
-    out = [torch.zeros(0)]
-    for start in range(0, len(sequences), batch_size):
-        batch = _response_batch(sequences[start:start + batch_size], tokenizer.pad_token_id)
-        out.append(sequence_logps(model, **{k: v.to(device) for k, v in batch.items()}).float().cpu())
-    return torch.cat(out)
+    # a plain-text prompt whose last token merges with the response's first has no prompt tokens of its own
+    after_prompt = [i for i, (p, r) in enumerate(sequences) if p and r]
+    cached = prompt_cached_logps(model, [sequences[i][0] for i in after_prompt],
+                                 [sequences[i][1] for i in after_prompt], batch_size, prompt_states)
+    out = torch.zeros(len(sequences))
+    whole = range(len(sequences))
+    if cached is not None:
+        out[after_prompt] = cached.float().cpu()
+        whole = sorted(set(whole) - set(after_prompt))
+    for start in range(0, len(whole), batch_size):
+        rows = list(whole[start:start + batch_size])
+        batch = _response_batch([sequences[i] for i in rows], tokenizer.pad_token_id)
+        out[rows] = sequence_logps(model, **{k: v.to(device) for k, v in batch.items()}).float().cpu()
+    return out
 
 
 @contextlib.contextmanager
@@ -136,11 +174,12 @@ def _per_prompt(values: list[float], samples_per_prompt: int) -> list[float]:
 
 def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: str | None = None,
                 batch_size: int = 16, progress: bool = False, ref_scores: list[list[float]] | None = None,
-                samples_per_prompt: int = 1) -> list[dict[str, Any]]:
+                samples_per_prompt: int = 1, ref_prompt_states: dict | None = None) -> list[dict[str, Any]]:
     """`judge_eval` for several (domain, records) tasks at once: their prompts are sampled in one call and their
     responses scored by one log-prob pass each for the policy and the reference (at a few rows per step, one call
     for three domains takes about the time of one). `ref_scores` holds one list per task, drawn by
-    `reference_sample_groups` with the same tasks and seed."""
+    `reference_sample_groups` with the same tasks and seed; `ref_prompt_states`, a store the caller keeps, holds
+    the reference's prompt states across calls (`completion_logps`)."""
     from .modules import reference_mode
 
     if adapter is not None:
@@ -160,7 +199,7 @@ def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: 
     model.eval()
     policy_logps = completion_logps(model, tokenizer, prompts, responses, False)
     with reference_mode(model):
-        ref_logps = completion_logps(model, tokenizer, prompts, responses, False)
+        ref_logps = completion_logps(model, tokenizer, prompts, responses, False, prompt_states=ref_prompt_states)
     if adapter is not None:
         activate(model, adapter)
     model.train(was_training)
@@ -181,14 +220,14 @@ def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: 
 
 def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
                progress: bool = False, ref_scores: list[float] | None = None,
-               samples_per_prompt: int = 1) -> dict[str, Any]:
+               samples_per_prompt: int = 1, ref_prompt_states: dict | None = None) -> dict[str, Any]:
     """Mean judge score of the policy's samples, win rate against the reference's samples (ties count half),
     a sample-based KL(π || π_ref) estimate, and the mean response length in words, over `samples_per_prompt`
     samples of each record. `ref_scores` (from `reference_samples`, same records and samples) lets several
     evaluations share one set of reference samples. `per_prompt` holds each prompt's mean judge score, win rate
     and KL: the units of a bootstrap over prompts."""
     return judge_evals(model, tokenizer, [(domain, records)], adapter, batch_size, progress,
-                       None if ref_scores is None else [ref_scores], samples_per_prompt)[0]
+                       None if ref_scores is None else [ref_scores], samples_per_prompt, ref_prompt_states)[0]
 
 
 def select_served(names, eval_scores: dict[str, float] | None, online_losses: list[dict], window: int,

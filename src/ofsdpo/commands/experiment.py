@@ -95,6 +95,7 @@ class ExperimentRunner:
         self._pairs: dict[str, Path] = {}
         self._report: dict[str, tuple] = {}
         self._reference_scores: dict[int, dict[str, list[float]]] = {}  # by seed, then domain
+        self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -305,7 +306,7 @@ class ExperimentRunner:
                                       run_config.logprob_chunk_size, trainer.names)
         with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws, this seed's
             judged = judge_eval(model, tokenizer, get_domain(domain_name), records, served, ref_scores=ref_scores,
-                                samples_per_prompt=cfg.judge_samples)
+                                samples_per_prompt=cfg.judge_samples, ref_prompt_states=self._reference_prompts)
         model.unload()  # the same base object, LoRA layers removed, for the next run
         regret = [json.loads(line) for line in (run_dir / "regret.jsonl").read_text().splitlines() if line.strip()]
         return {"domain": domain_name, "method": run_config.method, "served_module": served, "steps": summary["steps"],
@@ -334,7 +335,8 @@ class ExperimentRunner:
         # the first variant of this seed draws the reference's samples (every domain in one call, as the runner
         # judges its served modules); the other variants share them: the same draws for every variant of a seed
         runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer,
-                                 reference_scores=self._reference_scores.setdefault(seed, {}))
+                                 reference_scores=self._reference_scores.setdefault(seed, {}),
+                                 reference_prompts=self._reference_prompts)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
         forgetting = report["cl/forgetting_judge"]
