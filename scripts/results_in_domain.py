@@ -4,7 +4,9 @@
         docs/results/in-domain-critic-aggregate.json
 
 Each argument is an aggregate.json with its aggregate.md beside it (as `ofsdpo experiment` writes them, or copied
-into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given.
+into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given. A reading written
+by hand (what the numbers say together) lives in NAME-reading.md beside the aggregate and ends its section, so
+regenerating the page keeps it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def section(path: Path) -> str:
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
                      f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
                      f"(MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
+    reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
+    if reading.is_file():
+        lines += ["", reading.read_text().strip()]
     return "\n".join(lines) + "\n\n"
 
 
