@@ -193,3 +193,31 @@ def test_attaching_again_resets_the_same_layers_as_a_fresh_attach(tiny_model_dir
     assert other is not model and isinstance(other, type(model))
     assert not all(torch.equal(a, b) for a, b in zip(adapter_parameters(other, "fast"),
                                                      adapter_parameters(fresh, "fast")))
+
+
+def test_adapter_state_is_peft_state_dict_without_walking_the_model(tiny_model_dir, monkeypatch):
+    """Once peft's keys were checked, `adapter_state` copies the cached LoRA parameters: the same keys and values as
+    peft's `get_peft_model_state_dict`, for each adapter, after the weights change, and as copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    import ofsdpo.modules
+    from ofsdpo.modules import adapter_state
+
+    model = make(tiny_model_dir)
+    for name in OFS_ADAPTERS:
+        adapter_state(model, name)  # the first call checks the keys against peft's
+    with torch.no_grad():
+        for p in adapter_parameters(model, "slow"):
+            p.add_(torch.randn_like(p))
+    calls = []
+    monkeypatch.setattr(ofsdpo.modules, "get_peft_model_state_dict", lambda *a, **k: calls.append(a))
+    states = {name: adapter_state(model, name) for name in OFS_ADAPTERS}
+    monkeypatch.undo()
+    assert calls == []
+    for name in OFS_ADAPTERS:
+        want = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+        assert states[name].keys() == want.keys() and len(want) > 0
+        assert all(torch.equal(states[name][k], want[k]) for k in want), name
+    for value in states["fast"].values():
+        value.zero_()  # a copy: the model keeps its weights
+    assert any(p.abs().sum() > 0 for p in adapter_parameters(model, "fast"))
