@@ -38,8 +38,11 @@ def section(path: Path) -> str:
         variant = cell.split("/")[0]
         walls[variant] = [f"seed {seed} {runs[str(seed)]['wall_seconds'] / 60:.1f} min" for seed in seeds]
     name = agg["experiment"]
-    lines = [f"{START}: OFS-DPO aligns better than DPO on the same online stream — {name}, seeds "
-             f"{', '.join(map(str, seeds))}", "",
+    on_policy = any(v.get("on_policy") for v in agg["config"]["variants"])
+    claim = ("the online claim on-policy: OFS-DPO aligns better than DPO when each round is sampled from the "
+             "learner and judged" if on_policy else "OFS-DPO aligns better than DPO on the same online stream")
+    lines = [f"{START}, {claim} — {name}, seeds {', '.join(map(str, seeds))}" if on_policy else
+             f"{START}: {claim} — {name}, seeds {', '.join(map(str, seeds))}", "",
              f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, seeds))}); the protocol and "
              "seeds were fixed in the experiment file before any result was read.", "",
              "### The headline: OFS-DPO − DPO, paired by seed", "", tables[0].rstrip(), ""]

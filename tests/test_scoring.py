@@ -54,24 +54,31 @@ def test_regret_follows_the_stream_order_and_its_end():
     assert curve[-1]["regret"] == pytest.approx((1.0 - 0.4) + (1.0 - 0.6))
 
 
-def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
-    """Each distinct prompt forwarded once, then each response once (rows counted at the input embedding), and the
-    values of the pair path it replaces (each response tokenized as chosen = rejected, the chosen half kept),
-    float64, with a random LoRA module."""
+def random_lora_model(tiny_model_dir, seed: int):
+    """The tiny model in float64 with one LoRA adapter whose B is random (a module that has moved), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from ofsdpo.data import collate, tokenize_pair
-    from ofsdpo.logprobs import concatenated_forward
     from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
-    from ofsdpo.scoring import completion_logps
 
     model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
                             lora_config(4, 8, 0.0, "all-linear"), DPO_ADAPTERS).eval()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
+    """Each distinct prompt forwarded once, then each response once (rows counted at the input embedding), and the
+    values of the pair path it replaces (each response tokenized as chosen = rejected, the chosen half kept),
+    float64, with a random LoRA module."""
+    from ofsdpo.data import collate, tokenize_pair
+    from ofsdpo.logprobs import concatenated_forward
+    from ofsdpo.scoring import completion_logps
+
+    model = random_lora_model(tiny_model_dir, seed=0)
     prompts = ["Hello there", "A much longer prompt than the first one", "Why?", "x"]
     responses = ["General Kenobi.", "", "Because the sky is blue and the grass is green.", "y"]
     for chat in (False, True):
@@ -134,21 +141,12 @@ def test_completion_logps_keep_prompt_states_across_calls(tiny_model_dir, tokeni
 def test_pair_losses_many_equal_each_set_scored_alone(tiny_model_dir, tokenizer):
     """Several domains' pairs in shared batches (a batch straddles two sets) give each set the losses and
     correctness it gets alone, float64, with a random LoRA module; each set keeps its own reference."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import sentiment_rows
     from ofsdpo.data import load_preference_data
-    from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
     from ofsdpo.reference import ReferenceCache
     from ofsdpo.scoring import pair_losses, pair_losses_many
 
-    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
-                            lora_config(4, 8, 0.0, "all-linear"), DPO_ADAPTERS).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    model = random_lora_model(tiny_model_dir, seed=1)
     rows = sentiment_rows(8)
     short = load_preference_data(rows[:3], tokenizer, 128, 64)
     long = load_preference_data([{**r, "prompt": r["prompt"] + " that everyone talked about for weeks"}
