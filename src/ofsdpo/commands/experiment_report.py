@@ -261,7 +261,7 @@ def _plot_lambda_search(out: Path, config: ExperimentConfig, cells: dict) -> str
         ax.set_xlabel("λ (weight of the modules kept before)")
         ax.set_ylabel("memory DPO loss (all domains seen)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{config.name}: the λ search's memory loss (mean ± std over seeds)")
+    fig.suptitle(f"{config.name}\nthe λ search's memory loss (mean ± std over seeds)", fontsize=10)
     return save(fig, out / f"{config.name}-lambda_search.png")
 
 
@@ -279,7 +279,8 @@ def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
         axes[1][j].set_ylabel("cumulative online regret")
         axes[1][j].set_xlabel("online round (= optimiser step)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{config.name}: learning and regret curves (mean ± std over seeds)")
+    # two lines: one domain's figure is narrower than the title on one line
+    fig.suptitle(f"{config.name}\nlearning and regret curves (mean ± std over seeds)", fontsize=10)
     return save(fig, out / f"{config.name}-curves.png")
 
 
