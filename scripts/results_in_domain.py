@@ -41,8 +41,7 @@ def section(path: Path) -> str:
     on_policy = any(v.get("on_policy") for v in agg["config"]["variants"])
     claim = ("the online claim on-policy: OFS-DPO aligns better than DPO when each round is sampled from the "
              "learner and judged" if on_policy else "OFS-DPO aligns better than DPO on the same online stream")
-    lines = [f"{START}, {claim} — {name}, seeds {', '.join(map(str, seeds))}" if on_policy else
-             f"{START}: {claim} — {name}, seeds {', '.join(map(str, seeds))}", "",
+    lines = [f"{START}{', ' if on_policy else ': '}{claim} — {name}, seeds {', '.join(map(str, seeds))}", "",
              f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, seeds))}); the protocol and "
              "seeds were fixed in the experiment file before any result was read.", "",
              "### The headline: OFS-DPO − DPO, paired by seed", "", tables[0].rstrip(), ""]

@@ -43,9 +43,7 @@ def pair_losses_many(model, sets: list[tuple[PreferenceData, ReferenceCache, lis
         chunk = items[start:start + batch_size]
         batch = collate([sets[k][0].pairs[i] for k, i in chunk], pad_token_id)
         chosen, rejected = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
-        references = [sets[k][1].get(torch.tensor([sets[k][0].pairs[i]["index"]]), device) for k, i in chunk]
-        ref_chosen = torch.cat([c for c, _ in references])
-        ref_rejected = torch.cat([r for _, r in references])
+        ref_chosen, ref_rejected = _references(sets, chunk, batch["index"], device)
         loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
         losses.append(loss.float().cpu())
         correct.append((chosen_rewards > rejected_rewards).float().cpu())
@@ -56,6 +54,21 @@ def pair_losses_many(model, sets: list[tuple[PreferenceData, ReferenceCache, lis
         out.append((losses[at:at + len(indices)], correct[at:at + len(indices)]))
         at += len(indices)
     return out
+
+
+def _references(sets, chunk: list[tuple[int, int]], indices: torch.Tensor, device):
+    """π_ref's log-probs of a batch whose rows come from several sets: one lookup per set in the batch (each set's
+    own cache, by the rows' pair indices), put back in row order."""
+    owner = torch.tensor([k for k, _ in chunk])
+    chosen, rejected, order = [], [], []
+    for k in owner.unique().tolist():
+        rows = (owner == k).nonzero().squeeze(-1)
+        c, r = sets[k][1].get(indices[rows], device)
+        chosen.append(c)
+        rejected.append(r)
+        order.append(rows)
+    back = torch.cat(order).argsort().to(device)
+    return torch.cat(chosen)[back], torch.cat(rejected)[back]
 
 
 def heldout_scores(model, data: PreferenceData, reference: ReferenceCache, adapter: str, pad_token_id: int,
