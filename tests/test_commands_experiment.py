@@ -92,6 +92,20 @@ def test_write_aggregate_tables_and_plots(tmp_path, kind):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_continual_aggregate_with_cells_not_scored(tmp_path):
+    """score_domains seen: a stage's cells for domains not trained yet are None in every seed; the aggregate keeps
+    them None, the table writes '-', the heat-map leaves them blank."""
+    config = ExperimentConfig(name="t", kind="continual", domains=["sentiment", "critic"],
+                              variants=[{"name": "dpo", "method": "dpo"}])
+    results = {s: {**fake_continual(s), "judge_matrix": [[0.5, None], [0.1 * s, 0.4]]} for s in (0, 1, 2)}
+    summary = write_aggregate(tmp_path, config, {"dpo": results})
+    matrix = summary["cells"]["dpo"]["judge_matrix"]
+    assert matrix[0][1] is None and matrix[1][0]["n"] == 3
+    text = (tmp_path / "aggregate.md").read_text()
+    assert "| 1-sentiment | +0.500 ± 0.000 | - |" in text.splitlines()
+    assert (tmp_path / "t-judge_matrices.png").stat().st_size > 10_000
+
+
 def test_shipped_experiments_load_and_bad_variants_fail():
     """The shipped experiments have the scale issue 12 asks for: >= 128 training pairs, >= 64 report pairs
     (rounds over the 48 held-out prompts), >= 96 judged samples per domain and arm, >= 5 seeds."""

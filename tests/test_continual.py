@@ -96,6 +96,39 @@ def test_builtin_domains_are_judged_after_every_stage(tiny_model_dir, tmp_path):
     assert "cl/avg_judge_score" in report and set(report["cl/forgetting_judge"]) == {"sentiment"}
 
 
+def test_score_domains_seen_leaves_out_the_domains_not_trained_yet(tiny_model_dir, tmp_path):
+    """--score-domains seen: the stage x domain matrix without its upper triangle, the rest as under `all` (the
+    same training; report pairs have no randomness), and each domain's reference drawn in a call of its own."""
+    from ofsdpo.domains import get_domain
+    from ofsdpo.scoring import common_random_numbers, reference_samples
+
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great")}
+    domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+    common = dict(method="dpo", judge_prompts=2, max_steps_per_domain=1, seed=3)
+    _, everything = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "all"), **common)
+    config, seen = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "seen"), score_domains="seen",
+                       **common)
+    for key in ("loss", "accuracy", "judge_score", "win_rate", "kl"):
+        assert seen["matrix"][key][0][1] is None and everything["matrix"][key][0][1] is not None
+        assert None not in seen["matrix"][key][0][:1] + seen["matrix"][key][1]
+    for key in ("loss", "accuracy"):  # the cells both score are the same numbers
+        assert seen["matrix"][key][0][0] == everything["matrix"][key][0][0]
+        assert seen["matrix"][key][1] == everything["matrix"][key][1]
+    assert set(seen["cl/forgetting_judge"]) == {"sentiment"} and seen["cl/bwt"] == everything["cl/bwt"]
+    report_txt = (tmp_path / "seen" / "report.txt").read_text()
+    assert report_txt.count(" -") >= 2 and (tmp_path / "seen" / "heatmap.png").stat().st_size > 1000
+    # the reference's samples of each domain as `experiment` draws an in-domain run's: alone, under the seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name in files:
+        domain = get_domain(name)
+        with common_random_numbers(3, torch.device("cpu")):
+            alone = reference_samples(model, tokenizer, domain, domain.prompts("heldout")[:2])
+        assert seen["base_judge_score"][name] == pytest.approx(sum(alone) / len(alone), abs=0)
+
+
 class PowerCut(Exception):
     pass
 

@@ -501,6 +501,12 @@ class ContinualOptions:
     judge_samples: int = field(
         default=1, metadata=_help("Judged samples per held-out prompt (more samples, less judge noise).")
     )
+    score_domains: Literal["all", "seen"] = field(
+        default="all",
+        metadata=_help("Domains each stage's served module is scored and judged on: all (the whole stage x domain "
+                       "matrix, forward transfer too) or seen (those trained so far: all that forgetting needs, "
+                       "fewer passes; the other cells stay empty, and each domain is judged in a call of its own)."),
+    )
     selection: Literal["memory", "heldout"] = field(
         default="memory",
         metadata=_help("Pairs that choose each stage's best fast module and served module: the memory (never in the "

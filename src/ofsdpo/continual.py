@@ -265,7 +265,7 @@ class ContinualRunner:
             stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
                      "best_fast": summary.get("best_fast"), "lambda": None}
             served, served_lora, init_state, weights = self._serve(k, trainer, summary, kept, weights, stage)
-            self._score_stage(trainer.model, served_lora, served, matrix)
+            self._score_stage(k, trainer.model, served_lora, served, matrix)
             stages.append(stage)
             self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
                              kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
@@ -306,13 +306,17 @@ class ContinualRunner:
             return served, served_lora, None, weights
         return final, lora, final, weights
 
-    def _score_stage(self, model, served_lora, served, matrix: dict) -> None:
-        """The served module on every domain's report pairs (and judged, with --judge-prompts): one matrix row."""
-        scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in self.domains])
-        matrix["loss"].append([s["loss"] for s in scores])
-        matrix["accuracy"].append([s["accuracy"] for s in scores])
+    def _score_stage(self, k: int, model, served_lora, served, matrix: dict) -> None:
+        """The served module after stage k on the domains' report pairs (and judged, with --judge-prompts): one
+        matrix row; with --score-domains seen, the domains not trained yet are left out (None)."""
+        scored = len(self.domains) if self.config.score_domains == "all" else k + 1
+        scores = self._score(model, served_lora, served,
+                             [(d.test, d.test_reference) for d in self.domains[:scored]])
+        scores += [{}] * (len(self.domains) - scored)
+        matrix["loss"].append([s.get("loss") for s in scores])
+        matrix["accuracy"].append([s.get("accuracy") for s in scores])
         if self.config.judge_prompts:
-            judged = self._judge(model, served_lora, served)
+            judged = self._judge(model, served_lora, served, scored)
             for key in ("judge_score", "win_rate", "kl"):
                 matrix.setdefault(key, []).append([j.get(key) for j in judged])
 
@@ -402,32 +406,34 @@ class ContinualRunner:
         return heldout_scores_many(model, sets, name, self.tokenizer.pad_token_id, cfg.beta,
                                    cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
 
-    def _judge(self, model, lora, state) -> list[dict]:
-        """Judge the served module's samples on each built-in domain's held-out prompts, and on an on-policy
-        domain's held-out prompts with its own judge (SPEC §6 evaluation). Every domain's prompts are sampled in
-        one call, the reference's (once per run, all domains together) and the policy's alike, under the run's
-        seed: common random numbers."""
+    def _judge(self, model, lora, state, scored: int) -> list[dict]:
+        """Judge the served module's samples on the first `scored` domains' held-out prompts (built-in domains,
+        and on-policy domains with their own judge: SPEC §6 evaluation). Under --score-domains all, every domain's
+        prompts are sampled in one call; under seen, each domain in a call of its own (the domains judged change
+        from stage to stage, and a row's random numbers depend on the call's rows). The reference's samples are
+        drawn once per run with the same calls, under the run's seed: common random numbers."""
         from .scoring import common_random_numbers, judge_evals, reference_sample_groups
 
         served = self._slot(model, "served", lora, state)
         device = next(model.parameters()).device
-        judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains, self._judge_tasks())) if task]
-        if not judged:
-            return [{} for _ in self.domains]
-        tasks = [task for _, _, task in judged]
-        if any(name not in self._reference_scores for _, name, _ in judged):  # one set for all stages and methods
-            with common_random_numbers(self.config.training.seed, device):
-                scores = reference_sample_groups(model, self.tokenizer, tasks,
-                                                 samples_per_prompt=self.config.judge_samples)
-            self._reference_scores.update({name: s for (_, name, _), s in zip(judged, scores)})
-        with common_random_numbers(self.config.training.seed, device):  # the same draws as the reference's samples
-            evals = judge_evals(model, self.tokenizer, tasks, served,
-                                ref_scores=[self._reference_scores[name] for _, name, _ in judged],
-                                ref_prompt_states=self._reference_prompts,
-                                samples_per_prompt=self.config.judge_samples)
-        results = [{} for _ in self.domains]  # a domain of pairs files only: nothing to judge with
-        for (i, _, _), result in zip(judged, evals):
-            results[i] = result
+        judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains[:scored], self._judge_tasks()))
+                  if task]
+        calls = [judged] if self.config.score_domains == "all" else [[one] for one in judged]
+        results = [{} for _ in self.domains]  # a domain of pairs files only (or not scored): nothing to judge
+        for call in filter(None, calls):
+            tasks = [task for _, _, task in call]
+            if any(name not in self._reference_scores for _, name, _ in call):  # one set for all stages, methods
+                with common_random_numbers(self.config.training.seed, device):
+                    scores = reference_sample_groups(model, self.tokenizer, tasks,
+                                                     samples_per_prompt=self.config.judge_samples)
+                self._reference_scores.update({name: s for (_, name, _), s in zip(call, scores)})
+            with common_random_numbers(self.config.training.seed, device):  # the reference's draws, row for row
+                evals = judge_evals(model, self.tokenizer, tasks, served,
+                                    ref_scores=[self._reference_scores[name] for _, name, _ in call],
+                                    ref_prompt_states=self._reference_prompts,
+                                    samples_per_prompt=self.config.judge_samples)
+            for (i, _, _), result in zip(call, evals):
+                results[i] = result
         return results
 
     def _judge_tasks(self) -> list[tuple | None]:
@@ -523,7 +529,7 @@ def format_table(report: dict) -> str:
     lines = [f"{report['method']}: served module's held-out preference accuracy (DPO loss) after each stage",
              "stage".ljust(12) + "".join(n.rjust(width + 10) for n in names)]
     for k, stage in enumerate(report["stages"]):
-        cells = "".join(f"{a:.3f} ({l:.3f})".rjust(width + 10)
+        cells = "".join(("-" if a is None else f"{a:.3f} ({l:.3f})").rjust(width + 10)
                         for a, l in zip(report["matrix"]["accuracy"][k], report["matrix"]["loss"][k]))
         lam = f"  λ={stage['lambda']}" if stage["lambda"] is not None else ""
         lines.append(f"{k + 1}-{stage['domain']}".ljust(12) + cells + lam)

@@ -30,7 +30,9 @@ def save(fig, path: str | Path) -> str:
 
 def matrix_image(ax, values: Sequence[Sequence[float]], columns: Sequence[str], rows: Sequence[str], vmin: float,
                  vmax: float):
-    """`values` as a viridis image with named columns and rows; returns the image (for a colour bar)."""
+    """`values` as a viridis image with named columns and rows (a None cell, not scored, left blank); returns the
+    image (for a colour bar)."""
+    values = [[float("nan") if v is None else v for v in row] for row in values]
     image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis")
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(rows)), rows)
@@ -39,10 +41,13 @@ def matrix_image(ax, values: Sequence[Sequence[float]], columns: Sequence[str], 
 
 def write_cells(ax, values: Sequence[Sequence[float]], text: Callable[[int, int], str], dark_below: float,
                 fontsize: float | None = None) -> None:
-    """`text(i, j)` on every cell, white where the cell's value is below `dark_below` (a dark colour), else black."""
+    """`text(i, j)` on every cell but a None one, white where the cell's value is below `dark_below` (a dark
+    colour), else black."""
     extra = {} if fontsize is None else {"fontsize": fontsize}
     for i, row in enumerate(values):
         for j, value in enumerate(row):
+            if value is None:
+                continue
             ax.text(j, i, text(i, j), ha="center", va="center", **extra, color="w" if value < dark_below else "k")
 
 
@@ -62,13 +67,13 @@ def plot_heatmap(report: dict, path: Path) -> None:
 
 def plot_judge_matrices(matrices: dict[str, list[list]], domains: Sequence[str], path: str | Path,
                         height: float = 3.4, title: str | None = None) -> str:
-    """One judge-score heat-map per run (stage × domain, scores in [-1, 1]), side by side. A cell is a number, or a
-    `mean_std` dict over seeds (written as mean ± std)."""
+    """One judge-score heat-map per run (stage × domain, scores in [-1, 1]), side by side. A cell is a number, a
+    `mean_std` dict over seeds (written as mean ± std) or None (not scored: blank)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), height), squeeze=False)
     for ax, (name, matrix) in zip(axes[0], matrices.items()):
         over_seeds = bool(matrix) and isinstance(matrix[0][0], dict)
-        means = [[v["mean"] for v in row] for row in matrix] if over_seeds else matrix
+        means = [[None if v is None else v["mean"] for v in row] for row in matrix] if over_seeds else matrix
         matrix_image(ax, means, domains, [f"after {n}" for n in domains], -1, 1)
         if over_seeds:
             write_cells(ax, means, lambda i, j: f"{matrix[i][j]['mean']:+.2f}\n±{matrix[i][j]['std']:.2f}", 0.3,

@@ -94,7 +94,8 @@ class ExperimentRunner:
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
         self._report: dict[str, tuple] = {}
-        self._reference_scores: dict[int, dict[str, list[float]]] = {}  # by seed, then domain
+        # by seed (in-domain) or (seed, score_domains) (continual: drawn in the runner's calls), then domain
+        self._reference_scores: dict = {}
         self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
 
     def say(self, text: str) -> None:
@@ -332,10 +333,11 @@ class ExperimentRunner:
         specs = [f"{d}={f['train']},heldout={f['report']},memory={f['selection']}" for d, f in files.items()]
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress)
-        # the first variant of this seed draws the reference's samples (every domain in one call, as the runner
-        # judges its served modules); the other variants share them: the same draws for every variant of a seed
-        runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer,
-                                 reference_scores=self._reference_scores.setdefault(seed, {}),
+        # the first variant of this seed draws the reference's samples (in the calls the runner judges its served
+        # modules with: every domain in one, or one each under score_domains seen); the other variants of the seed
+        # share them: the same draws for every variant
+        shared = self._reference_scores.setdefault((seed, run_config.score_domains), {})
+        runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer, reference_scores=shared,
                                  reference_prompts=self._reference_prompts)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
