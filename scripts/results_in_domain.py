@@ -37,21 +37,27 @@ def section(path: Path) -> str:
     for cell, runs in agg["per_seed"].items():
         variant = cell.split("/")[0]
         walls[variant] = [f"seed {seed} {runs[str(seed)]['wall_seconds'] / 60:.1f} min" for seed in seeds]
-    name = agg["experiment"]
+    name, baseline_name = agg["experiment"], agg["baseline"]
     on_policy = any(v.get("on_policy") for v in agg["config"]["variants"])
+    ablation = baseline_name != "dpo"  # variants of one method against one of them (the chase ablation)
     claim = ("the online claim on-policy: OFS-DPO aligns better than DPO when each round is sampled from the "
              "learner and judged" if on_policy else "OFS-DPO aligns better than DPO on the same online stream")
-    lines = [f"{START}{', ' if on_policy else ': '}{claim} — {name}, seeds {', '.join(map(str, seeds))}", "",
+    title = (f"## Ablation (SPEC §3): can the chasing term act? — {name}" if ablation else
+             f"{START}{', ' if on_policy else ': '}{claim} — {name}")
+    variants = list(dict.fromkeys(row["variant"] for row in agg["paired"]))
+    label = (lambda v: f"{v} − {baseline_name}") if ablation else (lambda v: "OFS-DPO − DPO")
+    lines = [f"{title}, seeds {', '.join(map(str, seeds))}", "",
              f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, seeds))}); the protocol and "
              "seeds were fixed in the experiment file before any result was read.", "",
-             "### The headline: OFS-DPO − DPO, paired by seed", "", tables[0].rstrip(), ""]
-    per_seed = agg["per_seed"]
-    variant, baseline = (f"{agg['paired'][0]['variant']}/{agg['paired'][0]['domain']}",
-                         f"{agg['paired'][0]['baseline']}/{agg['paired'][0]['domain']}")
-    for metric in ("judge_score", "report_loss"):
-        diffs = [per_seed[variant][str(s)][metric] - per_seed[baseline][str(s)][metric] for s in seeds]
-        lines.append(f"Per seed, {NAMES[metric].lower()} (OFS-DPO − DPO): "
-                     + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
+             f"### The headline: {'each variant − ' + baseline_name if ablation else 'OFS-DPO − DPO'}, paired by "
+             "seed", "", tables[0].rstrip(), ""]
+    per_seed, domain = agg["per_seed"], agg["paired"][0]["domain"]
+    for v in variants:
+        for metric in ("judge_score", "report_loss"):
+            diffs = [per_seed[f"{v}/{domain}"][str(s)][metric] - per_seed[f"{baseline_name}/{domain}"][str(s)][metric]
+                     for s in seeds]
+            lines.append(f"Per seed, {NAMES[metric].lower()} ({label(v)}): "
+                         + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
     lines += ["", "### Both arms", "", tables[1].rstrip(), "", f"![curves](results/{name}-curves.png)", "",
               f"![judge vs KL](results/{name}-reward_kl.png)", "", "### Wall time", ""]
     for v, items in walls.items():
@@ -60,7 +66,8 @@ def section(path: Path) -> str:
               f"{len(seeds)} seeds) on the 2-core AMD EPYC, shared with other jobs throughout: upper bounds.", "", "### Verdict", ""]
     for row in agg["paired"]:
         boot = row["bootstrap"]
-        lines.append(f"- **{NAMES.get(row['metric'], row['title'])}**: {row['mean']:+.4f}, t interval "
+        what = NAMES.get(row["metric"], row["title"]) + (f", {label(row['variant'])}" if ablation else "")
+        lines.append(f"- **{what}**: {row['mean']:+.4f}, t interval "
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
                      f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
                      f"(MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")

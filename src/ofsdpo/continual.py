@@ -42,6 +42,7 @@ from .files import write_atomic, write_json
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
 from .plotting import plot_heatmap
 from .reference import ReferenceCache
+from .reuse import SharedWork
 from .rundir import output_dir_lock, refuse_if_locked
 from .trainer import OFSDPOTrainer
 
@@ -98,13 +99,16 @@ class ContinualRunner:
     def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
                  reference_scores: dict[str, list[float]] | None = None,
                  reference_caches: dict[tuple, ReferenceCache] | None = None,
-                 reference_prompts: dict | None = None):
+                 reference_prompts: dict | None = None, shared: SharedWork | None = None):
         """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
         several runners (the demo's methods, an experiment's seeds) judge the base model once. `reference_caches`
         likewise holds π_ref's log-probs of each pairs file domain's stream, report and memory pairs, for runners
         over the same base model and files (the demo's methods): the reference scores each pair once.
         `reference_prompts` holds the base's states after each judged prompt (`scoring.completion_logps`), for
-        runners over the same base: the reference's side of every KL forwards the judged responses alone."""
+        runners over the same base: the reference's side of every KL forwards the judged responses alone.
+        `shared` (`reuse.SharedWork`), given to runners over the same base and seed, trains a stage and scores a
+        served module once for all of them where they would compute it alike (the first stage of two cofs-dpo
+        variants, say); without it, every stage trains and scores."""
         self.config = config
         cfg = config.training
         self.output_dir = Path(config.output_dir)
@@ -134,6 +138,7 @@ class ContinualRunner:
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
         self._reference_prompts = reference_prompts if reference_prompts is not None else {}
+        self._shared = shared
         # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
         # instead of injecting new LoRA layers into every target module of the model for each stage
         self._borrowed: dict[str, str] = {}
@@ -255,10 +260,14 @@ class ContinualRunner:
                 stages.append(stage)
                 continue
             trainer = self._stage_trainer(k, domain, base)
+            initial = None
             if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
+                initial = init_state
                 for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                     load_adapter_state(trainer.model, name, init_state)
-            summary = trainer.train()
+            reusable = (self._shared is not None and domain.on_policy is None and self.processes.count == 1
+                        and not trainer.config.resume)  # a sampled stream, ranks, a resumed stage: train here
+            summary = self._shared.train(trainer, initial) if reusable else trainer.train()
             self._borrowed = dict(zip(("served", "candidate"), trainer.names))  # `_serve` clones what it keeps
             if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
                 domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
@@ -310,15 +319,39 @@ class ContinualRunner:
         """The served module after stage k on the domains' report pairs (and judged, with --judge-prompts): one
         matrix row; with --score-domains seen, the domains not trained yet are left out (None)."""
         scored = len(self.domains) if self.config.score_domains == "all" else k + 1
-        scores = self._score(model, served_lora, served,
-                             [(d.test, d.test_reference) for d in self.domains[:scored]])
-        scores += [{}] * (len(self.domains) - scored)
+        seen = self.domains[:scored]
+
+        def compute() -> dict:
+            scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in seen])
+            judged = self._judge(model, served_lora, served, scored) if self.config.judge_prompts else None
+            return {"scores": scores, "judged": judged,
+                    "reference": {d.name: self._reference_scores[d.name] for d in seen
+                                  if d.name in self._reference_scores}}
+
+        if self._shared is None or self.processes.count > 1 or any(d.on_policy is not None for d in seen):
+            result = compute()
+        else:
+            result = self._shared.score(self._scoring_parts(model, served_lora, seen), served, compute)
+            for name, scores in result["reference"].items():  # the base's samples a reused result was judged against
+                self._reference_scores.setdefault(name, scores)
+        scores = result["scores"] + [{}] * (len(self.domains) - scored)
         matrix["loss"].append([s.get("loss") for s in scores])
         matrix["accuracy"].append([s.get("accuracy") for s in scores])
-        if self.config.judge_prompts:
-            judged = self._judge(model, served_lora, served, scored)
+        if result["judged"] is not None:
             for key in ("judge_score", "win_rate", "kl"):
-                matrix.setdefault(key, []).append([j.get(key) for j in judged])
+                matrix.setdefault(key, []).append([j.get(key) for j in result["judged"]])
+
+    def _scoring_parts(self, model, served_lora, seen: list[Domain]) -> dict:
+        """What a served module's scores depend on besides its weights (`reuse.SharedWork.score`): the options
+        but those of training and combining, the base, the LoRA shape and the scored domains' pairs."""
+        from .stream import fingerprint
+
+        not_scoring = {"domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
+                       "max_steps_per_domain", "output_dir", "resume", "overwrite", "progress", "report_to",
+                       "save_steps", "save_total_limit"}
+        return {"options": {k: v for k, v in self.config.to_dict().items() if k not in not_scoring},
+                "base": id(model.get_base_model()), "lora": served_lora.to_dict(),
+                "domains": [(d.name, fingerprint(d.test)) for d in seen]}
 
     # --- resuming ----------------------------------------------------------------------------------------------------
     def _stage_dir(self, k: int) -> Path:

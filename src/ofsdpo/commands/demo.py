@@ -19,6 +19,7 @@ from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoS
 from ..continual import ContinualConfig, ContinualRunner, format_table
 from ..domains import get_domain
 from ..files import write_atomic, write_json, write_jsonl
+from ..reuse import SharedWork
 from ..rounds import RoundSettings, judged_pairs_groups
 from ..metrics import read_curve
 from ..models import load_model_and_tokenizer, resolve_device
@@ -64,6 +65,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
         specs.append(f"{domain.name}={write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)}")
     reports, reference_scores, reference_caches, reference_prompts = {}, {}, {}, {}
+    shared = SharedWork()  # ofs-dpo's and cofs-dpo's first stages are the same training: it runs once
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
         config = ContinualConfig.from_flat(
@@ -78,7 +80,8 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         # the base's samples are judged, and its log-probs of every pair computed, once for all three methods: the
         # runners share (and fill) the same dicts
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores,
-                                 reference_caches=reference_caches, reference_prompts=reference_prompts)
+                                 reference_caches=reference_caches, reference_prompts=reference_prompts,
+                                 shared=shared)
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started

@@ -97,6 +97,7 @@ class ExperimentRunner:
         # by seed (in-domain) or (seed, score_domains) (continual: drawn in the runner's calls), then domain
         self._reference_scores: dict = {}
         self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
+        self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -326,6 +327,7 @@ class ExperimentRunner:
 
     def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
         from ..continual import ContinualRunner
+        from ..reuse import SharedWork
         from .demo import continual_loss_curve
 
         cfg = self.config
@@ -337,7 +339,9 @@ class ExperimentRunner:
         # modules with: every domain in one, or one each under score_domains seen); the other variants of the seed
         # share them: the same draws for every variant
         shared = self._reference_scores.setdefault((seed, run_config.score_domains), {})
+        self._shared = {seed: self._shared.get(seed) or SharedWork()}  # seeds run one after another: one kept
         runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer, reference_scores=shared,
+                                 shared=self._shared[seed],
                                  reference_prompts=self._reference_prompts)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
