@@ -159,3 +159,42 @@ def test_pair_losses_many_equal_each_set_scored_alone(tiny_model_dir, tokenizer)
         torch.testing.assert_close(losses, alone[0], rtol=1e-9, atol=0)
         assert torch.equal(correct, alone[1]) and len(losses) == len(indices)
     assert not torch.equal(together[0][0][:2], together[1][0][:2])  # the sets did not get each other's numbers
+
+
+def test_pair_path_forwards_each_prompt_once_with_the_whole_sequence_values(tiny_model_dir, tokenizer):
+    """`pair_logps`: each pair's prompt forwarded once, then its two responses after it (rows counted at the input
+    embedding), with the values of one concatenated forward of whole sequences (float64, random LoRA module);
+    pair losses and the reference computed this way give a module equal to the base exactly log 2."""
+    import math
+
+    from conftest import sentiment_rows
+    from ofsdpo.data import load_preference_data
+    from ofsdpo.logprobs import pair_logps
+    from ofsdpo.reference import ReferenceCache
+    from ofsdpo.scoring import pair_losses
+
+    model = random_lora_model(tiny_model_dir, seed=2)
+    rows = sentiment_rows(5)
+    data = load_preference_data([{**r, "prompt": r["prompt"] + " and" * (2 * i)} for i, r in enumerate(rows)],
+                                tokenizer, 128, 64)
+    seen: list[int] = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    try:
+        chosen, rejected = pair_logps(model, data.pairs, tokenizer.pad_token_id, batch_size=2)
+        assert sum(seen) == 5 + 10, seen  # 5 prompts, then 10 responses
+        seen.clear()
+        whole = pair_logps(model, data.pairs, tokenizer.pad_token_id, batch_size=2, prompt_once=False)
+        assert seen == [4, 4, 2]  # chosen and rejected whole, 2 pairs a forward
+    finally:
+        handle.remove()
+    torch.testing.assert_close(chosen, whole[0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(rejected, whole[1], rtol=1e-9, atol=0)
+    from transformers import AutoModelForCausalLM
+
+    from ofsdpo.modules import DPO_ADAPTERS, attach_adapters, lora_config
+
+    fresh = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(4, 8, 0.0, "all-linear"),
+                            DPO_ADAPTERS)  # B = 0: the policy is the base (float32, as the reference cache)
+    losses, _ = pair_losses(fresh, data, ReferenceCache(len(data)), list(range(len(data))), "default",
+                            tokenizer.pad_token_id, 0.1)
+    assert torch.equal(losses, torch.full_like(losses, math.log(2)))

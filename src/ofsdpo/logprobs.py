@@ -211,7 +211,8 @@ def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, de
     return states
 
 
-def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptState, int, list[int]]], device):
+def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptState, int, list[int]]], device,
+                   chunk_size: int = 1024):
     """Summed log-probs of each (prompt state, prompt length, response ids) row: one forward of the responses
     (right-padded) after the prompts' caches (left-padded), at each row's own positions."""
     from transformers import DynamicCache
@@ -236,15 +237,17 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
     # response token t is predicted at the position before it: the prompt's last one for t = 0
     scored = torch.cat([torch.stack([state[1] for state, _, _ in rows])[:, None], hidden[:, :-1]], dim=1)
     at, cols = mask[:, width:].nonzero(as_tuple=True)
-    with _gathered(head):
-        token_logps = _token_logps(head, scored[at, cols], responses[at, cols], getattr(config, "final_logit_softcapping",
-                                   None), getattr(config, "logit_scale", None))
+    hidden, labels = scored[at, cols], responses[at, cols]
+    softcap, scale = getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
+    with _gathered(head):  # the head's logits `chunk_size` tokens at a time, as `sequence_logps`
+        token_logps = torch.cat([_token_logps(head, hidden[s:s + chunk_size], labels[s:s + chunk_size], softcap, scale)
+                                 for s in range(0, labels.shape[0], chunk_size)])
     return torch.zeros(len(rows), dtype=token_logps.dtype, device=device).index_add(0, at, token_logps)
 
 
 @torch.no_grad()
 def prompt_cached_logps(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                        batch_size: int = 16, states: dict | None = None) -> torch.Tensor | None:
+                        batch_size: int = 16, states: dict | None = None, chunk_size: int = 1024) -> torch.Tensor | None:
     """log π(response | prompt) summed over each response's tokens, the numbers `sequence_logps` gives for prompt +
     response, with each distinct prompt forwarded once (`states`: a caller's store of prompt states, filled as
     needed and kept across calls). Rows of similar lengths run together, `batch_size` at a time. None where this
@@ -271,8 +274,35 @@ def prompt_cached_logps(model: torch.nn.Module, prompt_ids: list[list[int]], res
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             sums = _after_prompts(backbone, head, config, key,
-                                  [(store[keys[i]], len(keys[i]), response_ids[i]) for i in chunk], device)
+                                  [(store[keys[i]], len(keys[i]), response_ids[i]) for i in chunk], device,
+                                  chunk_size)
             if out is None:
                 out = sums.new_zeros(len(keys))
             out[chunk] = sums
     return out
+
+
+@torch.no_grad()
+def pair_logps(model: torch.nn.Module, pairs: list[dict], pad_token_id: int, batch_size: int = 8,
+               chunk_size: int = 1024, prompt_once: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs of tokenized pairs, no grad: each pair's prompt forwarded once and both
+    responses scored after it (`prompt_cached_logps`, `2 x batch_size` rows a forward), the numbers of
+    `concatenated_forward` up to float rounding, in about half the prompt work. Where that does not apply (or
+    without `prompt_once`: processes in lockstep that must run the same forwards), one `concatenated_forward` per
+    `batch_size` pairs."""
+    from .data import collate
+
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0)
+    n, prompts = len(pairs), [p["prompt_ids"] for p in pairs]
+    cached = prompt_cached_logps(model, prompts + prompts, [p["chosen_ids"] for p in pairs] +
+                                 [p["rejected_ids"] for p in pairs], 2 * batch_size, None, chunk_size) if prompt_once else None
+    if cached is not None:
+        return cached[:n], cached[n:]
+    device, chosen, rejected = next(model.parameters()).device, [], []
+    for start in range(0, n, batch_size):
+        batch = collate(pairs[start:start + batch_size], pad_token_id)
+        c, r = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)

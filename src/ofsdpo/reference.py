@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import collate
-from .logprobs import concatenated_forward
+from .logprobs import concatenated_forward, pair_logps
 from .modules import reference_mode
 
 
@@ -43,20 +42,18 @@ class ReferenceCache:
         return [i for i, todo in zip(indices, unscored) if todo]
 
     @torch.no_grad()
-    def fill(self, model, pairs: list[dict], indices: list[int], pad_token_id: int, batch_size: int, chunk_size: int):
-        """Score the pairs among `indices` that are not cached yet; one concatenated forward per batch."""
+    def fill(self, model, pairs: list[dict], indices: list[int], pad_token_id: int, batch_size: int, chunk_size: int,
+             prompt_once: bool = True):
+        """Score the pairs among `indices` that are not cached yet (`logprobs.pair_logps`: each prompt forwarded once
+        for both responses; without `prompt_once`, one concatenated forward per batch)."""
         todo = self.missing(indices)
         if not todo:
             return
-        device = next(model.parameters()).device
         with reference_mode(model):
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                batch = collate([pairs[i] for i in chunk], pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                chosen, rejected = concatenated_forward(model, batch, chunk_size)
-                self.chosen[chunk] = chosen.float().cpu()
-                self.rejected[chunk] = rejected.float().cpu()
+            chosen, rejected = pair_logps(model, [pairs[i] for i in todo], pad_token_id, batch_size, chunk_size,
+                                          prompt_once)
+        self.chosen[todo] = chosen.float().cpu()
+        self.rejected[todo] = rejected.float().cpu()
         self.computed_pairs += len(todo)
         self._on_device.clear()
 
@@ -67,7 +64,8 @@ class ReferenceCache:
         `make_batch(indices)` of a stand-in pair, their values unused."""
         todo = self.missing(indices)
         mine = todo[processes.index::processes.count]
-        self.fill(model, pairs, mine, pad_token_id, batch_size, chunk_size)
+        # a sharded base runs the same forwards on every process: batches of whole pairs, counted below
+        self.fill(model, pairs, mine, pad_token_id, batch_size, chunk_size, prompt_once=not processes.sharded)
         if processes.sharded and todo:
             batches = [-(-len(share) // batch_size) for share in (todo[0::processes.count], mine)]
             with reference_mode(model):

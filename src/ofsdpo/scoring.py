@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .data import PreferenceData, collate
-from .logprobs import concatenated_forward
+from .data import PreferenceData
+from .logprobs import pair_logps
 from .losses import dpo_loss
 from .modules import activate
 from .reference import ReferenceCache
@@ -19,36 +19,39 @@ from .reference import ReferenceCache
 
 @torch.no_grad()
 def pair_losses(model, data: PreferenceData, reference: ReferenceCache, indices: list[int], adapter: str,
-                pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None):
+                pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None,
+                prompt_once: bool = True):
     """Per-pair DPO loss and correctness (r(y_w) > r(y_l)) of `adapter` on `data[indices]`: no dropout, no grad."""
     return pair_losses_many(model, [(data, reference, indices)], adapter, pad_token_id, beta, batch_size, chunk_size,
-                            trained)[0]
+                            trained, prompt_once)[0]
 
 
 @torch.no_grad()
 def pair_losses_many(model, sets: list[tuple[PreferenceData, ReferenceCache, list[int]]], adapter: str,
-                     pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None):
+                     pad_token_id: int, beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None,
+                     prompt_once: bool = True):
     """`pair_losses` for several (data, reference, indices) sets at once, their pairs in shared batches (a few
     pairs of each of several domains make one forward, not one each: at a few rows a forward costs about what
-    reading the weights does). Returns each set's (losses, correct)."""
+    reading the weights does). Each pair's prompt is forwarded once for both its responses (`logprobs.pair_logps`;
+    π_ref's log-probs are computed the same way, so a module equal to the base scores log 2 exactly); without
+    `prompt_once`, whole sequences. Returns each set's (losses, correct)."""
     for data, reference, indices in sets:
-        reference.fill(model, data.pairs, indices, pad_token_id, batch_size, chunk_size)
+        reference.fill(model, data.pairs, indices, pad_token_id, batch_size, chunk_size, prompt_once)
     items = [(k, i) for k, (_, _, indices) in enumerate(sets) for i in indices]
+    if not items:
+        return [(torch.zeros(0), torch.zeros(0)) for _ in sets]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     activate(model, adapter, trained)
-    losses, correct = [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = collate([sets[k][0].pairs[i] for k, i in chunk], pad_token_id)
-        chosen, rejected = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
-        ref_chosen, ref_rejected = _references(sets, chunk, batch["index"], device)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
-        losses.append(loss.float().cpu())
-        correct.append((chosen_rewards > rejected_rewards).float().cpu())
+    pairs = [sets[k][0].pairs[i] for k, i in items]
+    chosen, rejected = pair_logps(model, pairs, pad_token_id, batch_size, chunk_size, prompt_once)
+    ref_chosen, ref_rejected = _references(sets, items, torch.tensor([p["index"] for p in pairs], dtype=torch.long),
+                                           device)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(chosen.to(device), rejected.to(device), ref_chosen, ref_rejected,
+                                                      beta)
     model.train(was_training)
-    losses, correct = torch.cat(losses or [torch.zeros(0)]), torch.cat(correct or [torch.zeros(0)])
+    losses, correct = loss.float().cpu(), (chosen_rewards > rejected_rewards).float().cpu()
     out, at = [], 0
     for _, _, indices in sets:
         out.append((losses[at:at + len(indices)], correct[at:at + len(indices)]))

@@ -265,7 +265,8 @@ class OFSDPOTrainer:
         """Per-pair DPO loss and preference correctness of module `name` (no dropout, no gradient)."""
         cfg = self.config
         return pair_losses(self.model, data, reference, indices, name, self.tokenizer.pad_token_id, cfg.beta,
-                           self._eval_batch_size, cfg.logprob_chunk_size, self.names)
+                           self._eval_batch_size, cfg.logprob_chunk_size, self.names,
+                           prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
 
     def _evaluate(self, data: PreferenceData, reference: ReferenceCache, indices: list[int]) -> dict[str, float]:
         return {name: self.pair_losses(data, reference, indices, name)[0].mean().item() for name in self.names}
