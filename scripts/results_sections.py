@@ -1,7 +1,8 @@
-"""Rewrite docs/results.md's claim-1 sections from in-domain experiments' aggregates (no hand-typed numbers).
+"""Rewrite docs/results.md's result sections from experiments' aggregates (no hand-typed numbers): claim 1 and the
+chase ablation from in-domain experiments, claim 2 from continual ones.
 
-    python scripts/results_in_domain.py docs/results/in-domain-sentiment-aggregate.json \
-        docs/results/in-domain-critic-aggregate.json
+    python scripts/results_sections.py docs/results/in-domain-sentiment-aggregate.json \
+        docs/results/in-domain-critic-aggregate.json docs/results/cofs-opposed-aggregate.json
 
 Each argument is an aggregate.json with its aggregate.md beside it (as `ofsdpo experiment` writes them, or copied
 into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given. A reading written
@@ -21,15 +22,20 @@ NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference"}
 
 
+LOWER_IS_BETTER = ("report_loss", "kl", "avg_forgetting_judge", "avg_final_loss")
+
+
 def verdict(row: dict) -> str:
     if row["lower"] > 0 or row["upper"] < 0:
-        better = (row["mean"] < 0) if row["metric"] in ("report_loss", "kl") else (row["mean"] > 0)
+        better = (row["mean"] < 0) if row["metric"] in LOWER_IS_BETTER else (row["mean"] > 0)
         return "**supported**" if better else "**refuted**"
     return "**unresolved**"
 
 
 def section(path: Path) -> str:
     agg = json.loads(path.read_text())
+    if agg["kind"] == "continual":
+        return continual_section(path, agg)
     md = path.with_name(path.name.replace(".json", ".md")).read_text()
     tables = re.findall(r"(\| variant[^\n]*\n(?:\|[^\n]*\n)+)", md)
     seeds = agg["seeds"]
@@ -71,6 +77,57 @@ def section(path: Path) -> str:
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
                      f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
                      f"(MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
+    reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
+    if reading.is_file():
+        lines += ["", reading.read_text().strip()]
+    return "\n".join(lines) + "\n\n"
+
+
+def continual_section(path: Path, agg: dict) -> str:
+    """Claim 2: each variant against the baseline (sequential DPO) on the average final judge score and the average
+    forgetting, paired by seed; every variant's table, the λ chosen per stage, the plots, wall time, verdicts."""
+    md = path.with_name(path.name.replace(".json", ".md")).read_text()
+    tables = re.findall(r"(\| variant[^\n]*\n(?:\|[^\n]*\n)+)", md)
+    name, seeds, baseline = agg["experiment"], agg["seeds"], agg["baseline"]
+    domains = agg["config"]["domains"]
+    per_seed = agg["per_seed"]
+    variants = list(dict.fromkeys(row["variant"] for row in agg["paired"]))
+    lines = [f"## Claim 2 (SPEC §6.2): COFS-DPO learns a new domain without forgetting the earlier ones — {name} "
+             f"({' → '.join(domains)}), seeds {', '.join(map(str, seeds))}", "",
+             f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, seeds))}); the protocol and "
+             "seeds were fixed in the experiment file before any result was read. Forgetting of a domain: its best "
+             "judge score after any stage that had trained on it, minus its score at the end.", "",
+             f"### The headline: each variant − `{baseline}`, paired by seed", "", tables[0].rstrip(), ""]
+    for v in variants:
+        for metric, title in (("avg_final_judge", "average final judge score"),
+                              ("avg_forgetting_judge", "average forgetting (judge)")):
+            diffs = [per_seed[v][str(s)][metric] - per_seed[baseline][str(s)][metric] for s in seeds]
+            lines.append(f"Per seed, {title} ({v} − {baseline}): "
+                         + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
+    lines += ["", "### Every variant", "", tables[1].rstrip(), "", f"![judge matrices](results/{name}-judge_matrices.png)",
+              "", f"![training curves](results/{name}-train_curves.png)", ""]
+    searched = [v for v in per_seed if any(r.get("searches") and any(r["searches"]) for r in per_seed[v].values())]
+    if searched:
+        lines += ["### The combination chosen per stage", ""]
+        for v in searched:
+            for s in seeds:
+                run = per_seed[v][str(s)]
+                chosen = [f"after {domains[k + 1]}: λ {lam}" if lam is not None else
+                          f"after {domains[k + 1]}: weights " + ", ".join(f"{d} {w:.2f}" for d, w in weights.items())
+                          for k, (lam, weights) in enumerate(zip(run["lambdas"], run["weights"][1:]))]
+                lines.append(f"- `{v}`, seed {s}: " + "; ".join(chosen) + ".")
+        lines += ["", f"![λ search](results/{name}-lambda_search.png)", ""]
+    lines += ["### Wall time", ""]
+    for v, runs in per_seed.items():
+        items = [f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in seeds]
+        lines.append(f"- `{v}`: " + "; ".join(items) + ".")
+    lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({len(per_seed)} variants, "
+              f"{len(seeds)} seeds; a stage or score shared by variants counted once) on the 2-core AMD EPYC.", "",
+              "### Verdict", ""]
+    for row in agg["paired"]:
+        lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {row['mean']:+.4f}, t interval "
+                     f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds; smallest effect this run "
+                     f"could detect (MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
     reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
     if reading.is_file():
         lines += ["", reading.read_text().strip()]
