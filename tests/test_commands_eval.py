@@ -88,14 +88,15 @@ def test_common_random_numbers_make_an_unmoved_module_tie_with_the_reference(tin
                             DPO_ADAPTERS)
     domain, cpu = domains.get_domain("sentiment"), torch.device("cpu")
     records = domain.prompts("heldout")[:4]
+    store: dict = {}  # the reference's prompts, kept by its sampler and across calls, as the runners keep them
     with common_random_numbers(3, cpu):
-        ref = reference_samples(model, tokenizer, domain, records)
+        ref = reference_samples(model, tokenizer, domain, records, prompt_states=store)
+    assert len(store) == len(records)
     before = torch.random.get_rng_state()
     with common_random_numbers(3, cpu):
-        same = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref)
+        same = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref, ref_prompt_states=store)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert same["win_rate"] == 0.5 and same["judge_score"] == same["reference_judge_score"]
-    store: dict = {}  # the reference's prompts kept across calls, as the continual runner keeps them
     for _ in range(2):
         with common_random_numbers(3, cpu):
             again = judge_eval(model, tokenizer, domain, records, "default", ref_scores=ref, ref_prompt_states=store)

@@ -198,3 +198,41 @@ def test_pair_path_forwards_each_prompt_once_with_the_whole_sequence_values(tiny
     losses, _ = pair_losses(fresh, data, ReferenceCache(len(data)), list(range(len(data))), "default",
                             tokenizer.pad_token_id, 0.1)
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_judged_samples_are_scored_after_the_samplers_prompt_states(tiny_model_dir, tokenizer, length_judged):
+    """The prompt states the sampler keeps let `completion_logps` run the responses alone (rows counted at the input
+    embedding; a response whose first token merges with the prompt's end tokenizes to another prompt, which would
+    be forwarded), with the numbers of forwarding the prompts; judge_evals, whose policy side always uses them,
+    gives the KL of a reference side that forwards its prompts (float64, a random LoRA module)."""
+    from ofsdpo.domains import get_domain
+    from ofsdpo.generation import sample_groups
+    from ofsdpo.scoring import common_random_numbers, completion_logps, judge_evals, reference_sample_groups
+
+    model = random_lora_model(tiny_model_dir, seed=3)
+    prompts = ["Tell me about the film", "What did you think of the ending?", "Was it long?"]
+    store: dict = {}
+    torch.manual_seed(0)
+    sample_groups(model, tokenizer, [(prompts, True, 4)], 2, prompt_states=store)
+    assert len(store) == 3
+    responses = ["It was fine.", "Sad.", "Yes, very long."]
+    rows: list[int] = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    try:
+        kept = completion_logps(model, tokenizer, prompts, responses, True, prompt_states=store)
+    finally:
+        handle.remove()
+    assert rows == [3]  # the responses alone
+    torch.testing.assert_close(kept, completion_logps(model, tokenizer, prompts, responses, True), rtol=1e-9, atol=0)
+    tasks = [(get_domain("sentiment"), get_domain("sentiment").prompts("heldout")[:3])]
+    cpu, ref_store = torch.device("cpu"), {}
+    with common_random_numbers(5, cpu):
+        refs = reference_sample_groups(model, tokenizer, tasks, samples_per_prompt=2, prompt_states=ref_store)
+    with common_random_numbers(5, cpu):
+        fast = judge_evals(model, tokenizer, tasks, "default", ref_scores=refs, samples_per_prompt=2,
+                           ref_prompt_states=ref_store)[0]
+    with common_random_numbers(5, cpu):
+        slow = judge_evals(model, tokenizer, tasks, "default", ref_scores=refs, samples_per_prompt=2)[0]
+    assert fast["per_prompt"]["judge_score"] == slow["per_prompt"]["judge_score"]
+    torch.testing.assert_close(torch.tensor(fast["per_prompt"]["kl"]), torch.tensor(slow["per_prompt"]["kl"]),
+                               rtol=1e-9, atol=1e-12)

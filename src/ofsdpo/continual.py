@@ -458,7 +458,8 @@ class ContinualRunner:
             if any(name not in self._reference_scores for _, name, _ in call):  # one set for all stages, methods
                 with common_random_numbers(self.config.training.seed, device):
                     scores = reference_sample_groups(model, self.tokenizer, tasks,
-                                                     samples_per_prompt=self.config.judge_samples)
+                                                     samples_per_prompt=self.config.judge_samples,
+                                                     prompt_states=self._reference_prompts)
                 self._reference_scores.update({name: s for (_, name, _), s in zip(call, scores)})
             with common_random_numbers(self.config.training.seed, device):  # the reference's draws, row for row
                 evals = judge_evals(model, self.tokenizer, tasks, served,

@@ -273,13 +273,33 @@ def _draw(probs: torch.Tensor, candidates: torch.Tensor, noise: torch.Tensor) ->
     return candidates.gather(-1, (probs / noise).argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def _keep_prompt_states(cache, mask: torch.Tensor, logits: torch.Tensor, keys: list[tuple], copies: int,
+                        states: dict) -> None:
+    """After the first decoding step the cache holds every prompt token: keep each prompt's own columns (the
+    shared prefix and its rest, not the padding) and its first-token log-probs, as `logprobs.PromptState`s, for
+    scoring the samples after their prompts without forwarding the prompts again."""
+    from .logprobs import PromptState, _upcast
+
+    layers = [(layer.keys, layer.values) for layer in getattr(cache, "layers", None) or []]
+    if not layers or layers[0][0].shape[2] != mask.shape[1]:
+        return  # another cache layout: nothing kept, the prompts are forwarded when scored
+    logps = _upcast(logits).log_softmax(-1)
+    for p, key in enumerate(keys):
+        row = p * copies
+        cols = mask[row].bool()
+        states[key] = PromptState([(k[row:row + 1][:, :, cols], v[row:row + 1][:, :, cols]) for k, v in layers],
+                                  first_logps=logps[row])
+
+
 def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int, settings: _Settings,
-            generator: torch.Generator, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            generator: torch.Generator, limits: torch.Tensor, keys: list[tuple] | None = None,
+            states: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample `copies` continuations of each prompt, at most `limits[i]` new tokens for prompt i; returns (new
     tokens (rows, steps), each row's new tokens up to and including EOS, whether it emitted EOS), rows
     prompt-major. A row that emits EOS or reaches its limit leaves the batch (its cache rows dropped); each step
     draws the random numbers of every row, finished or not, so row j's draws do not depend on when the other rows
-    stop (common random numbers between models: `scoring`)."""
+    stop (common random numbers between models: `scoring`). With `states`, each prompt's state (keyed by `keys`,
+    its token ids) is kept there (`_keep_prompt_states`)."""
     key = _cache_key(lm)
     cache = _prefill(lm, ids, mask, shared, copies)
     rows = ids.shape[0] * copies
@@ -297,6 +317,8 @@ def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int,
         result = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], use_cache=True,
                     **{key: cache})
         cache = _cache_of(result)
+        if step == 0 and states is not None:
+            _keep_prompt_states(cache, mask, result.logits[:, -1], keys, copies, states)
         logits = result.logits[:, -1].float()
         if step < settings.min_new_tokens and len(eos):
             logits[:, eos] = float("-inf")
@@ -331,7 +353,7 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
                      temperature: float = 1.0, top_p: float = 0.95, top_k: int | None = None,
                      batch_size: int = ROWS_PER_CALL, eos_token_ids=(), pad_token_id: int = 0,
                      min_new_tokens: int = 0, reference: bool = False, merge: bool = True,
-                     progress: bool = False) -> list[list[tuple[list[int], bool]]]:
+                     progress: bool = False, prompt_states: dict | None = None) -> list[list[tuple[list[int], bool]]]:
     """`num_samples` continuations of each prompt (token ids), sampled from the model's active adapter (or, with
     `reference`, from the base: adapters disabled): per prompt, per sample, (its new token ids up to and including
     the first of `eos_token_ids` (and those of the model's generation config), whether it emitted one).
@@ -341,7 +363,10 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
     `generate` did), then top-p; the generation config's other processors (repetition penalty, ...) are not
     applied. `batch_size` is rows (prompts x samples) decoded together: as many whole prompts as fit, at least
     one. `merge` merges the active adapter into the base meanwhile (`merged`); `merge=False` runs peft's
-    unmerged layers (the same distribution). `min_new_tokens` forbids EOS before that many new tokens."""
+    unmerged layers (the same distribution). `min_new_tokens` forbids EOS before that many new tokens.
+    `prompt_states`, a dict, receives each prompt's KV cache and first-token log-probs (`logprobs.PromptState`, by
+    its token ids), what scoring the samples after their prompts needs (`logprobs.prompt_cached_logps`); kept only
+    for models whose every layer attends to the whole context."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft injects LoRA in place
@@ -373,7 +398,8 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
                 chunk = prompt_ids[first:first + per_call]
                 new, lengths, finished = _decode(lm, *_layout(chunk, pad_token_id, device, share), num_samples,
                                                  settings, _chunk_generator(device),
-                                                 torch.tensor(limits[first:first + per_call]))
+                                                 torch.tensor(limits[first:first + per_call]),
+                                                 [tuple(p) for p in chunk], prompt_states if share else None)
                 rows = [(t[:n], f) for t, n, f in zip(new.cpu().tolist(), lengths.tolist(), finished.tolist())]
                 outputs.extend(rows[i:i + num_samples] for i in range(0, len(rows), num_samples))
                 if bar is not None:
@@ -388,12 +414,13 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
 def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]], num_samples: int = 1,
                   temperature: float = 1.0, top_p: float = 0.95, batch_size: int = ROWS_PER_CALL,
                   reference: bool = False, progress: bool = False, merge: bool = True, min_new_tokens: int = 0,
-                  top_k: int | None = None) -> list[Samples]:
+                  top_k: int | None = None, prompt_states: dict | None = None) -> list[Samples]:
     """`sample_details` for several groups of prompts at once, each (prompts, chat, max_new_tokens): every group's
     prompts decode in the same batches (one call instead of one per group: at a few rows a decoding step costs the
     same as at many, its time is reading the weights), each row stopping at EOS or at its own group's limit.
     Returns each group's `Samples`, all with the call's wall time. Models sampled with the same groups and seed
-    draw the same random numbers row for row (common random numbers: `scoring`)."""
+    draw the same random numbers row for row (common random numbers: `scoring`). `prompt_states`: see
+    `sample_token_ids`."""
     start = time.perf_counter()
     ids, conversational, limits = [], [], []
     for prompts, chat, max_new_tokens in groups:
@@ -404,7 +431,7 @@ def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     rows = sample_token_ids(model, ids, num_samples, limits, temperature, top_p, top_k, batch_size, eos,
-                            pad, min_new_tokens, reference, merge, progress)
+                            pad, min_new_tokens, reference, merge, progress, prompt_states)
     outputs = [Samples() for _ in groups]
     at = 0
     for out, (prompts, _, _) in zip(outputs, groups):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,15 @@ def stacked_forward(model: torch.nn.Module, batch: dict, copies: int, chunk_size
 # cache and last hidden state kept) and only the responses run after it; a caller that keeps `states` across calls
 # (the reference's, whose weights never change) forwards a prompt once per run.
 
-PromptState = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]  # per-layer (keys, values), last hidden
+@dataclass
+class PromptState:
+    """A prompt's KV cache (per layer (keys, values), each (1, heads, tokens, dim)) and what predicts a response's
+    first token: the prompt's last hidden state (scored through the head), or its log-probs over the vocabulary
+    themselves (kept by the sampler, which computed them: `generation.sample_token_ids(prompt_states=...)`)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    last_hidden: torch.Tensor | None = None
+    first_logps: torch.Tensor | None = None
 
 
 def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, device) -> dict[tuple, PromptState]:
@@ -206,8 +215,8 @@ def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, de
         layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
         for j, prompt in enumerate(group):
             n = len(prompt)
-            states[prompt] = ([(k[j:j + 1, :, width - n:], v[j:j + 1, :, width - n:]) for k, v in layers],
-                              out.last_hidden_state[j, -1])
+            states[prompt] = PromptState([(k[j:j + 1, :, width - n:], v[j:j + 1, :, width - n:]) for k, v in layers],
+                                         last_hidden=out.last_hidden_state[j, -1])
     return states
 
 
@@ -221,11 +230,11 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
     mask = torch.zeros((len(rows), width + span), dtype=torch.long, device=device)
     responses = torch.zeros((len(rows), span), dtype=torch.long, device=device)
     layers = []
-    for layer, (k0, v0) in enumerate(rows[0][0][0]):
+    for layer, (k0, v0) in enumerate(rows[0][0].layers):
         keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
         values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
-        for i, ((kv, _), n, _) in enumerate(rows):
-            keys[i, :, width - n:], values[i, :, width - n:] = kv[layer][0][0], kv[layer][1][0]
+        for i, (state, n, _) in enumerate(rows):
+            keys[i, :, width - n:], values[i, :, width - n:] = state.layers[layer][0][0], state.layers[layer][1][0]
         layers.append((keys, values))
     for i, (_, n, response) in enumerate(rows):
         mask[i, width - n:width] = 1
@@ -234,14 +243,21 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
     positions = torch.tensor([n for _, n, _ in rows], device=device)[:, None] + torch.arange(span, device=device)
     hidden = backbone(input_ids=responses, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{key: DynamicCache(ddp_cache_data=layers)}).last_hidden_state
-    # response token t is predicted at the position before it: the prompt's last one for t = 0
-    scored = torch.cat([torch.stack([state[1] for state, _, _ in rows])[:, None], hidden[:, :-1]], dim=1)
+    # response token t is predicted at the position before it: the prompt's last one for t = 0 (a state holding
+    # that position's log-probs already gives them: its row's head input is a placeholder, its value replaced)
+    last = torch.stack([hidden.new_zeros(hidden.shape[-1]) if state.last_hidden is None else state.last_hidden
+                        for state, _, _ in rows])
+    scored = torch.cat([last[:, None], hidden[:, :-1]], dim=1)
     at, cols = mask[:, width:].nonzero(as_tuple=True)
     hidden, labels = scored[at, cols], responses[at, cols]
     softcap, scale = getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
     with _gathered(head):  # the head's logits `chunk_size` tokens at a time, as `sequence_logps`
         token_logps = torch.cat([_token_logps(head, hidden[s:s + chunk_size], labels[s:s + chunk_size], softcap, scale)
                                  for s in range(0, labels.shape[0], chunk_size)])
+    first = (cols == 0).nonzero().squeeze(-1)  # each row's first response token, in row order
+    for i, (state, _, response) in enumerate(rows):
+        if state.first_logps is not None:
+            token_logps[first[i]] = state.first_logps[response[0]].to(token_logps.dtype)
     return torch.zeros(len(rows), dtype=token_logps.dtype, device=device).index_add(0, at, token_logps)
 
 

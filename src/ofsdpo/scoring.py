@@ -150,30 +150,36 @@ def common_random_numbers(seed: int, device: torch.device):
 
 
 def _sampled(model, tokenizer, tasks: list[tuple[Any, list[dict]]], samples_per_prompt: int, batch_size: int,
-             reference: bool = False, progress: bool = False) -> list[list[str]]:
+             reference: bool = False, progress: bool = False, prompt_states: dict | None = None) -> list[list[str]]:
     """Each (domain, records) task's `samples_per_prompt` responses per record, prompt-major (all of prompt 0's,
-    then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time."""
+    then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time. `prompt_states`
+    receives the prompts' states from the sampler (`generation.sample_token_ids`)."""
     from .generation import sample_groups
 
     groups = [([r["prompt"] for r in records], domain.chat, domain.max_new_tokens) for domain, records in tasks]
     per_task = sample_groups(model, tokenizer, groups, samples_per_prompt, batch_size=batch_size * samples_per_prompt,
-                             reference=reference, progress=progress)
+                             reference=reference, progress=progress, prompt_states=prompt_states)
     return [[s.text for group in samples for s in group] for samples in per_task]
 
 
 def reference_sample_groups(model, tokenizer, tasks: list[tuple[Any, list[dict]]], batch_size: int = 16,
-                            samples_per_prompt: int = 1) -> list[list[float]]:
+                            samples_per_prompt: int = 1, prompt_states: dict | None = None) -> list[list[float]]:
     """Judge scores of the reference's samples (adapters disabled) for each (domain, records) task, prompt-major:
     the other side of every win rate. Drawn under the same seed and with the same tasks as the policy's
-    (`common_random_numbers`, `judge_evals`), sample j of prompt i of both sides uses the same random numbers."""
-    responses = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, reference=True)
+    (`common_random_numbers`, `judge_evals`), sample j of prompt i of both sides uses the same random numbers.
+    `prompt_states`, the store later given to `judge_evals` as `ref_prompt_states`, receives the reference's
+    prompt states from the sampler, computed as the policy's will be (so a module equal to the base scores its
+    samples exactly as the reference does: KL 0)."""
+    responses = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, reference=True,
+                         prompt_states=prompt_states)
     return [_scores(domain, records, r, samples_per_prompt) for (domain, records), r in zip(tasks, responses)]
 
 
 def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16,
-                      samples_per_prompt: int = 1) -> list[float]:
+                      samples_per_prompt: int = 1, prompt_states: dict | None = None) -> list[float]:
     """`reference_sample_groups` for one domain."""
-    return reference_sample_groups(model, tokenizer, [(domain, records)], batch_size, samples_per_prompt)[0]
+    return reference_sample_groups(model, tokenizer, [(domain, records)], batch_size, samples_per_prompt,
+                                   prompt_states)[0]
 
 
 def _scores(domain, records: list[dict], responses: list[str], samples_per_prompt: int) -> list[float]:
@@ -200,9 +206,12 @@ def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: 
 
     if adapter is not None:
         activate(model, adapter)
-    policy = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, progress=progress)
+    policy_prompts: dict = {}  # the policy's prompt states, as its sampler computed them: not forwarded again
+    policy = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, progress=progress,
+                      prompt_states=policy_prompts)
     if ref_scores is None:
-        ref_scores = reference_sample_groups(model, tokenizer, tasks, batch_size, samples_per_prompt)
+        ref_scores = reference_sample_groups(model, tokenizer, tasks, batch_size, samples_per_prompt,
+                                             ref_prompt_states)
     if len(ref_scores) != len(tasks) or any(len(r) != len(p) for r, p in zip(ref_scores, policy)):
         raise ValueError(f"reference scores ({[len(r) for r in ref_scores]}) do not match the samples "
                          f"({[len(p) for p in policy]}): draw them with the same tasks and samples per prompt")
@@ -213,7 +222,7 @@ def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: 
     responses = [y for task in policy for y in task]
     was_training = model.training
     model.eval()
-    policy_logps = completion_logps(model, tokenizer, prompts, responses, False)
+    policy_logps = completion_logps(model, tokenizer, prompts, responses, False, prompt_states=policy_prompts)
     with reference_mode(model):
         ref_logps = completion_logps(model, tokenizer, prompts, responses, False, prompt_states=ref_prompt_states)
     if adapter is not None:

@@ -100,8 +100,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         reference = ReferenceCache(len(pairs)) if pairs is not None else None
         records = domain.prompts("heldout")[:cfg.judge_prompts]
         with common_random_numbers(cfg.seed, device):
-            ref_scores = (reference_samples(model, tokenizer, domain, records, cfg.batch_size, cfg.judge_samples)
-                          if records else None)
+            ref_scores = (reference_samples(model, tokenizer, domain, records, cfg.batch_size, cfg.judge_samples,
+                                            prompt_states) if records else None)
         for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
             row = evaluate_adapter(model, tokenizer, adapter, domain, pairs, reference, records, ref_scores,
                                    cfg.beta, cfg.batch_size, cfg.seed, cfg.judge_samples, prompt_states)

@@ -284,7 +284,8 @@ class ExperimentRunner:
             base, tokenizer = self.model()
             with common_random_numbers(seed, next(base.parameters()).device):
                 scores[domain_name] = reference_samples(base, tokenizer, domain, records,
-                                                        samples_per_prompt=cfg.judge_samples)
+                                                        samples_per_prompt=cfg.judge_samples,
+                                                        prompt_states=self._reference_prompts)
         return records, scores[domain_name]
 
     # --- one run -----------------------------------------------------------------------------------------------------
