@@ -32,6 +32,14 @@ def verdict(row: dict) -> str:
     return "**unresolved**"
 
 
+def compared(row: dict) -> str:
+    """An ablation's reading of one metric: the variant is better or worse than the baseline, or no different."""
+    if row["lower"] > 0 or row["upper"] < 0:
+        better = (row["mean"] < 0) if row["metric"] in LOWER_IS_BETTER else (row["mean"] > 0)
+        return "**better**" if better else "**worse**"
+    return "**no difference shown**"
+
+
 def section(path: Path) -> str:
     agg = json.loads(path.read_text())
     if agg["kind"] == "continual":
@@ -68,7 +76,8 @@ def section(path: Path) -> str:
               f"![judge vs KL](results/{name}-reward_kl.png)", "", "### Wall time", ""]
     for v, items in walls.items():
         lines.append(f"- `{v}`: " + "; ".join(items) + ".")
-    lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs (both arms, "
+    arms = "both arms" if len(walls) == 2 else f"{len(walls)} variants"
+    lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({arms}, "
               f"{len(seeds)} seeds) on the 2-core AMD EPYC, shared with other jobs throughout: upper bounds.", "", "### Verdict", ""]
     for row in agg["paired"]:
         boot = row["bootstrap"]
@@ -76,7 +85,7 @@ def section(path: Path) -> str:
         lines.append(f"- **{what}**: {row['mean']:+.4f}, t interval "
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
                      f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
-                     f"(MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
+                     f"(MDE, 80 % power) {row['mde']:.4f}: {compared(row) if ablation else verdict(row)}.")
     reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
     if reading.is_file():
         lines += ["", reading.read_text().strip()]
