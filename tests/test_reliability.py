@@ -160,6 +160,7 @@ def no_model_loading(monkeypatch):
     ("", ["--lr", "inf"], "--lr must be > 0 (got inf)"),
     ("", ["--slow-lr-ratio", "0"], "--slow-lr-ratio must be in (0, 1]"),
     ("", ["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be >= 1"),
+    ("", ["--save-steps", "-2"], "--save-steps must be >= -1 (got -2)"),
 ])
 def test_bad_yaml_values_and_limits_exit_2(tmp_path, capsys, no_model_loading, pairs_file, yaml_text, flags, message):
     config = tmp_path / "cfg.yaml"

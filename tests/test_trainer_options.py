@@ -91,3 +91,18 @@ def test_report_to_wandb_logs_offline(make_config, tmp_path, monkeypatch):
     OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, report_to="wandb", output_dir=str(out))).train()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_save_steps_minus_one_writes_no_checkpoint_even_when_stopped(make_config, tmp_path, monkeypatch):
+    """--save-steps -1: no checkpoint at the end, and none when a run stops early (the message says it cannot be
+    resumed); the run's outputs are written as ever."""
+    from ofsdpo.signals import RunInterrupted
+
+    trainer = OFSDPOTrainer(config=make_config(method="dpo", save_steps=-1, output_dir=str(tmp_path / "a")))
+    assert trainer.train()["steps"] == 4
+    assert not (tmp_path / "a" / "checkpoints").exists() and (tmp_path / "a" / "adapter_model.safetensors").exists()
+    stopped = OFSDPOTrainer(config=make_config(method="dpo", save_steps=-1, output_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(ofsdpo.trainer, "stop_signal", lambda processes, signum: 15)
+    with pytest.raises(RunInterrupted, match="no checkpoint written .--save-steps -1.: this run cannot be resumed"):
+        stopped.train()
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -200,7 +200,9 @@ class TrainingOptions:
                        "(page faults; docs/performance.md measures both). 0, the default: glibc's own setting."),
     )
     # --- outputs ---------------------------------------------------------------------------------------------------
-    save_steps: int = field(default=100, metadata=_help("Checkpoint every N optimiser steps (0: only at the end)."))
+    save_steps: int = field(default=100, metadata=_help(
+        "Checkpoint every N optimiser steps (0: only at the end; -1: never, not even on errors: the run cannot be "
+        "resumed)."))
     save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
     report_to: Literal["none", "tensorboard", "wandb"] = field(
         default="none",
@@ -249,7 +251,7 @@ class TrainingOptions:
             f"--max-length {self.max_length}): completions need room.",
         )
         need(self.eval_steps >= 0, f"--eval-steps must be >= 0 (got {self.eval_steps}).")
-        need(self.save_steps >= 0, f"--save-steps must be >= 0 (got {self.save_steps}).")
+        need(self.save_steps >= -1, f"--save-steps must be >= -1 (got {self.save_steps}).")
         need(self.save_total_limit >= 1, f"--save-total-limit must be >= 1 (got {self.save_total_limit}).")
         need(self.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1 (got {self.logprob_chunk_size}).")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps}).")

@@ -11,7 +11,8 @@ SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by a signal after writing a checkpoint; `exit_code` is the shell's 128 + signal number."""
+    """A run stopped by a signal after writing a checkpoint (none under --save-steps -1); `exit_code` is the shell's
+    128 + signal number."""
 
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message)

@@ -186,13 +186,11 @@ class OFSDPOTrainer:
                         self._track_best()
                     if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                         self._stop_on_nonfinite()
-                    if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
+                    if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < self.total_steps:
                         self._save_checkpoint()
                     signum = stop_signal(self.processes, interrupted())  # every process stops at the same step
                     if signum:
-                        self._save_checkpoint()
-                        raise RunInterrupted(signum, f"checkpoint of step {state.step} written to "
-                                                     f"{self.output_dir / 'checkpoints'}; continue with --resume")
+                        raise RunInterrupted(signum, self._save_checkpoint("continue with --resume"))
             bar.close()
             if metrics is not None:
                 metrics.close()
@@ -213,9 +211,8 @@ class OFSDPOTrainer:
             indices = self.stream.next_round(state, self.model, state.chase.leader if len(self.names) > 1 else "default",
                                              self.names)
         except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
-            self._save_checkpoint()
-            raise JudgeError(f"{err}. Checkpoint of step {state.step} written to {self.output_dir / 'checkpoints'}: "
-                             "fix the judge, then continue with --resume.") from None
+            saved = self._save_checkpoint("fix the judge, then continue with --resume")
+            raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.") from None
         if indices:
             self.reference.grow_to(len(self.data))  # on-policy rounds add pairs
             state.round_end = state.position + len(indices)
@@ -248,13 +245,12 @@ class OFSDPOTrainer:
 
     def _stop_on_nonfinite(self) -> None:
         """Keep a checkpoint (the weights are those of the last finite step) and stop with an error."""
-        self._save_checkpoint()
+        saved = self._save_checkpoint("try a lower --lr or --dtype float32, then --resume")
         state = self.state
         raise NonFiniteError(
             f"steps {state.step - state.nonfinite_in_a_row + 1}-{state.step}: {state.nonfinite_in_a_row} optimiser "
             f"steps in a row had a non-finite loss or gradient (--max-nonfinite-steps "
-            f"{self.config.max_nonfinite_steps}); stopped. The checkpoint of step {state.step} is in "
-            f"{self.output_dir / 'checkpoints'}: try a lower --lr or --dtype float32, then --resume.")
+            f"{self.config.max_nonfinite_steps}); stopped. {saved[0].upper()}{saved[1:]}.")
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     @property
@@ -293,7 +289,11 @@ class OFSDPOTrainer:
         return None if self.state.best is None else {**self.state.best, "state": self.best_state}
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, then: str = "") -> str:
+        """Write a checkpoint of this step (none under --save-steps -1); returns what happened, for a message
+        (`then`: what the user may do next with it)."""
+        if self.config.save_steps < 0:
+            return "no checkpoint written (--save-steps -1): this run cannot be resumed"
         rng = ckpt.rng_state()
         if self.processes.distributed:  # every process's RNG (its dropout masks), the rest is the same everywhere
             rng = {"processes": self.processes.gather(rng)}
@@ -309,6 +309,8 @@ class OFSDPOTrainer:
                                  self.scheduler, self.reference.state_dict(), state.to_dict(),
                                  self.config.save_total_limit, rng=rng)
         self.processes.barrier()  # nobody reads a checkpoint before it is in place
+        where = f"checkpoint of step {self.state.step} written to {self.output_dir / 'checkpoints'}"
+        return f"{where}; {then}" if then else where
 
     def _resume(self) -> None:
         path = resume_checkpoint(self.output_dir, self.config.resume_from)

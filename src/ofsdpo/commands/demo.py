@@ -72,8 +72,9 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             domain=specs, method=method, output_dir=str(out / method), overwrite=True, seed=seed, lr=lr,
             max_steps_per_domain=settings.steps, batch_size=settings.batch_size, heldout_size=settings.heldout,
             memory_size=settings.memory, judge_prompts=settings.judge_prompts, lambda_grid=settings.lambda_grid,
-            max_length=160, max_prompt_length=96, save_steps=0, regret=False, progress=progress, device=str(dev),
+            max_length=160, max_prompt_length=96, save_steps=-1, regret=False, progress=progress, device=str(dev),
             eval_steps=settings.eval_steps, judge_max_new_tokens=settings.max_new_tokens,
+            # save_steps -1: nothing resumes a demo, so no stage writes a checkpoint
             # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
             # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
             selection="heldout")
