@@ -32,6 +32,14 @@ def verdict(row: dict) -> str:
     return "**unresolved**"
 
 
+def with_reading(path: Path, lines: list[str]) -> str:
+    """The section's text, with the hand-written reading beside the aggregate (NAME-reading.md) at its end."""
+    reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
+    if reading.is_file():
+        lines += ["", reading.read_text().strip()]
+    return "\n".join(lines) + "\n\n"
+
+
 def compared(row: dict) -> str:
     """An ablation's reading of one metric: the variant is better or worse than the baseline, or no different."""
     if row["lower"] > 0 or row["upper"] < 0:
@@ -86,10 +94,7 @@ def section(path: Path) -> str:
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
                      f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
                      f"(MDE, 80 % power) {row['mde']:.4f}: {compared(row) if ablation else verdict(row)}.")
-    reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
-    if reading.is_file():
-        lines += ["", reading.read_text().strip()]
-    return "\n".join(lines) + "\n\n"
+    return with_reading(path, lines)
 
 
 def continual_section(path: Path, agg: dict) -> str:
@@ -137,10 +142,7 @@ def continual_section(path: Path, agg: dict) -> str:
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {row['mean']:+.4f}, t interval "
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds; smallest effect this run "
                      f"could detect (MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
-    reading = path.with_name(path.name.replace("-aggregate.json", "-reading.md"))
-    if reading.is_file():
-        lines += ["", reading.read_text().strip()]
-    return "\n".join(lines) + "\n\n"
+    return with_reading(path, lines)
 
 
 def main(aggregates: list[str], page: str = "docs/results.md") -> None:
