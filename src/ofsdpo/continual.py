@@ -42,7 +42,7 @@ from .files import write_atomic, write_json
 from .modules import activate, adapter_state, load_adapter_state, write_adapter
 from .plotting import plot_heatmap
 from .reference import ReferenceCache
-from .reuse import SharedWork
+from .reuse import NOT_COMPUTED, SharedWork
 from .rundir import output_dir_lock, refuse_if_locked
 from .trainer import OFSDPOTrainer
 
@@ -233,15 +233,34 @@ class ContinualRunner:
         with output_dir_lock(self.output_dir, self.processes):  # held to the end, released on any exit
             return self._run()
 
-    def _run(self) -> dict:
-        cfg, out, main = self.config, self.output_dir, self.processes.is_main
-        if main:  # only the main process writes; the others compute the same combinations
+    def _prepare_output(self) -> None:
+        """The run's folder: another run's markers removed (unless resuming), this run's config.yaml written."""
+        cfg, out = self.config, self.output_dir
+        if self.processes.is_main:  # only the main process writes; the others compute the same combinations
             out.mkdir(parents=True, exist_ok=True)
             for marker in CONTINUAL_MARKERS if not cfg.resume else ():  # --overwrite was checked in __init__
                 path = out / marker
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             cfg.save_yaml(out / "config.yaml")
         self.processes.barrier()
+
+    def _train_stage(self, k: int, domain: Domain, base, init_state) -> tuple[OFSDPOTrainer, dict]:
+        """Stage k's trainer and its summary: both modules start from `init_state` under --init previous, and a
+        stage another runner already trained alike is restored (`reuse.SharedWork`)."""
+        cfg = self.config
+        trainer = self._stage_trainer(k, domain, base)
+        initial = None
+        if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
+            initial = init_state
+            for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
+                load_adapter_state(trainer.model, name, init_state)
+        reusable = (self._shared is not None and domain.on_policy is None and self.processes.count == 1
+                    and not trainer.config.resume)  # a sampled stream, ranks, a resumed stage: train here
+        return trainer, (self._shared.train(trainer, initial) if reusable else trainer.train())
+
+    def _run(self) -> dict:
+        cfg, out, main = self.config, self.output_dir, self.processes.is_main
+        self._prepare_output()
         kept, weights, init_state, stages = [], [], None, []
         matrix = {"loss": [], "accuracy": []}
         base = self.base
@@ -259,15 +278,7 @@ class ContinualRunner:
                     matrix.setdefault(key, []).append(row)
                 stages.append(stage)
                 continue
-            trainer = self._stage_trainer(k, domain, base)
-            initial = None
-            if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
-                initial = init_state
-                for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
-                    load_adapter_state(trainer.model, name, init_state)
-            reusable = (self._shared is not None and domain.on_policy is None and self.processes.count == 1
-                        and not trainer.config.resume)  # a sampled stream, ranks, a resumed stage: train here
-            summary = self._shared.train(trainer, initial) if reusable else trainer.train()
+            trainer, summary = self._train_stage(k, domain, base, init_state)
             self._borrowed = dict(zip(("served", "candidate"), trainer.names))  # `_serve` clones what it keeps
             if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
                 domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
@@ -346,9 +357,8 @@ class ContinualRunner:
         but those of training and combining, the base, the LoRA shape and the scored domains' pairs."""
         from .stream import fingerprint
 
-        not_scoring = {"domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
-                       "max_steps_per_domain", "output_dir", "resume", "overwrite", "progress", "report_to",
-                       "save_steps", "save_total_limit"}
+        not_scoring = {*NOT_COMPUTED, "domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
+                       "max_steps_per_domain"}
         return {"options": {k: v for k, v in self.config.to_dict().items() if k not in not_scoring},
                 "base": id(model.get_base_model()), "lora": served_lora.to_dict(),
                 "domains": [(d.name, fingerprint(d.test)) for d in seen]}

@@ -26,7 +26,7 @@ from .rundir import LOCK_NAME, config_yaml
 from .stream import fingerprint
 
 # options that say how or where a stage runs, not what it computes
-_NOT_COMPUTED = ("output_dir", "resume", "overwrite", "progress", "report_to", "save_steps", "save_total_limit")
+NOT_COMPUTED = ("output_dir", "resume", "overwrite", "progress", "report_to", "save_steps", "save_total_limit")
 
 
 def _json(value: Any) -> bytes:
@@ -51,7 +51,7 @@ class SharedWork:
 
     # --- training -----------------------------------------------------------------------------------------------------
     def training_key(self, trainer, initial: dict | None) -> str:
-        options = {k: v for k, v in trainer.config.to_dict().items() if k not in _NOT_COMPUTED}
+        options = {k: v for k, v in trainer.config.to_dict().items() if k not in NOT_COMPUTED}
         digest = hashlib.sha256(_json(options))
         digest.update(f"base {id(trainer.model.get_base_model())}".encode())
         digest.update(f"stream {trainer.stream.fingerprint()}".encode())
