@@ -151,7 +151,7 @@ def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
         lora_alpha=2 * spec["lora_r"], lora_dropout=spec["lora_dropout"], target_modules="all-linear",
         max_length=spec["prompt_len"] + spec["completion_len"], max_prompt_length=spec["prompt_len"],
         device=str(device), save_steps=0, regret=False, progress=False, seed=0,
-        module_passes=passes, module_batch_size=module_batch)
+        module_passes=passes, module_batch_size=module_batch, malloc_keep_freed=spec.get("malloc_keep_freed", True))
     trainer = OFSDPOTrainer(model, cfg, train_data=PreferenceData(pairs=pairs), tokenizer=dummy_tokenizer())
     fills, fill_forwards = [], [0]
     fill = trainer.reference.fill
@@ -315,6 +315,9 @@ def parse(argv=None):
     p.add_argument("--completion-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; alpha = 2r")
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--no-malloc-keep-freed", dest="malloc_keep_freed", action="store_false",
+                   help="our runs with glibc's own allocator setting (default: ofsdpo's, --malloc-keep-freed; TRL's "
+                        "trainer is never changed)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)} ({', '.join(ALWAYS)} are always run)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the three variants")
@@ -334,7 +337,7 @@ def main(argv=None) -> dict | None:
         print(MARKER + json.dumps(worker(args.worker, json.loads(args.spec))), flush=True)
         return None
     spec = {k: getattr(args, k) for k in ("shape", "device", "dtype", "steps", "warmup", "batch_pairs", "prompt_len",
-                                          "completion_len", "lora_r", "lora_dropout", "repeats")}
+                                          "completion_len", "lora_r", "lora_dropout", "repeats", "malloc_keep_freed")}
     asked = set(args.variants.split(",")) | set(ALWAYS)  # the ratios need these
     if asked - set(VARIANTS):
         raise SystemExit(f"--variants: unknown {', '.join(sorted(asked - set(VARIANTS)))}")

@@ -5,7 +5,7 @@ import torch
 
 from ofsdpo.data import collate
 import ofsdpo.trainer
-from ofsdpo.models import map_large_blocks, set_num_threads
+from ofsdpo.models import configure_cpu_allocator, set_num_threads
 from ofsdpo.trainer import OFSDPOTrainer
 
 
@@ -56,7 +56,7 @@ def test_num_threads_is_set_and_one_per_process_under_a_launch(make_config, tmp_
         torch.set_num_threads(before)
 
 
-def test_malloc_mmap_threshold_is_asked_of_glibc_on_cpu_only(make_config, tmp_path, monkeypatch):
+def test_cpu_allocator_settings_are_asked_of_glibc_on_linux_cpu_only(make_config, tmp_path, monkeypatch):
     calls = []
 
     class FakeLibc:
@@ -64,23 +64,42 @@ def test_malloc_mmap_threshold_is_asked_of_glibc_on_cpu_only(make_config, tmp_pa
             calls.append((option, value))
             return 1
 
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
+                 "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("ctypes.CDLL", lambda name: FakeLibc())
     monkeypatch.setattr("sys.platform", "linux")
-    assert map_large_blocks(65536, "cpu") and calls == [(-3, 65536)]  # M_MMAP_THRESHOLD
-    assert not map_large_blocks(0, "cpu")  # 0: glibc's own default
-    assert not map_large_blocks(65536, "cuda:0")  # the GPU's caching allocator is torch's, not glibc's
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert not map_large_blocks(65536, "cpu")  # the user's environment wins
+    # M_MMAP_THRESHOLD at glibc's largest automatic one and M_TRIM_THRESHOLD at its maximum: never trimmed
+    assert configure_cpu_allocator(True, 0, "cpu") == "keep-freed" and calls == [(-3, 32 << 20), (-1, 2**31 - 1)]
+    calls.clear()
+    assert configure_cpu_allocator(True, 65536, "cpu") == "mmap-threshold" and calls == [(-3, 65536)]  # wins
+    calls.clear()
+    assert configure_cpu_allocator(False, 0, "cpu") is None and calls == []  # glibc's own setting
+    assert configure_cpu_allocator(True, 0, "cuda:0") is None  # the GPU's caching allocator is torch's
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert configure_cpu_allocator(True, 65536, "cpu") is None  # the user's environment wins
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    assert configure_cpu_allocator(True, 0, "cpu") is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setattr("sys.platform", "darwin")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert not map_large_blocks(65536, "cpu")
-    assert calls == [(-3, 65536)]
+    assert configure_cpu_allocator(True, 65536, "cpu") is None
+    assert calls == []
+
+    class RefusingLibc:
+        def mallopt(self, option, value):
+            return 0
+
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setattr("ctypes.CDLL", lambda name: RefusingLibc())
+    assert configure_cpu_allocator(True, 0, "cpu") is None  # glibc said no: reported as not set
 
     asked = []
-    monkeypatch.setattr(ofsdpo.trainer, "map_large_blocks", lambda threshold, device: asked.append(threshold))
+    monkeypatch.setattr(ofsdpo.trainer, "configure_cpu_allocator",
+                        lambda keep, threshold, device: asked.append((keep, threshold)))
     OFSDPOTrainer(config=make_config(malloc_mmap_threshold=4096, output_dir=str(tmp_path / "a")))
-    assert asked == [4096]
+    OFSDPOTrainer(config=make_config(malloc_keep_freed=False, output_dir=str(tmp_path / "b")))
+    assert asked == [(True, 4096), (False, 0)]
 
 
 def test_report_to_wandb_logs_offline(make_config, tmp_path, monkeypatch):

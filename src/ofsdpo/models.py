@@ -211,20 +211,37 @@ def set_num_threads(num_threads: int | None, processes: int = 1) -> None:
         torch.set_num_threads(num_threads)
 
 
-def map_large_blocks(threshold: int, device: "torch.device | str") -> bool:
-    """--malloc-mmap-threshold on a Linux CPU run: glibc serves blocks of at least `threshold` bytes with mmap and
-    unmaps them at free. Its default threshold grows (up to 32 MiB) after large frees, so freed activation blocks
-    stay in the heap and count in the process's peak RSS: measured on the mid-size step benchmark, 1.43x the live
-    memory for dpo and 1.74x for ofs-dpo (docs/performance.md). Returns whether the threshold was set."""
+# glibc's mallopt parameters (<malloc.h>)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+
+
+def configure_cpu_allocator(keep_freed: bool, mmap_threshold: int, device: "torch.device | str") -> str | None:
+    """How glibc's malloc serves torch's CPU tensors in this process (Linux CPU runs; docs/performance.md).
+
+    - `mmap_threshold > 0` (--malloc-mmap-threshold): blocks of at least that many bytes are mapped and unmapped at
+      free, so peak RSS follows the live tensors; every step's fresh blocks then page-fault.
+    - else `keep_freed` (the default): blocks up to 32 MiB (the largest threshold glibc itself moves to) come from
+      the heap, which is never trimmed, so what torch frees serves the next step's tensors, as torch's CUDA
+      allocator keeps its blocks. glibc's own setting trims the heap's free top (over twice its threshold) after
+      large frees, and each page touched again faults: measured on the mid-size step benchmark, ~130 000 faults per
+      dpo step and ~500 000 per ofs-dpo step (two parts), against ~50 000 and ~100 000 (the head's log-prob chunk,
+      192 MiB, still mapped and unmapped: larger blocks are left to mmap, so one large tensor never stays behind).
+    Returns "mmap-threshold", "keep-freed" or None (left to glibc: a GPU, not Linux, not asked, or MALLOC_*
+    variables set, which win)."""
     import ctypes
     import sys
 
-    if (threshold <= 0 or str(device).split(":")[0] != "cpu" or not sys.platform.startswith("linux")
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ):  # the user's own allocator settings win
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    M_MMAP_THRESHOLD = -3  # <malloc.h>
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+    if (str(device).split(":")[0] != "cpu" or not sys.platform.startswith("linux")
+            or any(name in os.environ for name in _MALLOC_ENVIRONMENT)
+            or "malloc" in os.environ.get("GLIBC_TUNABLES", "")):
+        return None
+    settings = ({M_MMAP_THRESHOLD: mmap_threshold} if mmap_threshold > 0 else
+                {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 2**31 - 1} if keep_freed else {})
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if settings else None
+    if mallopt is None or not all([mallopt(option, value) == 1 for option, value in settings.items()]):
+        return None
+    return "mmap-threshold" if mmap_threshold > 0 else "keep-freed"
 
 
 def meta_model(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):

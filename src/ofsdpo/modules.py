@@ -12,8 +12,10 @@ sets the layers' active adapter and flips only the `requires_grad` flags that ch
 
 One forward for several modules (`stacked`): the batch is stacked once per module and each LoRA layer runs its
 frozen base once over all the rows (one GEMM of k times the rows), then adds to the i-th block of rows the LoRA
-term of the i-th module, B_i A_i dropout_i(x_i) * scale_i, exactly the sum peft's layer computes for one active
-adapter. Each module draws its own dropout mask (its own `lora_dropout` module, its own rows).
+term of the i-th module, B_i (scale_i A_i dropout_i(x_i)), the sum peft's layer computes for one active adapter
+(peft scales B_i A_i x_i; scaling the rank-r product is the same sum and spares a pass over the output), written
+by one batched `result + Z @ B` for all blocks. Each module draws its own dropout mask (its own `lora_dropout`
+module, its own rows).
 """
 
 from __future__ import annotations
@@ -203,12 +205,19 @@ def stacked(model: PeftModel, names):
         rows, left = divmod(x.shape[0], len(names))
         if left:
             raise ValueError(f"stacked(): {x.shape[0]} rows are not {len(names)} equal blocks")
-        terms = []
-        for i, name in enumerate(names):  # as peft's Linear.forward for one active adapter, on this block of rows
+        # as peft's Linear.forward for one active adapter, on each block of rows, with two changes that leave the
+        # sum the same: the scale multiplies the rank-r activations, not the output, and one batched
+        # `result + z @ B` writes the output (no LoRA output, scaled copy, concatenation and sum of the output's
+        # size: memory passes that cost as much as the rank-r GEMMs on a CPU)
+        low_rank = []
+        for i, name in enumerate(names):
             lora_a = layer.lora_A[name]
             part = layer._cast_input_dtype(x[i * rows:(i + 1) * rows], lora_a.weight.dtype)
-            terms.append(layer.lora_B[name](lora_a(layer.lora_dropout[name](part))) * layer.scaling[name])
-        return (result + torch.cat(terms)).to(result.dtype)
+            low_rank.append(lora_a(layer.lora_dropout[name](part)) * layer.scaling[name])
+        z = torch.stack(low_rank).flatten(1, -2)  # (modules, rows x tokens, r)
+        b = torch.stack([layer.lora_B[name].weight.t() for name in names])  # (modules, r, out)
+        blocks = result.reshape(len(names), -1, result.shape[-1]).to(z.dtype)
+        return torch.baddbmm(blocks, z, b).view(result.shape).to(result.dtype)
 
     handles = []
     try:

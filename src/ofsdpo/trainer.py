@@ -25,7 +25,7 @@ from .domains import on_policy_domain
 from .judges import JudgeError
 from .files import write_atomic, write_json, write_jsonl
 from .metrics import MetricsLogger, module_key
-from .models import (check_target_modules, load_model, load_tokenizer, map_large_blocks, resolve_device,
+from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,
                      resolve_model_name, set_num_threads)
 from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters,
                       load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
@@ -61,7 +61,7 @@ class OFSDPOTrainer:
         check_output_dir(self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)
         self.device = self.processes.device or resolve_device(cfg.device)
         set_num_threads(cfg.num_threads, self.processes.count)
-        map_large_blocks(cfg.malloc_mmap_threshold, self.device)
+        configure_cpu_allocator(cfg.malloc_keep_freed, cfg.malloc_mmap_threshold, self.device)
         loaded = not (model is None or isinstance(model, (str, Path)))
         self.model_name, self.gguf_file = ((model.config._name_or_path, cfg.gguf_file) if loaded else
                                            resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file))
