@@ -197,7 +197,8 @@ class TrainingOptions:
         default=0,
         metadata=_help("Linux CPU runs: glibc maps blocks of at least this many bytes (e.g. 65536) and gives them "
                        "back to the OS when torch frees them: peak RSS follows the live tensors, but steps are slower "
-                       "(page faults; docs/performance.md measures both). 0, the default: --malloc-keep-freed decides."),
+                       "(page faults; docs/performance.md measures both). 0, the default: --malloc-keep-freed "
+                       "decides."),
     )
     malloc_keep_freed: bool = field(
         default=True,
