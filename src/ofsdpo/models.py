@@ -227,6 +227,8 @@ def configure_cpu_allocator(keep_freed: bool, mmap_threshold: int, device: "torc
       large frees, and each page touched again faults: measured on the mid-size step benchmark, ~130 000 faults per
       dpo step and ~500 000 per ofs-dpo step (two parts), against ~50 000 and ~100 000 (the head's log-prob chunk,
       192 MiB, still mapped and unmapped: larger blocks are left to mmap, so one large tensor never stays behind).
+    The setting is the process's (glibc has no call that restores its automatic threshold): a later trainer in
+    the same process with both options off leaves it as it is.
     Returns "mmap-threshold", "keep-freed" or None (left to glibc: a GPU, not Linux, not asked, or MALLOC_*
     variables set, which win)."""
     import ctypes
