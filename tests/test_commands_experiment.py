@@ -219,3 +219,25 @@ def test_common_random_numbers_for_any_seed(tiny_model_dir, tmp_path, length_jud
     assert judged["win_rate"] == 0.5 and judged["judge_score"] == judged["reference_judge_score"]
     assert judged["judged_samples"] == len(ref_scores) == 6 and abs(judged["kl"]) < 1e-6
     model.unload()
+
+
+def test_tiny_continual_experiment_bootstraps_its_headline(tiny_model_dir, tmp_path, length_judged):
+    """A continual experiment's paired headline has, beside the t interval, a bootstrap over its report pairs and
+    judged prompts whose mean is the same paired difference (the units average to each run's number)."""
+    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), memory=3, lambda_grid="0,1",
+                  variants=[{"name": "dpo", "method": "dpo"}, {"name": "cofs", "method": "cofs-dpo"}])
+    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs", progress=False, verbose=False).run()
+    paired = summary["paired"]
+    assert {r["metric"] for r in paired} == {"avg_final_judge", "avg_forgetting_judge", "avg_final_loss",
+                                             "avg_final_accuracy", "bwt_accuracy"}
+    for row in paired:
+        assert row["n"] == 2 and row["variant"] == "cofs" and row["lower"] <= row["mean"] <= row["upper"]
+        boot = row["bootstrap"]
+        assert boot["mean"] == pytest.approx(row["mean"], abs=1e-6), row["metric"]
+        assert boot["lower"] <= boot["mean"] <= boot["upper"]
+    row = next(r for r in paired if r["metric"] == "avg_final_judge")
+    judge = row["bootstrap"]
+    text = (tmp_path / "runs" / "aggregate.md").read_text()
+    assert f"| cofs − dpo | all | avg final judge score | {row['mean']:+.4f} | " in text
+    assert f"| [{judge['lower']:+.4f}, {judge['upper']:+.4f}] | 2 |" in text

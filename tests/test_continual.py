@@ -338,3 +338,49 @@ def test_later_stages_reset_the_first_stages_lora_layers(tiny_model_dir, tmp_pat
     monkeypatch.setattr(modules, "get_peft_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, report = run(tiny_model_dir, tmp_path, domains, method="ofs-dpo")
     assert len(report["matrix"]["loss"]) == 3 and len(calls) == 1
+
+
+def test_headline_units_average_to_the_reported_numbers(tiny_model_dir, tmp_path, length_judged):
+    """The per-unit values a bootstrap resamples have, as plain means, exactly the report's headline numbers; a
+    stage saved before units were kept leaves the report without them (no bootstrap) rather than misaligned."""
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great"), "short": ("yes", "well, it depends")}
+    domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+    kw = dict(method="cofs-dpo", judge_prompts=3, judge_samples=2, max_steps_per_domain=2, score_domains="seen",
+              output_dir=str(tmp_path / "run"))
+    _, report = run(tiny_model_dir, tmp_path, domains, **kw)
+    units = report["units"]
+    assert set(units) == {"cl/avg_loss", "cl/avg_accuracy", "cl/bwt", "cl/avg_judge_score", "cl/avg_forgetting_judge"}
+    forgetting = report["cl/forgetting_judge"]  # the judged domains before the last: sentiment and critic
+    expected = {"cl/avg_loss": report["cl/avg_loss"], "cl/avg_accuracy": report["cl/avg_accuracy"],
+                "cl/bwt": report["cl/bwt"], "cl/avg_judge_score": report["cl/avg_judge_score"],
+                "cl/avg_forgetting_judge": sum(forgetting.values()) / len(forgetting)}
+    assert set(forgetting) == {"sentiment", "critic"} and len(units["cl/avg_judge_score"]) == 2 * 3
+    for key, values in units.items():
+        assert sum(values) / len(values) == pytest.approx(expected[key], abs=1e-6), key
+    stage = tmp_path / "run" / "domains" / "1-sentiment" / "stage" / "stage.json"
+    record = json.loads(stage.read_text())
+    del record["rows"]["units"]
+    stage.write_text(json.dumps(record))
+    _, resumed = run(tiny_model_dir, tmp_path, domains, resume=True, **kw)
+    assert resumed["units"] == {} and resumed["cl/avg_loss"] == pytest.approx(report["cl/avg_loss"])
+
+
+def test_headline_units_hold_the_peak_stage_and_weigh_domains_equally():
+    """Domains with different unit counts weigh as in the report (a mean over domains); forgetting's units are the
+    differences from the stage where each domain's judge score peaked (stage 2 for the first domain here)."""
+    from ofsdpo.continual import headline_units
+
+    judge = [[0.2, None, None], [0.5, 0.1, None], [0.3, 0.4, 0.6]]
+    per_prompt = [[[0.0, 0.4], None, None], [[0.5, 0.5], [0.0, 0.1, 0.2], None],
+                  [[0.2, 0.4], [0.4, 0.4, 0.4], [0.6]]]
+    correct = [[[1, 0, 0, 0], None, None], [[1, 1, 0, 0], [1, 0], None], [[0, 0, 0, 1], [1, 1], [1, 0, 1]]]
+    units = [[None if c is None else {"loss": [0.7] * len(c), "correct": c, "judge_score": p}
+              for c, p in zip(c_row, p_row)] for c_row, p_row in zip(correct, per_prompt)]
+    out = headline_units(judge, units)
+    mean = {key: sum(v) / len(v) for key, v in out.items()}
+    assert mean["cl/avg_judge_score"] == pytest.approx((0.3 + 0.4 + 0.6) / 3)
+    assert mean["cl/avg_forgetting_judge"] == pytest.approx(((0.5 - 0.3) + (0.1 - 0.4)) / 2)
+    assert mean["cl/avg_accuracy"] == pytest.approx((0.25 + 1.0 + 2 / 3) / 3)
+    assert mean["cl/bwt"] == pytest.approx(((0.25 - 0.25) + (1.0 - 0.5)) / 2)
+    assert mean["cl/avg_loss"] == pytest.approx(0.7)
+    assert headline_units(judge, units[:2] + [None]) == {}  # a stage without units: none at all

@@ -276,6 +276,8 @@ class ContinualRunner:
                     init_state = served
                 for key, row in rows.items():
                     matrix.setdefault(key, []).append(row)
+                if "units" not in rows:  # a stage saved before per-unit scores were kept: no bootstrap units
+                    matrix.setdefault("units", []).append(None)
                 stages.append(stage)
                 continue
             trainer, summary = self._train_stage(k, domain, base, init_state)
@@ -333,7 +335,8 @@ class ContinualRunner:
         seen = self.domains[:scored]
 
         def compute() -> dict:
-            scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in seen])
+            scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in seen],
+                                 per_pair=True)
             judged = self._judge(model, served_lora, served, scored) if self.config.judge_prompts else None
             return {"scores": scores, "judged": judged,
                     "reference": {d.name: self._reference_scores[d.name] for d in seen
@@ -348,6 +351,10 @@ class ContinualRunner:
         scores = result["scores"] + [{}] * (len(self.domains) - scored)
         matrix["loss"].append([s.get("loss") for s in scores])
         matrix["accuracy"].append([s.get("accuracy") for s in scores])
+        judged = (result["judged"] or []) + [{}] * (len(self.domains) - len(result["judged"] or []))
+        matrix.setdefault("units", []).append(  # per report pair and judged prompt: `headline_units`
+            [None if "per_pair" not in s else {**s["per_pair"], "judge_score": j.get("per_prompt", {}).get(
+                "judge_score")} for s, j in zip(scores, judged)])
         if result["judged"] is not None:
             for key in ("judge_score", "win_rate", "kl"):
                 matrix.setdefault(key, []).append([j.get(key) for j in result["judged"]])
@@ -442,12 +449,14 @@ class ContinualRunner:
         _load_slot(model, name, lora, state)
         return name
 
-    def _score(self, model, lora, state, sets: list[tuple[PreferenceData, ReferenceCache]], name="served") -> list:
+    def _score(self, model, lora, state, sets: list[tuple[PreferenceData, ReferenceCache]], name="served",
+               per_pair: bool = False) -> list:
         """`state`'s loss and accuracy on each (pairs, reference) set, the sets' pairs in shared batches."""
         cfg = self.config.training
         name = self._slot(model, name, lora, state)
         return heldout_scores_many(model, sets, name, self.tokenizer.pad_token_id, cfg.beta,
-                                   cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size)
+                                   cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size,
+                                   per_pair=per_pair)
 
     def _judge(self, model, lora, state, scored: int) -> list[dict]:
         """Judge the served module's samples on the first `scored` domains' held-out prompts (built-in domains,
@@ -528,6 +537,8 @@ class ContinualRunner:
         return recursive_weights(previous, lam), lam, table
 
     def _report(self, stages: list[dict], matrix: dict) -> dict:
+        units = matrix.get("units")
+        matrix = {key: rows for key, rows in matrix.items() if key != "units"}
         names, acc, loss = [d.name for d in self.domains], matrix["accuracy"], matrix["loss"]
         last = len(names) - 1
         forgetting = {names[j]: max(acc[k][j] for k in range(j, last)) - acc[last][j] for j in range(last)}
@@ -551,7 +562,45 @@ class ContinualRunner:
             "cl/forgetting": forgetting, "cl/forgetting_loss": forgetting_loss,
             "cl/bwt": sum(acc[last][j] - acc[j][j] for j in range(last)) / last if last else 0.0,
             "lambdas": [s["lambda"] for s in stages],
+            "units": headline_units(matrix.get("judge_score"), units),
         }
+
+
+def headline_units(judge: list[list] | None, units: list[list[dict | None]] | None) -> dict[str, list[float]]:
+    """Per-unit values whose plain mean is each headline number of the report (`cl/avg_loss`, `cl/avg_accuracy`,
+    `cl/bwt`, `cl/avg_judge_score`, `cl/avg_forgetting_judge`): the units a bootstrap resamples. A unit is a report
+    pair (loss, correctness) or a judged prompt (its samples' mean score); a domain's units are scaled by
+    U / (D · n_d) (U units over D domains, n_d of this one), so the mean over all units is the mean over domains
+    as the report takes it. Forgetting is a max over stages: its units are the differences from the stage that
+    attained the max in this run (the bootstrap holds that stage fixed). `units[k][j]`: stage k's per-unit scores
+    on domain j ({"loss", "correct", "judge_score"}; None where not scored); {} if a stage has none (a stage saved
+    before they were kept); a metric without units (e.g. `cl/bwt` of one domain) is left out."""
+    if not units or any(row is None for row in units):
+        return {}
+    last = len(units) - 1
+    final = units[last]
+    if any(u is None for u in final):
+        return {}
+
+    def spread(parts: list[list[float]]) -> list[float]:
+        total = sum(len(p) for p in parts)
+        return [v * total / (len(parts) * len(p)) for p in parts for v in p]
+
+    def difference(a: list[float], b: list[float]) -> list[float]:
+        return [x - y for x, y in zip(a, b)]
+
+    out = {"cl/avg_loss": spread([u["loss"] for u in final]),
+           "cl/avg_accuracy": spread([u["correct"] for u in final])}
+    if last and all(units[j][j] is not None for j in range(last)):
+        out["cl/bwt"] = spread([difference(final[j]["correct"], units[j][j]["correct"]) for j in range(last)])
+    judged = [j for j, u in enumerate(final) if u.get("judge_score") is not None]
+    if judge is not None and judged:
+        out["cl/avg_judge_score"] = spread([final[j]["judge_score"] for j in judged])
+        peaks = [(j, max(range(j, last), key=lambda k: judge[k][j])) for j in judged if j < last]
+        if peaks and all(units[k][j] is not None and units[k][j].get("judge_score") is not None for j, k in peaks):
+            out["cl/avg_forgetting_judge"] = spread([difference(units[k][j]["judge_score"], final[j]["judge_score"])
+                                                     for j, k in peaks])
+    return out
 
 
 def _interleave(stream: list[dict], replay: list[dict]) -> list[dict]:

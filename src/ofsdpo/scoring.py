@@ -81,11 +81,15 @@ def heldout_scores(model, data: PreferenceData, reference: ReferenceCache, adapt
 
 
 def heldout_scores_many(model, sets: list[tuple[PreferenceData, ReferenceCache]], adapter: str, pad_token_id: int,
-                        beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None) -> list[dict]:
-    """Each (data, reference) set's mean DPO loss and accuracy over all its pairs, the sets scored together."""
+                        beta: float, batch_size: int = 8, chunk_size: int = 1024, trained=None,
+                        per_pair: bool = False) -> list[dict]:
+    """Each (data, reference) set's mean DPO loss and accuracy over all its pairs, the sets scored together.
+    `per_pair`: also each pair's loss and correctness (1 or 0), in pair order, as "per_pair" (a bootstrap's units)."""
     scored = pair_losses_many(model, [(d, r, list(range(len(d)))) for d, r in sets], adapter, pad_token_id, beta,
                               batch_size, chunk_size, trained)
-    return [{"loss": losses.mean().item(), "accuracy": correct.mean().item()} for losses, correct in scored]
+    return [{"loss": losses.mean().item(), "accuracy": correct.mean().item(),
+             **({"per_pair": {"loss": losses.tolist(), "correct": correct.tolist()}} if per_pair else {})}
+            for losses, correct in scored]
 
 
 def _response_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -57,6 +57,10 @@ KEY_OPTIONS = frozenset({
     "output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "report_to", "regret", "progress"})
 CONTINUAL_KEY_OPTIONS = frozenset({"domain", "max_steps_per_domain", "memory_size", "heldout_size", "combine", "init",
                                    "judge_prompts", "judge_max_new_tokens", "lambda_grid"})
+# a continual run's paired headline numbers (`experiment_report.PAIRED_CONTINUAL`) and the report's per-unit values
+# whose mean each one is (`continual.headline_units`): what the bootstrap resamples
+CONTINUAL_UNITS = {"avg_final_judge": "cl/avg_judge_score", "avg_forgetting_judge": "cl/avg_forgetting_judge",
+                   "avg_final_loss": "cl/avg_loss", "avg_final_accuracy": "cl/avg_accuracy", "bwt_accuracy": "cl/bwt"}
 
 
 def option_defaults() -> dict:
@@ -360,7 +364,8 @@ class ExperimentRunner:
                 "avg_final_loss": report["cl/avg_loss"],
                 "weights": [stage.get("weights") for stage in report["stages"]],
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
-                "base_judge_score": report["base_judge_score"], "train_loss_curve": curve}
+                "base_judge_score": report["base_judge_score"], "train_loss_curve": curve,
+                "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items() if key in report["units"]}}
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
