@@ -92,6 +92,31 @@ def test_write_aggregate_tables_and_plots(tmp_path, kind):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_compare_pairs_two_variants_beside_the_baseline(tmp_path):
+    """`compare: [[b, a]]` adds b − a, paired by seed, after every variant − baseline; a bad entry fails early."""
+    from ofsdpo.commands.experiment_report import paired_differences
+
+    variants = [{"name": n, "method": m} for n, m in (("dpo", "dpo"), ("a", "cofs-dpo"), ("b", "cofs-dpo"))]
+    config = ExperimentConfig(name="t", kind="continual", domains=["sentiment", "critic"], variants=variants,
+                              compare=[["b", "a"]])
+    results = {name: {s: {**fake_continual(s), "avg_final_judge": 0.2 + shift * s} for s in (0, 1, 2)}
+               for name, shift in (("dpo", 0.0), ("a", 0.1), ("b", 0.3))}
+    rows = [r for r in paired_differences(config, results) if r["metric"] == "avg_final_judge"]
+    assert [(r["variant"], r["baseline"]) for r in rows] == [("a", "dpo"), ("b", "dpo"), ("b", "a")]
+    assert rows[2]["n"] == 3 and rows[2]["mean"] == pytest.approx(0.2)  # (0.3 − 0.1) · mean seed 1
+    # the searches' objective: the lowest memory loss each scored (a NaN point never wins), dpo has none
+    for name, best in (("a", 0.6), ("b", 0.5)):
+        for s, run in results[name].items():
+            run["searches"] = [[{"lambda": 0.0, "memory_loss": float("nan")}, {"lambda": 1.0, "memory_loss": best}]]
+    summary = write_aggregate(tmp_path, config, results)
+    memory = [r for r in summary["paired"] if r["metric"] == "final_memory_loss"]
+    assert [(r["variant"], r["baseline"], r["mean"]) for r in memory] == [("b", "a", pytest.approx(-0.1))]
+    assert summary["cells"]["b"]["chosen_memory_loss"][0]["mean"] == pytest.approx(0.5)
+    for bad in (["b"], ["b", "b"], ["b", "zzz"]):
+        with pytest.raises(ConfigError, match="compare"):
+            ExperimentConfig(name="t", kind="continual", domains=["sentiment"], variants=variants, compare=[bad])
+
+
 def test_continual_aggregate_with_cells_not_scored(tmp_path):
     """score_domains seen: a stage's cells for domains not trained yet are None in every seed; the aggregate keeps
     them None, the table writes '-', the heat-map leaves them blank."""

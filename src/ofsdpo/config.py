@@ -880,6 +880,8 @@ class ExperimentConfig:
     report_rounds: int = 1
     memory: int = DEMO_FULL.memory  # continual: selection pairs per domain kept in memory to choose λ
     baseline: Optional[str] = None  # the variant paired differences are taken against (default: `dpo`, else first)
+    # further paired differences beside each variant − baseline: [variant, against] pairs (e.g. two COFS searches)
+    compare: list[list[str]] = field(default_factory=list)
     lambda_grid: str = DEMO_FULL.lambda_grid
     eval_steps: int = DEMO_FULL.eval_steps  # continual: how often the best fast module is looked for
     max_length: int = 160
@@ -903,6 +905,10 @@ class ExperimentConfig:
             raise ConfigError(f"experiment '{self.name}': seeds must not be empty.")
         if self.baseline is not None and self.baseline not in names:
             raise ConfigError(f"experiment '{self.name}': baseline '{self.baseline}' is not a variant ({names}).")
+        for pair in self.compare:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] == pair[1] or set(pair) - set(names):
+                raise ConfigError(f"experiment '{self.name}': each compare entry is [variant, against], two different "
+                                  f"variants of {names} (got {pair!r}).")
         if self.selection < 1 or self.report_rounds < 1 or self.judge_samples < 1:
             raise ConfigError(f"experiment '{self.name}': selection, report_rounds and judge_samples must be >= 1.")
         if self.kind == "continual" and self.memory > self.selection:

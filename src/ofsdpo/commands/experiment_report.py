@@ -27,7 +27,9 @@ PAIRED_IN_DOMAIN = (("report_loss", "report DPO loss (lower is better)"),
 PAIRED_CONTINUAL = (("avg_final_judge", "avg final judge score"),
                     ("avg_forgetting_judge", "avg forgetting (judge; lower is better)"),
                     ("avg_final_loss", "avg final report DPO loss (lower is better)"),
-                    ("avg_final_accuracy", "avg final report pref. acc."), ("bwt_accuracy", "backward transfer (acc.)"))
+                    ("avg_final_accuracy", "avg final report pref. acc."), ("bwt_accuracy", "backward transfer (acc.)"),
+                    ("final_memory_loss", "memory DPO loss of the final combination (lower is better; what the search "
+                                          "minimises)"))
 PER_RUN_ONLY = ("units", "sets")  # per-pair / per-prompt values and set indices: kept per seed, not averaged
 
 
@@ -72,6 +74,8 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     """aggregate.json (cells: the aggregate per cell; per_seed: the results), then the plots and aggregate.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.kind == "continual":
+        results = {cell: {s: with_search_outcome(r) for s, r in by_seed.items()} for cell, by_seed in results.items()}
     cells = {cell: aggregate([{k: v for k, v in r.items() if k not in PER_RUN_ONLY} for r in by_seed.values()])
              for cell, by_seed in results.items()}
     paired = paired_differences(config, results)
@@ -87,38 +91,56 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     return summary
 
 
+def with_search_outcome(result: dict) -> dict:
+    """A continual result with the memory DPO loss of the combination its search chose after each stage (the
+    lowest it scored; NaN points never win) and after the last one, derived from `searches`; unchanged without."""
+    searches = [stage for stage in result.get("searches") or [] if stage]
+    if not searches:
+        return result
+    chosen = [min((p["memory_loss"] for p in stage if p["memory_loss"] == p["memory_loss"]), default=None)
+              for stage in searches]
+    return {**result, "chosen_memory_loss": chosen, "final_memory_loss": chosen[-1]}
+
+
 # --- paired differences against the baseline (the headline) ---------------------------------------------------------
 def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, dict]]) -> list[dict]:
     """For every variant but the baseline (and every domain, in-domain), every headline metric: the per-seed
     difference variant − baseline with a t interval over seeds and, where per-unit values exist, a bootstrap over
-    the units (report pairs or judged prompts, the same units under every seed), mean ± sd of both arms beside."""
+    the units (report pairs or judged prompts, the same units under every seed), mean ± sd of both arms beside.
+    Then the same for each of the file's `compare` pairs [variant, against]."""
+    baseline = config.baseline_variant
+    pairs = [(v["name"], baseline) for v in config.variants if v["name"] != baseline]
+    pairs += [(variant, against) for variant, against in config.compare]
+    rows = []
+    for variant, against in pairs:
+        for domain in (config.domains if config.kind == "in-domain" else [None]):
+            cell, base_cell = (f"{variant}/{domain}", f"{against}/{domain}") if domain else (variant, against)
+            rows += _paired_rows(config, results.get(cell, {}), results.get(base_cell, {}), variant, against, domain)
+    return rows
+
+
+def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant: str, baseline: str,
+                 domain: str | None) -> list[dict]:
+    """One row per headline metric: `runs` − `base_runs` ({seed: result}) over the seeds both have."""
     from ..stats import bootstrap_ci, mean_sd, minimum_detectable_effect, paired_difference
 
-    baseline = config.baseline_variant
-    domains = config.domains if config.kind == "in-domain" else [None]
-    metrics = PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL
+    seeds = [s for s in config.seeds if s in runs and s in base_runs]
     rows = []
-    for variant in (v["name"] for v in config.variants if v["name"] != baseline):
-        for domain in domains:
-            cell, base_cell = (f"{variant}/{domain}", f"{baseline}/{domain}") if domain else (variant, baseline)
-            runs, base_runs = results.get(cell, {}), results.get(base_cell, {})
-            seeds = [s for s in config.seeds if s in runs and s in base_runs]
-            for metric, title in metrics:
-                pairs = [(runs[s].get(metric), base_runs[s].get(metric)) for s in seeds]
-                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-                if not pairs:
-                    continue
-                diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-                row = {"variant": variant, "baseline": baseline, "domain": domain, "metric": metric, "title": title,
-                       **{k: diff[k] for k in ("mean", "sd", "n", "lower", "upper", "p_value")},
-                       "variant_arm": mean_sd([a for a, _ in pairs]), "baseline_arm": mean_sd([b for _, b in pairs]),
-                       "mde": minimum_detectable_effect(diff["sd"], diff["n"]) if diff["sd"] is not None else None}
-                units = [(runs[s].get("units", {}).get(metric), base_runs[s].get("units", {}).get(metric))
-                         for s in seeds]
-                if units and all(a is not None and b is not None and len(a) == len(b) for a, b in units):
-                    boot = bootstrap_ci([[x - y for x, y in zip(a, b)] for a, b in units], shared_units=True)
-                    row["bootstrap"] = {k: boot[k] for k in ("mean", "lower", "upper", "n_units")}
-                rows.append(row)
+    for metric, title in PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL:
+        pairs = [(runs[s].get(metric), base_runs[s].get(metric)) for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if not pairs:
+            continue
+        diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+        row = {"variant": variant, "baseline": baseline, "domain": domain, "metric": metric, "title": title,
+               **{k: diff[k] for k in ("mean", "sd", "n", "lower", "upper", "p_value")},
+               "variant_arm": mean_sd([a for a, _ in pairs]), "baseline_arm": mean_sd([b for _, b in pairs]),
+               "mde": minimum_detectable_effect(diff["sd"], diff["n"]) if diff["sd"] is not None else None}
+        units = [(runs[s].get("units", {}).get(metric), base_runs[s].get("units", {}).get(metric)) for s in seeds]
+        if units and all(a is not None and b is not None and len(a) == len(b) for a, b in units):
+            boot = bootstrap_ci([[x - y for x, y in zip(a, b)] for a, b in units], shared_units=True)
+            row["bootstrap"] = {k: boot[k] for k in ("mean", "lower", "upper", "n_units")}
+        rows.append(row)
     return rows
 
 
@@ -207,17 +229,19 @@ def _in_domain_table(config: ExperimentConfig, cells: dict) -> list[str]:
 def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
     names = config.domains
     head = ("| variant | " + " | ".join(f"final {n}" for n in names) + " | avg final judge | avg forgetting (judge) | "
-            + " | ".join(f"forgetting {n}" for n in names[:-1]) + " | avg final pref. acc. | avg final KL | λ per stage |")
-    lines = [head, "|---|" + "---|" * (2 * len(names) + 4)]
+            + " | ".join(f"forgetting {n}" for n in names[:-1]) + " | avg final pref. acc. | avg final KL | λ per stage "
+            "| chosen memory loss per stage |")
+    lines = [head, "|---|" + "---|" * (2 * len(names) + 5)]
     for variant in _variants(config):
         c = cells.get(variant)
         if not c:
             continue
         lambdas = ", ".join(fmt(s, False, 2) for s in c["lambdas"]) if c.get("lambdas") else "-"
+        memory = ", ".join(fmt(s, False) for s in c["chosen_memory_loss"]) if c.get("chosen_memory_loss") else "-"
         lines.append(f"| {variant} | " + " | ".join(fmt(c["final_judge"][n]) for n in names) +
                      f" | {fmt(c['avg_final_judge'])} | {fmt(c['avg_forgetting_judge'])} | " +
                      " | ".join(fmt(c["forgetting_judge"].get(n)) for n in names[:-1]) +
-                     f" | {fmt(c['avg_final_accuracy'], False)} | {fmt(c['avg_final_kl'])} | {lambdas} |")
+                     f" | {fmt(c['avg_final_accuracy'], False)} | {fmt(c['avg_final_kl'])} | {lambdas} | {memory} |")
     base = next(iter(cells.values()))["base_judge_score"]
     lines += ["", "Base model (reference samples): " + ", ".join(f"{n} {fmt(base.get(n))}" for n in names), ""]
     for variant in _variants(config):
