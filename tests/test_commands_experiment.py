@@ -252,7 +252,13 @@ def test_tiny_continual_experiment_bootstraps_its_headline(tiny_model_dir, tmp_p
     values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
                   data_dir=str(tmp_path / "pairs"), memory=3, lambda_grid="0,1",
                   variants=[{"name": "dpo", "method": "dpo"}, {"name": "cofs", "method": "cofs-dpo"}])
-    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs", progress=False, verbose=False).run()
+    runner = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs", progress=False, verbose=False)
+    summary = runner.run()
+    # π_ref's log-probs of every pair (stream, memory, report) were computed once for the 4 runs: 2 variants x 2 seeds
+    caches = [c for sets in runner._reference_logps.values() for c in sets.values()]
+    assert len(runner._reference_logps) == 2 and sum(c.computed_pairs for c in caches) == sum(len(c.chosen)
+                                                                                              for c in caches)
+    assert all(not c.chosen.isnan().any() for c in caches)
     paired = summary["paired"]
     assert {r["metric"] for r in paired} == {"avg_final_judge", "avg_forgetting_judge", "avg_final_loss",
                                              "avg_final_accuracy", "bwt_accuracy"}

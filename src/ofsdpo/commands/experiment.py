@@ -101,6 +101,7 @@ class ExperimentRunner:
         # by seed (in-domain) or (seed, score_domains) (continual: drawn in the runner's calls), then domain
         self._reference_scores: dict = {}
         self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
+        self._reference_logps: dict = {}  # continual: π_ref's log-probs of each domain's pairs, for every run
         self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
 
     def say(self, text: str) -> None:
@@ -346,7 +347,7 @@ class ExperimentRunner:
         shared = self._reference_scores.setdefault((seed, run_config.score_domains), {})
         self._shared = {seed: self._shared.get(seed) or SharedWork()}  # seeds run one after another: one kept
         runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer, reference_scores=shared,
-                                 shared=self._shared[seed],
+                                 shared=self._shared[seed], reference_caches=self._reference_logps,
                                  reference_prompts=self._reference_prompts)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
