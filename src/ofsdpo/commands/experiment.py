@@ -18,7 +18,10 @@ dropout and the judged samples, not the data. Three disjoint sets per domain (pa
   loss and preference accuracy are reported and never used for any choice.
 Judging: `judge_prompts` held-out prompts x `judge_samples` samples per arm, with common random numbers for every
 seed: the reference's samples are drawn under the run's own seed, so a module equal to the base ties it exactly.
-The headline is paired: per seed, each variant minus the baseline variant, with t and bootstrap intervals.
+The headline is paired: per seed, each variant minus the baseline variant (and the file's `compare` pairs), with t
+and bootstrap intervals. Work that does not depend on the run is done once per process and shared by its runs: the
+base model, π_ref's log-probs of the report pairs (continual runs: of every pair set), the base's states after each
+judged prompt.
 
 Output: `runs/<cell>/seed-<s>/` (the run and its `result.json`; a finished cell is kept and skipped on rerun),
 `aggregate.json` (mean, sample standard deviation and values over seeds of every number, by cell), `aggregate.md`
