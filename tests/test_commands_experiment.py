@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds
+from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds, select_variants
 from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
 from ofsdpo.config import ConfigError, ExperimentConfig
 
@@ -159,6 +159,12 @@ def test_shipped_experiments_load_and_bad_variants_fail():
     assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(None) is None
     with pytest.raises(ConfigError, match="--seeds"):
         parse_seeds("0,x")
+    three = ExperimentConfig(kind="continual", variants=[{"name": n, "method": "dpo"} for n in ("a", "b", "c")])
+    assert select_variants(three, None) == three.variants
+    assert [v["name"] for v in select_variants(three, "c, a")] == ["c", "a"]  # the order given: run first
+    for bad in ("a,zzz", "a,a", ","):
+        with pytest.raises(ConfigError, match="--variants.*a, b, c"):
+            select_variants(three, bad)
 
 
 def test_run_keys_are_those_of_earlier_versions(tmp_path):

@@ -298,7 +298,7 @@ def experiment_command(argv: list[str]) -> int:
         positional="experiment")
     from .commands.experiment import run_experiment
 
-    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress)
+    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants)
     return 0
 
 

@@ -969,6 +969,9 @@ class ExperimentCommandConfig:
     seeds: Optional[str] = field(
         default=None, metadata=_help("Comma-separated seeds (default: the file's, else 0,1,2).")
     )
+    variants: Optional[str] = field(default=None, metadata=_help(
+        "Comma-separated variant names to run, in this order (default: the file's, all). Runs are shared by name, so "
+        "processes may split the variants or their order; the aggregate covers what this call ran: rerun whole."))
     output_dir: Optional[str] = field(default=None, metadata=_help("Default: experiments-output/<name>."))
     progress: bool = field(default=True, metadata=_help("Show progress bars (--no-progress hides them)."))
 

@@ -43,7 +43,7 @@ from ..files import write_json, write_jsonl
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
 __all__ = ["IN_DOMAIN_METHODS", "KINDS", "ExperimentConfig", "ExperimentRunner", "aggregate", "fmt", "mean_std",
-           "parse_seeds", "run_experiment", "write_aggregate"]
+           "parse_seeds", "run_experiment", "select_variants", "write_aggregate"]
 
 
 # --- run keys -------------------------------------------------------------------------------------------------------
@@ -382,10 +382,23 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise ConfigError(f"--seeds: expected comma-separated integers (got {text!r}).") from None
 
 
+def select_variants(config: ExperimentConfig, text: str | None) -> list[dict]:
+    """The file's variants named in `text` (comma-separated), in that order; all of them without it."""
+    if not text:
+        return config.variants
+    by_name = {v["name"]: v for v in config.variants}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(f"--variants: expected distinct names among {', '.join(by_name)} (got {text!r}).")
+    return [by_name[n] for n in names]
+
+
 def run_experiment(config_path: str, seeds: str | None = None, output_dir: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, variants: str | None = None) -> dict:
     config = ExperimentConfig.from_yaml(config_path)
     config.seeds = parse_seeds(seeds) or config.seeds
+    config.variants = select_variants(config, variants)
     out = Path(output_dir or Path("experiments-output") / config.name)
     summary = ExperimentRunner(config, out, progress).run()  # progress lines are printed either way
     print((out / "aggregate.md").read_text(encoding="utf-8"))
