@@ -98,57 +98,70 @@ def section(path: Path) -> str:
 
 
 def continual_section(path: Path, agg: dict) -> str:
-    """Claim 2: each variant against the baseline (sequential DPO) on the average final judge score and the average
-    forgetting, paired by seed; every variant's table, the λ chosen per stage, the plots, wall time, verdicts."""
+    """Claim 2: each variant against the baseline (sequential DPO) and the file's other comparisons on the average
+    final judge score and the average forgetting, paired by seed; every variant's table, the combination chosen per
+    stage, the plots, wall time, verdicts. Each variant's seeds are those that have run (an interim aggregate)."""
     md = path.with_name(path.name.replace(".json", ".md")).read_text()
     tables = re.findall(r"(\| variant[^\n]*\n(?:\|[^\n]*\n)+)", md)
-    name, planned, baseline = agg["experiment"], agg["seeds"], agg["baseline"]
+    name, planned, per_seed = agg["experiment"], agg["seeds"], agg["per_seed"]
     domains = agg["config"]["domains"]
-    per_seed = agg["per_seed"]
-    seeds = [s for s in planned if all(str(s) in runs for runs in per_seed.values())]
-    ran = (f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, seeds))})" if seeds == planned else
-           f"**Seeds {', '.join(map(str, seeds))} of the plan's {', '.join(map(str, planned))} have run** (every "
-           "variant of each); the rest had not when this was written, so the intervals are over these seeds only")
-    variants = list(dict.fromkeys(row["variant"] for row in agg["paired"]))
+    ran = {v: [s for s in planned if str(s) in runs] for v, runs in per_seed.items()}
+    everything = all(seeds == planned for seeds in ran.values())
     lines = [f"## Claim 2 (SPEC §6.2): COFS-DPO learns a new domain without forgetting the earlier ones — {name} "
-             f"({' → '.join(domains)}), seeds {', '.join(map(str, seeds))}", "",
-             f"{ran}; the protocol and seeds were fixed in the experiment file before any result was read. "
-             "Forgetting of a domain: its best judge score after any stage that had trained on it, minus its score at "
-             "the end.", "",
-             f"### The headline: each variant − `{baseline}`"
+             f"({' → '.join(domains)})" + (f", seeds {', '.join(map(str, planned))}" if everything else " (interim)"),
+             "",
+             _seeds_run(planned, ran) + "; the protocol and seeds were fixed in the experiment file before any result "
+             "was read. Forgetting of a domain: its best judge score after any stage that had trained on it, minus its "
+             "score at the end.", "",
+             f"### The headline: each variant − `{agg['baseline']}`"
              f"{' (and the comparisons the file adds)' if agg['config'].get('compare') else ''}, paired by seed", "",
              tables[0].rstrip(), ""]
-    for v in variants:
+    for v, against in dict.fromkeys((row["variant"], row["baseline"]) for row in agg["paired"]):
+        seeds = [s for s in ran[v] if s in ran[against]]
         for metric, title in (("avg_final_judge", "average final judge score"),
                               ("avg_forgetting_judge", "average forgetting (judge)")):
-            diffs = [per_seed[v][str(s)][metric] - per_seed[baseline][str(s)][metric] for s in seeds]
-            lines.append(f"Per seed, {title} ({v} − {baseline}): "
+            diffs = [per_seed[v][str(s)][metric] - per_seed[against][str(s)][metric] for s in seeds]
+            lines.append(f"Per seed, {title} ({v} − {against}): "
                          + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
     lines += ["", "### Every variant", "", tables[1].rstrip(), "", f"![judge matrices](results/{name}-judge_matrices.png)",
               "", f"![training curves](results/{name}-train_curves.png)", ""]
-    searched = [v for v in per_seed if any(r.get("searches") and any(r["searches"]) for r in per_seed[v].values())]
-    if searched:
-        lines += ["### The combination chosen per stage", ""]
-        for v in searched:
-            for s in seeds:
-                run = per_seed[v][str(s)]
-                chosen = [f"after {domains[k + 1]}: λ {lam}" if lam is not None else
-                          f"after {domains[k + 1]}: weights " + ", ".join(f"{d} {w:.2f}" for d, w in weights.items())
-                          for k, (lam, weights) in enumerate(zip(run["lambdas"], run["weights"][1:]))]
-                lines.append(f"- `{v}`, seed {s}: " + "; ".join(chosen) + ".")
-        lines += ["", f"![λ search](results/{name}-lambda_search.png)", ""]
-    lines += ["### Wall time", ""]
+    lines += _combinations(name, domains, per_seed, ran) + ["### Wall time", ""]
     for v, runs in per_seed.items():
-        items = [f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in seeds]
-        lines.append(f"- `{v}`: " + "; ".join(items) + ".")
+        lines.append(f"- `{v}`: " + "; ".join(f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in ran[v])
+                     + ".")
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({len(per_seed)} variants, "
-              f"{len(seeds)} seeds; a stage or score shared by variants counted once) on the 2-core AMD EPYC.", "",
-              "### Verdict", ""]
+              f"{sum(map(len, ran.values()))} runs; a stage or score shared by variants counted once) on the 2-core "
+              "AMD EPYC.", "", "### Verdict" + ("" if everything else " (interim: over the seeds that have run)"), ""]
     for row in agg["paired"]:
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {row['mean']:+.4f}, t interval "
                      f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds; smallest effect this run "
                      f"could detect (MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
     return with_reading(path, lines)
+
+
+def _seeds_run(planned: list[int], ran: dict[str, list[int]]) -> str:
+    """Which seeds each variant has run: all of the plan's, or (an interim aggregate) which ones."""
+    if all(seeds == planned for seeds in ran.values()):
+        return f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, planned))})"
+    return (f"**Interim: not every run of the plan's seeds ({', '.join(map(str, planned))}) has finished**; those "
+            "reported are " + "; ".join(f"`{v}` seeds {', '.join(map(str, seeds))}" for v, seeds in ran.items())
+            + ", and each paired interval is over the seeds both arms have")
+
+
+def _combinations(name: str, domains: list[str], per_seed: dict, ran: dict[str, list[int]]) -> list[str]:
+    """The λ (pairwise search) or weights (simplex) each searching variant chose after each stage, per seed."""
+    searched = [v for v in per_seed if any(r.get("searches") and any(r["searches"]) for r in per_seed[v].values())]
+    if not searched:
+        return []
+    lines = ["### The combination chosen per stage", ""]
+    for v in searched:
+        for s in ran[v]:
+            run = per_seed[v][str(s)]
+            chosen = [f"after {domains[k + 1]}: λ {lam}" if lam is not None else
+                      f"after {domains[k + 1]}: weights " + ", ".join(f"{d} {w:.2f}" for d, w in weights.items())
+                      for k, (lam, weights) in enumerate(zip(run["lambdas"], run["weights"][1:]))]
+            lines.append(f"- `{v}`, seed {s}: " + "; ".join(chosen) + ".")
+    return lines + ["", f"![λ search](results/{name}-lambda_search.png)", ""]
 
 
 def main(aggregates: list[str], page: str = "docs/results.md") -> None:
