@@ -115,6 +115,11 @@ def test_compare_pairs_two_variants_beside_the_baseline(tmp_path):
     for bad in (["b"], ["b", "b"], ["b", "zzz"]):
         with pytest.raises(ConfigError, match="compare"):
             ExperimentConfig(name="t", kind="continual", domains=["sentiment"], variants=variants, compare=[bad])
+    path = tmp_path / "bad.yaml"  # from a file: the error names it
+    path.write_text("kind: continual\ndomains: [sentiment]\nvariants: [{name: a, method: dpo}, {name: b, "
+                    "method: dpo}]\ncompare: b\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: .*compare is a list of \[variant, against\] pairs"):
+        ExperimentConfig.from_yaml(path)
 
 
 def test_continual_aggregate_with_cells_not_scored(tmp_path):

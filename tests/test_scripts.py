@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -29,3 +31,7 @@ def test_restore_runs_writes_each_finished_run_once(tmp_path):
     assert written == [tmp_path / "out" / "runs" / "dpo" / "seed-0" / "result.json"]
     assert json.loads(written[0].read_text()) == per_seed["dpo"]["0"]
     assert json.loads(kept.read_text()) == {"run_key": "newer"}
+    for text in ('{"cells": {}}', "not json"):  # not an aggregate: an error naming the file
+        aggregate.write_text(text)
+        with pytest.raises(SystemExit, match=r"aggregate\.json: not an aggregate\.json"):
+            restore(aggregate, tmp_path / "out")

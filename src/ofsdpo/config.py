@@ -905,6 +905,9 @@ class ExperimentConfig:
             raise ConfigError(f"experiment '{self.name}': seeds must not be empty.")
         if self.baseline is not None and self.baseline not in names:
             raise ConfigError(f"experiment '{self.name}': baseline '{self.baseline}' is not a variant ({names}).")
+        if not isinstance(self.compare, list):
+            raise ConfigError(f"experiment '{self.name}': compare is a list of [variant, against] pairs "
+                              f"(got {self.compare!r}).")
         for pair in self.compare:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] == pair[1] or set(pair) - set(names):
                 raise ConfigError(f"experiment '{self.name}': each compare entry is [variant, against], two different "
@@ -923,7 +926,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        return cls(**read_config_file(path, cls))
+        values = read_config_file(path, cls)
+        try:
+            return cls(**values)
+        except ConfigError as err:  # a value the file holds: say which file
+            raise ConfigError(f"{path}: {err}") from None
 
     def run_config(self, variant: dict, seed: int, output_dir: str | Path, specs: list[str], progress: bool = True):
         """The OFSDPOConfig (in-domain) or ContinualConfig (continual) of one variant and seed."""

@@ -351,7 +351,7 @@ class ContinualRunner:
         scores = result["scores"] + [{}] * (len(self.domains) - scored)
         matrix["loss"].append([s.get("loss") for s in scores])
         matrix["accuracy"].append([s.get("accuracy") for s in scores])
-        judged = (result["judged"] or []) + [{}] * (len(self.domains) - len(result["judged"] or []))
+        judged = result["judged"] or [{}] * len(self.domains)  # `_judge` returns one row per domain
         matrix.setdefault("units", []).append(  # per report pair and judged prompt: `headline_units`
             [None if "per_pair" not in s else {**s["per_pair"], "judge_score": j.get("per_prompt", {}).get(
                 "judge_score")} for s, j in zip(scores, judged)])
