@@ -203,7 +203,12 @@ TINY = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], 
 def test_tiny_in_domain_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, monkeypatch, length_judged):
     values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"),
                   variants=[{"name": "dpo", "method": "dpo"}, {"name": "ofs", "method": "ofs-dpo"}])
-    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False).run()
+    first = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs" / "tiny", progress=False, verbose=False)
+    summary = first.run()
+    # π_ref's log-probs of the stream and the selection set: each pair scored once for the 4 runs (2 variants x 2 seeds)
+    (caches,) = first._reference_logps.values()
+    assert {name: (c.computed_pairs, len(c.chosen)) for name, c in caches.items()} == {"train": (4, 4),
+                                                                                      "selection": (3, 3)}
     cell = summary["cells"]["ofs/sentiment"]
     assert cell["judge_score"]["n"] == 2 and len(cell["regret_curve"]) == 2 and len(cell["online_loss_curve"]) == 2
     assert not list((tmp_path / "runs").rglob("checkpoints"))

@@ -104,7 +104,7 @@ class ExperimentRunner:
         # by seed (in-domain) or (seed, score_domains) (continual: drawn in the runner's calls), then domain
         self._reference_scores: dict = {}
         self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
-        self._reference_logps: dict = {}  # continual: π_ref's log-probs of each domain's pairs, for every run
+        self._reference_logps: dict = {}  # π_ref's log-probs of each domain's pairs, for every run
         self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
 
     def say(self, text: str) -> None:
@@ -279,6 +279,17 @@ class ExperimentRunner:
             self._report[domain] = (data, ReferenceCache(len(data)))
         return self._report[domain]
 
+    def stream_references(self, domain: str, run_config) -> dict:
+        """π_ref's log-probs of the domain's training stream and selection set, filled by the first run over them
+        and read by every later one (as the report set's are): the reference never changes between runs."""
+        from ..reference import ReferenceCache
+
+        parts = self.split(domain)
+        key = ("in-domain", domain, run_config.max_length, run_config.max_prompt_length)  # tokenized alike
+        if key not in self._reference_logps:
+            self._reference_logps[key] = {name: ReferenceCache(len(parts[name])) for name in ("train", "selection")}
+        return self._reference_logps[key]
+
     def reference_scores(self, domain_name: str, seed: int) -> tuple[list[dict], list[float]]:
         """The judged held-out prompts and the reference's scores on them, drawn under the run's seed (common
         random numbers: every variant of this seed samples with the same draws), once per (domain, seed)."""
@@ -308,8 +319,11 @@ class ExperimentRunner:
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, [], progress=self.progress)
         on_policy = run_config.on_policy is not None  # then the stream is sampled from the policy, round by round
+        caches = self.stream_references(domain_name, run_config)
         trainer = OFSDPOTrainer(base, run_config, train_data=None if on_policy else parts["train"],
-                                tokenizer=tokenizer, eval_data=parts["selection"])  # selection: the served module
+                                tokenizer=tokenizer, eval_data=parts["selection"],  # selection: the served module
+                                train_reference=None if on_policy else caches["train"],
+                                eval_reference=caches["selection"])
         summary = trainer.train()
         served, model = summary["served_module"], trainer.model
         losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
