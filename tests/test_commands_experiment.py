@@ -193,6 +193,13 @@ def test_run_keys_are_those_of_earlier_versions(tmp_path):
     # protocol 2 (issue 12: selection and report sets, judged samples per prompt) changed every key once, on
     # purpose: results of the old protocol must not be reused as if they were of the new one
     assert keys == PINNED_KEYS
+    # --search auto (the default) runs the simplex under --init fresh: its key is the simplex's; an explicit
+    # pairwise keeps the key --init fresh had while pairwise was the default (the shipped results stay valid)
+    fresh = {"name": "f", "method": "cofs-dpo", "init": "fresh", "combine": "delta"}
+    fresh_keys = {search: runner.run_key({**fresh, **({"search": search} if search else {})}, None, 1)
+                  for search in (None, "auto", "simplex", "pairwise")}
+    assert fresh_keys[None] == fresh_keys["auto"] == fresh_keys["simplex"] != fresh_keys["pairwise"]
+    assert fresh_keys["pairwise"] == "2b10e592fc3e09d7"
 
 
 TINY = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], prompts=12, samples=2, steps=2,

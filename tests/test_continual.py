@@ -233,17 +233,20 @@ def test_continual_refuses_train_only_flags(tiny_model_dir, tmp_path, domains, c
 def test_fresh_init_lets_the_search_keep_an_earlier_module(tiny_model_dir, tmp_path):
     """Two opposed domains, each module started fresh: the first module is clearly better on the first domain's
     memory, so the memory loss of every domain seen is lowest with some weight on it: λ > 0. The simplex search
-    (same memory) returns weights on the simplex and does no worse than the pairwise recursion."""
+    (same memory; the default under --init fresh) returns weights on the simplex and does no worse than the pairwise
+    recursion."""
     files = {"pos": ("great", "awful"), "neg": ("awful", "great")}
     domains = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w, n=24))}" for n, w in files.items()]
     kw = dict(method="cofs-dpo", init="fresh", combine="delta", max_steps_per_domain=4, lr=2e-2, memory_size=8,
               lambda_grid="0,0.25,0.5,0.75,1", lora_dropout=0.0)
-    _, pairwise = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "pairwise"), **kw)
+    _, pairwise = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "pairwise"), search="pairwise",
+                      **kw)
     search = pairwise["stages"][1]["search"]
     assert pairwise["lambdas"][1] > 0, search
     assert min(r["memory_loss"] for r in search) < next(r["memory_loss"] for r in search if r["lambda"] == 0)
-    _, simplex = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "simplex"), search="simplex",
-                     search_budget=12, **kw)
+    # no --search: auto runs the simplex under --init fresh
+    _, simplex = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "simplex"), search_budget=12, **kw)
+    assert simplex["search"].startswith("simplex")
     weights = list(simplex["stages"][1]["weights"].values())
     assert sum(weights) == pytest.approx(1.0, abs=1e-12) and all(w >= 0 for w in weights)
     assert weights[0] > 0 and simplex["lambdas"][1] is None

@@ -481,6 +481,14 @@ class DomainSpec:
         return spec
 
 
+def resolve_search(search: str, init: str) -> str:
+    """--search auto resolved: on the 3-domain chain the simplex search beat the pairwise recursion under --init fresh
+    (memory and report loss, accuracy, forgetting; docs/results.md); under --init previous only the recursion ran."""
+    if search == "auto":
+        return "simplex" if init == "fresh" else "pairwise"
+    return search
+
+
 @dataclass
 class ContinualOptions:
     """What `ofsdpo continual` adds to the training options: the domains, the method and how it combines."""
@@ -527,11 +535,12 @@ class ContinualOptions:
     lambda_grid: str = field(
         default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
     )
-    search: Literal["pairwise", "simplex"] = field(
-        default="pairwise",
+    search: Literal["auto", "pairwise", "simplex"] = field(
+        default="auto",
         metadata=_help("cofs-dpo weights: pairwise recursion θ ← λθ_prev + (1−λ)θ_new on --lambda-grid, or a search "
                        "over the whole simplex of the kept modules' weights (it also scores the pairwise candidates, "
-                       "so it never does worse on the memory; costs up to --search-budget memory passes per stage)."),
+                       "so it never does worse on the memory; costs up to --search-budget memory passes per stage). "
+                       "auto: simplex with --init fresh, pairwise with --init previous (docs/results.md)."),
     )
     search_budget: int = field(default=60, metadata=_help("Most combinations scored per stage by --search simplex."))
     output_dir: str = field(default="ofsdpo-output", metadata=_help("Where the report, stages and served adapter go."))
@@ -557,6 +566,10 @@ class ContinualOptions:
             raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
 
     @property
+    def search_method(self) -> str:
+        return resolve_search(self.search, self.init)
+
+    @property
     def domains(self) -> list[DomainSpec]:
         return [DomainSpec.parse(text) for text in self.domain]
 
@@ -566,6 +579,7 @@ class ContinualOptions:
             return [float(x) for x in self.lambda_grid.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--lambda-grid: expected comma-separated numbers (got {self.lambda_grid!r}).") from None
+
 
 
 @dataclass

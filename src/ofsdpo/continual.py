@@ -529,7 +529,7 @@ class ContinualRunner:
             state, candidate_lora = self._materialise(lora, kept, weights)
             return self._memory_scores(model, candidate_lora, state, k)
 
-        if self.config.search == "simplex":  # the pairwise candidates first: never worse than the recursion
+        if self.config.search_method == "simplex":  # the pairwise candidates first: never worse than the recursion
             candidates = [recursive_weights(previous, lam) for lam in self.config.lambdas]
             weights, table = search_simplex(k + 1, score, self.config.search_budget, include=candidates)
             return weights, None, table
@@ -555,7 +555,7 @@ class ContinualRunner:
         return {**extra,
             "method": self.config.method, "combine": self.config.combine, "init": self.config.init,
             "search": ("pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid"
-                       if self.config.search == "pairwise" else
+                       if self.config.search_method == "pairwise" else
                        f"simplex: Σ λ_k θ_k over all kept modules, at most {self.config.search_budget} points"),
             "domains": names, "stages": stages, "matrix": matrix,
             "cl/avg_accuracy": sum(acc[last]) / len(names), "cl/avg_loss": sum(loss[last]) / len(names),

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from ..config import EXPERIMENT_KINDS as KINDS
-from ..config import IN_DOMAIN_METHODS, ConfigError, ExperimentConfig
+from ..config import IN_DOMAIN_METHODS, ConfigError, ExperimentConfig, resolve_search
 from ..files import write_json, write_jsonl
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
@@ -87,6 +87,10 @@ def key_options(options: dict, kind: str) -> dict:
     defaults = option_defaults()
     if options.get("module_batch_size") == options.get("batch_size"):  # whole micro-batches: as before the option
         options = {k: v for k, v in options.items() if k != "module_batch_size"}
+    if kind == "continual":  # the search that runs (auto's depends on --init); pairwise, once the default, as then
+        search = resolve_search(options.get("search", "auto"), options.get("init", "previous"))
+        options = {k: v for k, v in options.items() if k != "search"} | ({} if search == "pairwise" else
+                                                                          {"search": search})
     run = {k: v for k, v in options.items() if k in covered or k not in defaults or v != defaults[k]}
     run.update({k: defaults[k] for k in covered - set(run)})
     return run
