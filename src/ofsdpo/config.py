@@ -581,7 +581,6 @@ class ContinualOptions:
             raise ConfigError(f"--lambda-grid: expected comma-separated numbers (got {self.lambda_grid!r}).") from None
 
 
-
 @dataclass
 class ContinualConfig(ContinualOptions):
     """`ofsdpo continual`: its own options plus the training options every stage runs with (contained, so that a
