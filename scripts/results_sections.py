@@ -110,9 +110,9 @@ def continual_section(path: Path, agg: dict) -> str:
     lines = [f"## Claim 2 (SPEC §6.2): COFS-DPO learns a new domain without forgetting the earlier ones — {name} "
              f"({' → '.join(domains)})" + (f", seeds {', '.join(map(str, planned))}" if everything else " (interim)"),
              "",
-             _seeds_run(planned, ran) + "; the protocol and seeds were fixed in the experiment file before any result "
-             "was read. Forgetting of a domain: its best judge score after any stage that had trained on it, minus its "
-             "score at the end.", "",
+             _seeds_run(planned, ran, everything) + "; the protocol and seeds were fixed in the experiment file before "
+             "any result was read. Forgetting of a domain: its best judge score after any stage that had trained on "
+             "it, minus its score at the end.", "",
              f"### The headline: each variant − `{agg['baseline']}`"
              f"{' (and the comparisons the file adds)' if agg['config'].get('compare') else ''}, paired by seed", "",
              tables[0].rstrip(), ""]
@@ -139,9 +139,9 @@ def continual_section(path: Path, agg: dict) -> str:
     return with_reading(path, lines)
 
 
-def _seeds_run(planned: list[int], ran: dict[str, list[int]]) -> str:
-    """Which seeds each variant has run: all of the plan's, or (an interim aggregate) which ones."""
-    if all(seeds == planned for seeds in ran.values()):
+def _seeds_run(planned: list[int], ran: dict[str, list[int]], everything: bool) -> str:
+    """Which seeds each variant has run: all of the plan's (`everything`), or (an interim aggregate) which ones."""
+    if everything:
         return f"Every seed of the plan ran and is reported (seeds {', '.join(map(str, planned))})"
     return (f"**Interim: not every run of the plan's seeds ({', '.join(map(str, planned))}) has finished**; those "
             "reported are " + "; ".join(f"`{v}` seeds {', '.join(map(str, seeds))}" for v, seeds in ran.items())

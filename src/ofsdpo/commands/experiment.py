@@ -88,7 +88,7 @@ def key_options(options: dict, kind: str) -> dict:
     if options.get("module_batch_size") == options.get("batch_size"):  # whole micro-batches: as before the option
         options = {k: v for k, v in options.items() if k != "module_batch_size"}
     if kind == "continual":  # the search that runs (auto's depends on --init); pairwise, once the default, as then
-        search = resolve_search(options.get("search", "auto"), options.get("init", "previous"))
+        search = resolve_search(options.get("search", defaults["search"]), options.get("init", defaults["init"]))
         options = {k: v for k, v in options.items() if k != "search"} | ({} if search == "pairwise" else
                                                                           {"search": search})
     run = {k: v for k, v in options.items() if k in covered or k not in defaults or v != defaults[k]}
@@ -283,12 +283,11 @@ class ExperimentRunner:
             self._report[domain] = (data, ReferenceCache(len(data)))
         return self._report[domain]
 
-    def stream_references(self, domain: str, run_config) -> dict:
-        """π_ref's log-probs of the domain's training stream and selection set, filled by the first run over them
-        and read by every later one (as the report set's are): the reference never changes between runs."""
+    def stream_references(self, domain: str, parts: dict, run_config) -> dict:
+        """π_ref's log-probs of the domain's training stream and selection set (`parts`, from `split`), filled by the
+        first run over them and read by every later one (as the report set's are): the reference never changes."""
         from ..reference import ReferenceCache
 
-        parts = self.split(domain)
         key = ("in-domain", domain, run_config.max_length, run_config.max_prompt_length)  # tokenized alike
         if key not in self._reference_logps:
             self._reference_logps[key] = {name: ReferenceCache(len(parts[name])) for name in ("train", "selection")}
@@ -323,7 +322,7 @@ class ExperimentRunner:
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, [], progress=self.progress)
         on_policy = run_config.on_policy is not None  # then the stream is sampled from the policy, round by round
-        caches = self.stream_references(domain_name, run_config)
+        caches = self.stream_references(domain_name, parts, run_config)
         trainer = OFSDPOTrainer(base, run_config, train_data=None if on_policy else parts["train"],
                                 tokenizer=tokenizer, eval_data=parts["selection"],  # selection: the served module
                                 train_reference=None if on_policy else caches["train"],
