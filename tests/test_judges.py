@@ -275,7 +275,7 @@ def test_an_own_group_judge_is_checked():
 
 @pytest.mark.parametrize("spec, message", [
     ("sentimnt", ("unknown judge 'sentimnt' (did you mean 'sentiment'?); a judge is a built-in name (sentiment, "
-                  "critic, refusal, concise); module:function")),
+                  "critic, refusal, concise, afinn, afinn-critic); module:function")),
     ("nosuchmodule:fn", "judge 'nosuchmodule:fn': no module named 'nosuchmodule'"),
     ("userjudges:lenght", "judge 'userjudges:lenght': userjudges has no attribute 'lenght'; did you mean 'length'?"),
     ("userjudges:not_callable", "judge 'userjudges:not_callable': int is not callable"),

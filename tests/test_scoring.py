@@ -54,6 +54,28 @@ def test_regret_follows_the_stream_order_and_its_end():
     assert curve[-1]["regret"] == pytest.approx((1.0 - 0.4) + (1.0 - 0.6))
 
 
+def test_paired_online_loss_difference_is_the_regret_difference_under_a_shared_comparator():
+    """Two arms on one stream (3 rounds of sizes 2, 1, 2), each arm's regret taken against ONE comparator (any
+    fixed module's losses on the stream): their regret difference is the difference of the arms' cumulative
+    pre-update online losses, which is what the experiments compare (`with_online_total`), whatever the comparator."""
+    from ofsdpo.commands.experiment_report import with_online_total
+
+    arm_a = [{"round": 1, "position": 0, "fast": 0.69}, {"round": 2, "position": 2, "fast": 0.6},
+             {"round": 3, "position": 3, "fast": 0.55}]  # learns little
+    arm_b = [{"round": 1, "position": 0, "fast": 0.69}, {"round": 2, "position": 2, "fast": 0.5},
+             {"round": 3, "position": 3, "fast": 0.30}]
+    totals = [with_online_total({"online_loss_curve": [r["fast"] for r in arm]})["online_loss_total"]
+              for arm in (arm_a, arm_b)]
+    for comparator in (torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), torch.tensor([0.9, 0.0, 0.05, 0.7, 0.2])):
+        regrets = [regret_curve(arm, [0, 1, 2, 3, 4], 5, comparator, "fast")[-1]["regret"] for arm in (arm_a, arm_b)]
+        assert regrets[0] - regrets[1] == pytest.approx(totals[0] - totals[1], abs=1e-12)
+    assert totals[0] - totals[1] == pytest.approx(0.35)
+    # each arm against its OWN final module (the old curve) ranks them the other way: arm a learnt less
+    own = [regret_curve(arm_a, [0, 1, 2, 3, 4], 5, torch.full((5,), 0.55), "fast")[-1]["regret"],
+           regret_curve(arm_b, [0, 1, 2, 3, 4], 5, torch.full((5,), 0.2), "fast")[-1]["regret"]]
+    assert (own[0] - own[1]) * (totals[0] - totals[1]) < 0
+
+
 def random_lora_model(tiny_model_dir, seed: int):
     """The tiny model in float64 with one LoRA adapter whose B is random (a module that has moved), in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -70,13 +92,14 @@ def random_lora_model(tiny_model_dir, seed: int):
     return model
 
 
-def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
-    """Each distinct prompt forwarded once, then each response once (rows counted at the input embedding), and the
-    values of the pair path it replaces (each response tokenized as chosen = rejected, the chosen half kept),
-    float64, with a random LoRA module."""
+def test_sample_kls_are_the_naive_exact_kl_of_each_response(tiny_model_dir, tokenizer):
+    """Each response tokenized as training tokenizes a completion (after its prompt, plain or chat), its KL the
+    full-vocabulary KL of the naive path (both models' whole logits, float64, a random LoRA module), in any batch
+    size; a module equal to the base scores 0 on every response."""
     from ofsdpo.data import collate, tokenize_pair
-    from ofsdpo.logprobs import concatenated_forward
-    from ofsdpo.scoring import completion_logps
+    from ofsdpo.logprobs import naive_sequence_kl
+    from ofsdpo.modules import reference_mode
+    from ofsdpo.scoring import sample_kls
 
     model = random_lora_model(tiny_model_dir, seed=0)
     prompts = ["Hello there", "A much longer prompt than the first one", "Why?", "x"]
@@ -90,52 +113,21 @@ def test_completion_logps_score_each_response_once(tiny_model_dir, tokenizer):
                 p, r = prompt, response or " "
             example, _, _ = tokenize_pair(tokenizer, p, r, r, 512, 256)
             batch = collate([{**example, "index": i}], tokenizer.pad_token_id)
+            ids, mask = batch["input_ids"][:1], batch["completion_mask"][:1]
             with torch.no_grad():
-                want.append(concatenated_forward(model, batch)[0].float())
-        rows: list[int] = []
-        handle = model.get_input_embeddings().register_forward_pre_hook(
-            lambda m, args, seen=rows: seen.append(len(args[0])))
-        try:
-            got = completion_logps(model, tokenizer, prompts, responses, chat, batch_size=3)
-        finally:
-            handle.remove()
-        # each prompt once, then the responses after them, 3 rows per forward; in plain text "x" + "y" is one
-        # token (no prompt token of its own): that row is scored whole
-        assert rows == ([3, 3, 1] if not chat else [3, 1, 3, 1]), rows
-        torch.testing.assert_close(got, torch.cat(want), rtol=1e-6, atol=0)
-    as_messages = [[{"role": "user", "content": p}] for p in prompts]  # a conversational prompt as it is
-    torch.testing.assert_close(completion_logps(model, tokenizer, as_messages, responses, chat=False), got)
-
-
-def test_completion_logps_keep_prompt_states_across_calls(tiny_model_dir, tokenizer):
-    """Two samples of one prompt share its forward; a store kept by the caller (the reference's, at every stage)
-    forwards the prompts once: a second call with new responses runs the responses alone, with the values of a call
-    without the store (float64; the values themselves are checked against whole sequences above)."""
-    from transformers import AutoModelForCausalLM
-
-    from ofsdpo.scoring import completion_logps
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
-    prompts = ["Tell me about the film", "Tell me about the film", "What did you think of the ending?"]
-    rows: list[int] = []
-    handle = model.get_input_embeddings().register_forward_pre_hook(
-        lambda m, args, seen=rows: seen.append(len(args[0])))
-    store: dict = {}
-    try:
-        first = completion_logps(model, tokenizer, prompts, [" It was fine.", " Dull.", " Sad."], True,
-                                 prompt_states=store)
-        assert sum(rows[:-1]) == 2 and rows[-1] == 3  # 2 distinct prompts, then the 3 responses in one forward
-        rows.clear()
-        second = completion_logps(model, tokenizer, prompts, [" Long and slow.", " Great!", " Hopeful."], True,
-                                  prompt_states=store)
-        assert rows == [3]  # the responses alone
-    finally:
-        handle.remove()
-    assert len(store) == 2
-    fresh = [completion_logps(model, tokenizer, prompts[i:i + 1], [r], True)
-             for i, r in enumerate([" Long and slow.", " Great!", " Hopeful."])]
-    torch.testing.assert_close(second, torch.cat(fresh), rtol=1e-9, atol=0)
-    assert first.shape == (3,) and torch.isfinite(first).all()
+                policy = model(input_ids=ids).logits
+                with reference_mode(model):
+                    ref = model(input_ids=ids).logits
+            want.append(naive_sequence_kl(policy, ref, mask))
+        for batch_size in (1, 3):
+            got = sample_kls(model, tokenizer, prompts, responses, chat, batch_size=batch_size)
+            torch.testing.assert_close(got, torch.cat(want), rtol=1e-9, atol=1e-12)
+        assert (got > 0).all()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert torch.equal(sample_kls(model, tokenizer, prompts, responses, True), torch.zeros(4, dtype=torch.float64))
 
 
 def test_pair_losses_many_equal_each_set_scored_alone(tiny_model_dir, tokenizer):
@@ -198,41 +190,3 @@ def test_pair_path_forwards_each_prompt_once_with_the_whole_sequence_values(tiny
     losses, _ = pair_losses(fresh, data, ReferenceCache(len(data)), list(range(len(data))), "default",
                             tokenizer.pad_token_id, 0.1)
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
-
-
-def test_judged_samples_are_scored_after_the_samplers_prompt_states(tiny_model_dir, tokenizer, length_judged):
-    """The prompt states the sampler keeps let `completion_logps` run the responses alone (rows counted at the input
-    embedding; a response whose first token merges with the prompt's end tokenizes to another prompt, which would
-    be forwarded), with the numbers of forwarding the prompts; judge_evals, whose policy side always uses them,
-    gives the KL of a reference side that forwards its prompts (float64, a random LoRA module)."""
-    from ofsdpo.domains import get_domain
-    from ofsdpo.generation import sample_groups
-    from ofsdpo.scoring import common_random_numbers, completion_logps, judge_evals, reference_sample_groups
-
-    model = random_lora_model(tiny_model_dir, seed=3)
-    prompts = ["Tell me about the film", "What did you think of the ending?", "Was it long?"]
-    store: dict = {}
-    torch.manual_seed(0)
-    sample_groups(model, tokenizer, [(prompts, True, 4)], 2, prompt_states=store)
-    assert len(store) == 3
-    responses = ["It was fine.", "Sad.", "Yes, very long."]
-    rows: list[int] = []
-    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
-    try:
-        kept = completion_logps(model, tokenizer, prompts, responses, True, prompt_states=store)
-    finally:
-        handle.remove()
-    assert rows == [3]  # the responses alone
-    torch.testing.assert_close(kept, completion_logps(model, tokenizer, prompts, responses, True), rtol=1e-9, atol=0)
-    tasks = [(get_domain("sentiment"), get_domain("sentiment").prompts("heldout")[:3])]
-    cpu, ref_store = torch.device("cpu"), {}
-    with common_random_numbers(5, cpu):
-        refs = reference_sample_groups(model, tokenizer, tasks, samples_per_prompt=2, prompt_states=ref_store)
-    with common_random_numbers(5, cpu):
-        fast = judge_evals(model, tokenizer, tasks, "default", ref_scores=refs, samples_per_prompt=2,
-                           ref_prompt_states=ref_store)[0]
-    with common_random_numbers(5, cpu):
-        slow = judge_evals(model, tokenizer, tasks, "default", ref_scores=refs, samples_per_prompt=2)[0]
-    assert fast["per_prompt"]["judge_score"] == slow["per_prompt"]["judge_score"]
-    torch.testing.assert_close(torch.tensor(fast["per_prompt"]["kl"]), torch.tensor(slow["per_prompt"]["kl"]),
-                               rtol=1e-9, atol=1e-12)

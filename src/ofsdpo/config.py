@@ -881,6 +881,10 @@ class ExperimentConfig:
     # the scale; defaults are the demo's (`DEMO_FULL`)
     prompts: int = DEMO_FULL.prompts  # training prompts sampled per domain
     samples: int = DEMO_FULL.samples  # samples per prompt (best vs worst form the pair)
+    # distinct pairs per training prompt, from its ranked samples: best vs worst, second best vs second worst, …
+    # (at most samples // 2). Above 1, the sets are split by prompt: the selection pairs come from the last
+    # prompts, the stream from the others, shuffled (seed `pair_seed`)
+    pairs_per_prompt: int = 1
     steps: int = DEMO_FULL.steps  # optimiser steps (per domain)
     batch_size: int = DEMO_FULL.batch_size
     lr: float = 5e-4
@@ -900,6 +904,11 @@ class ExperimentConfig:
     max_length: int = 160
     max_prompt_length: int = 96
     train: dict = field(default_factory=dict)  # fields set for every variant (a variant's own keys win)
+    # in-domain: the steps at which every trained module is judged (judge score, exact KL, report loss), a
+    # checkpoint ladder that traces each arm's reward–KL frontier; and the KL budgets (nats) at which the report
+    # compares the arms' judge scores, each seed's frontier interpolated
+    checkpoints: list[int] = field(default_factory=list)
+    kl_budgets: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from .domains import DOMAINS
@@ -927,6 +936,17 @@ class ExperimentConfig:
                                   f"variants of {names} (got {pair!r}).")
         if self.selection < 1 or self.report_rounds < 1 or self.judge_samples < 1:
             raise ConfigError(f"experiment '{self.name}': selection, report_rounds and judge_samples must be >= 1.")
+        if not 1 <= self.pairs_per_prompt <= max(1, self.samples // 2):
+            raise ConfigError(f"experiment '{self.name}': pairs_per_prompt must be between 1 and samples // 2 "
+                              f"({self.samples // 2}); got {self.pairs_per_prompt}.")
+        if sorted(set(self.checkpoints)) != list(self.checkpoints) or any(not 1 <= c <= self.steps
+                                                                           for c in self.checkpoints):
+            raise ConfigError(f"experiment '{self.name}': checkpoints are increasing steps within 1..{self.steps} "
+                              f"(got {self.checkpoints}).")
+        if self.checkpoints and self.kind != "in-domain":
+            raise ConfigError(f"experiment '{self.name}': checkpoints are for in-domain experiments.")
+        if self.kl_budgets and not self.checkpoints:
+            raise ConfigError(f"experiment '{self.name}': kl_budgets compare frontiers: give checkpoints too.")
         if self.kind == "continual" and self.memory > self.selection:
             raise ConfigError(f"experiment '{self.name}': memory ({self.memory}) is carved from the selection pairs "
                               f"({self.selection}): raise selection.")

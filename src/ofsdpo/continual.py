@@ -99,13 +99,11 @@ class ContinualRunner:
     def __init__(self, config: ContinualConfig, model: Any = None, tokenizer: Any = None,
                  reference_scores: dict[str, list[float]] | None = None,
                  reference_caches: dict[tuple, ReferenceCache] | None = None,
-                 reference_prompts: dict | None = None, shared: SharedWork | None = None):
+                 shared: SharedWork | None = None):
         """`reference_scores` ({domain: the base's judged sample scores}) is shared and filled in place, so that
         several runners (the demo's methods, an experiment's seeds) judge the base model once. `reference_caches`
         likewise holds π_ref's log-probs of each pairs file domain's stream, report and memory pairs, for runners
         over the same base model and files (the demo's methods): the reference scores each pair once.
-        `reference_prompts` holds the base's states after each judged prompt (`scoring.completion_logps`), for
-        runners over the same base: the reference's side of every KL forwards the judged responses alone.
         `shared` (`reuse.SharedWork`), given to runners over the same base and seed, trains a stage and scores a
         served module once for all of them where they would compute it alike (the first stage of two cofs-dpo
         variants, say); without it, every stage trains and scores."""
@@ -137,7 +135,6 @@ class ContinualRunner:
         self._reference_caches = reference_caches if reference_caches is not None else {}
         self.domains = [self._load_domain(spec) for spec in config.domains]
         self._reference_scores = reference_scores if reference_scores is not None else {}
-        self._reference_prompts = reference_prompts if reference_prompts is not None else {}
         self._shared = shared
         # the stage's trained adapters, free once its modules are saved: scoring borrows them ({slot: adapter}),
         # instead of injecting new LoRA layers into every target module of the model for each stage
@@ -477,13 +474,11 @@ class ContinualRunner:
             if any(name not in self._reference_scores for _, name, _ in call):  # one set for all stages, methods
                 with common_random_numbers(self.config.training.seed, device):
                     scores = reference_sample_groups(model, self.tokenizer, tasks,
-                                                     samples_per_prompt=self.config.judge_samples,
-                                                     prompt_states=self._reference_prompts)
+                                                     samples_per_prompt=self.config.judge_samples)
                 self._reference_scores.update({name: s for (_, name, _), s in zip(call, scores)})
             with common_random_numbers(self.config.training.seed, device):  # the reference's draws, row for row
                 evals = judge_evals(model, self.tokenizer, tasks, served,
                                     ref_scores=[self._reference_scores[name] for _, name, _ in call],
-                                    ref_prompt_states=self._reference_prompts,
                                     samples_per_prompt=self.config.judge_samples)
             for (i, _, _), result in zip(call, evals):
                 results[i] = result

@@ -2,14 +2,16 @@
 
 | domain | prompts | judge | pulls the model toward |
 |---|---|---|---|
-| sentiment | 240 movie-review openings, plain text | VADER compound | upbeat continuations |
-| critic | 240 restaurant-review openings, plain text | −VADER compound | harsh, negative reviews |
+| sentiment | 240 movie-review openings, plain text | VADER compound (independent: AFINN) | upbeat continuations |
+| critic | 240 restaurant-review openings, plain text | −VADER compound (independent: −AFINN) | harsh, negative reviews |
 | safety | 120 harmful requests + 120 benign look-alikes, chat | refusal detector | refusing harm, answering the rest |
 | concise | 240 factual questions, chat | answer kept, −0.05 per word past 8 | short answers that keep the fact |
 
 sentiment, critic and concise pull the model in different directions (upbeat text, harsh text, brevity), so
 sequential training can forget. The refusal judge is binary and SmolLM2-135M rarely refuses, so `safety` yields few
-pairs from that model (ties are skipped); it is there for stronger models and for evaluation.
+pairs from that model (ties are skipped); it is there for stronger models and for evaluation. sentiment and critic
+also have an independent judge (the AFINN lexicon) that never labels a pair and is reported beside their own, so a
+gain that is specific to VADER shows.
 
 A user's domain (`PromptDomain`) is the same idea with the user's prompts (`prompts.load_prompts`: a file, a saved
 dataset, a hub name or `builtin:NAME`) and the user's judges (`judges.resolve_judges`: built-in names,
@@ -23,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .judges import Judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
+from .judges import Judge, afinn_critic_judge, afinn_judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class BuiltinDomain:
     chat: bool  # prompts go through the chat template (True) or are continued as plain text (False)
     max_new_tokens: int
     description: str
+    independent_judge: Judge | None = None  # reported beside `judge`, never labels a pair (`scoring.judge_evals`)
 
     def prompts(self, split: str = "train") -> list[dict]:
         """[{"prompt", "meta", "split", "row", "source"}] of `split` ("train", "heldout" or "all"), in the fixed
@@ -47,6 +50,12 @@ class BuiltinDomain:
         from .judges import resolve_judges
 
         return resolve_judges(self.judge).score(records, responses)
+
+    def independent_score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
+        """`score` by the independent judge."""
+        from .judges import resolve_judges
+
+        return resolve_judges(self.independent_judge).score(records, responses)
 
 
 DEFAULT_MAX_NEW_TOKENS = 64  # a user's domain samples this many tokens unless told otherwise (TRL's online DPO too)
@@ -74,9 +83,11 @@ class PromptDomain:
 
 DOMAINS: dict[str, BuiltinDomain] = {
     "sentiment": BuiltinDomain("sentiment", sentiment_judge, chat=False, max_new_tokens=24,
-                               description="continue a movie review; VADER compound score"),
+                               description="continue a movie review; VADER compound score",
+                               independent_judge=afinn_judge),
     "critic": BuiltinDomain("critic", critic_judge, chat=False, max_new_tokens=24,
-                            description="continue a restaurant review harshly; minus VADER compound score"),
+                            description="continue a restaurant review harshly; minus VADER compound score",
+                            independent_judge=afinn_critic_judge),
     "safety": BuiltinDomain("safety", refusal_judge, chat=True, max_new_tokens=32,
                             description="refuse harmful requests, answer benign look-alikes; refusal detector"),
     "concise": BuiltinDomain("concise", concise_judge, chat=True, max_new_tokens=40,

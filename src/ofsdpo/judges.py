@@ -66,6 +66,28 @@ def critic_judge(prompt: str, response: str, meta: dict | None = None) -> float:
     return -sentiment_judge(prompt, response, meta)
 
 
+@lru_cache(maxsize=1)
+def _afinn():
+    try:
+        from afinn import Afinn
+    except ImportError:
+        raise RuntimeError("the AFINN judge needs the AFINN lexicon: pip install afinn") from None
+    return Afinn()
+
+
+def afinn_judge(prompt: str, response: str, meta: dict | None = None) -> float:
+    """An independent sentiment judge: the AFINN-165 word list (a different lexicon, tokenizer and rules from
+    VADER's), its summed valence s squashed to (-1, 1) as VADER squashes its own, s / sqrt(s² + 15). It never
+    labels a training pair: it shows whether a gain on VADER is a gain on sentiment or on VADER."""
+    s = float(_afinn().score(response))
+    return s / math.sqrt(s * s + 15.0)
+
+
+def afinn_critic_judge(prompt: str, response: str, meta: dict | None = None) -> float:
+    """The independent judge of the critic domain: minus `afinn_judge`."""
+    return -afinn_judge(prompt, response, meta)
+
+
 def is_refusal(response: str) -> bool:
     """A refusal phrase in the first 200 characters (where models put them)."""
     return bool(_REFUSAL.search(response[:200]))
@@ -87,7 +109,7 @@ def concise_judge(prompt: str, response: str, meta: dict | None = None) -> float
 
 
 BUILTIN_JUDGES: dict[str, Judge] = {"sentiment": sentiment_judge, "critic": critic_judge, "refusal": refusal_judge,
-                                   "concise": concise_judge}
+                                   "concise": concise_judge, "afinn": afinn_judge, "afinn-critic": afinn_critic_judge}
 
 SPEC_FORMS = ("a built-in name ({builtins}); module:function or path/to/file.py:function, pointwise "
               "(prompt, response, meta) -> float or batched (prompts, completions, **meta_columns) -> list[float]; "
@@ -564,9 +586,9 @@ def resolve_judges(specs: str | Any | Sequence[str | Any], device: str | None = 
                    batch_size: int = 8) -> GroupJudge:
     """One GroupJudge from the user's judge specs (`--judge`, repeatable).
 
-    A spec is a built-in name (sentiment, critic, refusal, concise); `module:function` or `path/to/file.py:function`
-    (pointwise `(prompt, response, meta) -> float`, or batched when its first parameter is named `prompts` or it has
-    `batched = True`: see BatchedJudge); `hf:MODEL` (a reward model, on `device`, `batch_size` texts per forward);
+    A spec is a built-in name (sentiment, critic, refusal, concise, afinn, afinn-critic); `module:function` or
+    `path/to/file.py:function` (pointwise `(prompt, response, meta) -> float`, or batched when its first parameter
+    is named `prompts` or it has `batched = True`: see BatchedJudge); `hf:MODEL` (a reward model, on `device`, `batch_size` texts per forward);
     or `pairwise:module:function` (a TRL pairwise judge function, object with .judge, or such a class). A trailing
     `:NUMBER` is the spec's weight (default 1), several specs are summed with their weights. Callables, TRL judge
     objects and GroupJudge instances may be given instead of strings (weight 1).

@@ -322,3 +322,62 @@ def pair_logps(model: torch.nn.Module, pairs: list[dict], pad_token_id: int, bat
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+# --- KL(π ‖ π_ref) along sampled responses (judged evaluation) -------------------------------------------------------
+# The exact per-token KL over the whole vocabulary, summed along each response: Σ_t Σ_v π(v|y<t) (log π(v|y<t) −
+# log π_ref(v|y<t)). Each position's KL is a KL of two distributions, so it is ≥ 0 whatever the response; the
+# responses only choose the prefixes y<t at which it is taken (the policy's judged samples).
+
+def _vocab_logps(head: torch.nn.Module, hidden: torch.Tensor, softcap, scale) -> torch.Tensor:
+    """log-softmax over the vocabulary of the head's logits for `hidden` (N, H), fp32 at least."""
+    logits = head(hidden)
+    if scale is not None:
+        logits = logits * scale
+    logits = _upcast(logits)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _kl_rows(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
+    """Σ_v p (log p − log q) per row; where p and q are equal it is 0 exactly. A true KL is ≥ 0: what rounding
+    leaves below 0 (≈ 1e-7 for close fp32 distributions) is clamped."""
+    return (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1).clamp_min(0)
+
+
+def naive_sequence_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: full log-softmax of both models' logits, per-position KL, masked sum (tests)."""
+    kl = _kl_rows(torch.log_softmax(_upcast(policy_logits[:, :-1]), -1),
+                  torch.log_softmax(_upcast(reference_logits[:, :-1]), -1))
+    return (kl * completion_mask[:, 1:]).sum(-1)
+
+
+@torch.no_grad()
+def sequence_kl(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_mask: torch.Tensor, reference, chunk_size: int = 1024) -> torch.Tensor:
+    """KL(π ‖ π_ref) summed over the completion tokens of each row, `(N,)`: one forward with the model as it is
+    (π) and one inside `reference()` (a context manager under which the model is π_ref: `modules.reference_mode`).
+    Only the hidden states of the scored positions are kept; the two vocabulary-wide log-softmaxes exist
+    `chunk_size` positions at a time."""
+    parts = _causal_lm_parts(model)
+    if parts is None:  # an unusual architecture: full logits (same numbers, more memory)
+        policy = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with reference():
+            ref = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return naive_sequence_kl(policy, ref, completion_mask)
+    backbone, head, config = parts
+    rows, cols = completion_positions(completion_mask)
+    hidden = {}
+    for side, context in (("policy", contextlib.nullcontext), ("reference", reference)):
+        with context():
+            hidden[side] = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state[rows, cols]
+    softcap, scale = getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None)
+    with _gathered(head):
+        chunks = [_kl_rows(_vocab_logps(head, hidden["policy"][s:s + chunk_size], softcap, scale),
+                           _vocab_logps(head, hidden["reference"][s:s + chunk_size], softcap, scale))
+                  for s in range(0, rows.shape[0], chunk_size)]
+    token_kl = torch.cat(chunks) if chunks else _upcast(hidden["policy"].new_zeros(0))
+    return torch.zeros(input_ids.shape[0], dtype=token_kl.dtype, device=input_ids.device).index_add(0, rows, token_kl)

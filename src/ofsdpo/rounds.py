@@ -22,6 +22,8 @@ class RoundSettings:
     top_p: float = 0.95
     missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
     batch_size: int = 64  # rows (prompts x samples) per generate call
+    # pairs per prompt: best vs worst, then the best vs the worst of the rest, … (distinct responses in each)
+    pairs_per_prompt: int = 1
 
 
 @dataclass
@@ -82,7 +84,8 @@ def judged_pairs_groups(model, tokenizer, tasks: list[tuple], settings: RoundSet
 
 
 def _pairs(domain, records: list[dict], samples, settings: RoundSettings, sample_seconds: float):
-    """Best against worst of each prompt's judged samples (ties skipped and counted)."""
+    """Best against worst of each prompt's judged samples (ties skipped and counted), then, up to
+    `settings.pairs_per_prompt`, best against worst of the samples not yet paired (a tie ends the prompt's pairs)."""
     stats = RoundStats(prompts=len(records))
     stats.sample_seconds = sample_seconds
     stats.sampled_tokens = sum(s.num_tokens for group in samples for s in group)
@@ -95,13 +98,17 @@ def _pairs(domain, records: list[dict], samples, settings: RoundSettings, sample
     for record, group, raw in zip(records, samples, scores):
         penalty = settings.missing_eos_penalty or 0.0
         ranked = [(score - (0.0 if s.finished else penalty), s.text) for s, score in zip(group, raw)]
-        best, worst = max(ranked, key=lambda r: r[0]), min(ranked, key=lambda r: r[0])
-        if best[0] == worst[0] or best[1] == worst[1]:
-            stats.ties += 1
-            continue
-        pairs.append(pair_row(domain, record, best[1], worst[1], (best[0], worst[0])))
-        chosen.append(best[0])
-        rejected.append(worst[0])
+        for n in range(settings.pairs_per_prompt):
+            if len(ranked) < 2:
+                break
+            best, worst = max(ranked, key=lambda r: r[0]), min(ranked, key=lambda r: r[0])
+            if best[0] == worst[0] or best[1] == worst[1]:
+                stats.ties += n == 0  # a prompt with no pair at all
+                break
+            pairs.append(pair_row(domain, record, best[1], worst[1], (best[0], worst[0])))
+            chosen.append(best[0])
+            rejected.append(worst[0])
+            ranked = [r for r in ranked if r is not best and r is not worst]
     if pairs:
         stats.chosen_score, stats.rejected_score = sum(chosen) / len(chosen), sum(rejected) / len(rejected)
     return pairs, stats

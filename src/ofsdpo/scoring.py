@@ -1,6 +1,6 @@
 """How good a module is: per-pair DPO loss and preference accuracy against the cached reference, which module to
-serve (SPEC §3) and the online regret (SPEC §5), and judged samples (judge score, win rate, KL) drawn with common
-random numbers."""
+serve (SPEC §3) and the online regret (SPEC §5), and judged samples (judge score, win rate, exact KL(π ‖ π_ref))
+drawn with common random numbers."""
 
 from __future__ import annotations
 
@@ -106,16 +106,16 @@ def _response_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: 
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list, responses: list[str], chat: bool, max_length: int = 512,
-                     batch_size: int = 16, prompt_states: dict | None = None) -> torch.Tensor:
-    """log π(response | prompt) summed over the response tokens, for the model's active adapter. Each response is
-    tokenized as training tokenizes a completion (`data.tokenize_pair`: EOS appended, the same truncation) and
-    scored after its prompt, each distinct prompt forwarded once (`logprobs.prompt_cached_logps`; `prompt_states`
-    keeps them across calls for weights that do not change), `batch_size` responses at a time; where that does not
-    apply, one forward of each whole sequence. A prompt is a string (with `chat`, one user message) or a list of
-    messages."""
+def sample_kls(model, tokenizer, prompts: list, responses: list[str], chat: bool, max_length: int = 512,
+               batch_size: int = 16, chunk_size: int = 1024) -> torch.Tensor:
+    """KL(π ‖ π_ref) along each response (`logprobs.sequence_kl`): π is the model's active adapter at temperature
+    1, π_ref the base, the exact per-token KL over the whole vocabulary summed over the response's tokens. Each
+    response is tokenized as training tokenizes a completion (`data.tokenize_pair`: EOS appended, the same
+    truncation), after its prompt (a string, with `chat` one user message, or a list of messages); `batch_size`
+    sequences per forward, each forwarded once as π and once as π_ref."""
     from .data import tokenize_pair
-    from .logprobs import prompt_cached_logps, sequence_logps
+    from .logprobs import sequence_kl
+    from .modules import reference_mode
 
     device = next(model.parameters()).device
     sequences = []
@@ -126,19 +126,14 @@ def completion_logps(model, tokenizer, prompts: list, responses: list[str], chat
             prompt, response = messages, [{"role": "assistant", "content": response}]
         example, _, _ = tokenize_pair(tokenizer, prompt, response, response, max_length, max_length // 2)
         sequences.append((example["prompt_ids"], example["chosen_ids"]))
-    # a plain-text prompt whose last token merges with the response's first has no prompt tokens of its own
-    after_prompt = [i for i, (p, r) in enumerate(sequences) if p and r]
-    cached = prompt_cached_logps(model, [sequences[i][0] for i in after_prompt],
-                                 [sequences[i][1] for i in after_prompt], batch_size, prompt_states)
-    out = torch.zeros(len(sequences))
-    whole = range(len(sequences))
-    if cached is not None:
-        out[after_prompt] = cached.float().cpu()
-        whole = sorted(set(whole) - set(after_prompt))
-    for start in range(0, len(whole), batch_size):
-        rows = list(whole[start:start + batch_size])
-        batch = _response_batch([sequences[i] for i in rows], tokenizer.pad_token_id)
-        out[rows] = sequence_logps(model, **{k: v.to(device) for k, v in batch.items()}).float().cpu()
+    out = torch.zeros(len(sequences), dtype=torch.float64)
+    order = sorted(range(len(sequences)), key=lambda i: sum(map(len, sequences[i])))  # similar rows pad little
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in _response_batch([sequences[i] for i in rows],
+                                                             tokenizer.pad_token_id).items()}
+        out[rows] = sequence_kl(model, **batch, reference=lambda: reference_mode(model),
+                                chunk_size=chunk_size).double().cpu()
     return out
 
 
@@ -154,42 +149,38 @@ def common_random_numbers(seed: int, device: torch.device):
 
 
 def _sampled(model, tokenizer, tasks: list[tuple[Any, list[dict]]], samples_per_prompt: int, batch_size: int,
-             reference: bool = False, progress: bool = False, prompt_states: dict | None = None) -> list[list[str]]:
+             reference: bool = False, progress: bool = False) -> list[list[str]]:
     """Each (domain, records) task's `samples_per_prompt` responses per record, prompt-major (all of prompt 0's,
-    then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time. `prompt_states`
-    receives the prompts' states from the sampler (`generation.sample_token_ids`)."""
+    then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time."""
     from .generation import sample_groups
 
     groups = [([r["prompt"] for r in records], domain.chat, domain.max_new_tokens) for domain, records in tasks]
     per_task = sample_groups(model, tokenizer, groups, samples_per_prompt, batch_size=batch_size * samples_per_prompt,
-                             reference=reference, progress=progress, prompt_states=prompt_states)
+                             reference=reference, progress=progress)
     return [[s.text for group in samples for s in group] for samples in per_task]
 
 
 def reference_sample_groups(model, tokenizer, tasks: list[tuple[Any, list[dict]]], batch_size: int = 16,
-                            samples_per_prompt: int = 1, prompt_states: dict | None = None) -> list[list[float]]:
+                            samples_per_prompt: int = 1) -> list[list[float]]:
     """Judge scores of the reference's samples (adapters disabled) for each (domain, records) task, prompt-major:
     the other side of every win rate. Drawn under the same seed and with the same tasks as the policy's
-    (`common_random_numbers`, `judge_evals`), sample j of prompt i of both sides uses the same random numbers.
-    `prompt_states`, the store later given to `judge_evals` as `ref_prompt_states`, receives the reference's
-    prompt states from the sampler, computed as the policy's will be (so a module equal to the base scores its
-    samples exactly as the reference does: KL 0)."""
-    responses = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, reference=True,
-                         prompt_states=prompt_states)
+    (`common_random_numbers`, `judge_evals`), sample j of prompt i of both sides uses the same random numbers."""
+    responses = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, reference=True)
     return [_scores(domain, records, r, samples_per_prompt) for (domain, records), r in zip(tasks, responses)]
 
 
 def reference_samples(model, tokenizer, domain, records: list[dict], batch_size: int = 16,
-                      samples_per_prompt: int = 1, prompt_states: dict | None = None) -> list[float]:
+                      samples_per_prompt: int = 1) -> list[float]:
     """`reference_sample_groups` for one domain."""
-    return reference_sample_groups(model, tokenizer, [(domain, records)], batch_size, samples_per_prompt,
-                                   prompt_states)[0]
+    return reference_sample_groups(model, tokenizer, [(domain, records)], batch_size, samples_per_prompt)[0]
 
 
-def _scores(domain, records: list[dict], responses: list[str], samples_per_prompt: int) -> list[float]:
-    """The domain's judge scores of prompt-major `responses` (`domain.score`: checked, batched where it can)."""
+def _scores(domain, records: list[dict], responses: list[str], samples_per_prompt: int,
+            judge: str = "score") -> list[float]:
+    """The domain's judge scores of prompt-major `responses` (`domain.score`: checked, batched where it can);
+    `judge="independent_score"`: its independent judge's."""
     k = samples_per_prompt
-    groups = domain.score(records, [responses[i * k:(i + 1) * k] for i in range(len(records))])
+    groups = getattr(domain, judge)(records, [responses[i * k:(i + 1) * k] for i in range(len(records))])
     return [x for group in groups for x in group]
 
 
@@ -200,63 +191,58 @@ def _per_prompt(values: list[float], samples_per_prompt: int) -> list[float]:
 
 def judge_evals(model, tokenizer, tasks: list[tuple[Any, list[dict]]], adapter: str | None = None,
                 batch_size: int = 16, progress: bool = False, ref_scores: list[list[float]] | None = None,
-                samples_per_prompt: int = 1, ref_prompt_states: dict | None = None) -> list[dict[str, Any]]:
-    """`judge_eval` for several (domain, records) tasks at once: their prompts are sampled in one call and their
-    responses scored by one log-prob pass each for the policy and the reference (at a few rows per step, one call
-    for three domains takes about the time of one). `ref_scores` holds one list per task, drawn by
-    `reference_sample_groups` with the same tasks and seed; `ref_prompt_states`, a store the caller keeps, holds
-    the reference's prompt states across calls (`completion_logps`)."""
-    from .modules import reference_mode
-
+                samples_per_prompt: int = 1) -> list[dict[str, Any]]:
+    """`judge_eval` for several (domain, records) tasks at once: their prompts are sampled in one call and the KL
+    of every task's samples computed in one pass (at a few rows per step, one call for three domains takes about
+    the time of one). `ref_scores` holds one list per task, drawn by `reference_sample_groups` with the same tasks
+    and seed."""
     if adapter is not None:
         activate(model, adapter)
-    policy_prompts: dict = {}  # the policy's prompt states, as its sampler computed them: not forwarded again
-    policy = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, progress=progress,
-                      prompt_states=policy_prompts)
+    policy = _sampled(model, tokenizer, tasks, samples_per_prompt, batch_size, progress=progress)
     if ref_scores is None:
-        ref_scores = reference_sample_groups(model, tokenizer, tasks, batch_size, samples_per_prompt,
-                                             ref_prompt_states)
+        ref_scores = reference_sample_groups(model, tokenizer, tasks, batch_size, samples_per_prompt)
     if len(ref_scores) != len(tasks) or any(len(r) != len(p) for r, p in zip(ref_scores, policy)):
         raise ValueError(f"reference scores ({[len(r) for r in ref_scores]}) do not match the samples "
                          f"({[len(p) for p in policy]}): draw them with the same tasks and samples per prompt")
-    # one log-prob pass over every task's samples: a chat domain's prompt as its one user message
+    # one KL pass over every task's samples: a chat domain's prompt as its one user message
     prompts = [r["prompt"] if isinstance(r["prompt"], list) or not domain.chat
                else [{"role": "user", "content": r["prompt"]}]
                for domain, records in tasks for r in records for _ in range(samples_per_prompt)]
     responses = [y for task in policy for y in task]
     was_training = model.training
     model.eval()
-    policy_logps = completion_logps(model, tokenizer, prompts, responses, False, prompt_states=policy_prompts)
-    with reference_mode(model):
-        ref_logps = completion_logps(model, tokenizer, prompts, responses, False, prompt_states=ref_prompt_states)
-    if adapter is not None:
-        activate(model, adapter)
+    kls = sample_kls(model, tokenizer, prompts, responses, False, batch_size=batch_size).tolist()
     model.train(was_training)
-    kls, results, at = (policy_logps - ref_logps).tolist(), [], 0
+    results, at = [], 0
     for (domain, records), samples, refs in zip(tasks, policy, ref_scores):
         scores = _scores(domain, records, samples, samples_per_prompt)
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, refs)]
         n, kl = len(samples), kls[at:at + len(samples)]
         at += n
-        results.append({
-            "judge_score": sum(scores) / n, "reference_judge_score": sum(refs) / n, "win_rate": sum(wins) / n,
-            "kl": sum(kl) / n, "response_words": sum(len(y.split()) for y in samples) / n, "judged_samples": n,
-            "per_prompt": {"judge_score": _per_prompt(scores, samples_per_prompt),
-                           "win_rate": _per_prompt(wins, samples_per_prompt),
-                           "kl": _per_prompt(kl, samples_per_prompt)}})
+        result = {"judge_score": sum(scores) / n, "reference_judge_score": sum(refs) / n, "win_rate": sum(wins) / n,
+                  "kl": sum(kl) / n, "response_words": sum(len(y.split()) for y in samples) / n, "judged_samples": n,
+                  "per_prompt": {"judge_score": _per_prompt(scores, samples_per_prompt),
+                                 "win_rate": _per_prompt(wins, samples_per_prompt),
+                                 "kl": _per_prompt(kl, samples_per_prompt)}}
+        if getattr(domain, "independent_judge", None) is not None:  # a judge that never labelled a training pair
+            independent = _scores(domain, records, samples, samples_per_prompt, "independent_score")
+            result["independent_judge_score"] = sum(independent) / n
+            result["per_prompt"]["independent_judge_score"] = _per_prompt(independent, samples_per_prompt)
+        results.append(result)
     return results
 
 
 def judge_eval(model, tokenizer, domain, records: list[dict], adapter: str | None = None, batch_size: int = 16,
                progress: bool = False, ref_scores: list[float] | None = None,
-               samples_per_prompt: int = 1, ref_prompt_states: dict | None = None) -> dict[str, Any]:
+               samples_per_prompt: int = 1) -> dict[str, Any]:
     """Mean judge score of the policy's samples, win rate against the reference's samples (ties count half),
-    a sample-based KL(π || π_ref) estimate, and the mean response length in words, over `samples_per_prompt`
-    samples of each record. `ref_scores` (from `reference_samples`, same records and samples) lets several
-    evaluations share one set of reference samples. `per_prompt` holds each prompt's mean judge score, win rate
-    and KL: the units of a bootstrap over prompts."""
+    KL(π ‖ π_ref) along the samples (`sample_kls`: the exact per-token KL of the policy at temperature 1 over the
+    whole vocabulary, summed over each judged sample's tokens, averaged over samples), the mean response length in
+    words and, for a domain with one, the independent judge's score, over `samples_per_prompt` samples of each
+    record. `ref_scores` (from `reference_samples`, same records and samples) lets several evaluations share one
+    set of reference samples. `per_prompt` holds each prompt's means: the units of a bootstrap over prompts."""
     return judge_evals(model, tokenizer, [(domain, records)], adapter, batch_size, progress,
-                       None if ref_scores is None else [ref_scores], samples_per_prompt, ref_prompt_states)[0]
+                       None if ref_scores is None else [ref_scores], samples_per_prompt)[0]
 
 
 def select_served(names, eval_scores: dict[str, float] | None, online_losses: list[dict], window: int,
@@ -279,8 +265,11 @@ def select_served(names, eval_scores: dict[str, float] | None, online_losses: li
 
 def regret_curve(online_losses: list[dict], order: list[int], position: int, final_losses: torch.Tensor,
                  served: str) -> list[dict]:
-    """Empirical online regret (SPEC §5): the cumulative pre-update round loss of module `served` minus the final
-    module's loss on the same pairs. `final_losses[i]` is the final module's loss on stream pair i."""
+    """Empirical online regret (SPEC §5): the cumulative pre-update round loss of module `served` minus a
+    comparator's loss on the same pairs; `final_losses[i]` is the comparator's loss on stream pair i (a run's
+    regret.jsonl: its own final module). Against each arm's own final module, an arm that learns less scores less
+    regret, so arms are compared by their cumulative online loss instead (the regret difference under any shared
+    comparator: `experiment_report.with_online_total`)."""
     curve, regret = [], 0.0
     for i, record in enumerate(online_losses):
         end = online_losses[i + 1]["position"] if i + 1 < len(online_losses) else position

@@ -5,6 +5,9 @@
 - `mean_sd(values)`: mean and sample sd.
 - `paired_difference(method, baseline)`: method − baseline paired by seed, with a t interval over seeds.
 - `bootstrap_ci(per_seed_unit_differences)`: a percentile bootstrap over units (pairs, prompts) within seeds.
+- `crossed_bootstrap(per_seed_unit_differences)`: seeds and units resampled together (both sources of variation).
+- `decision(t_row, crossed)`: the wider of the two intervals decides, with its p-value; `holm(p_values)`: the
+  Holm step-down adjustment over the comparisons of one page.
 - `minimum_detectable_effect(sd, n)`: the smallest true mean difference a paired t-test over n seeds detects.
 
 Undefined quantities are `None`, never NaN or ±inf, so the results stay valid JSON: with one seed there is no
@@ -209,6 +212,72 @@ def bootstrap_ci(per_seed_unit_differences: Sequence[Sequence[float]], resamples
     lower, upper = torch.quantile(statistics, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
     return {"mean": mean, "lower": lower, "upper": upper, "resamples": resamples, "confidence": confidence,
             "n_seeds": len(seeds), "n_units": sizes}
+
+
+def crossed_bootstrap(per_seed_unit_differences: Sequence[Sequence[float]], resamples: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap of the mean difference that resamples seeds AND units (a crossed design: the same
+    units, e.g. report pairs or judged prompts, under every seed). d[s][u] is the difference on unit u under seed
+    s; each resample draws n seeds with replacement and, independently, one set of unit indices with replacement
+    shared by the drawn seeds, and takes the mean of d over both. Unlike the t interval over seeds (units held
+    fixed) or a bootstrap over units (seeds held fixed), its spread includes both the seed-to-seed and the
+    unit-to-unit variation. The p-value is two-sided: 2 min(P*(stat ≤ 0), P*(stat ≥ 0)), at most 1, at least
+    1 / resamples. Deterministic for a given `seed`.
+
+    Returns {"mean", "lower", "upper", "p_value", "resamples", "confidence", "n_seeds", "n_units"}.
+    """
+    if not per_seed_unit_differences or any(len(u) == 0 for u in per_seed_unit_differences):
+        raise ValueError("crossed_bootstrap needs at least one seed, each with at least one unit")
+    sizes = {len(u) for u in per_seed_unit_differences}
+    if len(sizes) != 1:
+        raise ValueError(f"crossed_bootstrap needs the same units under every seed, got counts {sorted(sizes)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    d = torch.tensor([[float(v) for v in units] for units in per_seed_unit_differences], dtype=torch.float64)
+    n_seeds, n_units = d.shape
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, 4_000_000 // (n_seeds * n_units))  # bound the gathered tensor to ~32 MB
+    statistics = []
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        seeds = torch.randint(n_seeds, (count, n_seeds), generator=generator)
+        units = torch.randint(n_units, (count, n_units), generator=generator)
+        drawn = d[seeds]  # (count, n_seeds, n_units)
+        statistics.append(drawn.gather(2, units[:, None, :].expand(-1, n_seeds, -1)).mean(dim=(1, 2)))
+    statistics = torch.cat(statistics)
+    alpha = 1.0 - confidence
+    lower, upper = torch.quantile(statistics, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    below, above = (statistics <= 0).double().mean().item(), (statistics >= 0).double().mean().item()
+    p_value = min(1.0, max(2.0 * min(below, above), 1.0 / resamples))
+    return {"mean": d.mean().item(), "lower": lower, "upper": upper, "p_value": p_value, "resamples": resamples,
+            "confidence": confidence, "n_seeds": n_seeds, "n_units": n_units}
+
+
+def decision(t_row: dict, crossed: dict | None) -> dict:
+    """The interval that decides a comparison: the wider of the t interval over seeds (`paired_difference`) and
+    the crossed bootstrap (`crossed_bootstrap`; None where there are no per-unit values), with its p-value.
+    Returns {"lower", "upper", "p_value", "by"} ("t" or "crossed bootstrap"); lower/upper None without a t
+    interval (one seed)."""
+    t = {"lower": t_row.get("lower"), "upper": t_row.get("upper"), "p_value": t_row.get("p_value"), "by": "t"}
+    if crossed is None:
+        return t
+    boot = {"lower": crossed["lower"], "upper": crossed["upper"], "p_value": crossed["p_value"],
+            "by": "crossed bootstrap"}
+    if t["lower"] is None:
+        return boot
+    return boot if boot["upper"] - boot["lower"] > t["upper"] - t["lower"] else t
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of m p-values (the family-wise error rate over m comparisons): sorted
+    ascending, p_(i) becomes max_{j ≤ i} min(1, (m − j + 1) p_(j)), returned in the input order. None (no
+    p-value) stays None and does not count in m."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m, adjusted, running = len(present), list(p_values), 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def minimum_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:

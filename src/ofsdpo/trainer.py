@@ -146,7 +146,10 @@ class OFSDPOTrainer:
         return model
 
     # --- the loop --------------------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, on_step=None) -> dict:
+        """Run the stream to its end. `on_step(trainer, row)`, if given, runs after each optimiser step with the
+        step's metrics row (an experiment's checkpoint ladder judges the modules there); a dict it returns joins
+        the row."""
         cfg, main = self.config, self.processes.is_main
         with claim_output_dir(self.output_dir, cfg.resume, cfg.overwrite, self.processes):  # locked to the end
             if cfg.resume:
@@ -177,6 +180,8 @@ class OFSDPOTrainer:
                     state.step += 1
                     state.position += len(indices)
                     row.update(self._after_step(row, time.perf_counter() - tick))
+                    if on_step is not None:
+                        row.update(on_step(self, row) or {})
                     if metrics is not None:
                         metrics.log(row)
                     bar.update(1)

@@ -64,7 +64,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         if len(pairs) < need:
             raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
         specs.append(f"{domain.name}={write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)}")
-    reports, reference_scores, reference_caches, reference_prompts = {}, {}, {}, {}
+    reports, reference_scores, reference_caches = {}, {}, {}
     shared = SharedWork()  # ofs-dpo's and cofs-dpo's first stages are the same training: it runs once
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
@@ -81,8 +81,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         # the base's samples are judged, and its log-probs of every pair computed, once for all three methods: the
         # runners share (and fill) the same dicts
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores,
-                                 reference_caches=reference_caches, reference_prompts=reference_prompts,
-                                 shared=shared)
+                                 reference_caches=reference_caches, shared=shared)
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started

@@ -69,11 +69,9 @@ def eval_domains(cfg: EvalConfig, device) -> list:
 
 def evaluate_adapter(model, tokenizer, adapter: str, domain, pairs: PreferenceData | None,
                      reference: ReferenceCache | None, judge_records: list[dict], ref_scores: list[float] | None,
-                     beta: float, batch_size: int = 8, seed: int = 0, samples_per_prompt: int = 1,
-                     ref_prompt_states: dict | None = None) -> dict:
+                     beta: float, batch_size: int = 8, seed: int = 0, samples_per_prompt: int = 1) -> dict:
     """One row: held-out DPO loss/accuracy on `pairs` (if any) and judge metrics on `judge_records` (if any),
-    `samples_per_prompt` judged samples each, drawn with the same random numbers as the reference's
-    (`ref_prompt_states`: the base's judged prompts, kept across rows by the caller)."""
+    `samples_per_prompt` judged samples each, drawn with the same random numbers as the reference's."""
     row: dict = {"domain": domain.name}
     if pairs is not None and len(pairs):
         row.update(heldout_scores(model, pairs, reference, adapter, tokenizer.pad_token_id, beta, batch_size),
@@ -81,7 +79,7 @@ def evaluate_adapter(model, tokenizer, adapter: str, domain, pairs: PreferenceDa
     if judge_records:
         with common_random_numbers(seed, next(model.parameters()).device):  # every row: the reference's draws
             row.update(judge_eval(model, tokenizer, domain, judge_records, adapter, batch_size, ref_scores=ref_scores,
-                                  samples_per_prompt=samples_per_prompt, ref_prompt_states=ref_prompt_states),
+                                  samples_per_prompt=samples_per_prompt),
                        judge_prompts=len(judge_records))
     return row
 
@@ -91,7 +89,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     base, tokenizer, name, _ = load_model_and_tokenizer(cfg.model, cfg.gguf_file, cfg.dtype, device,
                                                         cfg.trust_remote_code)
     model, names = attach_for_eval(base, cfg.adapter)
-    files, rows, prompt_states = cfg.data_files, [], {}  # the base's judged prompts: forwarded once for every row
+    files, rows = cfg.data_files, []
     for domain in eval_domains(cfg, device):
         source = files.get(domain.name) or generated_pairs(model, tokenizer, domain, cfg.pair_prompts,
                                                            cfg.samples_per_prompt, cfg.seed, cfg.batch_size,
@@ -100,11 +98,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         reference = ReferenceCache(len(pairs)) if pairs is not None else None
         records = domain.prompts("heldout")[:cfg.judge_prompts]
         with common_random_numbers(cfg.seed, device):
-            ref_scores = (reference_samples(model, tokenizer, domain, records, cfg.batch_size, cfg.judge_samples,
-                                            prompt_states) if records else None)
+            ref_scores = (reference_samples(model, tokenizer, domain, records, cfg.batch_size, cfg.judge_samples)
+                          if records else None)
         for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
             row = evaluate_adapter(model, tokenizer, adapter, domain, pairs, reference, records, ref_scores,
-                                   cfg.beta, cfg.batch_size, cfg.seed, cfg.judge_samples, prompt_states)
+                                   cfg.beta, cfg.batch_size, cfg.seed, cfg.judge_samples)
             rows.append({"adapter": label, **row, "pairs_source": files.get(domain.name, "generated")})
     result = {"model": name, "beta": cfg.beta, "seed": cfg.seed, "rows": rows}
     if cfg.json:

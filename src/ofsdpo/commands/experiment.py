@@ -20,8 +20,8 @@ Judging: `judge_prompts` held-out prompts x `judge_samples` samples per arm, wit
 seed: the reference's samples are drawn under the run's own seed, so a module equal to the base ties it exactly.
 The headline is paired: per seed, each variant minus the baseline variant (and the file's `compare` pairs), with t
 and bootstrap intervals. Work that does not depend on the run is done once per process and shared by its runs: the
-base model, π_ref's log-probs of the report pairs (continual runs: of every pair set), the base's states after each
-judged prompt.
+base model, π_ref's log-probs of the report pairs (continual runs: of every pair set), the reference's judged
+samples of each seed.
 
 Output: `runs/<cell>/seed-<s>/` (the run and its `result.json`; a finished cell is kept and skipped on rerun),
 `aggregate.json` (mean, sample standard deviation and values over seeds of every number, by cell), `aggregate.md`
@@ -44,6 +44,12 @@ from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
 __all__ = ["IN_DOMAIN_METHODS", "KINDS", "ExperimentConfig", "ExperimentRunner", "aggregate", "fmt", "mean_std",
            "parse_seeds", "run_experiment", "select_variants", "write_aggregate"]
+
+
+# what "kl" means in a result: "exact", Σ_t KL(π(·|y<t) ‖ π_ref(·|y<t)) over the whole vocabulary along each judged
+# sample (`logprobs.sequence_kl`). A result without the field (runs before it) holds the sampled log-ratio
+# log π(y) − log π_ref(y) of top-k / top-p samples, which is not a KL; the report labels it so
+KL_ESTIMATOR = "exact"
 
 
 # --- run keys -------------------------------------------------------------------------------------------------------
@@ -107,7 +113,6 @@ class ExperimentRunner:
         self._report: dict[str, tuple] = {}
         # by seed (in-domain) or (seed, score_domains) (continual: drawn in the runner's calls), then domain
         self._reference_scores: dict = {}
-        self._reference_prompts: dict = {}  # the base's states after each judged prompt, for every run
         self._reference_logps: dict = {}  # π_ref's log-probs of each domain's pairs, for every run
         self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
 
@@ -161,6 +166,8 @@ class ExperimentRunner:
         ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "pair_seed": cfg.pair_seed,
                        "judge_prompts": cfg.judge_prompts, "protocol": [2, cfg.selection, cfg.report_rounds,
                                                                          cfg.judge_samples]}
+        if cfg.pairs_per_prompt > 1 or cfg.checkpoints:  # absent otherwise: the keys of earlier runs stay valid
+            ingredients.update(pairs_per_prompt=cfg.pairs_per_prompt, checkpoints=cfg.checkpoints)
         return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def find_run(self, key: str) -> Path | None:
@@ -188,7 +195,8 @@ class ExperimentRunner:
         if domain in self._pairs:
             return self._pairs[domain]
         cfg = self.config
-        path = Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}-seed{cfg.pair_seed}.jsonl"
+        several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
+        path = Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
         info_path = path.with_suffix(".info.json")
         if not path.is_file():
             info = self._sample_pairs(domain, path)
@@ -222,9 +230,9 @@ class ExperimentRunner:
                      f"(seed {seed}) …")
             set_seed(seed)  # per domain: a domain's pairs do not depend on which others were sampled first
             with torch.inference_mode():
-                made, stats = judged_pairs(base, tokenizer, domain, records,
-                                           RoundSettings(samples_per_prompt=cfg.samples, batch_size=16 * cfg.samples),
-                                           progress=self.progress)
+                settings = RoundSettings(samples_per_prompt=cfg.samples, batch_size=16 * cfg.samples,
+                                         pairs_per_prompt=cfg.pairs_per_prompt if split == "train" else 1)
+                made, stats = judged_pairs(base, tokenizer, domain, records, settings, progress=self.progress)
             pairs, ties = pairs + made, ties + stats.ties
         write_jsonl(path, pairs)  # atomic: never a half-written file under the final name
         return {"domain": domain_name, "split": split, "prompts": len(records), "samples": cfg.samples,
@@ -251,12 +259,30 @@ class ExperimentRunner:
         cfg = self.config
         rows = [row for _, row in read_rows(str(self.pairs(domain)), "train")[1]]
         report = [row for _, row in read_rows(str(self.report_pairs(domain)), "train")[1]]
-        stream = cfg.steps * cfg.batch_size
-        train, selection = rows[:stream], rows[-cfg.selection:]
-        n = len(rows)
-        return {"train": train, "selection": selection, "report": report,
-                "indices": {"train": list(range(stream)), "selection": list(range(n - cfg.selection, n)),
-                            "report": list(range(n, n + len(report)))}}
+        stream, n = cfg.steps * cfg.batch_size, len(rows)
+        if cfg.pairs_per_prompt > 1:
+            train, selection = self._split_by_prompt(domain, rows, stream)
+        else:
+            train, selection = list(range(stream)), list(range(n - cfg.selection, n))
+        return {"train": [rows[i] for i in train], "selection": [rows[i] for i in selection], "report": report,
+                "indices": {"train": train, "selection": selection, "report": list(range(n, n + len(report)))}}
+
+    def _split_by_prompt(self, domain: str, rows: list[dict], stream: int) -> tuple[list[int], list[int]]:
+        """Several pairs per prompt: the selection set is the first (best vs worst) pair of each of the last
+        `selection` prompts, the stream `stream` pairs of the other prompts in an order shuffled by `pair_seed`
+        (a batch mixes prompts and pair ranks), each pair once."""
+        import random
+
+        cfg, prompts = self.config, list(dict.fromkeys(str(r["prompt"]) for r in rows))  # in file order
+        held = set(prompts[-cfg.selection:])
+        selection = [next(i for i, r in enumerate(rows) if str(r["prompt"]) == p) for p in prompts[-cfg.selection:]]
+        train = [i for i, r in enumerate(rows) if str(r["prompt"]) not in held]
+        random.Random(cfg.pair_seed).shuffle(train)
+        if len(prompts) <= cfg.selection or len(train) < stream:
+            raise ConfigError(f"'{domain}' gave {len(rows)} pairs on {len(prompts)} prompts; this experiment needs "
+                              f"{cfg.selection} prompts for selection and {stream} pairs (steps x batch_size) on "
+                              "the others: raise prompts, samples or pairs_per_prompt, or lower steps.")
+        return train[:stream], selection
 
     def split_files(self, domain: str) -> dict[str, Path]:
         """The sets as files (continual domains read files): written once beside the cached pairs."""
@@ -306,8 +332,7 @@ class ExperimentRunner:
             base, tokenizer = self.model()
             with common_random_numbers(seed, next(base.parameters()).device):
                 scores[domain_name] = reference_samples(base, tokenizer, domain, records,
-                                                        samples_per_prompt=cfg.judge_samples,
-                                                        prompt_states=self._reference_prompts)
+                                                        samples_per_prompt=cfg.judge_samples)
         return records, scores[domain_name]
 
     # --- one run -----------------------------------------------------------------------------------------------------
@@ -327,24 +352,30 @@ class ExperimentRunner:
                                 tokenizer=tokenizer, eval_data=parts["selection"],  # selection: the served module
                                 train_reference=None if on_policy else caches["train"],
                                 eval_reference=caches["selection"])
-        summary = trainer.train()
+        ladder = (CheckpointLadder(cfg.checkpoints, get_domain(domain_name), records, ref_scores, report,
+                                   report_reference, seed, cfg.judge_samples) if cfg.checkpoints else None)
+        summary = trainer.train(on_step=ladder)
         served, model = summary["served_module"], trainer.model
         losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
                                       tokenizer.pad_token_id, run_config.beta, 2 * run_config.batch_size,
                                       run_config.logprob_chunk_size, trainer.names)
         with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws, this seed's
             judged = judge_eval(model, tokenizer, get_domain(domain_name), records, served, ref_scores=ref_scores,
-                                samples_per_prompt=cfg.judge_samples, ref_prompt_states=self._reference_prompts)
+                                samples_per_prompt=cfg.judge_samples)
         model.unload()  # the same base object, LoRA layers removed, for the next run
         regret = [json.loads(line) for line in (run_dir / "regret.jsonl").read_text().splitlines() if line.strip()]
         return {"domain": domain_name, "method": run_config.method, "served_module": served, "steps": summary["steps"],
                 "judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
+                "kl_estimator": KL_ESTIMATOR,
                 "response_words": judged["response_words"], "base_judge_score": judged["reference_judge_score"],
                 "judged_samples": judged["judged_samples"], "report_loss": losses.mean().item(),
                 "report_accuracy": correct.mean().item(), "report_pairs": len(report),
                 "selection_loss": summary["module_scores"].get(served), "online_regret": summary["online_regret"],
                 "swaps": summary.get("chase/swaps", 0), "pairs_seen": summary["pairs_seen"],
                 "online_loss_curve": [r[served] for r in trainer.state.online_losses],
+                "online_loss_total": sum(r[served] for r in trainer.state.online_losses),
+                "independent_judge_score": judged.get("independent_judge_score"),
+                **({"frontier": ladder.points, "train_loss_curve": ladder.train_loss} if ladder else {}),
                 "regret_curve": [r["regret"] for r in regret], "train_seconds": summary["train_runtime"],
                 "units": {"report_loss": losses.tolist(), "report_accuracy": correct.tolist(),
                           **judged["per_prompt"]},
@@ -367,13 +398,13 @@ class ExperimentRunner:
         shared = self._reference_scores.setdefault((seed, run_config.score_domains), {})
         self._shared = {seed: self._shared.get(seed) or SharedWork()}  # seeds run one after another: one kept
         runner = ContinualRunner(run_config, model=base, tokenizer=tokenizer, reference_scores=shared,
-                                 shared=self._shared[seed], reference_caches=self._reference_logps,
-                                 reference_prompts=self._reference_prompts)
+                                 shared=self._shared[seed], reference_caches=self._reference_logps)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
         forgetting = report["cl/forgetting_judge"]
         curve = continual_loss_curve(run_dir, names)
         return {"method": report["method"], "domains": names, "judge_matrix": matrix["judge_score"],
+                "kl_estimator": KL_ESTIMATOR,
                 "kl_matrix": matrix["kl"], "win_rate_matrix": matrix["win_rate"],
                 "accuracy_matrix": matrix["accuracy"], "loss_matrix": matrix["loss"],
                 "final_judge": dict(zip(names, matrix["judge_score"][-1])),
@@ -387,6 +418,53 @@ class ExperimentRunner:
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report["base_judge_score"], "train_loss_curve": curve,
                 "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items() if key in report["units"]}}
+
+
+class CheckpointLadder:
+    """`OFSDPOTrainer.train(on_step=...)`: at each of `steps`, every trained module (dpo's one; ofs-dpo's fast and
+    slow) is judged on the held-out prompts with the reference's random numbers (judge score, win rate, exact KL,
+    the independent judge where the domain has one) and scored on the report pairs and the selection pairs; the
+    module with the lower selection loss is the one served there. The global RNG is left as it was, so the
+    training that follows is the training without the ladder."""
+
+    def __init__(self, steps: list[int], domain, records: list[dict], ref_scores: list[float], report, report_reference,
+                 seed: int, samples_per_prompt: int):
+        self.steps, self.domain, self.records, self.ref_scores = set(steps), domain, records, ref_scores
+        self.report, self.report_reference, self.seed, self.samples = report, report_reference, seed, samples_per_prompt
+        self.points: list[dict] = []
+        self.train_loss: dict[str, list[float]] = {}  # each module's training DPO loss, step by step
+
+    def __call__(self, trainer, row: dict) -> dict | None:
+        from ..metrics import module_key
+        from ..scoring import common_random_numbers, judge_eval
+
+        for name in trainer.names:
+            self.train_loss.setdefault(name, []).append(row.get(module_key(trainer.config.method, name, "loss")))
+        step = trainer.state.step
+        if step not in self.steps:
+            return None
+        tick, model, modules = time.perf_counter(), trainer.model, {}
+        for name in trainer.names:
+            report, _ = trainer.pair_losses(self.report, self.report_reference, list(range(len(self.report))), name)
+            selection = (trainer.pair_losses(trainer.eval, trainer.eval_reference, list(range(len(trainer.eval))),
+                                             name)[0].mean().item() if trainer.eval is not None else None)
+            with common_random_numbers(self.seed, next(model.parameters()).device):
+                judged = judge_eval(model, trainer.tokenizer, self.domain, self.records, name,
+                                    ref_scores=self.ref_scores, samples_per_prompt=self.samples)
+            modules[name] = {"judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
+                             "independent_judge_score": judged.get("independent_judge_score"),
+                             "response_words": judged["response_words"], "report_loss": report.mean().item(),
+                             "selection_loss": selection, "per_prompt": judged["per_prompt"]}
+        trainer.model.train()
+        scored = [n for n in trainer.names if modules[n]["selection_loss"] is not None]
+        served = min(scored, key=lambda n: modules[n]["selection_loss"]) if scored else trainer.names[0]
+        since = self.points[-1]["step"] if self.points else 0
+        for name in trainer.names:  # the training loss over the steps since the last checkpoint
+            recent = [x for x in self.train_loss[name][since:] if x is not None]
+            modules[name]["train_loss"] = sum(recent) / len(recent) if recent else None
+        self.points.append({"step": step, "pairs_seen": trainer.state.position, "modules": modules, "served": served,
+                            "seconds": time.perf_counter() - tick})
+        return {f"ladder/{n}/{k}": modules[n][k] for n in modules for k in ("judge_score", "kl", "report_loss")}
 
 
 # --- the command ----------------------------------------------------------------------------------------------------

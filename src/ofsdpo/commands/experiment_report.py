@@ -17,13 +17,18 @@ from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
 
 IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rate vs ref", False),
                      ("kl", "KL to ref", True), ("report_loss", "report DPO loss", False),
-                     ("report_accuracy", "report pref. acc.", False), ("online_regret", "online regret", True),
+                     ("report_accuracy", "report pref. acc.", False),
+                     ("online_loss_total", "cum. online loss", False),
                      ("response_words", "words", False), ("swaps", "swaps", False))
 # the paired headline: metric, its title, and the per-unit values a bootstrap resamples (pairs or prompts)
 PAIRED_IN_DOMAIN = (("report_loss", "report DPO loss (lower is better)"),
                     ("report_accuracy", "report preference accuracy"), ("judge_score", "judge score"),
                     ("win_rate", "win rate vs reference"),
-                    ("kl", "KL to reference (lower is better at an equal judge score)"))
+                    ("kl", "KL to reference (lower is better at an equal judge score)"),
+                    ("independent_judge_score", "independent judge score (AFINN; never labelled a pair)"),
+                    ("online_loss_total", "cumulative pre-update online loss (lower is better; = the regret "
+                                          "difference under any shared comparator)"))
+OLD_KL = "sampled log-ratio, old estimator: not a KL"  # results without "kl_estimator" (`experiment.KL_ESTIMATOR`)
 PAIRED_CONTINUAL = (("avg_final_judge", "avg final judge score"),
                     ("avg_forgetting_judge", "avg forgetting (judge; lower is better)"),
                     ("avg_final_loss", "avg final report DPO loss (lower is better)"),
@@ -76,9 +81,10 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     out.mkdir(parents=True, exist_ok=True)
     if config.kind == "continual":
         results = {cell: {s: with_search_outcome(r) for s, r in by_seed.items()} for cell, by_seed in results.items()}
+    derived = {cell: {s: with_online_total(r) for s, r in by_seed.items()} for cell, by_seed in results.items()}
     cells = {cell: aggregate([{k: v for k, v in r.items() if k not in PER_RUN_ONLY} for r in by_seed.values()])
-             for cell, by_seed in results.items()}
-    paired = paired_differences(config, results)
+             for cell, by_seed in derived.items()}
+    paired = paired_differences(config, derived)
     summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
                "seeds": config.seeds, "config": dataclasses.asdict(config), "baseline": config.baseline_variant,
                "paired": paired, "cells": cells,
@@ -89,6 +95,23 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     plots = plot_experiment(out, config, cells)
     write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired))
     return summary
+
+
+def with_online_total(result: dict) -> dict:
+    """An in-domain result with its cumulative pre-update online loss (the sum of `online_loss_curve`: each round's
+    loss before any update on it; derived for results written before the field), its running sum (the curve the
+    report plots: every arm against one comparator) and the sum's per-round units (n x each round's loss, so their
+    mean is the sum: what the bootstrap resamples); unchanged where there is no curve."""
+    curve = result.get("online_loss_curve")
+    if not curve or any(x is None for x in curve):
+        return result
+    running, total = [], 0.0
+    for x in curve:
+        total += x
+        running.append(total)
+    units = {**result.get("units", {}), "online_loss_total": [len(curve) * x for x in curve]}
+    return {**result, "online_loss_total": result.get("online_loss_total", total), "online_loss_cumulative": running,
+            "units": units}
 
 
 def with_search_outcome(result: dict) -> dict:
@@ -107,7 +130,9 @@ def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, di
     """For every variant but the baseline (and every domain, in-domain), every headline metric: the per-seed
     difference variant − baseline with a t interval over seeds and, where per-unit values exist, a bootstrap over
     the units (report pairs or judged prompts, the same units under every seed), mean ± sd of both arms beside.
-    Then the same for each of the file's `compare` pairs [variant, against]."""
+    Then the same for each of the file's `compare` pairs [variant, against]. Each row's verdict comes from its
+    decision interval (`stats.decision`: the wider of the t interval and the crossed bootstrap over seeds and
+    units) and its p-value Holm-adjusted over every row of the experiment (`stats.holm`): "p_holm"."""
     baseline = config.baseline_variant
     pairs = [(v["name"], baseline) for v in config.variants if v["name"] != baseline]
     pairs += [(variant, against) for variant, against in config.compare]
@@ -116,13 +141,22 @@ def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, di
         for domain in (config.domains if config.kind == "in-domain" else [None]):
             cell, base_cell = (f"{variant}/{domain}", f"{against}/{domain}") if domain else (variant, against)
             rows += _paired_rows(config, results.get(cell, {}), results.get(base_cell, {}), variant, against, domain)
+    return adjust(rows)
+
+
+def adjust(rows: list[dict]) -> list[dict]:
+    """Each row with "p_holm": its decision p-value Holm-adjusted over `rows` (one page's comparisons)."""
+    from ..stats import holm
+
+    for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
+        row["p_holm"] = p
     return rows
 
 
 def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant: str, baseline: str,
                  domain: str | None) -> list[dict]:
     """One row per headline metric: `runs` − `base_runs` ({seed: result}) over the seeds both have."""
-    from ..stats import bootstrap_ci, mean_sd, minimum_detectable_effect, paired_difference
+    from ..stats import bootstrap_ci, crossed_bootstrap, decision, mean_sd, minimum_detectable_effect, paired_difference
 
     seeds = [s for s in config.seeds if s in runs and s in base_runs]
     rows = []
@@ -135,22 +169,38 @@ def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant:
         row = {"variant": variant, "baseline": baseline, "domain": domain, "metric": metric, "title": title,
                **{k: diff[k] for k in ("mean", "sd", "n", "lower", "upper", "p_value")},
                "variant_arm": mean_sd([a for a, _ in pairs]), "baseline_arm": mean_sd([b for _, b in pairs]),
-               "mde": minimum_detectable_effect(diff["sd"], diff["n"]) if diff["sd"] is not None else None}
+               # no MDE where the metric does not vary across seeds (its sd says nothing about detecting an effect)
+               "mde": minimum_detectable_effect(diff["sd"], diff["n"]) if diff["sd"] else None}
+        if metric == "kl" and not all(runs[s].get("kl_estimator") and base_runs[s].get("kl_estimator") for s in seeds):
+            row["title"] = f"{OLD_KL} (log π(y) − log π_ref(y) of top-k / top-p samples)"
         units = [(runs[s].get("units", {}).get(metric), base_runs[s].get("units", {}).get(metric)) for s in seeds]
+        crossed = None
         if units and all(a is not None and b is not None and len(a) == len(b) for a, b in units):
-            boot = bootstrap_ci([[x - y for x, y in zip(a, b)] for a, b in units], shared_units=True)
+            differences = [[x - y for x, y in zip(a, b)] for a, b in units]
+            boot = bootstrap_ci(differences, shared_units=True)
             row["bootstrap"] = {k: boot[k] for k in ("mean", "lower", "upper", "n_units")}
+            if len({len(d) for d in differences}) == 1:
+                crossed = crossed_bootstrap(differences)
+                row["crossed_bootstrap"] = {k: crossed[k] for k in ("mean", "lower", "upper", "p_value")}
+        row["decision"] = decision(row, crossed)
         rows.append(row)
     return rows
 
 
-def verdict(row: dict) -> str:
-    """`better` / `worse` when the t interval excludes 0 (direction by the metric), else `no difference shown`."""
-    if row["lower"] is None or row["upper"] is None or row["lower"] <= 0 <= row["upper"]:
+def verdict(row: dict, level: float = 0.05) -> str:
+    """`better` / `worse` (direction by the metric) when the decision interval (`stats.decision`) excludes 0 and
+    the Holm-adjusted p-value is below `level`; else `no difference shown`. A row from before decisions existed
+    is decided by its t interval alone."""
+    decided = row.get("decision") or {"lower": row["lower"], "upper": row["upper"]}
+    lower, upper = decided["lower"], decided["upper"]
+    if lower is None or upper is None or lower <= 0 <= upper:
         return "no difference shown"
+    if row.get("p_holm") is not None and row["p_holm"] >= level:
+        return "no difference shown"
+    if "not a KL" in row["title"]:
+        return "higher" if lower > 0 else "lower"  # a direction, not better or worse: the number is not a KL
     lower_is_better = "lower is better" in row["title"]
-    higher = row["lower"] > 0
-    return "better" if higher != lower_is_better else "worse"
+    return "better" if (lower > 0) != lower_is_better else "worse"
 
 
 def _paired_table(paired: list[dict]) -> list[str]:
@@ -158,22 +208,31 @@ def _paired_table(paired: list[dict]) -> list[str]:
         return []
     lines = ["## Paired differences (the headline)", "",
              "Per seed: variant − baseline on the same data, judged with the same random numbers. 95 % intervals: "
-             "t over seeds, and a bootstrap over report pairs / judged prompts (the same units under every seed). "
-             "MDE: the smallest true difference this many seeds detect with 80 % power (two-sided 5 %).", "",
-             "| variant − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (bootstrap) | n | MDE | "
-             "variant (mean ± sd) | baseline (mean ± sd) | reading |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "t over seeds (the units held fixed), and a crossed bootstrap that resamples seeds and units (report "
+             "pairs / judged prompts, the same under every seed) together. The wider of the two decides; its "
+             f"p-value is Holm-adjusted over the {len(paired)} comparisons of this page (p Holm), and a verdict "
+             "needs the interval to exclude 0 and p Holm < 0.05. MDE: the smallest true difference this many "
+             "seeds detect with 80 % power (two-sided 5 %; none where the metric does not vary across seeds).", "",
+             "| variant − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | "
+             "decided by | p Holm | n | MDE | variant (mean ± sd) | baseline (mean ± sd) | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in paired:
-        t_ci = "-" if r["lower"] is None else f"[{r['lower']:+.4f}, {r['upper']:+.4f}]"
-        boot = r.get("bootstrap")
-        b_ci = f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]" if boot else "-"
-        mde = "-" if r["mde"] is None else f"{r['mde']:.4f}"
-        arms = [f"{a['mean']:+.4f} ± {a['sd']:.4f}" if a["sd"] is not None else f"{a['mean']:+.4f}"
-                for a in (r["variant_arm"], r["baseline_arm"])]
-        lines.append(f"| {r['variant']} − {r['baseline']} | {r['domain'] or 'all'} | {r['title']} | "
-                     f"{r['mean']:+.4f} | {t_ci} | {b_ci} | {r['n']} | {mde} | {arms[0]} | {arms[1]} | "
-                     f"{verdict(r)} |")
+        lines.append(paired_line(r))
     return lines + [""]
+
+
+def paired_line(r: dict) -> str:
+    """One comparison as a row of the paired table (`_paired_table`'s columns)."""
+    t_ci = "-" if r["lower"] is None else f"[{r['lower']:+.4f}, {r['upper']:+.4f}]"
+    boot = r.get("crossed_bootstrap")
+    b_ci = f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]" if boot else "-"
+    mde = "-" if r.get("mde") is None else f"{r['mde']:.4f}"
+    p_holm = "-" if r.get("p_holm") is None else f"{r['p_holm']:.3g}"
+    by = (r.get("decision") or {}).get("by", "t")
+    arms = [f"{a['mean']:+.4f} ± {a['sd']:.4f}" if a["sd"] is not None else f"{a['mean']:+.4f}"
+            for a in (r["variant_arm"], r["baseline_arm"])]
+    return (f"| {r['variant']} − {r['baseline']} | {r['domain'] or 'all'} | {r['title']} | {r['mean']:+.4f} | "
+            f"{t_ci} | {b_ci} | {by} | {p_holm} | {r['n']} | {mde} | {arms[0]} | {arms[1]} | {verdict(r)} |")
 
 
 # --- tables ----------------------------------------------------------------------------------------------------------
@@ -297,14 +356,15 @@ def _plot_curves(out: Path, config: ExperimentConfig, cells: dict) -> str:
             cell = cells.get(f"{variant}/{domain}")
             if cell:
                 band(axes[0][j], cell["online_loss_curve"], variant)
-                band(axes[1][j], cell["regret_curve"], variant)
+                if cell.get("online_loss_cumulative"):
+                    band(axes[1][j], cell["online_loss_cumulative"], variant)
         axes[0][j].set_title(domain)
         axes[0][j].set_ylabel("pre-update DPO loss (served module)")
-        axes[1][j].set_ylabel("cumulative online regret")
+        axes[1][j].set_ylabel("cumulative pre-update online loss")
         axes[1][j].set_xlabel("online round (= optimiser step)")
     axes[0][0].legend(fontsize=7)
     # two lines: one domain's figure is narrower than the title on one line
-    fig.suptitle(f"{config.name}\nlearning and regret curves (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"{config.name}\nlearning curves (mean ± std over seeds)", fontsize=10)
     return save(fig, out / f"{config.name}-curves.png")
 
 
