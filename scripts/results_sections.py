@@ -8,6 +8,10 @@ Each argument is an aggregate.json with its aggregate.md beside it (as `ofsdpo e
 into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given. A reading written
 by hand (what the numbers say together) lives in NAME-reading.md beside the aggregate and ends its section, so
 regenerating the page keeps it.
+
+Verdicts (issue 27): each comparison is decided by the wider of its t interval over seeds and its crossed
+(seeds x units) bootstrap (`stats.decision`, stored in the aggregate), and its p-value is Holm-adjusted over every
+comparison on the page (all the aggregates given), not only its own experiment's.
 """
 
 from __future__ import annotations
@@ -17,19 +21,37 @@ import re
 import sys
 from pathlib import Path
 
+from ofsdpo.commands.experiment_report import verdict as reading
+from ofsdpo.stats import holm
+
 START, END = "## Claim 1 (SPEC §6.1)", "## Not run in this session"
 NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report_accuracy": "Report preference accuracy",
-         "win_rate": "Win rate against the base's samples", "kl": "KL to the reference"}
-
-
-LOWER_IS_BETTER = ("report_loss", "kl", "avg_forgetting_judge", "avg_final_loss", "final_memory_loss")
+         "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
+         "independent_judge_score": "Independent judge score (AFINN)",
+         "online_loss_total": "Cumulative pre-update online loss"}
+CLAIM = {"better": "**supported**", "worse": "**refuted**", "no difference shown": "**unresolved**",
+         "higher": "**higher** (not a KL: no verdict)", "lower": "**lower** (not a KL: no verdict)"}
 
 
 def verdict(row: dict) -> str:
-    if row["lower"] > 0 or row["upper"] < 0:
-        better = (row["mean"] < 0) if row["metric"] in LOWER_IS_BETTER else (row["mean"] > 0)
-        return "**supported**" if better else "**refuted**"
-    return "**unresolved**"
+    """A claim's reading of one comparison under the page's rule (`decided`)."""
+    return CLAIM[reading(row)]
+
+
+def compared(row: dict) -> str:
+    """An ablation's reading of one comparison: better or worse than the baseline, or no difference shown."""
+    return f"**{reading(row)}**"
+
+
+def decided(row: dict) -> str:
+    """How a comparison was decided, for its verdict line: the deciding interval and the page-adjusted p."""
+    d, t, boot = row["decision"], f"[{row['lower']:+.4f}, {row['upper']:+.4f}]", row.get("crossed_bootstrap")
+    intervals = (f"t interval {t} over {row['n']} seeds" +
+                 (f", crossed bootstrap [{boot['lower']:+.4f}, {boot['upper']:+.4f}]" if boot else
+                  " (no per-unit values: t only)"))
+    mde = f"; MDE (80 % power) {row['mde']:.4f}" if row.get("mde") is not None else ""
+    return (f"{row['mean']:+.4f}, {intervals}; decided by the {d['by']} interval, p {d['p_value']:.3g}, "
+            f"Holm over the page's {row['page_comparisons']} comparisons {row['p_holm']:.3g}{mde}")
 
 
 def with_reading(path: Path, lines: list[str]) -> str:
@@ -40,16 +62,9 @@ def with_reading(path: Path, lines: list[str]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def compared(row: dict) -> str:
-    """An ablation's reading of one metric: the variant is better or worse than the baseline, or no different."""
-    if row["lower"] > 0 or row["upper"] < 0:
-        better = (row["mean"] < 0) if row["metric"] in LOWER_IS_BETTER else (row["mean"] > 0)
-        return "**better**" if better else "**worse**"
-    return "**no difference shown**"
-
-
-def section(path: Path) -> str:
-    agg = json.loads(path.read_text())
+def section(path: Path, agg: dict) -> str:
+    if agg.get("frontier"):
+        return frontier_section(path, agg)
     if agg["kind"] == "continual":
         return continual_section(path, agg)
     md = path.with_name(path.name.replace(".json", ".md")).read_text()
@@ -88,12 +103,70 @@ def section(path: Path) -> str:
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({arms}, "
               f"{len(seeds)} seeds) on the 2-core AMD EPYC, shared with other jobs throughout: upper bounds.", "", "### Verdict", ""]
     for row in agg["paired"]:
-        boot = row["bootstrap"]
-        what = NAMES.get(row["metric"], row["title"]) + (f", {label(row['variant'])}" if ablation else "")
-        lines.append(f"- **{what}**: {row['mean']:+.4f}, t interval "
-                     f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds, bootstrap over the units "
-                     f"[{boot['lower']:+.4f}, {boot['upper']:+.4f}]; smallest effect this run could detect "
-                     f"(MDE, 80 % power) {row['mde']:.4f}: {compared(row) if ablation else verdict(row)}.")
+        what = (row["title"] if "not a KL" in row["title"] or row["metric"].startswith("frontier/")
+                else NAMES.get(row["metric"], row["title"]))
+        what += f", {label(row['variant'])}" if ablation or row["metric"].startswith("frontier/") else ""
+        lines.append(f"- **{what}**: {decided(row)}: {compared(row) if ablation else verdict(row)}.")
+    return with_reading(path, lines)
+
+
+def _stat(point: dict, key: str, digits: int = 3) -> str:
+    s = point.get(key) or {}
+    if s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if s.get("n", 0) > 1 else f"{s['mean']:.{digits}f}"
+
+
+def frontier_section(path: Path, agg: dict) -> str:
+    """Claim 1 where fast-slow can act (issue 27): each arm's reward–KL frontier over a checkpoint ladder on a long
+    stream, the paired frontier headline (judge score at the file's KL budgets, the best judge score and its KL),
+    whether the stream reached the regime it is for, the served module, wall time and verdicts."""
+    md = path.with_name(path.name.replace(".json", ".md")).read_text()
+    tables = re.findall(r"(\| variant[^\n]*\n(?:\|[^\n]*\n)+)", md)
+    name, planned, per_seed, config = agg["experiment"], agg["seeds"], agg["per_seed"], agg["config"]
+    ran = {cell: [s for s in planned if str(s) in runs] for cell, runs in per_seed.items()}
+    everything = all(seeds == planned for seeds in ran.values())
+    lines = [f"## Claim 1 where fast-slow can act: the reward–KL frontier on a long stream — {name}"
+             + (f", seeds {', '.join(map(str, planned))}" if everything else " (interim)"), "",
+             _seeds_run(planned, {c.split("/")[0]: s for c, s in ran.items()}, everything) + "; the plan (steps, "
+             f"checkpoints {config['checkpoints']}, KL budgets {config['kl_budgets']} nats, seeds) was fixed in the "
+             "experiment file before any run.", "",
+             f"Stream: {config['steps']} steps × {config['batch_size']} **distinct** pairs (up to "
+             f"{config['pairs_per_prompt']} pairs per prompt from {config['samples']} samples, ranked and paired "
+             "outside in; the selection set is the best-vs-worst pair of each of the last "
+             f"{config['selection']} training prompts, none of them in the stream), lr {config['lr']}. At each "
+             "checkpoint every trained module is judged on the 96 held-out samples (common random numbers) with the "
+             "exact KL; the served module there is the one with the lower selection loss.", "",
+             "### The frontier (mean ± sd over seeds)", "",
+             "| arm (module) | step | exact KL | judge score | AFINN | report DPO loss | training DPO loss |",
+             "|---|---|---|---|---|---|---|"]
+    for cell, roles in agg["frontier"].items():
+        for role, curve in roles.items():
+            label = cell.split("/")[0] + ("" if role == "default" else f" ({role})")
+            for point in curve:
+                lines.append(f"| {label} | {point['step']['mean']:.0f} | {_stat(point, 'kl', 2)} | "
+                             f"{_stat(point, 'judge_score')} | {_stat(point, 'independent_judge_score')} | "
+                             f"{_stat(point, 'report_loss')} | {_stat(point, 'train_loss')} |")
+    lines += ["", f"![frontier](results/{name}-frontier.png)", ""]
+    served = {}
+    for cell, runs in per_seed.items():
+        for run in runs.values():
+            for point in run.get("frontier") or []:
+                if len(point["modules"]) > 1:
+                    served.setdefault(cell.split("/")[0], {}).setdefault(point["step"], []).append(point["served"])
+    for arm, by_step in served.items():
+        lines.append(f"Served module of `{arm}` per checkpoint (over seeds): " + "; ".join(
+            f"step {step}: " + ", ".join(f"{m} {by.count(m)}" for m in sorted(set(by))) for step, by in by_step.items())
+            + ".")
+    lines += ["", "### The headline: each module − DPO, paired by seed", "", tables[0].rstrip(), "",
+              "### Wall time", ""]
+    for cell, runs in per_seed.items():
+        lines.append(f"- `{cell.split('/')[0]}`: " + "; ".join(
+            f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in ran[cell]) + ".")
+    lines += [f"- All runs: {agg['wall_seconds'] / 60:.0f} min of runs on the 2-core AMD EPYC (see the reading for "
+              "the processes and what shared the machine).", "", "### Verdict", ""]
+    for row in agg["paired"]:
+        lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
     return with_reading(path, lines)
 
 
@@ -133,9 +206,7 @@ def continual_section(path: Path, agg: dict) -> str:
               f"{sum(map(len, ran.values()))} runs; a stage or score shared by variants counted once) on the 2-core "
               "AMD EPYC.", "", "### Verdict" + ("" if everything else " (interim: over the seeds that have run)"), ""]
     for row in agg["paired"]:
-        lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {row['mean']:+.4f}, t interval "
-                     f"[{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds; smallest effect this run "
-                     f"could detect (MDE, 80 % power) {row['mde']:.4f}: {verdict(row)}.")
+        lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
     return with_reading(path, lines)
 
 
@@ -164,10 +235,22 @@ def _combinations(name: str, domains: list[str], per_seed: dict, ran: dict[str, 
     return lines + ["", f"![λ search](results/{name}-lambda_search.png)", ""]
 
 
+def page_adjusted(aggregates: list[dict]) -> int:
+    """Holm over every comparison of the page: each row's p_holm becomes the page's (and its count is kept as
+    "page_comparisons"); returns the count."""
+    rows = [row for agg in aggregates for row in agg["paired"]]
+    for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
+        row.update(p_holm=p, page_comparisons=len(rows))
+    return len(rows)
+
+
 def main(aggregates: list[str], page: str = "docs/results.md") -> None:
     text = Path(page).read_text()
     start, end = text.index(START), text.index(END)
-    Path(page).write_text(text[:start] + "".join(section(Path(a)) for a in aggregates) + text[end:])
+    loaded = [json.loads(Path(a).read_text()) for a in aggregates]
+    page_adjusted(loaded)
+    Path(page).write_text(text[:start] + "".join(section(Path(a), agg) for a, agg in zip(aggregates, loaded))
+                          + text[end:])
 
 
 if __name__ == "__main__":

@@ -335,3 +335,48 @@ def test_checkpoint_ladder_and_distinct_pairs_per_prompt(tiny_model_dir, tmp_pat
         assert all(m["kl"] >= 0 and m["selection_loss"] is not None for m in point["modules"].values())
     assert run["frontier"][-1]["modules"]["fast"]["kl"] > 0
     assert run["kl_estimator"] == before["kl_estimator"] == "exact"
+
+
+def _ladder_result(seed: int, gain: float) -> dict:
+    """A fake in-domain result with a checkpoint ladder: modules whose KL grows 1 nat per step and whose judge
+    score grows by `gain` per nat (two judged prompts)."""
+    def module(step, slope):
+        kl, judge = float(step), 0.1 + slope * step + 0.01 * seed
+        return {"kl": kl, "judge_score": judge, "report_loss": 0.6, "selection_loss": 0.7 - 0.01 * slope,
+                "per_prompt": {"judge_score": [judge - 0.05, judge + 0.05], "kl": [kl, kl]}}
+    names = {"fast": gain, "slow": gain / 2} if gain != 0.05 else {"default": gain}
+    points = [{"step": step, "modules": {n: module(step, g) for n, g in names.items()},
+               "served": max(names, key=names.get)} for step in (2, 4, 8)]
+    return {**fake_in_domain(seed), "base_judge_score": 0.1 + 0.01 * seed, "frontier": points}
+
+
+def test_frontier_interpolation_rows_section_and_plot(tmp_path):
+    """The judge score at a KL budget is read off each seed's frontier between the checkpoints around it (by hand:
+    budget 3 on a line of slope g from (0, 0.1 + 0.01 s) gives 0.1 + 0.01 s + 3 g); a budget no curve reaches
+    gives no row; the best judge score and its KL; the aggregate's frontier section (KL ≥ 0) and its plot."""
+    from ofsdpo.commands.experiment_report import at_kl, frontier_curves
+
+    curve = frontier_curves(_ladder_result(0, 0.05))["default"]
+    assert [p["step"] for p in curve] == [0, 2, 4, 8] and curve[0]["kl"] == 0.0
+    value, units = at_kl(curve, 3.0)
+    assert value == pytest.approx(0.1 + 3 * 0.05) and units == pytest.approx([0.1 + 0.15 - 0.05, 0.1 + 0.15 + 0.05])
+    assert at_kl(curve, 1.0)[1] is None  # between the base (no per-prompt values) and step 2
+    assert at_kl(curve, 9.0) is None
+    config = ExperimentConfig(name="f", domains=["sentiment"], seeds=[0, 1, 2], steps=8, checkpoints=[2, 4, 8],
+                              kl_budgets=[3.0, 50.0],
+                              variants=[{"name": "dpo", "method": "dpo"}, {"name": "ofs", "method": "ofs-dpo"}])
+    results = {"dpo/sentiment": {s: _ladder_result(s, 0.05) for s in (0, 1, 2)},
+               "ofs/sentiment": {s: _ladder_result(s, 0.08 + 0.001 * s) for s in (0, 1, 2)}}
+    summary = write_aggregate(tmp_path, config, results)
+    rows = {(r["variant"], r["metric"]): r for r in summary["paired"] if r["metric"].startswith("frontier/")}
+    assert set(rows) == {(f"ofs ({role})", f"frontier/{m}") for role in ("fast", "slow", "served")
+                         for m in ("judge_at_kl_3", "best_judge", "kl_at_best")}  # 50 nats: never reached
+    fast = rows[("ofs (fast)", "frontier/judge_at_kl_3")]
+    assert fast["mean"] == pytest.approx(3 * (0.081 - 0.05)) and fast["n"] == 3
+    assert rows[("ofs (slow)", "frontier/judge_at_kl_3")]["mean"] == pytest.approx(3 * (0.0405 - 0.05))
+    assert rows[("ofs (served)", "frontier/kl_at_best")]["mean"] == 0.0  # both best at step 8, KL 8
+    assert all(r["p_holm"] is not None for r in summary["paired"])
+    section = summary["frontier"]
+    assert set(section["ofs/sentiment"]) == {"fast", "slow", "served"} and set(section["dpo/sentiment"]) == {"default"}
+    assert all(p["kl"]["mean"] >= 0 for roles in section.values() for c in roles.values() for p in c)
+    assert (tmp_path / "f-frontier.png").is_file() and "f-frontier.png" in (tmp_path / "aggregate.md").read_text()

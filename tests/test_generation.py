@@ -50,9 +50,10 @@ def test_judge_eval_reports_score_win_rate_and_kl(tiny_model_dir, tokenizer):
     records = get_domain("sentiment").prompts("heldout")[:3]
     result = judge_eval(model, tokenizer, get_domain("sentiment"), records, adapter="default", batch_size=3)
     assert set(result) == {"judge_score", "reference_judge_score", "win_rate", "kl", "response_words", "judged_samples",
-                           "per_prompt"}
+                           "per_prompt", "independent_judge_score"}  # sentiment: AFINN beside VADER
     assert result["judged_samples"] == len(records) and len(result["per_prompt"]["kl"]) == len(records)
-    assert abs(result["kl"]) < 1e-4  # B = 0: the policy is the reference
+    assert result["kl"] == 0.0  # B = 0: the policy is the reference, and the exact KL is 0 exactly
+    assert len(result["per_prompt"]["independent_judge_score"]) == len(records)
     per_prompt = result["per_prompt"]  # the means are those of the per-prompt values (the bootstrap's units)
     assert sum(per_prompt["win_rate"]) / 3 == pytest.approx(result["win_rate"])
     assert sum(per_prompt["judge_score"]) / 3 == pytest.approx(result["judge_score"])

@@ -35,3 +35,41 @@ def test_restore_runs_writes_each_finished_run_once(tmp_path):
         aggregate.write_text(text)
         with pytest.raises(SystemExit, match=r"aggregate\.json: not an aggregate\.json"):
             restore(aggregate, tmp_path / "out")
+
+
+def test_reaggregate_and_the_page_decide_every_verdict_under_one_rule(tmp_path):
+    """A committed aggregate rebuilt from its runs (`reaggregate`) gets decisions and Holm; the page
+    (`results_sections`) re-adjusts Holm over every comparison of every aggregate given and states, per verdict,
+    the deciding interval; a frontier experiment gets its own section with the frontier table and figure."""
+    from test_commands_experiment import _ladder_result
+
+    from ofsdpo.commands.experiment_report import write_aggregate
+    from ofsdpo.config import ExperimentConfig
+
+    results_dir = tmp_path / "results"
+    config = ExperimentConfig(name="frontier-x", domains=["sentiment"], seeds=[0, 1, 2], steps=8,
+                              checkpoints=[2, 4, 8], kl_budgets=[3.0],
+                              variants=[{"name": "dpo", "method": "dpo"}, {"name": "ofs", "method": "ofs-dpo"}])
+    results = {"dpo/sentiment": {s: _ladder_result(s, 0.05) for s in (0, 1, 2)},
+               "ofs/sentiment": {s: {**_ladder_result(s, 0.08 + 0.001 * s), "wall_seconds": 60.0} for s in (0, 1, 2)}}
+    for cell in results.values():
+        for r in cell.values():
+            r.setdefault("wall_seconds", 30.0)
+    summary = write_aggregate(tmp_path / "out", config, results)
+    results_dir.mkdir()
+    aggregate = results_dir / "frontier-x-aggregate.json"
+    aggregate.write_text(json.dumps({**summary, "paired": []}))  # as if written before decisions existed
+    written = load("reaggregate").reaggregate(aggregate)
+    assert results_dir / "frontier-x-frontier.png" in written and results_dir / "frontier-x-aggregate.md" in written
+    rebuilt = json.loads(aggregate.read_text())
+    assert rebuilt["paired"] and all("decision" in r and "p_holm" in r for r in rebuilt["paired"])
+    page = tmp_path / "results.md"
+    sections = load("results_sections")
+    page.write_text(f"# Results\n\n{sections.START} old\n\nold text\n\n{sections.END}\n\n- kept\n")
+    sections.main([str(aggregate), str(aggregate)], str(page))  # twice: twice the comparisons on the page
+    text = page.read_text()
+    count = 2 * len(rebuilt["paired"])
+    assert "old text" not in text and text.endswith(f"{sections.END}\n\n- kept\n")
+    assert text.count("## Claim 1 where fast-slow can act") == 2 and "![frontier](results/frontier-x-frontier.png)" in text
+    assert f"Holm over the page's {count} comparisons" in text
+    assert "| ofs (slow) | 8 |" in text and "Served module of `ofs` per checkpoint" in text

@@ -33,6 +33,7 @@ commands:
   demo       DPO vs OFS-DPO vs COFS-DPO on the embedded model and built-in domains (ofsdpo demo --help)
   eval       the base model and adapters side by side on built-in domains (ofsdpo eval --help)
   experiment one experiment of experiments/*.yaml over seeds, with its aggregate (ofsdpo experiment --help)
+  compare    which method to use on your pairs: arms over seeds, paired intervals, a recommendation
 
 global options: --debug (or OFSDPO_DEBUG=1) shows the traceback of an error
 
@@ -302,6 +303,24 @@ def experiment_command(argv: list[str]) -> int:
     return 0
 
 
+def compare_command(argv: list[str]) -> int:
+    from .config import CompareConfig
+
+    argv = _merge_repeated(_merge_repeated(argv, "--variant"), "--judge")
+    config = parse_config(CompareConfig, argv, "ofsdpo compare", (
+        "Compare methods on your preference pairs: each arm trains on the same stream over seeds; report-set "
+        "metrics (and judged samples with --prompts/--judge) paired per seed, with intervals, verdicts and one "
+        "recommendation. Any training option applies to every arm."))
+    from .commands.compare import run_compare
+    from .models import resolve_device
+
+    resolve_device(config.training.device)
+    result = run_compare(config)
+    print("\n".join(result["recommendation"]))
+    print(f"compare.md and compare.json written to {config.output_dir}")
+    return 0
+
+
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
     values, rest, i = [], [], 0
@@ -319,7 +338,7 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 
 
 COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command,
-            "demo": demo_command, "eval": eval_command, "experiment": experiment_command}
+            "demo": demo_command, "eval": eval_command, "experiment": experiment_command, "compare": compare_command}
 
 
 def _debug(argv: list[str]) -> tuple[list[str], bool]:

@@ -909,6 +909,13 @@ class ExperimentConfig:
     # compares the arms' judge scores, each seed's frontier interpolated
     checkpoints: list[int] = field(default_factory=list)
     kl_budgets: list[float] = field(default_factory=list)
+    # a user's pairs instead of a built-in domain's (`ofsdpo compare`): the one domain is this file, split by prompt
+    # (`experiment.split_by_prompt`: at least `report_size` report pairs, `selection` selection pairs, the rest the
+    # stream); judged samples only with held-out prompts and a judge (`heldout_prompts`, `judge`)
+    data: Optional[str] = None
+    report_size: int = 32
+    heldout_prompts: Optional[str] = None
+    judge: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from .domains import DOMAINS
@@ -917,6 +924,10 @@ class ExperimentConfig:
             raise ConfigError(f"experiment '{self.name}': kind must be one of {', '.join(EXPERIMENT_KINDS)} "
                               f"(got {self.kind!r}).")
         unknown = [d for d in self.domains if d not in DOMAINS]
+        if self.data is not None:  # the user's pairs: one domain, named after them
+            if len(self.domains) != 1 or self.kind != "in-domain":
+                raise ConfigError(f"experiment '{self.name}': a data file is one in-domain domain (got {self.domains}).")
+            unknown = []
         if unknown or not self.domains:
             raise ConfigError(f"experiment '{self.name}': domains must be built-in ({', '.join(DOMAINS)}); "
                               f"got {self.domains}.")
@@ -997,6 +1008,71 @@ class ExperimentConfig:
         if self.kind == "continual":
             return [(v["name"], v, None) for v in self.variants]
         return [(f"{v['name']}/{d}", v, d) for v in self.variants for d in self.domains]
+
+
+@dataclass
+class CompareOptions:
+    """`ofsdpo compare`: which methods to compare on the user's pairs, over how many seeds, on which sets."""
+
+    data: Optional[str] = field(default=None, metadata=_help(
+        "Your preference pairs (.jsonl/.json/.parquet, TRL's format), split by prompt into a training stream, a "
+        "selection set and a report set."))
+    methods: str = field(default="dpo,ofs-dpo", metadata=_help("Comma-separated methods, each an arm: dpo, ofs-dpo."))
+    variant: list[str] = field(default_factory=list, metadata=_help(
+        "NAME:--flag=value,--flag=value: one more arm with its own training options (repeatable), e.g. "
+        "lr2x:--lr=1e-3; --method=... picks its method (default: the first of --methods)."))
+    baseline: Optional[str] = field(default=None, metadata=_help(
+        "The arm the others are compared with (default: dpo if it is an arm, else the first)."))
+    seeds: int = field(default=5, metadata=_help("Seeds 0..N-1 per arm (initialisation, dropout, judged samples)."))
+    report_size: int = field(default=32, metadata=_help(
+        "At least this many report pairs (the last prompts' pairs): reported, never used for a choice."))
+    selection_size: int = field(default=16, metadata=_help(
+        "Selection pairs (the prompts before the report set's): they choose OFS-DPO's served module."))
+    prompts: Optional[str] = field(default=None, metadata=_help(
+        "Held-out prompts to judge samples on (a file, saved dataset, hub name or builtin:NAME); with --judge. "
+        "Without them only the pair metrics are compared."))
+    judge: list[str] = field(default_factory=list, metadata=_help(
+        "Judge of the samples (as ofsdpo train --judge; repeatable)."))
+    judge_prompts: int = field(default=48, metadata=_help("Held-out prompts judged per arm and seed."))
+    judge_samples: int = field(default=2, metadata=_help("Samples per judged prompt."))
+    max_steps: int = field(default=-1, metadata=_help("Optimiser steps per arm (-1: the whole stream once)."))
+    output_dir: str = field(default="compare-output", metadata=_help(
+        "Where the runs (each arm's served adapter), compare.json and compare.md go; rerun to resume."))
+
+
+@dataclass
+class CompareConfig(CompareOptions):
+    """`ofsdpo compare`: its own options plus the training options every arm runs with."""
+
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not self.data:
+            raise ConfigError("--data is required: the preference pairs to compare the methods on.")
+        if self.seeds < 2:
+            raise ConfigError(f"--seeds {self.seeds}: a paired comparison needs at least 2 seeds (5 recommended).")
+        if self.report_size < 1 or self.selection_size < 1 or self.judge_prompts < 1 or self.judge_samples < 1:
+            raise ConfigError("--report-size, --selection-size, --judge-prompts and --judge-samples must be >= 1.")
+        if bool(self.prompts) != bool(self.judge) and not (self.prompts or "").startswith("builtin:"):
+            raise ConfigError("--prompts and --judge go together: judged samples need held-out prompts and a judge.")
+
+    @classmethod
+    def own_field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(CompareOptions)}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return cls.own_field_names() | TrainingOptions.field_names()
+
+    @classmethod
+    def argument_classes(cls) -> tuple[type, ...]:
+        return CompareOptions, TrainingOptions
+
+    @classmethod
+    def from_parsed(cls, options: CompareOptions, training: TrainingOptions) -> "CompareConfig":
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(CompareOptions)},
+                   training=training)
 
 
 @dataclass

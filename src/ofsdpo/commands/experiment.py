@@ -115,6 +115,7 @@ class ExperimentRunner:
         self._reference_scores: dict = {}
         self._reference_logps: dict = {}  # π_ref's log-probs of each domain's pairs, for every run
         self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
+        self._domains: dict = {}  # the user's held-out prompts and judge, by domain name (`domain`)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -122,9 +123,17 @@ class ExperimentRunner:
 
     def run(self) -> dict:
         results: dict[str, dict[int, dict]] = {}
+        total, done, spent = len(self.config.seeds) * len(self.config.cells()), 0, []
         for seed in self.config.seeds:  # seeds outermost: an interrupted run has whole seeds, not whole cells
             for cell, variant, domain in self.config.cells():
+                started = time.perf_counter()
                 results.setdefault(cell, {})[seed] = self.cell_result(cell, variant, domain, seed)
+                done += 1
+                if "wall_seconds" in results[cell][seed] and time.perf_counter() - started > 1:  # it ran now
+                    spent.append(time.perf_counter() - started)
+                if spent and done < total:
+                    left = (total - done) * sum(spent) / len(spent) / 60
+                    self.say(f"{done} of {total} runs done; about {left:.0f} min left")
         return write_aggregate(self.out, self.config, results)
 
     def cell_result(self, cell: str, variant: dict, domain: str | None, seed: int) -> dict:
@@ -163,6 +172,8 @@ class ExperimentRunner:
         for volatile in ("output_dir", "progress", "overwrite", "domain"):
             run.pop(volatile, None)
         pairs = [hashlib.sha256(self.pairs(d).read_bytes()).hexdigest() for d in domains]
+        if cfg.data is not None:  # the user's pairs, split by prompt, judged on their prompts by their judge
+            pairs.append([cfg.selection, cfg.report_size, cfg.heldout_prompts, cfg.judge])
         ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "pair_seed": cfg.pair_seed,
                        "judge_prompts": cfg.judge_prompts, "protocol": [2, cfg.selection, cfg.report_rounds,
                                                                          cfg.judge_samples]}
@@ -191,10 +202,14 @@ class ExperimentRunner:
         return self._base, self._tokenizer
 
     def pairs(self, domain: str) -> Path:
-        """The domain's pairs sampled from the base (cached across seeds, variants and experiments)."""
+        """The domain's pairs sampled from the base (cached across seeds, variants and experiments); the user's
+        file for an experiment over their data (`config.data`)."""
         if domain in self._pairs:
             return self._pairs[domain]
         cfg = self.config
+        if cfg.data is not None:
+            self._pairs[domain] = Path(cfg.data)
+            return self._pairs[domain]
         several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
         path = Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
         info_path = path.with_suffix(".info.json")
@@ -257,6 +272,8 @@ class ExperimentRunner:
         from ..data import read_rows
 
         cfg = self.config
+        if cfg.data is not None:
+            return split_by_prompt(cfg.data, cfg.selection, cfg.report_size, cfg.steps * cfg.batch_size)
         rows = [row for _, row in read_rows(str(self.pairs(domain)), "train")[1]]
         report = [row for _, row in read_rows(str(self.report_pairs(domain)), "train")[1]]
         stream, n = cfg.steps * cfg.batch_size, len(rows)
@@ -319,13 +336,30 @@ class ExperimentRunner:
             self._reference_logps[key] = {name: ReferenceCache(len(parts[name])) for name in ("train", "selection")}
         return self._reference_logps[key]
 
+    def domain(self, name: str):
+        """The domain judged samples come from: a built-in one, or for the user's data (`config.data`) their
+        held-out prompts and judge (`config.heldout_prompts`, `config.judge`), None without them (no judging)."""
+        from ..domains import get_domain, prompt_domain
+
+        cfg = self.config
+        if cfg.data is None:
+            return get_domain(name)
+        if not cfg.heldout_prompts:
+            return None
+        if name not in self._domains:
+            mine = prompt_domain(cfg.heldout_prompts, cfg.judge or None, name=name, split=None)
+            mine.heldout, mine.records = mine.records, []  # every prompt held out: judged, never trained on
+            self._domains[name] = mine
+        return self._domains[name]
+
     def reference_scores(self, domain_name: str, seed: int) -> tuple[list[dict], list[float]]:
         """The judged held-out prompts and the reference's scores on them, drawn under the run's seed (common
         random numbers: every variant of this seed samples with the same draws), once per (domain, seed)."""
-        from ..domains import get_domain
         from ..scoring import common_random_numbers, reference_samples
 
-        cfg, domain = self.config, get_domain(domain_name)
+        cfg, domain = self.config, self.domain(domain_name)
+        if domain is None:
+            return [], []
         records = domain.prompts("heldout")[:cfg.judge_prompts]
         scores = self._reference_scores.setdefault(seed, {})
         if domain_name not in scores:
@@ -337,11 +371,10 @@ class ExperimentRunner:
 
     # --- one run -----------------------------------------------------------------------------------------------------
     def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path) -> dict:
-        from ..domains import get_domain
         from ..scoring import common_random_numbers, judge_eval, pair_losses
         from ..trainer import OFSDPOTrainer
 
-        cfg, parts = self.config, self.split(domain_name)
+        cfg, parts, domain = self.config, self.split(domain_name), self.domain(domain_name)
         records, ref_scores = self.reference_scores(domain_name, seed)
         report, report_reference = self.report_data(domain_name)
         base, tokenizer = self.model()
@@ -352,23 +385,25 @@ class ExperimentRunner:
                                 tokenizer=tokenizer, eval_data=parts["selection"],  # selection: the served module
                                 train_reference=None if on_policy else caches["train"],
                                 eval_reference=caches["selection"])
-        ladder = (CheckpointLadder(cfg.checkpoints, get_domain(domain_name), records, ref_scores, report,
-                                   report_reference, seed, cfg.judge_samples) if cfg.checkpoints else None)
+        ladder = (CheckpointLadder(cfg.checkpoints, domain, records, ref_scores, report, report_reference, seed,
+                                   cfg.judge_samples) if cfg.checkpoints and domain is not None else None)
         summary = trainer.train(on_step=ladder)
         served, model = summary["served_module"], trainer.model
         losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
                                       tokenizer.pad_token_id, run_config.beta, 2 * run_config.batch_size,
                                       run_config.logprob_chunk_size, trainer.names)
-        with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws, this seed's
-            judged = judge_eval(model, tokenizer, get_domain(domain_name), records, served, ref_scores=ref_scores,
-                                samples_per_prompt=cfg.judge_samples)
+        judged = {"per_prompt": {}}  # the user's data without prompts and a judge: the pair metrics only
+        if domain is not None:
+            with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws
+                judged = judge_eval(model, tokenizer, domain, records, served, ref_scores=ref_scores,
+                                    samples_per_prompt=cfg.judge_samples)
         model.unload()  # the same base object, LoRA layers removed, for the next run
         regret = [json.loads(line) for line in (run_dir / "regret.jsonl").read_text().splitlines() if line.strip()]
         return {"domain": domain_name, "method": run_config.method, "served_module": served, "steps": summary["steps"],
-                "judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
-                "kl_estimator": KL_ESTIMATOR,
-                "response_words": judged["response_words"], "base_judge_score": judged["reference_judge_score"],
-                "judged_samples": judged["judged_samples"], "report_loss": losses.mean().item(),
+                "judge_score": judged.get("judge_score"), "win_rate": judged.get("win_rate"), "kl": judged.get("kl"),
+                "kl_estimator": KL_ESTIMATOR, "response_words": judged.get("response_words"),
+                "base_judge_score": judged.get("reference_judge_score"),
+                "judged_samples": judged.get("judged_samples", 0), "report_loss": losses.mean().item(),
                 "report_accuracy": correct.mean().item(), "report_pairs": len(report),
                 "selection_loss": summary["module_scores"].get(served), "online_regret": summary["online_regret"],
                 "swaps": summary.get("chase/swaps", 0), "pairs_seen": summary["pairs_seen"],
@@ -418,6 +453,40 @@ class ExperimentRunner:
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report["base_judge_score"], "train_loss_curve": curve,
                 "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items() if key in report["units"]}}
+
+
+def split_by_prompt(data: str, selection: int, report_size: int, stream: int) -> dict:
+    """A user's pairs file as the three sets of the protocol, disjoint by prompt, in file order: the report set is
+    the pairs of the last prompts (whole prompts, until at least `report_size` pairs), the selection set those of
+    the prompts before (until at least `selection`), the stream the first `stream` pairs of the rest (every one,
+    for `stream` < 0). A clear error, naming the counts, where the file is too small."""
+    from ..data import check_row, read_rows
+
+    name, rows = read_rows(data, "train")
+    rows = [row for _, row in rows]
+    keys = []
+    for number, row in enumerate(rows, start=1):
+        checked = check_row(row, name, number)
+        keys.append(json.dumps(checked[0] if checked else row.get("prompt"), sort_keys=True, default=str))
+    prompts = list(dict.fromkeys(keys))
+    sets: dict[str, list[int]] = {"report": [], "selection": []}
+    taken = len(prompts)
+    for part, need in (("report", report_size), ("selection", selection)):
+        while len(sets[part]) < need and taken > 1:
+            taken -= 1
+            sets[part] += [i for i, k in enumerate(keys) if k == prompts[taken]]
+    held = set(prompts[taken:])
+    train = [i for i, k in enumerate(keys) if k not in held]
+    if len(sets["report"]) < report_size or len(sets["selection"]) < selection or not train or len(train) < stream:
+        raise ConfigError(
+            f"{name}: {len(rows)} pairs on {len(prompts)} prompts is too few for a report set of at least "
+            f"{report_size} pairs, a selection set of {selection} and a training stream of "
+            f"{max(stream, 1)} (got {len(sets['report'])}, {len(sets['selection'])} and {len(train)}): lower "
+            "--report-size / --selection-size / --max-steps, or add pairs.")
+    train = train if stream < 0 else train[:stream]
+    return {"train": [rows[i] for i in train], "selection": [rows[i] for i in sets["selection"]],
+            "report": [rows[i] for i in sets["report"]],
+            "indices": {"train": train, "selection": sets["selection"], "report": sets["report"]}}
 
 
 class CheckpointLadder:

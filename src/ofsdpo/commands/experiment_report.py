@@ -35,7 +35,7 @@ PAIRED_CONTINUAL = (("avg_final_judge", "avg final judge score"),
                     ("avg_final_accuracy", "avg final report pref. acc."), ("bwt_accuracy", "backward transfer (acc.)"),
                     ("final_memory_loss", "memory DPO loss of the final combination (lower is better; what the search "
                                           "minimises)"))
-PER_RUN_ONLY = ("units", "sets")  # per-pair / per-prompt values and set indices: kept per seed, not averaged
+PER_RUN_ONLY = ("units", "sets", "frontier")  # per-unit values, set indices, the ladder: kept per seed
 
 
 # --- aggregation over seeds ------------------------------------------------------------------------------------------
@@ -85,14 +85,15 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     cells = {cell: aggregate([{k: v for k, v in r.items() if k not in PER_RUN_ONLY} for r in by_seed.values()])
              for cell, by_seed in derived.items()}
     paired = paired_differences(config, derived)
+    frontier = frontier_section(derived)
     summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
                "seeds": config.seeds, "config": dataclasses.asdict(config), "baseline": config.baseline_variant,
-               "paired": paired, "cells": cells,
+               "paired": paired, "cells": cells, **({"frontier": frontier} if frontier else {}),
                "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()},
                "wall_seconds": sum(r.get("wall_seconds", 0.0) for by_seed in results.values()
                                    for r in by_seed.values() if not r.get("reused_from"))}
     write_json(out / "aggregate.json", summary)
-    plots = plot_experiment(out, config, cells)
+    plots = plot_experiment(out, config, cells) + ([plot_frontier(out, config, frontier)] if frontier else [])
     write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired))
     return summary
 
@@ -141,6 +142,8 @@ def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, di
         for domain in (config.domains if config.kind == "in-domain" else [None]):
             cell, base_cell = (f"{variant}/{domain}", f"{against}/{domain}") if domain else (variant, against)
             rows += _paired_rows(config, results.get(cell, {}), results.get(base_cell, {}), variant, against, domain)
+            rows += _frontier_rows(config, results.get(cell, {}), results.get(base_cell, {}), variant, against,
+                                   domain)
     return adjust(rows)
 
 
@@ -187,6 +190,135 @@ def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant:
     return rows
 
 
+# --- the reward–KL frontier (a checkpoint ladder: `experiment.CheckpointLadder`) ------------------------------------
+def frontier_curves(result: dict) -> dict[str, list[dict]]:
+    """A run's frontier per module role: each trained module by name ("default" for dpo's; "fast", "slow"), and
+    for several, "served" (at each checkpoint the module with the lower selection loss). Each curve starts at the
+    base (step 0: KL 0 and the reference's judge score, exactly what a module equal to the base scores under
+    common random numbers), then one point per checkpoint. {} without a ladder."""
+    points = result.get("frontier") or []
+    if not points:
+        return {}
+    names = list(points[0]["modules"])
+    roles = names + (["served"] if len(names) > 1 else [])
+    base = {"step": 0, "kl": 0.0, "judge_score": result.get("base_judge_score")}
+    return {role: [base] + [{"step": p["step"], **p["modules"][p["served"] if role == "served" else role]}
+                            for p in points] for role in roles}
+
+
+def at_kl(curve: list[dict], budget: float, key: str = "judge_score"):
+    """`key` on a frontier at KL = `budget`: linear between the two points of the first segment whose KL reaches
+    the budget, in checkpoint order. Returns (value, per-prompt values or None), or None if the curve never
+    reaches the budget. The per-prompt values are interpolated with the same weight (the units of a bootstrap)."""
+    for a, b in zip(curve, curve[1:]):
+        if a["kl"] <= budget <= b["kl"] and b["kl"] > a["kl"]:
+            w = (budget - a["kl"]) / (b["kl"] - a["kl"])
+            value = (1 - w) * a[key] + w * b[key]
+            units_a, units_b = (a.get("per_prompt") or {}).get(key), (b.get("per_prompt") or {}).get(key)
+            units = [(1 - w) * x + w * y for x, y in zip(units_a, units_b)] if units_a and units_b else None
+            return value, units
+    return None
+
+
+def frontier_metrics(curve: list[dict], budgets: list[float]) -> dict[str, tuple]:
+    """{metric: (value, units)}: the judge score at each KL budget (where reached), the best judge score over
+    the checkpoints and the KL at which it was reached."""
+    out = {}
+    for budget in budgets:
+        found = at_kl(curve, budget)
+        if found is not None:
+            out[f"judge_at_kl_{budget:g}"] = found
+    best = max(curve[1:], key=lambda p: p["judge_score"])
+    out["best_judge"] = (best["judge_score"], (best.get("per_prompt") or {}).get("judge_score"))
+    out["kl_at_best"] = (best["kl"], (best.get("per_prompt") or {}).get("kl"))
+    return out
+
+
+def _frontier_title(metric: str, role: str) -> str:
+    if metric.startswith("judge_at_kl_"):
+        return f"frontier: judge score at KL {metric.removeprefix('judge_at_kl_')} nats ({role})"
+    if metric == "best_judge":
+        return f"frontier: best judge score over the checkpoints ({role})"
+    return f"frontier: KL at the best judge score ({role}; lower is better)"
+
+
+def _frontier_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant: str, baseline: str,
+                   domain: str | None) -> list[dict]:
+    """Paired frontier rows (issue 27's headline): each of the variant's module roles against the baseline's
+    served module (its only one for dpo), per seed, at the file's KL budgets, the best judge score and its KL."""
+    from ..stats import crossed_bootstrap, decision, mean_sd, paired_difference
+
+    seeds = [s for s in config.seeds if s in runs and s in base_runs]
+    curves = {s: (frontier_curves(runs[s]), frontier_curves(base_runs[s])) for s in seeds}
+    if not seeds or not all(mine and theirs for mine, theirs in curves.values()):
+        return []
+    rows = []
+    for role in curves[seeds[0]][0]:
+        values = {}
+        for s in seeds:
+            mine, theirs = curves[s]
+            reference = theirs.get("served") or next(iter(theirs.values()))
+            ours, base = frontier_metrics(mine[role], config.kl_budgets), frontier_metrics(reference, config.kl_budgets)
+            for metric in ours:
+                if metric in base:
+                    values.setdefault(metric, {})[s] = (ours[metric], base[metric])
+        for metric, by_seed in values.items():
+            a, b = [v[0][0] for v in by_seed.values()], [v[1][0] for v in by_seed.values()]
+            diff = paired_difference(a, b)
+            row = {"variant": f"{variant} ({role})", "baseline": baseline, "domain": domain,
+                   "metric": f"frontier/{metric}", "title": _frontier_title(metric, role),
+                   **{k: diff[k] for k in ("mean", "sd", "n", "lower", "upper", "p_value")},
+                   "variant_arm": mean_sd(a), "baseline_arm": mean_sd(b), "mde": None, "seeds": list(by_seed)}
+            units = [(v[0][1], v[1][1]) for v in by_seed.values()]
+            crossed = None
+            if all(u and w and len(u) == len(w) for u, w in units) and len({len(u) for u, _ in units}) == 1:
+                crossed = crossed_bootstrap([[x - y for x, y in zip(u, w)] for u, w in units])
+                row["crossed_bootstrap"] = {k: crossed[k] for k in ("mean", "lower", "upper", "p_value")}
+            row["decision"] = decision(row, crossed)
+            rows.append(row)
+    return rows
+
+
+def frontier_section(results: dict[str, dict[int, dict]]) -> dict:
+    """aggregate.json's `frontier`: per cell and module role, each checkpoint's step, exact KL, judge score,
+    independent judge score, report and training loss, mean ± std over the seeds (curves without a ladder: none)."""
+    keys = ("step", "kl", "judge_score", "independent_judge_score", "report_loss", "train_loss")
+    section = {}
+    for cell, by_seed in results.items():
+        curves = [frontier_curves(r) for r in by_seed.values()]
+        if curves and all(curves):
+            section[cell] = {role: aggregate([[{k: p.get(k) for k in keys} for p in c[role]] for c in curves])
+                             for role in curves[0]}
+    return section
+
+
+def plot_frontier(out: Path, config: ExperimentConfig, frontier: dict) -> str:
+    """Judge score against exact KL, one curve per (variant, module role): the mean over seeds at each checkpoint
+    (from the base at KL 0), the band ± one std of the judge score, bars ± one std of the KL."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.6))
+    styles = {"served": "-", "fast": "--", "slow": ":", "default": "-"}
+    for i, (cell, roles) in enumerate(frontier.items()):
+        for role, curve in roles.items():
+            kl = [p["kl"]["mean"] for p in curve]
+            judge = [p["judge_score"]["mean"] for p in curve]
+            sd = [p["judge_score"]["std"] or 0.0 for p in curve]
+            label = cell.split("/")[0] + ("" if role == "default" else f" ({role})")
+            line, = ax.plot(kl, judge, styles.get(role, "-"), marker="o", color=f"C{i}", label=label, markersize=3)
+            ax.fill_between(kl, [j - s for j, s in zip(judge, sd)], [j + s for j, s in zip(judge, sd)],
+                            color=line.get_color(), alpha=0.12)
+            ax.errorbar(kl, judge, xerr=[p["kl"]["std"] or 0.0 for p in curve], fmt="none", ecolor=line.get_color(),
+                        alpha=0.5, capsize=2)
+    for budget in config.kl_budgets:
+        ax.axvline(budget, color="grey", linewidth=0.6, linestyle="--")
+    steps = ", ".join(str(s) for s in config.checkpoints)
+    ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample (policy at temperature 1)")
+    ax.set_ylabel("judge score (held-out prompts)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{config.name}: reward–KL frontier, checkpoints at steps {steps}\n(mean over seeds; band ± 1 sd; "
+                 "dashed lines: the KL budgets)", fontsize=9)
+    return save(fig, out / f"{config.name}-frontier.png")
+
+
 def verdict(row: dict, level: float = 0.05) -> str:
     """`better` / `worse` (direction by the metric) when the decision interval (`stats.decision`) excludes 0 and
     the Holm-adjusted p-value is below `level`; else `no difference shown`. A row from before decisions existed
@@ -214,7 +346,7 @@ def _paired_table(paired: list[dict]) -> list[str]:
              "needs the interval to exclude 0 and p Holm < 0.05. MDE: the smallest true difference this many "
              "seeds detect with 80 % power (two-sided 5 %; none where the metric does not vary across seeds).", "",
              "| variant − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | "
-             "decided by | p Holm | n | MDE | variant (mean ± sd) | baseline (mean ± sd) | reading |",
+             "decided by | p Holm (this file) | n | MDE | variant (mean ± sd) | baseline (mean ± sd) | reading |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in paired:
         lines.append(paired_line(r))
@@ -271,7 +403,10 @@ def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str], pai
 
 
 def _in_domain_table(config: ExperimentConfig, cells: dict) -> list[str]:
-    head = "| variant | domain | " + " | ".join(title for _, title, _ in IN_DOMAIN_COLUMNS) + " |"
+    exact = all(cell.get("kl_estimator") == "exact" for cell in cells.values())
+    titles = [title if key != "kl" or exact else "log-ratio (old estimator, not a KL)"
+              for key, title, _ in IN_DOMAIN_COLUMNS]
+    head = "| variant | domain | " + " | ".join(titles) + " |"
     lines = [head, "|---|---|" + "---|" * len(IN_DOMAIN_COLUMNS)]
     for domain in config.domains:
         base = next((cells[f"{v}/{domain}"]["base_judge_score"] for v in _variants(config)
@@ -288,8 +423,9 @@ def _in_domain_table(config: ExperimentConfig, cells: dict) -> list[str]:
 def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
     names = config.domains
     head = ("| variant | " + " | ".join(f"final {n}" for n in names) + " | avg final judge | avg forgetting (judge) | "
-            + " | ".join(f"forgetting {n}" for n in names[:-1]) + " | avg final pref. acc. | avg final KL | λ per stage "
-            "| chosen memory loss per stage |")
+            + " | ".join(f"forgetting {n}" for n in names[:-1]) + " | avg final pref. acc. | "
+            + ("avg final KL" if all(c.get("kl_estimator") == "exact" for c in cells.values()) else
+               "avg final log-ratio (old estimator, not a KL)") + " | λ per stage | chosen memory loss per stage |")
     lines = [head, "|---|" + "---|" * (2 * len(names) + 5)]
     for variant in _variants(config):
         c = cells.get(variant)
@@ -374,11 +510,13 @@ def _plot_reward_kl(out: Path, config: ExperimentConfig, cells: dict) -> str:
     for i, variant in enumerate(_variants(config)):
         for j, domain in enumerate(config.domains):
             cell = cells.get(f"{variant}/{domain}")
-            if cell:
+            if cell and (cell.get("kl") or {}).get("mean") is not None:  # judged (not so: a user's pairs alone)
                 ax.errorbar(cell["kl"]["mean"], cell["judge_score"]["mean"], xerr=cell["kl"]["std"],
                             yerr=cell["judge_score"]["std"], fmt=markers[j % len(markers)], color=f"C{i}",
                             label=f"{variant} / {domain}", capsize=3)
-    ax.set_xlabel("KL(policy || reference), nats per response")
+    exact = all(cell.get("kl_estimator") == "exact" for cell in cells.values())
+    ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample" if exact else
+                  "sampled log-ratio log π(y) − log π_ref(y), nats (the old estimator: not a KL)")
     ax.set_ylabel("judge score")
     ax.legend(fontsize=7)
     ax.set_title(f"{config.name}: judge score vs KL at the end (mean ± std)")

@@ -1,0 +1,105 @@
+"""`ofsdpo compare`: the user's pairs split by prompt, arms over seeds, paired verdicts and a recommendation;
+resumable; clear errors for files too small and bad variants."""
+
+import json
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl
+from ofsdpo.cli import main
+from ofsdpo.commands.compare import parse_variant
+from ofsdpo.commands.experiment import split_by_prompt
+from ofsdpo.config import ConfigError
+
+
+def user_pairs(tmp_path, prompts: int = 20, per_prompt: int = 2, conversational: bool = False):
+    rows = []
+    for i, row in enumerate(sentiment_rows(prompts * per_prompt)):
+        row["prompt"] = f"Review {i // per_prompt}: the film"  # several pairs per prompt
+        if conversational:
+            row = {"prompt": [{"role": "user", "content": row["prompt"]}],
+                   "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                   "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+        rows.append(row)
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def test_split_by_prompt_keeps_prompts_whole_and_names_the_counts(tmp_path):
+    path = user_pairs(tmp_path, prompts=10, per_prompt=3)
+    parts = split_by_prompt(str(path), selection=4, report_size=5, stream=-1)
+    prompts = {name: {r["prompt"] for r in parts[name]} for name in ("train", "selection", "report")}
+    assert len(parts["report"]) == 6 and len(parts["selection"]) == 6 and len(parts["train"]) == 18  # whole prompts
+    assert not (prompts["train"] & prompts["selection"] or prompts["train"] & prompts["report"]
+                or prompts["selection"] & prompts["report"])
+    assert prompts["report"] == {"Review 8: the film", "Review 9: the film"}  # the last prompts: reported
+    assert len(split_by_prompt(str(path), 4, 5, stream=8)["train"]) == 8
+    with pytest.raises(ConfigError, match=r"30 pairs on 10 prompts .* report set of at least 40 pairs"):
+        split_by_prompt(str(path), 4, 40, -1)
+
+
+def test_variants_parse_into_typed_options():
+    assert parse_variant("lr2x:--lr=1e-3,--alpha=0.2", "dpo") == {"name": "lr2x", "method": "dpo", "lr": 1e-3,
+                                                                   "alpha": 0.2}
+    assert parse_variant("slow:--method=ofs-dpo,--swap=off", "dpo")["method"] == "ofs-dpo"
+    for bad in ("nocolon", "x:--nosuch=1", "x:--lr=fast", "x:--seed=3"):
+        with pytest.raises(ConfigError, match="--variant"):
+            parse_variant(bad, "dpo")
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_compare_end_to_end_with_a_judge_and_resume(tiny_model_dir, tmp_path, monkeypatch, capsys, conversational):
+    """Two arms x 2 seeds on a user's file with a module:function judge on held-out prompts: the sets are
+    disjoint by prompt, compare.json holds the paired rows, verdicts and a recommendation per arm; a second
+    call after a run's result is lost runs that run alone."""
+    (tmp_path / "myjudge.py").write_text("def longer(prompt, response, meta):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = user_pairs(tmp_path, conversational=conversational)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Held-out review {i}: it"} for i in range(3)])
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(data), "--methods", "dpo,ofs-dpo", "--seeds", "2", "--report-size", "6",
+            "--selection-size", "4", "--prompts", str(prompts), "--judge", "myjudge:longer", "--judge-prompts", "3",
+            "--judge-samples", "1", "--model", str(tiny_model_dir), "--batch-size", "4", "--lr", "1e-3",
+            "--lora-r", "2", "--lora-alpha", "4", "--max-length", "48", "--max-prompt-length", "24",
+            "--max-new-tokens", "5", "--chase-interval", "1", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "compare.json").read_text())
+    assert result["judged"] and len(result["recommendation"]) == 1 and result["recommendation"][0] in printed
+    assert result["recommendation"][0].startswith("ofs-dpo: ")
+    split = result["split"]
+    assert len(split["report"]) == 6 and len(split["selection"]) == 4 and len(split["train"]) == 28  # 7 steps x 4
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    key = lambda i: json.dumps(rows[i]["prompt"])  # noqa: E731
+    sets = {name: {key(i) for i in split[name]} for name in split}
+    assert not (sets["train"] & sets["selection"] or sets["train"] & sets["report"]
+                or sets["selection"] & sets["report"])
+    metrics = {r["metric"] for r in result["paired"]}
+    assert {"report_loss", "judge_score", "kl", "online_loss_total"} <= metrics
+    assert all(r["p_holm"] is not None and r["decision"]["lower"] is not None for r in result["paired"])
+    assert set(result["costs"]) == {"dpo", "ofs-dpo"} and result["costs"]["dpo"]["runs"] == 2
+    assert (out / "runs" / "ofs-dpo" / data.stem / "seed-1" / "adapter_config.json").is_file()  # the served adapter
+    assert "# Recommendation" in (out / "compare.md").read_text()
+    lost = out / "runs" / "dpo" / data.stem / "seed-1" / "result.json"
+    lost.unlink()
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+    assert main(argv) == 0
+    assert lost.is_file() and all(p.stat().st_mtime_ns == t for p, t in before.items())  # only the lost run ran
+
+
+def test_compare_refuses_bad_input_before_loading(tmp_path, capsys):
+    data = user_pairs(tmp_path, prompts=4, per_prompt=1)
+    assert main(["compare", "--data", str(data), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "too few for a report set of at least 32" in capsys.readouterr().err
+    assert main(["compare", "--data", str(data), "--methods", "dpo", "--report-size", "1", "--selection-size", "1",
+                 "--batch-size", "1"]) == 2
+    assert "at least two distinct arms" in capsys.readouterr().err
+    assert main(["compare", "--data", str(data), "--prompts", "p.jsonl"]) == 2
+    assert "--prompts and --judge go together" in capsys.readouterr().err
+    (tmp_path / "j.py").write_text("def score(prompt, response, meta):\n    return 1.0\n")
+    leaked = write_jsonl(tmp_path / "leak.jsonl", [{"prompt": "Held out"}, {"prompt": "Review 2: the film"}])
+    config = tmp_path / "compare.yaml"  # the same fields from a YAML file
+    config.write_text(f"data: {data}\nreport_size: 1\nselection_size: 1\nbatch_size: 1\nprompts: {leaked}\n"
+                      f"judge: [j:score]\noutput_dir: {tmp_path / 'o'}\n")
+    assert main(["compare", "--config", str(config)]) == 2
+    assert "'Review 2: the film' is also a prompt of --data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
