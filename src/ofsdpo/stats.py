@@ -217,7 +217,7 @@ def bootstrap_ci(per_seed_unit_differences: Sequence[Sequence[float]], resamples
 def crossed_bootstrap(per_seed_unit_differences: Sequence[Sequence[float]], resamples: int = 2000,
                       confidence: float = 0.95, seed: int = 0) -> dict:
     """Percentile bootstrap of the mean difference that resamples seeds AND units (a crossed design: the same
-    units, e.g. report pairs or judged prompts, under every seed). d[s][u] is the difference on unit u under seed
+    units, e.g. report pairs or judged prompts, under every seed). `d[s][u]` is the difference on unit u under seed
     s; each resample draws n seeds with replacement and, independently, one set of unit indices with replacement
     shared by the drawn seeds, and takes the mean of d over both. Unlike the t interval over seeds (units held
     fixed) or a bootstrap over units (seeds held fixed), its spread includes both the seed-to-seed and the

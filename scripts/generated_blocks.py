@@ -1,0 +1,94 @@
+"""Rewrite the generated blocks of README.md and docs/ from what was measured, so no figure there goes stale:
+
+    python scripts/generated_blocks.py          # rewrite them
+    python scripts/generated_blocks.py --check  # exit 1, naming the files, if any is not what it would write now
+
+A block is the text between `<!-- generated: NAME -->` and `<!-- /generated -->`; NAME picks the generator.
+`results-summary` reads the committed aggregates of docs/results/ (in the order of docs/results.md) and states,
+under the page's verdict rule (the wider of the t interval and the crossed bootstrap; Holm over every comparison
+of the page), which comparisons hold. docs/index.md, the site's home page, is README.md with its links made
+relative to docs/. tests/test_docs.py fails when a block or the home page is not current.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+# the experiments of docs/results.md, in its order (scripts/results_sections.py is run with the same list)
+PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
+        "cofs-opposed", "cofs-chain", "frontier-sentiment"]
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.DOTALL)
+
+
+def _aggregates(results: Path) -> list[dict]:
+    return [json.loads((results / f"{name}-aggregate.json").read_text()) for name in PAGE
+            if (results / f"{name}-aggregate.json").is_file()]
+
+
+def results_summary(results: Path = RESULTS) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from ofsdpo.commands.experiment_report import verdict
+    from ofsdpo.stats import holm
+
+    aggregates = _aggregates(results)
+    rows = [row for agg in aggregates for row in agg["paired"]]
+    for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
+        row["p_holm"] = p
+    lines = ["| experiment | seeds run | comparisons | what holds under the page's rule (95 %, Holm over "
+             f"{len(rows)} comparisons) |", "|---|---|---|---|"]
+    for agg in aggregates:
+        held = [r for r in agg["paired"] if verdict(r) in ("better", "worse")]
+        seeds = sorted({int(s) for runs in agg["per_seed"].values() for s in runs})
+        planned = agg["seeds"]
+        ran = ", ".join(map(str, seeds)) + ("" if seeds == planned else f" of {', '.join(map(str, planned))}")
+        what = "; ".join(f"{r['variant']} {verdict(r)} than {r['baseline']} on {r['title'].split(' (')[0]} "
+                         f"({r['mean']:+.3f}, "
+                         f"[{r['decision']['lower']:+.3f}, {r['decision']['upper']:+.3f}])" for r in held)
+        lines.append(f"| {agg['experiment']} | {ran} | {len(agg['paired'])} | {what or 'nothing: no difference shown'} |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"results-summary": results_summary}
+
+
+def render(text: str, results: Path = RESULTS) -> str:
+    """`text` with every generated block rewritten."""
+    def block(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in GENERATORS:
+            raise SystemExit(f"unknown generated block '{name}' (known: {', '.join(GENERATORS)})")
+        return match.group(1) + GENERATORS[name](results) + match.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def home_page(readme: str) -> str:
+    """docs/index.md: the README, its links relative to docs/."""
+    return readme.replace("](docs/", "](").replace("[`docs/`](docs/)", "`docs/`")
+
+
+def outputs(root: Path = ROOT, results: Path = RESULTS) -> dict[Path, str]:
+    """What every generated file should hold now."""
+    readme = render((root / "README.md").read_text(), results)
+    out = {root / "README.md": readme, root / "docs" / "index.md": home_page(readme)}
+    for page in sorted((root / "docs").glob("*.md")):
+        if page.name != "index.md" and "<!-- generated:" in page.read_text():
+            out[page] = render(page.read_text(), results)
+    return out
+
+
+if __name__ == "__main__":
+    stale = [path for path, text in outputs().items() if not path.is_file() or path.read_text() != text]
+    if "--check" in sys.argv[1:]:
+        if stale:
+            raise SystemExit("not current (run python scripts/generated_blocks.py): "
+                             + ", ".join(str(p.relative_to(ROOT)) for p in stale))
+    else:
+        for path, text in outputs().items():
+            path.write_text(text)
+        print("\n".join(str(p.relative_to(ROOT)) for p in stale) or "everything was current")
