@@ -106,3 +106,26 @@ def test_resume_from_a_chosen_checkpoint_drops_the_later_ones(make_config, tmp_p
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
     a, b = adapter_state(whole.model, "default"), load_file(out / "adapter_model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_overwrite_removes_everything_the_previous_run_wrote(make_config, tmp_path):
+    """An ofs-dpo run (fast/, slow/, best_fast/, regret, summary, tokenizer), a stale checkpoint write and a judged
+    rounds/ folder, then a dpo run with --overwrite into the same folder: nothing of the first run is left, and a
+    file the user put there stays."""
+    from conftest import sentiment_rows, write_jsonl
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=50))
+    out = tmp_path / "out"
+    OFSDPOTrainer(config=make_config(method="ofs-dpo", eval_data=str(held), eval_steps=2, max_steps=2,
+                                     output_dir=str(out))).train()
+    assert all((out / name).is_dir() for name in ("fast", "slow", "best_fast"))
+    (out / "rounds").mkdir()
+    (out / "rounds" / "round-2.jsonl").write_text("{}\n")  # as an earlier on-policy run leaves them
+    (out / ".tmp-checkpoint-9").mkdir()
+    (out / "notes.txt").write_text("mine")
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, output_dir=str(out), overwrite=True)).train()
+    left = sorted(p.name for p in out.iterdir())
+    assert not {"fast", "slow", "best_fast", "rounds", ".tmp-checkpoint-9"} & set(left), left
+    assert "notes.txt" in left and "adapter_model.safetensors" in left
+    assert json.loads((out / "summary.json").read_text())["method"] == "dpo"

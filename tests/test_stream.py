@@ -50,3 +50,25 @@ def test_on_policy_rejects_data_and_unknown_domains(make_config):
         make_config(on_policy="concise")
     with pytest.raises(ConfigError, match="built-in domain"):
         make_config(data=None, on_policy="nope")
+
+
+def test_an_on_policy_run_where_every_prompt_ties_stops_with_one_line(make_config, monkeypatch, capsys):
+    """A judge that gives every sample the same score: no pair, no step. The run does not end "done" with 0 steps:
+    exit 2, one line saying why and what to change."""
+    import dataclasses
+
+    from ofsdpo import domains
+    from ofsdpo.cli import main
+
+    flat = dataclasses.replace(domains.DOMAINS["concise"], judge=lambda prompt, response, meta: 0.0,
+                               max_new_tokens=3)
+    monkeypatch.setitem(domains.DOMAINS, "concise", flat)
+    config = make_config(data=None, on_policy="concise", batch_size=2, max_steps=2, samples_per_prompt=2)
+    with pytest.raises(Exception, match="every sampled prompt tied under the judge"):
+        OFSDPOTrainer(config=config).train()
+    flags = ["train", "--model", config.model, "--on-policy", "concise", "--batch-size", "2", "--max-steps", "2",
+             "--samples-per-prompt", "2", "--output-dir", config.output_dir + "-cli", "--lora-r", "2",
+             "--max-length", "64", "--max-prompt-length", "32", "--no-progress"]
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "nothing to learn; raise --samples-per-prompt" in err.strip().splitlines()[-1] and "Traceback" not in err

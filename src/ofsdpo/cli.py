@@ -34,6 +34,7 @@ commands:
   eval       the base model and adapters side by side on built-in domains (ofsdpo eval --help)
   experiment one experiment of experiments/*.yaml over seeds, with its aggregate (ofsdpo experiment --help)
   compare    which method to use on your pairs: arms over seeds, paired intervals, a recommendation
+  export     a run's served module merged into its base, saved as a standalone model (ofsdpo export --help)
 
 global options: --debug (or OFSDPO_DEBUG=1) shows the traceback of an error
 
@@ -321,6 +322,18 @@ def compare_command(argv: list[str]) -> int:
     return 0
 
 
+def export_command(argv: list[str]) -> int:
+    from .config import ExportConfig
+
+    config = parse_config(ExportConfig, argv, "ofsdpo export", (
+        "Merge a run's served module into its base model and save a standalone transformers model (safetensors, "
+        "config, tokenizer, chat template) for servers that take a plain model."), positional="run")
+    from .commands.export import export
+
+    print(f"merged model written to {export(config)}")
+    return 0
+
+
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
     values, rest, i = [], [], 0
@@ -338,7 +351,8 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 
 
 COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command,
-            "demo": demo_command, "eval": eval_command, "experiment": experiment_command, "compare": compare_command}
+            "demo": demo_command, "eval": eval_command, "experiment": experiment_command, "compare": compare_command,
+            "export": export_command}
 
 
 def _debug(argv: list[str]) -> tuple[list[str], bool]:

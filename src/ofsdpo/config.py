@@ -716,6 +716,34 @@ class GenerateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`ofsdpo export RUN --out DIR`: a run's served module merged into its base, saved as a standalone model."""
+
+    run: Optional[str] = field(default=None, metadata=_help(
+        "A run's --output-dir (train or continual): its served adapter and config.yaml; the first positional argument."))
+    out: Optional[str] = field(default=None, metadata=_help(
+        "Folder for the merged model (safetensors, config, tokenizer, chat template)."))
+    model: Optional[str] = field(default=None, metadata=_help(
+        "The base the adapter was trained on (default: the run's config.yaml, else the embedded model)."))
+    gguf_file: Optional[str] = field(default=None, metadata=_help("With --model: its GGUF file."))
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_help(
+        "Dtype of the saved weights (the merge itself runs in float32)."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Allow the base's own modelling code."))
+    overwrite: bool = field(default=False, metadata=_help("Replace an existing --out folder."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not self.run:
+            raise ConfigError("the run folder is required: ofsdpo export RUN --out DIR")
+        if not self.out:
+            raise ConfigError("--out DIR is required: the folder for the merged model.")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
 class EvalConfig:
     """`ofsdpo eval`: score the base model and each adapter on built-in domains and on your own prompts and judge
     (held-out pairs and judged samples)."""

@@ -32,6 +32,13 @@ except ImportError:  # Windows
 logger = logging.getLogger(__name__)
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
+# everything a training run writes into its folder (`trainer._write_outputs`, the stream's rounds, the loggers):
+# --overwrite removes all of it, so nothing of the previous run (its fast/slow modules, its judged rounds) is left
+# to be served or replayed as if this run had written it
+RUN_OUTPUTS = RUN_MARKERS + (
+    "fast", "slow", "best_fast", "rounds", "runs", "regret.jsonl", "adapter_config.json", "adapter_model.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+    "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
 
 
@@ -95,9 +102,13 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     """Create the folder; with --overwrite, remove the other run only now that data and model have loaded."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
-        for marker in RUN_MARKERS:
-            path = output_dir / marker
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        leftovers = [path for path in output_dir.glob(".tmp-checkpoint-*")]  # an interrupted checkpoint write
+        for path in [output_dir / name for name in RUN_OUTPUTS] + leftovers:
+            try:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            except OSError as err:
+                raise ConfigError(f"--overwrite: cannot remove {path} of the previous run ({err.strerror}); remove it "
+                                  "or choose another --output-dir.") from None
 
 
 def name_sources(config, model=None, train_data=None) -> tuple[Any, dict[str, str]]:

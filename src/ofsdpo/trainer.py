@@ -199,6 +199,10 @@ class OFSDPOTrainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            if state.step == 0 and self.stream.on_policy is not None:  # no silent "done": nothing was learnt
+                raise ConfigError(f"every sampled prompt tied under the judge ({state.ties_skipped} of "
+                                  f"{state.prompt_position} prompts): nothing to learn; raise --samples-per-prompt "
+                                  "or --temperature, or use a judge that separates the samples.")
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
