@@ -60,7 +60,7 @@ def test_compare_end_to_end_with_a_judge_and_resume(tiny_model_dir, tmp_path, mo
             "--selection-size", "4", "--prompts", str(prompts), "--judge", "myjudge:longer", "--judge-prompts", "3",
             "--judge-samples", "1", "--model", str(tiny_model_dir), "--batch-size", "4", "--lr", "1e-3",
             "--lora-r", "2", "--lora-alpha", "4", "--max-length", "48", "--max-prompt-length", "24",
-            "--max-new-tokens", "5", "--chase-interval", "1", "--output-dir", str(out), "--no-progress"]
+            "--chase-interval", "1", "--output-dir", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "compare.json").read_text())
@@ -103,3 +103,37 @@ def test_compare_refuses_bad_input_before_loading(tmp_path, capsys):
     assert main(["compare", "--config", str(config)]) == 2
     assert "'Review 2: the film' is also a prompt of --data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_gives_the_numbers_of_train_and_eval_run_by_hand(tiny_model_dir, tmp_path, monkeypatch):
+    """One arm and seed of a comparison, redone by hand on the split compare.json wrote: `ofsdpo train` on the
+    stream with the selection set as --eval-data, then `ofsdpo eval` of its adapter on the report pairs and the
+    held-out prompts with the same seed. The report loss and accuracy, judge score, win rate and KL are the same."""
+    (tmp_path / "myjudge.py").write_text("def longer(prompt, response, meta):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = user_pairs(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Held-out review {i}: it"} for i in range(3)])
+    model = ["--model", str(tiny_model_dir), "--max-length", "48", "--max-prompt-length", "24"]
+    lora = ["--lora-r", "2", "--lora-alpha", "4", "--chase-interval", "1", "--batch-size", "4", "--lr", "1e-3"]
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data), "--seeds", "2", "--report-size", "6", "--selection-size", "4",
+                 "--prompts", str(prompts), "--judge", "myjudge:longer", "--judge-prompts", "3", "--judge-samples",
+                 "1", "--output-dir", str(out), "--no-progress", *model, *lora]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", [rows[i] for i in result["split"][name]])
+             for name in ("train", "selection", "report")}
+    hand = tmp_path / "hand"
+    steps = len(result["split"]["train"]) // 4
+    assert main(["train", "--data", str(files["train"]), "--eval-data", str(files["selection"]), "--method", "ofs-dpo",
+                 "--seed", "1", "--max-steps", str(steps), "--save-steps", "0", "--output-dir", str(hand),
+                 "--no-progress", *model, *lora]) == 0
+    assert main(["eval", "--adapter", str(hand), "--prompts", f"mine={prompts}", "--judge", "myjudge:longer",
+                 "--data", f"mine={files['report']}", "--seed", "1", "--judge-prompts", "3", "--judge-samples", "1",
+                 "--json", str(tmp_path / "eval.json"), "--no-progress", *model[:2], "--max-length", "48",
+                 "--max-prompt-length", "24"]) == 0
+    by_hand = next(r for r in json.loads((tmp_path / "eval.json").read_text())["rows"] if r["adapter"] == str(hand))
+    arm = result["per_seed"][f"ofs-dpo/{data.stem}"]["1"]
+    for key, theirs in (("report_loss", "loss"), ("report_accuracy", "accuracy"), ("judge_score", "judge_score"),
+                        ("win_rate", "win_rate"), ("kl", "kl")):
+        assert arm[key] == pytest.approx(by_hand[theirs], rel=1e-5, abs=1e-6), key
