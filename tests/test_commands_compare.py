@@ -137,3 +137,30 @@ def test_compare_gives_the_numbers_of_train_and_eval_run_by_hand(tiny_model_dir,
     for key, theirs in (("report_loss", "loss"), ("report_accuracy", "accuracy"), ("judge_score", "judge_score"),
                         ("win_rate", "win_rate"), ("kl", "kl")):
         assert arm[key] == pytest.approx(by_hand[theirs], rel=1e-5, abs=1e-6), key
+
+
+def test_the_continual_form_compares_methods_across_your_domains(tiny_model_dir, tmp_path):
+    """--domain a=… --domain b=…: each file split by prompt like --data, every method runs over the domains in order
+    once per seed; the pair metrics are compared (avg final report loss, accuracy, backward transfer) and each
+    arm gets a recommendation line."""
+    (tmp_path / "a").mkdir()
+    a = user_pairs(tmp_path / "a", prompts=12)
+    b_rows = [{**row, "prompt": row["prompt"].replace("Review", "Critique")}
+              for row in map(json.loads, a.read_text().splitlines())]
+    b = write_jsonl(tmp_path / "b.jsonl", b_rows)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--domain", f"first={a}", "--domain", f"second={b}", "--methods", "cofs-dpo,dpo",
+                 "--seeds", "2", "--report-size", "4", "--selection-size", "4", "--model", str(tiny_model_dir),
+                 "--batch-size", "4", "--lr", "1e-3", "--lora-r", "2", "--lora-alpha", "4", "--max-length", "48",
+                 "--max-prompt-length", "24", "--chase-interval", "1", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["kind"] == "continual" and set(result["split"]) == {"first", "second"}
+    assert {r["metric"] for r in result["paired"]} >= {"avg_final_loss", "avg_final_accuracy"}
+    assert len(result["recommendation"]) == 1 and result["recommendation"][0].startswith("cofs-dpo: ")
+    assert set(result["costs"]) == {"cofs-dpo", "dpo"} and not result["judged"]
+    assert (out / "split" / "second-report.jsonl").is_file()
+    with pytest.raises(ConfigError, match="not both"):
+        from ofsdpo.config import CompareConfig
+
+        CompareConfig(data=str(a), domain=[f"first={a}"])

@@ -307,7 +307,7 @@ def experiment_command(argv: list[str]) -> int:
 def compare_command(argv: list[str]) -> int:
     from .config import CompareConfig
 
-    argv = _merge_repeated(_merge_repeated(argv, "--variant"), "--judge")
+    argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--variant"), "--judge"), "--domain")
     config = parse_config(CompareConfig, argv, "ofsdpo compare", (
         "Compare methods on your preference pairs: each arm trains on the same stream over seeds; report-set "
         "metrics (and judged samples with --prompts/--judge) paired per seed, with intervals, verdicts and one "

@@ -941,6 +941,7 @@ class ExperimentConfig:
     # (`experiment.split_by_prompt`: at least `report_size` report pairs, `selection` selection pairs, the rest the
     # stream); judged samples only with held-out prompts and a judge (`heldout_prompts`, `judge`)
     data: Optional[str] = None
+    data_files: dict = field(default_factory=dict)  # continual over the user's pairs: {domain: file}, in order
     report_size: int = 32
     heldout_prompts: Optional[str] = None
     judge: list[str] = field(default_factory=list)
@@ -955,6 +956,11 @@ class ExperimentConfig:
         if self.data is not None:  # the user's pairs: one domain, named after them
             if len(self.domains) != 1 or self.kind != "in-domain":
                 raise ConfigError(f"experiment '{self.name}': a data file is one in-domain domain (got {self.domains}).")
+            unknown = []
+        if self.data_files:  # the user's pairs, one file per domain, in stream order
+            if list(self.data_files) != list(self.domains) or self.kind != "continual":
+                raise ConfigError(f"experiment '{self.name}': data_files are a continual experiment's domains in "
+                                  f"order (got {list(self.data_files)} for domains {self.domains}).")
             unknown = []
         if unknown or not self.domains:
             raise ConfigError(f"experiment '{self.name}': domains must be built-in ({', '.join(DOMAINS)}); "
@@ -1045,6 +1051,9 @@ class CompareOptions:
     data: Optional[str] = field(default=None, metadata=_help(
         "Your preference pairs (.jsonl/.json/.parquet, TRL's format), split by prompt into a training stream, a "
         "selection set and a report set."))
+    domain: list[str] = field(default_factory=list, metadata=_help(
+        "The continual form: NAME=PATH, once per domain in stream order (each file split by prompt as --data is); "
+        "methods cofs-dpo, dpo, ofs-dpo, dpo-replay, lora-merge."))
     methods: str = field(default="dpo,ofs-dpo", metadata=_help("Comma-separated methods, each an arm: dpo, ofs-dpo."))
     variant: list[str] = field(default_factory=list, metadata=_help(
         "NAME:--flag=value,--flag=value: one more arm with its own training options (repeatable), e.g. "
@@ -1076,8 +1085,11 @@ class CompareConfig(CompareOptions):
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if not self.data:
-            raise ConfigError("--data is required: the preference pairs to compare the methods on.")
+        if bool(self.data) == bool(self.domain):
+            raise ConfigError("give --data PAIRS (one stream) or --domain NAME=PATH once per domain (continual), "
+                              "not both.")
+        if self.domain and self.prompts:
+            raise ConfigError("--prompts/--judge: the continual form compares the pair metrics only.")
         if self.seeds < 2:
             raise ConfigError(f"--seeds {self.seeds}: a paired comparison needs at least 2 seeds (5 recommended).")
         if self.report_size < 1 or self.selection_size < 1 or self.judge_prompts < 1 or self.judge_samples < 1:

@@ -28,7 +28,8 @@ from .experiment_report import verdict
 # training options the protocol sets per run or per experiment, not per arm
 PROTOCOL_OPTIONS = {"seed", "progress", "save_steps", "lr", "batch_size", "max_length", "max_prompt_length", "model",
                     "gguf_file", "device"}
-KEY_METRICS = ("judge_score", "report_loss")  # what the recommendation quotes when nothing differs
+# what the recommendation quotes when nothing differs (in-domain, then continual)
+KEY_METRICS = ("judge_score", "report_loss", "avg_final_loss")
 
 
 def parse_variant(text: str, default_method: str) -> dict:
@@ -80,22 +81,37 @@ def experiment_config(cfg: CompareConfig) -> ExperimentConfig:
               if f.name not in PROTOCOL_OPTIONS and getattr(training, f.name) != getattr(defaults, f.name)}
     batch_size = training.batch_size or 8
     stream = -1 if cfg.max_steps < 0 else cfg.max_steps * batch_size
-    parts = split_by_prompt(cfg.data, cfg.selection_size, cfg.report_size, stream)  # a clear error before any load
-    steps = len(parts["train"]) // batch_size
-    if steps < 1:
-        raise ConfigError(f"{cfg.data}: {len(parts['train'])} training pairs make no optimiser step of "
-                          f"{batch_size}: lower --batch-size or add pairs.")
-    if cfg.prompts:
-        _check_heldout(cfg, parts)
-    stem = Path(cfg.data).stem or "data"
+    files = (dict(_domain_file(spec) for spec in cfg.domain) if cfg.domain
+             else {Path(cfg.data).stem or "data": cfg.data})
+    steps = None
+    for path in files.values():  # a clear error before any load; every domain trains as many steps
+        parts = split_by_prompt(path, cfg.selection_size, cfg.report_size, stream)
+        if len(parts["train"]) // batch_size < 1:
+            raise ConfigError(f"{path}: {len(parts['train'])} training pairs make no optimiser step of "
+                              f"{batch_size}: lower --batch-size or add pairs.")
+        steps = min(steps or 10**9, len(parts["train"]) // batch_size)
+        if cfg.prompts:
+            _check_heldout(cfg, parts)
+    continual = bool(cfg.domain)
     return ExperimentConfig(
-        name="compare", kind="in-domain", domains=[stem], data=cfg.data, variants=variants,
+        name="compare", kind="continual" if continual else "in-domain", domains=list(files),
+        data=None if continual else cfg.data, data_files=files if continual else {}, memory=cfg.selection_size,
+        variants=variants,
         seeds=list(range(cfg.seeds)), baseline=cfg.baseline, model=training.model, gguf_file=training.gguf_file,
         device=training.device, steps=steps, batch_size=batch_size, lr=training.lr, selection=cfg.selection_size,
-        report_size=cfg.report_size, judge_prompts=cfg.judge_prompts, judge_samples=cfg.judge_samples,
+        report_size=cfg.report_size, judge_prompts=0 if continual else cfg.judge_prompts,
+        judge_samples=cfg.judge_samples,
         heldout_prompts=cfg.prompts, judge=list(cfg.judge), max_length=training.max_length,
         max_prompt_length=training.max_prompt_length, train=shared,
-        description=f"{', '.join(names)} on {cfg.data}: {steps} steps x {batch_size} pairs per run")
+        description=f"{', '.join(names)} on {', '.join(files.values())}: {steps} steps x {batch_size} pairs "
+                    f"{'per domain' if continual else 'per run'}")
+
+
+def _domain_file(spec: str) -> tuple[str, str]:
+    name, _, path = spec.partition("=")
+    if not name or not path:
+        raise ConfigError(f"--domain {spec!r}: expected NAME=PATH (a pairs file per domain, in stream order).")
+    return name, path
 
 
 def _check_heldout(cfg: CompareConfig, parts: dict) -> None:
@@ -114,11 +130,15 @@ def _check_heldout(cfg: CompareConfig, parts: dict) -> None:
 
 
 def costs(summary: dict) -> dict[str, dict]:
-    """Each arm's measured cost over its seeds: training seconds per run and per optimiser step."""
+    """Each arm's measured cost over its seeds: training seconds per run and per optimiser step (a continual run:
+    the whole run's seconds, its steps over every domain)."""
     out = {}
+    steps_per_run = summary["config"]["steps"] * (len(summary["config"]["domains"]) if summary["kind"] == "continual"
+                                                  else 1)
     for cell, runs in summary["per_seed"].items():
-        seconds = [r["train_seconds"] for r in runs.values() if r.get("train_seconds") is not None]
-        steps = [r["steps"] for r in runs.values() if r.get("steps")]
+        seconds = [r.get("train_seconds", r.get("wall_seconds")) for r in runs.values()]
+        seconds = [s for s in seconds if s is not None]
+        steps = [r.get("steps") or steps_per_run for r in runs.values()]
         if seconds:
             mean = sum(seconds) / len(seconds)
             out[cell.split("/")[0]] = {"train_seconds": mean, "seconds_per_step": mean / (sum(steps) / len(steps)),
@@ -141,7 +161,7 @@ def recommendation(summary: dict, cost: dict) -> list[str]:
         worse = [r for r in rows if verdict(r) == "worse"]
         ratio = (cost.get(arm, {}).get("train_seconds", 0) / cost[baseline]["train_seconds"]
                  if cost.get(baseline) else float("nan"))
-        at = f"{ratio:.1f}x {baseline}'s training time"
+        at = f"{ratio:.1f}x {baseline}'s {'training' if summary['kind'] == 'in-domain' else 'run'} time"
         if better and not worse:
             lines.append(f"{arm}: better on {'; '.join(map(_quote, better))}, at {at}: use {arm} if that gain is "
                          "worth the time.")
@@ -165,15 +185,19 @@ def run_compare(cfg: CompareConfig) -> dict:
     cost = costs(summary)
     lines = recommendation(summary, cost)
     judged = bool(cfg.prompts)
-    split = ExperimentRunner(experiment, out, verbose=False).split(experiment.domains[0])["indices"]
+    runner = ExperimentRunner(experiment, out, verbose=False)
+    split = {d: runner.split(d)["indices"] for d in experiment.domains}
+    split = split[experiment.domains[0]] if experiment.kind == "in-domain" else split
     result = {"recommendation": lines, "costs": cost, "judged": judged, "split": split, **summary}
     write_json(out / "compare.json", result)
-    note = ("" if judged else "Pair metrics only (report DPO loss and preference accuracy, online loss): give "
-            "--prompts and --judge for judged samples, win rate and KL.\n\n")
+    note = ("" if judged else "Pair metrics only (report DPO loss and preference accuracy"
+            + (", online loss): give --prompts and --judge for judged samples, win rate and KL.\n\n"
+               if experiment.kind == "in-domain" else "): the continual form judges no samples.\n\n"))
     table = "\n".join(f"| {arm} | {c['train_seconds']:.1f} | {c['seconds_per_step']:.2f} | {c['runs']} |"
                       for arm, c in cost.items())
+    timed = "training s per run" if experiment.kind == "in-domain" else "s per run (training, selection, scoring)"
     body = (out / "aggregate.md").read_text(encoding="utf-8")
     write_atomic(out / "compare.md", "# Recommendation\n\n" + "".join(f"- {line}\n" for line in lines) + "\n" + note
-                 + "## Cost (mean over seeds)\n\n| arm | training s per run | s per step | runs |\n|---|---|---|---|\n"
+                 + f"## Cost (mean over seeds)\n\n| arm | {timed} | s per step | runs |\n|---|---|---|---|\n"
                  + table + "\n\n" + body)
     return result

@@ -172,7 +172,7 @@ class ExperimentRunner:
         for volatile in ("output_dir", "progress", "overwrite", "domain"):
             run.pop(volatile, None)
         pairs = [hashlib.sha256(self.pairs(d).read_bytes()).hexdigest() for d in domains]
-        if cfg.data is not None:  # the user's pairs, split by prompt, judged on their prompts by their judge
+        if cfg.data is not None or cfg.data_files:  # the user's pairs, split by prompt (judged: their prompts, judge)
             pairs.append([cfg.selection, cfg.report_size, cfg.heldout_prompts, cfg.judge])
         ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "pair_seed": cfg.pair_seed,
                        "judge_prompts": cfg.judge_prompts, "protocol": [2, cfg.selection, cfg.report_rounds,
@@ -207,8 +207,8 @@ class ExperimentRunner:
         if domain in self._pairs:
             return self._pairs[domain]
         cfg = self.config
-        if cfg.data is not None:
-            self._pairs[domain] = Path(cfg.data)
+        if cfg.data is not None or cfg.data_files:
+            self._pairs[domain] = Path(cfg.data_files.get(domain) or cfg.data)
             return self._pairs[domain]
         several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
         path = Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
@@ -272,8 +272,9 @@ class ExperimentRunner:
         from ..data import read_rows
 
         cfg = self.config
-        if cfg.data is not None:
-            return split_by_prompt(cfg.data, cfg.selection, cfg.report_size, cfg.steps * cfg.batch_size)
+        if cfg.data is not None or cfg.data_files:
+            return split_by_prompt(str(self.pairs(domain)), cfg.selection, cfg.report_size,
+                                   cfg.steps * cfg.batch_size)
         rows = [row for _, row in read_rows(str(self.pairs(domain)), "train")[1]]
         report = [row for _, row in read_rows(str(self.report_pairs(domain)), "train")[1]]
         stream, n = cfg.steps * cfg.batch_size, len(rows)
@@ -302,8 +303,12 @@ class ExperimentRunner:
         return train[:stream], selection
 
     def split_files(self, domain: str) -> dict[str, Path]:
-        """The sets as files (continual domains read files): written once beside the cached pairs."""
+        """The sets as files (continual domains read files): written once beside the cached pairs; the user's
+        pairs' sets under the output folder (split/)."""
         parts = self.split(domain)
+        if self.config.data_files:
+            return {name: write_jsonl(self.out / "split" / f"{domain}-{name}.jsonl", parts[name])
+                    for name in ("train", "selection", "report")}
         stem = self.pairs(domain).with_suffix("")
         files = {}
         for name in ("train", "selection"):
@@ -436,22 +441,23 @@ class ExperimentRunner:
                                  shared=self._shared[seed], reference_caches=self._reference_logps)
         report = runner.run()
         names, matrix = report["domains"], report["matrix"]
-        forgetting = report["cl/forgetting_judge"]
+        judged = "judge_score" in matrix  # the user's pairs files (ofsdpo compare --domain): pair metrics only
+        forgetting = report.get("cl/forgetting_judge", {})
         curve = continual_loss_curve(run_dir, names)
-        return {"method": report["method"], "domains": names, "judge_matrix": matrix["judge_score"],
+        return {"method": report["method"], "domains": names, "judge_matrix": matrix.get("judge_score"),
                 "kl_estimator": KL_ESTIMATOR,
-                "kl_matrix": matrix["kl"], "win_rate_matrix": matrix["win_rate"],
+                "kl_matrix": matrix.get("kl"), "win_rate_matrix": matrix.get("win_rate"),
                 "accuracy_matrix": matrix["accuracy"], "loss_matrix": matrix["loss"],
-                "final_judge": dict(zip(names, matrix["judge_score"][-1])),
-                "avg_final_judge": report["cl/avg_judge_score"], "forgetting_judge": forgetting,
-                "avg_forgetting_judge": sum(forgetting.values()) / max(1, len(forgetting)),
-                "avg_final_kl": sum(matrix["kl"][-1]) / len(names),
+                "final_judge": dict(zip(names, matrix["judge_score"][-1])) if judged else {},
+                "avg_final_judge": report.get("cl/avg_judge_score"), "forgetting_judge": forgetting,
+                "avg_forgetting_judge": sum(forgetting.values()) / len(forgetting) if forgetting else None,
+                "avg_final_kl": sum(matrix["kl"][-1]) / len(names) if judged else None,
                 "avg_final_accuracy": report["cl/avg_accuracy"], "forgetting_accuracy": report["cl/forgetting"],
                 "bwt_accuracy": report["cl/bwt"], "lambdas": report["lambdas"][1:],
                 "avg_final_loss": report["cl/avg_loss"],
                 "weights": [stage.get("weights") for stage in report["stages"]],
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
-                "base_judge_score": report["base_judge_score"], "train_loss_curve": curve,
+                "base_judge_score": report.get("base_judge_score", {}), "train_loss_curve": curve,
                 "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items() if key in report["units"]}}
 
 

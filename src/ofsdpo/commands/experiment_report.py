@@ -374,6 +374,13 @@ def _variants(config: ExperimentConfig) -> list[str]:
 
 def _scale(config: ExperimentConfig) -> str:
     c = config
+    if c.data is not None or c.data_files:  # the user's pairs (`ofsdpo compare`)
+        files = ", ".join(c.data_files.values()) if c.data_files else c.data
+        judged = (f"; {c.judge_prompts} judged held-out prompts of {c.heldout_prompts} x {c.judge_samples} samples "
+                  "per arm" if c.heldout_prompts else "; no judged samples")
+        return (f"your pairs ({files}) split by prompt: a stream of {c.steps} steps x {c.batch_size} pairs (lr "
+                f"{c.lr}), a selection set of at least {c.selection} pairs and a report set of at least "
+                f"{c.report_size} (the last prompts){judged}; max length {c.max_length}")
     text = (f"pairs from {c.prompts} training prompts x {c.samples} samples per domain (sampled once, seed "
             f"{c.pair_seed}): a stream of {c.steps} steps x {c.batch_size} pairs (lr {c.lr}) and the last "
             f"{c.selection} pairs as the selection set; report pairs from the held-out prompts ({c.report_rounds} "
@@ -433,14 +440,15 @@ def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
             continue
         lambdas = ", ".join(fmt(s, False, 2) for s in c["lambdas"]) if c.get("lambdas") else "-"
         memory = ", ".join(fmt(s, False) for s in c["chosen_memory_loss"]) if c.get("chosen_memory_loss") else "-"
-        lines.append(f"| {variant} | " + " | ".join(fmt(c["final_judge"][n]) for n in names) +
-                     f" | {fmt(c['avg_final_judge'])} | {fmt(c['avg_forgetting_judge'])} | " +
-                     " | ".join(fmt(c["forgetting_judge"].get(n)) for n in names[:-1]) +
+        final, forgetting = c.get("final_judge") or {}, c.get("forgetting_judge") or {}
+        lines.append(f"| {variant} | " + " | ".join(fmt(final.get(n)) for n in names) +
+                     f" | {fmt(c.get('avg_final_judge'))} | {fmt(c.get('avg_forgetting_judge'))} | " +
+                     " | ".join(fmt(forgetting.get(n)) for n in names[:-1]) +
                      f" | {fmt(c['avg_final_accuracy'], False)} | {fmt(c['avg_final_kl'])} | {lambdas} | {memory} |")
-    base = next(iter(cells.values()))["base_judge_score"]
+    base = next(iter(cells.values())).get("base_judge_score") or {}
     lines += ["", "Base model (reference samples): " + ", ".join(f"{n} {fmt(base.get(n))}" for n in names), ""]
     for variant in _variants(config):
-        if variant not in cells:
+        if variant not in cells or not cells[variant].get("judge_matrix"):
             continue
         lines += [f"Judge score after each stage, `{variant}` (row: after training on that domain):", "",
                   "| after | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -454,7 +462,8 @@ def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
 def plot_experiment(out: Path, config: ExperimentConfig, cells: dict) -> list[str]:
     if config.kind == "in-domain":
         return [_plot_curves(out, config, cells), _plot_reward_kl(out, config, cells)]
-    plots = [_plot_matrices(out, config, cells), _plot_train_curves(out, config, cells)]
+    judged = all(cell.get("judge_matrix") for cell in cells.values())  # not so: the user's pairs files alone
+    plots = ([_plot_matrices(out, config, cells)] if judged else []) + [_plot_train_curves(out, config, cells)]
     searched = _plot_lambda_search(out, config, cells)
     return plots + ([searched] if searched else [])
 
