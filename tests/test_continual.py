@@ -1,6 +1,7 @@
 """End to end over three tiny domains: the report, the stage folders and the served combination on disk."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,9 +69,25 @@ def test_cofs_dpo_serves_the_stated_combination(tiny_model_dir, tmp_path, domain
 @pytest.mark.parametrize("method", ["dpo", "ofs-dpo", "dpo-replay", "lora-merge"])
 def test_baselines_fill_the_report(tiny_model_dir, tmp_path, domains, method):
     _, report = run(tiny_model_dir, tmp_path, domains[:2], method=method, max_steps_per_domain=2)
-    assert report["method"] == method and len(report["matrix"]["accuracy"]) == 2
-    assert set(report["cl/forgetting"]) == {"pos"}
+    acc, loss = report["matrix"]["accuracy"], report["matrix"]["loss"]
+    assert report["method"] == method and len(acc) == 2 and len(acc[0]) == 2
+    assert all(0 <= a <= 1 for row in acc for a in row) and all(math.isfinite(x) for row in loss for x in row)
+    # the report's continual metrics are those of its own matrix
+    assert report["cl/forgetting"] == {"pos": pytest.approx(max(acc[0][0], acc[1][0]) - acc[1][0])}
+    assert report["cl/avg_accuracy"] == pytest.approx((acc[1][0] + acc[1][1]) / 2)
+    assert report["cl/bwt"] == pytest.approx(acc[1][0] - acc[0][0])
+    assert [s["steps"] for s in report["stages"]] == [2, 2]
     assert (tmp_path / method / "adapter_model.safetensors").exists()
+
+
+def test_replay_mixes_the_earlier_domains_memory_into_the_stream(tiny_model_dir, tmp_path, domains):
+    """dpo-replay's second stage trains on its domain's stream plus memory_size pairs of the first: more steps
+    than sequential dpo over the same whole streams, the same first stage."""
+    _, plain = run(tiny_model_dir, tmp_path, domains[:2], method="dpo", max_steps_per_domain=-1, batch_size=2)
+    _, replay = run(tiny_model_dir, tmp_path, domains[:2], method="dpo-replay", max_steps_per_domain=-1,
+                    batch_size=2)
+    first, second = ([s["steps"] for s in r["stages"]] for r in (plain, replay))
+    assert first[0] == second[0] and second[1] == first[1] + 4 // 2  # memory_size 4 pairs, 2 per step
 
 
 def test_cli_takes_repeated_domains_and_yaml(tiny_model_dir, tmp_path, domains, capsys):

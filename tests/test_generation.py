@@ -25,7 +25,13 @@ def test_sampling_returns_k_responses_per_prompt(tiny_model_dir, tokenizer):
     out = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
                  num_samples=3, max_new_tokens=5, batch_size=2)
     assert len(out) == 2 and all(len(r) == 3 for r in out)
-    assert tokenizer.padding_side == "right"  # restored
+    torch.manual_seed(0)  # the same seed draws the same samples; another seed, others
+    again = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
+                   num_samples=3, max_new_tokens=5, batch_size=2)
+    torch.manual_seed(1)
+    other = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
+                   num_samples=3, max_new_tokens=5, batch_size=2)
+    assert again == out and other != out
 
 
 def test_pairs_take_best_and_worst_and_load_as_training_data(tiny_model_dir, tokenizer):

@@ -98,8 +98,25 @@ def test_chase_loss_rejects_unknown_form():
         chase_loss(t(0.0), t(0.0), t(0.0), t(0.0), beta=0.1, form="other")
 
 
-def test_chase_forms_constant():
-    assert CHASE_FORMS == ("minmax", "symmetric", "proximal")
+def test_every_chase_form_is_a_config_choice_and_a_distinct_loss():
+    """The forms the loss knows are exactly the --chase-form choices, and each is its own objective (minmax and
+    symmetric share the leader's term and differ in the chaser's): no form silently falls back to another."""
+    import typing
+
+    from ofsdpo.config import TrainingOptions
+
+    assert typing.get_args(typing.get_type_hints(TrainingOptions)["chase_form"]) == CHASE_FORMS
+    g = torch.Generator().manual_seed(1)
+    inputs = [-5 * torch.rand(4, generator=g, dtype=torch.float64) for _ in range(4)]
+    gradients = []
+    for form in CHASE_FORMS:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        leader, chaser, _ = chase_loss(*leaves, beta=0.5, form=form)
+        (leader + chaser).sum().backward()
+        gradients.append(torch.cat([x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]))
+    for i in range(len(gradients)):
+        for j in range(i + 1, len(gradients)):
+            assert not torch.allclose(gradients[i], gradients[j]), (CHASE_FORMS[i], CHASE_FORMS[j])
 
 
 def test_margin_only_forms_are_unchanged_bit_for_bit():

@@ -32,14 +32,6 @@ def test_plot_heatmap_writes_the_accuracy_matrix(tmp_path):
     assert not np.array_equal(pixels, read_png(tmp_path / "other.png", (550, 360)))
 
 
-def test_continual_draws_with_this_heatmap():
-    """One heat-map for the package (it was written three times); its output was checked byte for byte against
-    continual's own before that one was removed."""
-    from ofsdpo import continual
-
-    assert continual.plot_heatmap is plotting.plot_heatmap
-
-
 @pytest.mark.parametrize("over_seeds", [False, True])
 def test_judge_matrices_and_curves(tmp_path, over_seeds):
     def cell(v):

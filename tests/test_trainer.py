@@ -237,9 +237,18 @@ def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_mo
 
 
 def test_tensorboard_logging_is_optional(make_config):
+    """--report-to tensorboard writes the metrics rows as scalars: every step's loss, the same numbers as
+    metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     trainer = OFSDPOTrainer(config=make_config(method="dpo", max_steps=2, report_to="tensorboard"))
     trainer.train()
-    assert list((trainer.output_dir / "runs").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(trainer.output_dir / "runs"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    rows = read_metrics(trainer.output_dir / "metrics.jsonl")
+    assert [step for step, _ in logged] == [r["step"] for r in rows] == [1, 2]
+    assert [value for _, value in logged] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
 # a run built to make the slow module overtake: a fast rate that overshoots, a one-step chase window (as golden)
