@@ -1,7 +1,6 @@
-"""Paired statistics over seeds for the experiment reports: pure Python (and torch for the bootstrap), no scipy.
+"""Paired statistics over seeds for the experiment reports (scipy for Student's t, torch for the bootstraps).
 
-- `t_quantile(p, df)` / `t_cdf(t, df)`: Student's t, from the regularised incomplete beta function
-  (continued fraction) inverted by bisection; a Cornish–Fisher expansion for df > 10^5 and the normal for df = ∞.
+- `t_quantile(p, df)` / `t_cdf(t, df)`: Student's t (`scipy.stats.t`; df = ∞: the normal), with argument checks.
 - `mean_sd(values)`: mean and sample sd.
 - `paired_difference(method, baseline)`: method − baseline paired by seed, with a t interval over seeds.
 - `bootstrap_ci(per_seed_unit_differences)`: a percentile bootstrap over units (pairs, prompts) within seeds.
@@ -18,108 +17,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from statistics import NormalDist
 
 import torch
+from scipy import stats as _scipy
 
 
 # --- Student's t ---------------------------------------------------------------------------------------------------
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes §6.4)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            return h
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b), a, b > 0, 0 ≤ x ≤ 1."""
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x}")
-    if x in (0.0, 1.0):
-        return x
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t ≥ 0: ½ I_{df/(df+t²)}(df/2, ½), computed without cancellation for large t."""
-    return 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
 def t_cdf(t: float, df: float) -> float:
     """P(T ≤ t) for Student's t with `df` > 0 degrees of freedom (df = math.inf: the standard normal)."""
     if not df > 0:
         raise ValueError(f"degrees of freedom must be positive, got {df}")
-    if math.isinf(df):
-        return NormalDist().cdf(t)
-    tail = _t_upper_tail(abs(t), df)
-    return 1.0 - tail if t >= 0 else tail
+    return float(_scipy.norm.cdf(t) if math.isinf(df) else _scipy.t.cdf(t, df))
 
 
-def _cornish_fisher(z: float, df: float) -> float:
-    """t quantile from the normal one (Abramowitz & Stegun 26.7.5), error O(df^-5): used for df > 10^5."""
-    z2 = z * z
-    g1 = (z2 + 1) * z / 4
-    g2 = ((5 * z2 + 16) * z2 + 3) * z / 96
-    g3 = (((3 * z2 + 19) * z2 + 17) * z2 - 15) * z / 384
-    g4 = ((((79 * z2 + 776) * z2 + 1482) * z2 - 1920) * z2 - 945) * z / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t), accurate far in the tail (the survival function, not 1 − cdf)."""
+    return float(_scipy.norm.sf(t) if math.isinf(df) else _scipy.t.sf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` > 0 degrees of freedom (any real df; math.inf: the normal).
-
-    Solves P(T > t) = 1 − p for the upper half by bisection on the exact tail (regularised incomplete beta), to
-    ~1e-12 relative; the lower half by symmetry. E.g. t_quantile(0.975, 4) = 2.7764, (0.975, 1) = 12.706.
-    """
+    """The p-quantile of Student's t with `df` > 0 degrees of freedom (any real df; math.inf: the normal),
+    e.g. t_quantile(0.975, 4) = 2.7764, (0.975, 1) = 12.706."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if not df > 0:
         raise ValueError(f"degrees of freedom must be positive, got {df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
     if p == 0.5:
         return 0.0
-    z = NormalDist().inv_cdf(p)
-    if math.isinf(df):
-        return z
-    if df > 1e5:
-        return _cornish_fisher(z, df)
-    tail = 1.0 - p
-    lo, hi = 0.0, max(z, 1.0)
-    while _t_upper_tail(hi, df) > tail:  # the t quantile is above the normal one: grow until bracketed
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_upper_tail(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
+    return float(_scipy.norm.ppf(p) if math.isinf(df) else _scipy.t.ppf(p, df))
 
 
 # --- summaries over seeds ------------------------------------------------------------------------------------------
