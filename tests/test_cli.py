@@ -327,3 +327,17 @@ def test_help_imports_neither_torch_nor_transformers():
             "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_repeated_list_option_keeps_every_value_and_flags_override_yaml(tmp_path):
+    """`--judge a --judge b c` is all three (argparse's extend, not the last one given), and a list given on the
+    command line replaces the YAML file's list instead of adding to it."""
+    from ofsdpo.cli import parse_config
+    from ofsdpo.config import ON_PROMPTS, OFSDPOConfig
+
+    argv = ["--on-policy", "--prompts", "p.jsonl", "--judge", "a:b", "--judge", "c:d", "e:f"]
+    assert parse_config(OFSDPOConfig, argv, "t", "d").judge == ["a:b", "c:d", "e:f"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"on_policy: {ON_PROMPTS}\nprompts: p.jsonl\njudge: [y:z]\n")
+    assert parse_config(OFSDPOConfig, ["--config", str(cfg)], "t", "d").judge == ["y:z"]
+    assert parse_config(OFSDPOConfig, ["--config", str(cfg), "--judge", "a:b"], "t", "d").judge == ["a:b"]

@@ -66,6 +66,18 @@ def _to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Repeatable(argparse._ExtendAction):
+    """A list option given several times keeps every value (argparse's "extend": `--judge a --judge b` is both),
+    and its first use on the command line replaces the default, so flags still override a YAML file's list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_repeated_seen", set())
+        if self.dest not in seen:
+            seen.add(self.dest)
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
 class DataclassParser(argparse.ArgumentParser):
     """One flag per dataclass field, as transformers' HfArgumentParser makes them (`--max-steps` and `--max_steps`;
     Literal → choices; bool → `--flag [true|false]` and `--no-flag`; list → several values), without importing
@@ -100,7 +112,7 @@ class DataclassParser(argparse.ArgumentParser):
         elif hint is bool:
             kwargs.update(type=_to_bool, nargs="?", const=True)
         elif typing.get_origin(hint) is list:
-            kwargs.update(type=typing.get_args(hint)[0], nargs="+")
+            kwargs.update(type=typing.get_args(hint)[0], nargs="+", action=_Repeatable)
         else:
             kwargs["type"] = hint
         self.add_argument(*names, **kwargs)
@@ -112,6 +124,7 @@ class DataclassParser(argparse.ArgumentParser):
         """(one instance per class, the arguments not recognised)."""
         namespace, extra = self.parse_known_args(args)
         values = vars(namespace)
+        values.pop("_repeated_seen", None)
         return [cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.init})
                 for cls in self.classes], extra
 
@@ -175,7 +188,7 @@ def continual_command(argv: list[str]) -> int:
     from .config import ContinualConfig, refuse_train_only
 
     refuse_train_only([arg for arg in argv if arg.startswith("--")])  # set per stage: say what to use instead
-    config = parse_config(ContinualConfig, _merge_repeated(argv, "--domain"), "ofsdpo continual",
+    config = parse_config(ContinualConfig, argv, "ofsdpo continual",
                           "Continual alignment across domains: COFS-DPO or a sequential baseline.")
     from .continual import ContinualRunner, format_table
 
@@ -272,7 +285,6 @@ def demo_command(argv: list[str]) -> int:
 def eval_command(argv: list[str]) -> int:
     from .config import EvalConfig
 
-    argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--adapter"), "--domain"), "--data")
     config = parse_config(EvalConfig, argv, "ofsdpo eval",
                           "Held-out DPO loss, preference accuracy, judge score, win rate, KL and response length "
                           "of the base model and each adapter on built-in domains.")
@@ -307,7 +319,6 @@ def experiment_command(argv: list[str]) -> int:
 def compare_command(argv: list[str]) -> int:
     from .config import CompareConfig
 
-    argv = _merge_repeated(_merge_repeated(_merge_repeated(argv, "--variant"), "--judge"), "--domain")
     config = parse_config(CompareConfig, argv, "ofsdpo compare", (
         "Compare methods on your preference pairs: each arm trains on the same stream over seeds; report-set "
         "metrics (and judged samples with --prompts/--judge) paired per seed, with intervals, verdicts and one "
@@ -332,22 +343,6 @@ def export_command(argv: list[str]) -> int:
 
     print(f"merged model written to {export(config)}")
     return 0
-
-
-def _merge_repeated(argv: list[str], flag: str) -> list[str]:
-    """`--domain a=x --domain b=y` → `--domain a=x b=y` (argparse keeps only the last of a repeated flag)."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-        elif argv[i].startswith(flag + "="):
-            values.append(argv[i][len(flag) + 1:])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + ([flag, *values] if values else [])
 
 
 COMMANDS = {"train": train_command, "continual": continual_command, "generate": generate_command,
