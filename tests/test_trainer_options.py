@@ -125,3 +125,20 @@ def test_save_steps_minus_one_writes_no_checkpoint_even_when_stopped(make_config
     with pytest.raises(RunInterrupted, match="no checkpoint written .--save-steps -1.: this run cannot be resumed"):
         stopped.train()
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_no_silent_no_ops_in_the_options(make_config):
+    """--eval-steps without --eval-data warns (it tracks nothing); --max-length alone fits the prompt limit to it
+    (it used to stop on the default --max-prompt-length 256)."""
+    import warnings as w
+
+    from ofsdpo import OFSDPOConfig, OFSDPOTrainer
+
+    with pytest.warns(UserWarning, match="--eval-steps 2 does nothing without --eval-data"):
+        OFSDPOTrainer(config=make_config(eval_steps=2, max_steps=1))
+    with w.catch_warnings():
+        w.simplefilter("error", UserWarning)
+        OFSDPOTrainer(config=make_config(max_steps=1))  # no warning without the flag
+    assert OFSDPOConfig(max_length=64).max_prompt_length == 32
+    assert OFSDPOConfig().max_prompt_length == 256
+    assert OFSDPOConfig(max_length=64, max_prompt_length=10).max_prompt_length == 10

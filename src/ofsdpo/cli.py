@@ -97,6 +97,9 @@ class DataclassParser(argparse.ArgumentParser):
         kwargs = dict(f.metadata)
         if "help" in kwargs:
             kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
+            shown = f.default if f.default is not dataclasses.MISSING else None
+            if shown not in (None, "", False) and "default" not in kwargs["help"].lower():
+                kwargs["help"] += f" (default: {shown})".replace("%", "%%")
         if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X], X | None
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -118,7 +121,7 @@ class DataclassParser(argparse.ArgumentParser):
         self.add_argument(*names, **kwargs)
         if hint is bool and default is True:
             self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
-                              dest=f.name, help=kwargs.get("help"))
+                              dest=f.name, help=f"Turn --{f.name.replace('_', '-')} off.")
 
     def parse_args_into_dataclasses(self, args: list[str]) -> tuple[list, list[str]]:
         """(one instance per class, the arguments not recognised)."""

@@ -98,7 +98,8 @@ class TrainingOptions:
         default=0, metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off).")
     )
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
-    max_prompt_length: int = field(default=256, metadata=_help("Max prompt tokens; longer prompts keep their end."))
+    max_prompt_length: Optional[int] = field(default=None, metadata=_help(
+        "Max prompt tokens; longer prompts keep their end (default: 256, or half of --max-length if that is less)."))
     # --- the online stream -----------------------------------------------------------------------------------------
     round_size: Optional[int] = field(
         default=None,
@@ -254,6 +255,8 @@ class TrainingOptions:
         need(self.lora_r >= 1, f"--lora-r must be >= 1 (got {self.lora_r}).")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         need(self.max_length >= 2, f"--max-length must be >= 2 (got {self.max_length}).")
+        if self.max_prompt_length is None:  # fits any --max-length: room for the completion
+            self.max_prompt_length = min(256, self.max_length // 2)
         need(
             1 <= self.max_prompt_length < self.max_length,
             f"--max-prompt-length must be in [1, --max-length) (got {self.max_prompt_length}, "

@@ -302,7 +302,8 @@ def check_same_run(path: Path, saved, now, config, num_pairs: int) -> None:
     from .config import RESUME_MAY_CHANGE, OFSDPOConfig, changed_options, read_config_file
 
     if saved.method != config.method or saved.num_pairs != num_pairs:
-        raise ConfigError(f"--resume: {path} was written by a {saved.method} run on {saved.num_pairs} pairs; "
+        article = "an" if saved.method.startswith("ofs") else "a"  # "an OFS-DPO run"
+        raise ConfigError(f"--resume: {path} was written by {article} {saved.method} run on {saved.num_pairs} pairs; "
                           f"this run is {config.method} on {num_pairs} pairs.")
     if saved.data_fingerprint is not None and saved.data_fingerprint != now.data_fingerprint:
         what = ("other --prompts (different prompts or meta); resuming would train on another stream"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ class OFSDPOTrainer:
             raise ValueError(f"train_reference holds {len(self.reference.chosen)} pairs; the stream has "
                              f"{len(self.data)}")
         self.eval_reference = eval_reference or (ReferenceCache(len(self.eval)) if self.eval is not None else None)
+        if cfg.eval_steps and self.eval is None:  # no silent no-op
+            warnings.warn(f"--eval-steps {cfg.eval_steps} does nothing without --eval-data: no best fast module is "
+                          "tracked (give --eval-data held-out pairs, or drop --eval-steps).", UserWarning, stacklevel=2)
         self.state = TrainerState(method=cfg.method, data_fingerprint=self.stream.fingerprint())
         self.best_state: dict | None = None  # weights of the best fast (or dpo) module on --eval-data
         self._eval_losses: dict = {}  # the last `_track_best` loss on --eval-data: {"step": s, module: loss}
