@@ -341,3 +341,11 @@ def test_a_repeated_list_option_keeps_every_value_and_flags_override_yaml(tmp_pa
     cfg.write_text(f"on_policy: {ON_PROMPTS}\nprompts: p.jsonl\njudge: [y:z]\n")
     assert parse_config(OFSDPOConfig, ["--config", str(cfg)], "t", "d").judge == ["y:z"]
     assert parse_config(OFSDPOConfig, ["--config", str(cfg), "--judge", "a:b"], "t", "d").judge == ["a:b"]
+
+
+def test_a_malformed_yaml_is_one_line_naming_where(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nvariants: [\n  - {name: a\n")
+    assert main(["experiment", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}: not valid YAML at line 3, column 3: expected the node content" in err

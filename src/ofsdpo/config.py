@@ -660,8 +660,11 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
         raise ConfigError(f"--config {path}: no such file.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({err}).") from None
+    except yaml.YAMLError as err:  # one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {what}.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values.")
     if hasattr(config_class, "translate_yaml"):
