@@ -333,6 +333,20 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_missing_a_module_file_is_one_line(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """An ofs-dpo checkpoint without adapter-slow.safetensors: "cannot read checkpoint", not KeyError: 'slow'."""
+    out = tmp_path / "run"
+    assert main(train_flags(tiny_model_dir, pairs_file, out, "--method", "ofs-dpo", "--max-steps", "2",
+                            "--save-steps", "1")) == 0
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    (newest / "adapter-slow.safetensors").unlink()
+    capsys.readouterr()
+    assert main(train_flags(tiny_model_dir, pairs_file, out, "--method", "ofs-dpo", "--max-steps", "3",
+                            "--save-steps", "1", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot read checkpoint {newest} (no adapter-slow.safetensors)" in err and "KeyError" not in err
+
+
 # --- security --------------------------------------------------------------------------------------------------------
 def _calls(name: str):
     for path in sorted(SRC.rglob("*.py")):

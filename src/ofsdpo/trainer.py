@@ -332,6 +332,10 @@ class OFSDPOTrainer:
         self.stream.restore(state.generated_pairs)
         self.reference.grow_to(len(self.data))
         check_same_run(path, state, self.state, self.config, len(self.data))
+        missing = [name for name in self.names if name not in saved["adapters"]]
+        if missing:  # a checkpoint missing a file: the message of any unreadable checkpoint
+            raise ConfigError(f"--resume: cannot read checkpoint {path} (no adapter-{missing[0]}.safetensors); remove "
+                              "it to resume from an older one.")
         for name in self.names:
             load_adapter_state(self.model, name, saved["adapters"][name])
         self.best_state = saved["adapters"].get("best") if state.best else None
