@@ -349,3 +349,16 @@ def test_a_malformed_yaml_is_one_line_naming_where(tmp_path, capsys):
     assert main(["experiment", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bad}: not valid YAML at line 3, column 3: expected the node content" in err
+
+
+def test_the_console_script_finds_a_judge_module_in_the_current_directory(tmp_path):
+    """The `ofsdpo` script runs without the current directory on sys.path (only `python -m` puts it there): its
+    entry point adds it, so `--judge cwdjudge:score` finds cwdjudge.py there as `python -m ofsdpo` does. Run in a
+    fresh interpreter whose sys.path is made like the script's."""
+    import subprocess
+
+    (tmp_path / "cwdjudge.py").write_text("def score(prompt, response, meta):\n    return 1.0\n")
+    probe = ("import sys; sys.path = [p for p in sys.path if p]; from ofsdpo import cli, judges; "
+             "cli.main = lambda: judges.resolve_judges(['cwdjudge:score']) and 0; cli.entry_point()")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -408,4 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    """The `ofsdpo` console script. It finds a judge module (`--judge mymodule:fn`) in the current directory as
+    `python -m ofsdpo` does: Python puts the current directory first on sys.path for `-m`, not for a script."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     sys.exit(main())
