@@ -362,3 +362,16 @@ def test_the_console_script_finds_a_judge_module_in_the_current_directory(tmp_pa
              "cli.main = lambda: judges.resolve_judges(['cwdjudge:score']) and 0; cli.entry_point()")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_judge_file_in_a_yaml_resolves_beside_the_yaml(tmp_path, monkeypatch):
+    from ofsdpo.config import ON_PROMPTS
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "myjudge.py").write_text("def score(prompt, response, meta):\n    return 1.0\n")
+    cfg = folder / "c.yaml"
+    cfg.write_text(f"on_policy: {ON_PROMPTS}\nprompts: p.jsonl\njudge: [myjudge.py:score:0.5, sentiment]\n")
+    monkeypatch.chdir(tmp_path)  # the run starts elsewhere
+    judge = parse_config(OFSDPOConfig, ["--config", str(cfg)], "t", "d").judge
+    assert judge == [f"{(folder / 'myjudge.py').resolve()}:score:0.5", "sentiment"]

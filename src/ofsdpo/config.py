@@ -678,7 +678,22 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config {path}: unknown key '{key}'.{hint}")
         values[name] = value
+    if "judge" in values:  # a judge file named in the YAML is found beside the YAML, wherever the run starts
+        values["judge"] = _judges_beside(values["judge"], path.parent)
     return values
+
+
+def _judges_beside(specs, folder: Path):
+    """Judge specs `path/to/file.py:function[:weight]` with a relative path that exists under `folder` (the YAML's),
+    made absolute; every other spec as it is."""
+    def resolve(spec):
+        if not isinstance(spec, str):
+            return spec
+        file, sep, rest = spec.partition(".py:")
+        if not sep or Path(file + ".py").is_absolute() or not (folder / (file + ".py")).is_file():
+            return spec
+        return f"{(folder / (file + '.py')).resolve()}:{rest}"
+    return [resolve(s) for s in specs] if isinstance(specs, list) else resolve(specs)
 
 
 @dataclass
