@@ -347,6 +347,28 @@ def test_a_checkpoint_missing_a_module_file_is_one_line(tiny_model_dir, pairs_fi
     assert f"cannot read checkpoint {newest} (no adapter-slow.safetensors)" in err and "KeyError" not in err
 
 
+def test_pickled_adapters_and_reward_models_are_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    """Only safetensors load: an adapter folder or an hf: judge folder whose weights are a pickled .bin is one
+    line, exit 2, and nothing is unpickled."""
+    from ofsdpo.judges import resolve_judges
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    marker = tmp_path / "code-ran"
+    torch.save({"w": _RunsCode(marker)}, adapter / "adapter_model.bin")
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--num-prompts", "1",
+                 "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--adapter {adapter}: its weights are pickled (.bin)" in err and not marker.exists()
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    torch.save({"w": _RunsCode(marker)}, reward / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"judge 'hf:.*reward': judge hf:.*its weights are pickled"):
+        resolve_judges([f"hf:{reward}"]).score([{"prompt": "p", "meta": {}}], [["r"]])
+    assert not marker.exists()
+
+
 # --- security --------------------------------------------------------------------------------------------------------
 def _calls(name: str):
     for path in sorted(SRC.rglob("*.py")):

@@ -417,11 +417,14 @@ def _max_length(tokenizer, model) -> int:
 def _cached_reward_model(model_name: str, device: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .models import require_safetensors
+
+    require_safetensors(model_name, f"judge hf:{model_name}", "model")  # a local folder: pickles refused first
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # left padding shifts positions: harmless under RoPE, not with absolute ones
-    model = AutoModelForSequenceClassification.from_pretrained(model_name)
+    model = AutoModelForSequenceClassification.from_pretrained(model_name, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the model pools at the last token that is not this one
     return model.to(device).eval(), tokenizer
 
@@ -434,8 +437,12 @@ def _load_reward_model(name: str, model_name: str, device: str):
         raise ConfigError(f"judge '{name}': hf: needs a model name or folder (hf:MODEL)")
     if looks_local(model_name) and not Path(model_name).expanduser().exists():
         raise ConfigError(f"judge '{name}': no such folder {model_name} (a hub model is named owner/name)")
+    from .models import ModelError
+
     try:
         model, tokenizer = _cached_reward_model(model_name, device)
+    except ModelError as err:  # said plainly already (pickled weights refused)
+        raise ConfigError(f"judge '{name}': {err}") from None
     except Exception as err:  # hub, file and config errors come in many types
         raise ConfigError(f"judge '{name}': cannot load {model_name} as a sequence-classification reward model "
                           f"({type(err).__name__}: {err})") from None

@@ -283,12 +283,26 @@ def check_target_modules(targets: str | list[str], model, gguf_file: str | None 
                          f"layers are {', '.join(linear)} (or use all-linear).")
 
 
+def require_safetensors(folder: str | Path, what: str, weights: str = "adapter_model") -> None:
+    """A folder whose weights are only pickled (`.bin`) is refused before anything loads: unpickling can run code.
+    `weights` is the file stem (`adapter_model` for a peft adapter, `model` for a transformers model)."""
+    folder = Path(folder)
+    if not folder.is_dir() or list(folder.glob("*.safetensors")):
+        return
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ModelError(f"{what} {folder}: its weights are pickled (.bin), which can run code when loaded; "
+                         f"ofsdpo loads safetensors only. Convert it once with save_pretrained(..., "
+                         f"safe_serialization=True) to get {weights}.safetensors.")
+
+
 def check_adapter(adapter: str | Path, model) -> None:
     """A peft adapter folder must fit `model` (a meta or loaded model): every LoRA weight's module must exist with
-    the shape the weight was trained on; otherwise the adapter was trained on another base."""
+    the shape the weight was trained on; otherwise the adapter was trained on another base. Pickled weights are
+    refused (`require_safetensors`)."""
     from safetensors import safe_open
 
     folder = Path(adapter)
+    require_safetensors(folder, "--adapter")
     weights = folder / "adapter_model.safetensors"
     if model is None or not weights.is_file():
         return

@@ -31,9 +31,10 @@ def export(cfg: ExportConfig) -> Path:
     import torch
     from peft import PeftModel
 
-    from ..models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer, require_safetensors
 
     run, out = Path(cfg.run), Path(cfg.out)
+    require_safetensors(run, "run")
     if not (run / "adapter_config.json").is_file():
         raise ConfigError(f"{run}: no served adapter (adapter_config.json); give the --output-dir of a finished "
                           "train or continual run.")
