@@ -59,3 +59,37 @@ def test_the_cached_model_equals_the_gguf_load(tmp_path, monkeypatch):
     text = "Déjà vu: 3 tokens, émojis 🙂 and\ttabs."
     assert cached_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
     assert (cached_tok.eos_token_id, cached_tok.pad_token_id) == (direct_tok.eos_token_id, direct_tok.pad_token_id)
+
+
+def test_a_hub_name_with_no_network_fails_at_once_or_uses_the_cache(monkeypatch):
+    """One probe through huggingface_hub: a connection failure is one line naming the flag (no retries), unless
+    the repo is in the local cache, which is then used offline; an answer from the Hub (say, not found) is left to
+    the real load."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from ofsdpo.models import ModelError, check_hub
+
+    class ConnectError(Exception):  # httpx's name for it
+        pass
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("request failed") from ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "repo_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    with pytest.raises(ModelError, match=r"--model owner/name: the Hugging Face Hub could not be reached .* "
+                                         r"owner/name is not in the local cache; .*HF_HUB_OFFLINE=1"):
+        check_hub("owner/name", "--model owner/name")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_hub("owner/name", "--model owner/name")
+    assert constants.HF_HUB_OFFLINE is True  # the cached copy, offline
+
+    def not_found(*args, **kwargs):
+        raise ValueError("404 Repository Not Found")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "repo_info", not_found)
+    check_hub("owner/name", "--model owner/name")  # the Hub answered: the load reports it

@@ -139,6 +139,12 @@ def _read_dataset(name: str, split: str) -> Iterator[tuple[int, Any]]:
     if os.path.isdir(name) and any(p.exists() for p in saved):  # written by Dataset.save_to_disk
         loaded = datasets.load_from_disk(name)
     else:
+        from .models import ModelError, check_hub
+
+        try:
+            check_hub(name, "the dataset", repo_type="dataset")
+        except ModelError as err:
+            raise DataError(name, str(err).removeprefix("the dataset: ")) from None
         try:
             loaded = datasets.load_dataset(name, split=split)
         except Exception as err:

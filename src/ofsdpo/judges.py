@@ -437,6 +437,13 @@ def _load_reward_model(name: str, model_name: str, device: str):
         raise ConfigError(f"judge '{name}': hf: needs a model name or folder (hf:MODEL)")
     if looks_local(model_name) and not Path(model_name).expanduser().exists():
         raise ConfigError(f"judge '{name}': no such folder {model_name} (a hub model is named owner/name)")
+    if not Path(model_name).expanduser().exists():
+        from .models import ModelError, check_hub
+
+        try:
+            check_hub(model_name, f"judge '{name}'")
+        except ModelError as err:
+            raise ConfigError(str(err)) from None
     from .models import ModelError
 
     try:

@@ -156,6 +156,45 @@ def looks_local(name: str) -> bool:
             or not HUB_NAME.fullmatch(name))
 
 
+HUB_PROBE_TIMEOUT = 5.0  # seconds for the one request that tells whether the Hub answers at all
+
+
+def check_hub(name: str, what: str, repo_type: str = "model") -> None:
+    """A hub name with no network fails in about a second with one line, instead of transformers' and datasets'
+    retries (30-60 s of them). One request through huggingface_hub (its own timeout setting): if the Hub cannot be
+    reached, a repo in the local cache is used offline (huggingface_hub's offline mode), and one that is not is a
+    ModelError naming `what` (the flag and the name, e.g. "--model owner/name"). Any other answer (found, not found, gated) lets the real load say what it says."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.repo_info(name, repo_type=repo_type, timeout=HUB_PROBE_TIMEOUT)
+        return
+    except Exception as err:  # noqa: BLE001 -- only a connection failure is ours to report
+        if not _unreachable(err):
+            return
+    cached = huggingface_hub.try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md",
+                                                    repo_type=repo_type)
+    if isinstance(cached, str):
+        constants.HF_HUB_OFFLINE = True  # the cached copy, without retrying the network for each file
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return
+    raise ModelError(f"{what}: the Hugging Face Hub could not be reached (no network?) and {name} is not in the "
+                     "local cache; give a local path, or set HF_HUB_OFFLINE=1 to use only the cache.")
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether an error (or what caused it) is a failure to connect, not an answer from the Hub."""
+    while err is not None:
+        name = type(err).__name__
+        if "Connect" in name or "Timeout" in name or isinstance(err, (ConnectionError, TimeoutError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, str | None]:
     """The embedded default when no model is named; a local folder as an absolute path (the adapters written name
     it as their base, and must load from any working directory); a missing local-looking path at once."""
@@ -166,6 +205,7 @@ def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, st
         return str(path.resolve()), gguf_file
     if looks_local(name):
         raise ModelError(f"--model {name}: no such folder ({path.absolute()}).")
+    check_hub(name, f"--model {name}")
     return name, gguf_file
 
 
