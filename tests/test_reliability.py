@@ -369,6 +369,31 @@ def test_pickled_adapters_and_reward_models_are_refused_before_loading(tiny_mode
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "outputs"])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(tiny_model_dir, pairs_file,
+                                                                                  tmp_path, capsys, monkeypatch,
+                                                                                  where):
+    """ENOSPC injected while a checkpoint's files (or the run's outputs: the served adapter) are written: exit 2,
+    one line naming the file and "no space left on device", no temporary folder, no truncated file."""
+    import errno
+
+    import ofsdpo.checkpoint
+    import ofsdpo.modules
+
+    def full(tensors, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    target = ofsdpo.checkpoint if where == "checkpoint" else ofsdpo.modules
+    monkeypatch.setattr(target, "save_file", full, raising=False)
+    if where == "outputs":  # modules imports save_file inside the function: patch where it comes from
+        monkeypatch.setattr("safetensors.torch.save_file", full)
+    out = tmp_path / "run"
+    assert main(train_flags(tiny_model_dir, pairs_file, out, "--max-steps", "2", "--save-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on device" in err and str(out) in err and "Traceback" not in err
+    assert not list(out.rglob(".tmp-*")) and not (out / "summary.json").exists()
+
+
 # --- security --------------------------------------------------------------------------------------------------------
 def _calls(name: str):
     for path in sorted(SRC.rglob("*.py")):

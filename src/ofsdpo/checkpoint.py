@@ -10,6 +10,7 @@ saves it. The optimiser state is read back with `weights_only=True`, so a tamper
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import random
@@ -49,6 +50,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class WriteError(ConfigError):
+    """A run's file could not be written (a full disk, a lost mount): one line naming the file, exit 2."""
+
+
+def write_error(path: Path, what: str, err: BaseException) -> WriteError:
+    """One line for a failed write: the file, what was being written, and the cause in words."""
+    text = " ".join(str(err).split())
+    full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in text or "No space left" in text
+    cause = "no space left on device" if full else (getattr(err, "strerror", None) or text[:200])
+    return WriteError(f"cannot write {path} ({what}): {cause}; free space or choose another --output-dir")
+
+
 def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler, reference: dict, state: dict, keep: int,
                     rng: dict | None = None):
     root = Path(root)
@@ -59,15 +72,24 @@ def save_checkpoint(root: Path, step: int, adapters: dict, optimizer, scheduler,
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash mid-write; only one run writes here
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"{TMP_PREFIX}{PREFIX}{step}"
-    tmp.mkdir()
-    for name, tensors in adapters.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f"adapter-{name}.safetensors")
-    save_file({k: v.contiguous() for k, v in reference.items()}, tmp / "reference_cache.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
-               tmp / "training_state.pt")
-    write_json(tmp / "trainer_state.json", state)
-    flush_to_disk(tmp)
-    tmp.rename(final)
+    writing = tmp
+    try:
+        tmp.mkdir()
+        for name, tensors in adapters.items():
+            writing = tmp / f"adapter-{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, writing)
+        writing = tmp / "reference_cache.safetensors"
+        save_file({k: v.contiguous() for k, v in reference.items()}, writing)
+        writing = tmp / "training_state.pt"
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng or rng_state()}, writing)
+        writing = tmp / "trainer_state.json"
+        write_json(writing, state)
+        flush_to_disk(tmp)
+        tmp.rename(final)
+    except (OSError, RuntimeError) as err:  # a full disk: torch.save says "unexpected pos", others ENOSPC
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
+        raise write_error(writing, f"the checkpoint of step {step}", err) from None
     flush_to_disk(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

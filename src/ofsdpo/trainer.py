@@ -9,6 +9,8 @@ state is one dataclass (`state.py`); the served module and the regret come from 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -395,13 +397,19 @@ class OFSDPOTrainer:
 
     def _write_outputs(self, served: str, regret: list[dict], summary: dict) -> None:
         out = self.output_dir
-        save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
-        if self.config.method == "ofs-dpo":
-            for name in self.names:
-                save_adapter(self.model, name, out / name)
-        if self.best_state is not None:
-            write_adapter(self.model.peft_config[self.names[0]], self.best_state, out / "best_fast")
-        self.tokenizer.save_pretrained(out)
-        if regret:
-            write_jsonl(out / "regret.jsonl", regret)
-        write_json(out / "summary.json", summary)
+        try:
+            save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
+            if self.config.method == "ofs-dpo":
+                for name in self.names:
+                    save_adapter(self.model, name, out / name)
+            if self.best_state is not None:
+                write_adapter(self.model.peft_config[self.names[0]], self.best_state, out / "best_fast")
+            with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-tokenizer-") as staging:  # whole files or none
+                for path in self.tokenizer.save_pretrained(staging):
+                    if os.path.isfile(path):
+                        os.replace(path, out / Path(path).name)
+            if regret:
+                write_jsonl(out / "regret.jsonl", regret)
+            write_json(out / "summary.json", summary)
+        except (OSError, RuntimeError) as err:
+            raise ckpt.write_error(Path(getattr(err, "filename", None) or out), "the run's outputs", err) from None
