@@ -331,6 +331,11 @@ def compare_command(argv: list[str]) -> int:
 
     resolve_device(config.training.device)
     result = run_compare(config)
+    from .commands.experiment_report import paired_line
+
+    print("| arm − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | decided by | "
+          "p Holm | n | MDE | arm (mean ± sd) | baseline (mean ± sd) | reading |")
+    print("\n".join(paired_line(row) for row in result["paired"]))
     print("\n".join(result["recommendation"]))
     print(f"compare.md and compare.json written to {config.output_dir}")
     return 0

@@ -143,6 +143,10 @@ def costs(summary: dict) -> dict[str, dict]:
             mean = sum(seconds) / len(seconds)
             out[cell.split("/")[0]] = {"train_seconds": mean, "seconds_per_step": mean / (sum(steps) / len(steps)),
                                        "runs": len(seconds)}
+            for key in ("peak_cuda_mib", "peak_process_rss_mib"):
+                peaks = [r[key] for r in runs.values() if r.get(key) is not None]
+                if peaks:
+                    out[cell.split("/")[0]][key] = max(peaks)
     return out
 
 
@@ -193,11 +197,17 @@ def run_compare(cfg: CompareConfig) -> dict:
     note = ("" if judged else "Pair metrics only (report DPO loss and preference accuracy"
             + (", online loss): give --prompts and --judge for judged samples, win rate and KL.\n\n"
                if experiment.kind == "in-domain" else "): the continual form judges no samples.\n\n"))
-    table = "\n".join(f"| {arm} | {c['train_seconds']:.1f} | {c['seconds_per_step']:.2f} | {c['runs']} |"
+    def memory(c: dict) -> str:
+        if c.get("peak_cuda_mib") is not None:
+            return f"{c['peak_cuda_mib']:.0f} MiB (CUDA, per run)"
+        return f"{c['peak_process_rss_mib']:.0f} MiB (process RSS so far)" if c.get("peak_process_rss_mib") else "-"
+
+    table = "\n".join(f"| {arm} | {c['train_seconds']:.1f} | {c['seconds_per_step']:.2f} | {memory(c)} | {c['runs']} |"
                       for arm, c in cost.items())
     timed = "training s per run" if experiment.kind == "in-domain" else "s per run (training, selection, scoring)"
     body = (out / "aggregate.md").read_text(encoding="utf-8")
     write_atomic(out / "compare.md", "# Recommendation\n\n" + "".join(f"- {line}\n" for line in lines) + "\n" + note
-                 + f"## Cost (mean over seeds)\n\n| arm | {timed} | s per step | runs |\n|---|---|---|---|\n"
+                 + f"## Cost (mean over seeds)\n\n| arm | {timed} | s per step | peak memory | runs |\n"
+                 + "|---|---|---|---|---|\n"
                  + table + "\n\n" + body)
     return result

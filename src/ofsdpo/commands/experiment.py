@@ -152,16 +152,41 @@ class ExperimentRunner:
             return result
         self.say(f"{cell}, seed {seed} …")
         started = time.perf_counter()
+        cuda = self._reset_peak_memory()
         if self.config.kind == "in-domain":
             result = self.in_domain(variant, domain, seed, run_dir)
         else:
             result = self.continual(variant, seed, run_dir)
-        result.update(wall_seconds=time.perf_counter() - started, run_key=key)
+        result.update(wall_seconds=time.perf_counter() - started, run_key=key, **self._peak_memory(cuda))
         for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed here
             shutil.rmtree(checkpoints, ignore_errors=True)
         write_json(done, result)
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
+
+    @staticmethod
+    def _reset_peak_memory() -> bool:
+        """Start counting a run's peak accelerator memory (CUDA: per run); returns whether there is CUDA."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return True
+        return False
+
+    @staticmethod
+    def _peak_memory(cuda: bool) -> dict:
+        """The run's peak memory: CUDA's peak allocation during the run; on the CPU the process's peak resident
+        memory so far (the OS keeps one high-water mark per process, so a later run reports at least an earlier
+        one's)."""
+        import resource
+
+        import torch
+
+        out = {"peak_process_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if cuda:
+            out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
 
     def run_key(self, variant: dict, domain: str | None, seed: int) -> str:
         """A hash of everything a run's result depends on: its resolved config (paths aside), the pairs' bytes and
