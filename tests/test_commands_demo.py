@@ -77,10 +77,29 @@ def test_write_report_holds_the_runs_numbers(tmp_path):
     check_report(tmp_path, reports, summary)
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# ofsdpo demo (quick)\n") and "Wall-clock: 1.5 min." in text
-    assert f"Settings: {demo.QUICK}." in text and "Model: `tiny`." in text
+    assert f"Settings: {demo.describe(demo.QUICK)}. Wall-clock" in text and "Model: `tiny`." in text
+    assert "DemoSettings(" not in text and "--selection heldout" in text and "one seed" in text
+    assert "SmolLM2-135M-Instruct (the embedded GGUF" in demo.readable_model(demo.embedded_model()[0])
     # the learning curve is each stage's loss, the stages one after another (dpo logs `loss`, ofs-dpo `fast/loss`)
     assert demo.continual_loss_curve(tmp_path / "ofs-dpo", NAMES) == [
         0.7 - 0.01 * s - 0.1 * k for k in range(3) for s in (1, 2)]
+
+
+def test_a_cofs_run_that_served_the_newest_module_is_said_once(tmp_path):
+    """λ = 0 at every stage: COFS-DPO served what sequential OFS-DPO served, so the report says so in one line
+    instead of a second identical stage table."""
+    ofs = fake_report("ofs-dpo", 0.0)
+    cofs = {**ofs, "method": "cofs-dpo", "lambdas": [None, 0.0, 0.0]}
+    reports = {"dpo": fake_report("dpo", 0.1), "ofs-dpo": ofs, "cofs-dpo": cofs}
+    for method in demo.METHODS:
+        for k, name in enumerate(NAMES):
+            path = tmp_path / method / "domains" / f"{k + 1}-{name}" / "metrics.jsonl"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"step": 1, "loss": 0.7, "fast/loss": 0.7}) + "\n")
+    demo.write_report(tmp_path, reports, demo.QUICK, "tiny", 60.0, quick=True)
+    text = (tmp_path / "report.md").read_text()
+    assert "cofs-dpo chose λ = 0 at every stage" in text and len(re.findall(r"```\n", text)) == 2 * 2
+    assert not demo.same_as_sequential({**reports, "cofs-dpo": {**cofs, "lambdas": [None, 0.5, 0.0]}})
 
 
 def test_quick_demo_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
