@@ -152,7 +152,7 @@ def costs(summary: dict) -> dict[str, dict]:
 
 def _quote(row: dict) -> str:
     d = row["decision"]
-    return f"{row['title'].split(' (')[0]} {row['mean']:+.3f} [{d['lower']:+.3f}, {d['upper']:+.3f}]"
+    return f"{row['title'].split(' (')[0]} {row['mean']:+.3g} [{d['lower']:+.3g}, {d['upper']:+.3g}]"  # any scale
 
 
 def recommendation(summary: dict, cost: dict) -> list[str]:
