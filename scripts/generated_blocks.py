@@ -49,7 +49,8 @@ def results_summary(results: Path = RESULTS) -> str:
         what = "; ".join(f"{r['variant']} {verdict(r)} than {r['baseline']} on {r['title'].split(' (')[0]} "
                          f"({r['mean']:+.3f}, "
                          f"[{r['decision']['lower']:+.3f}, {r['decision']['upper']:+.3f}])" for r in held)
-        lines.append(f"| {agg['experiment']} | {ran} | {len(agg['paired'])} | {what or 'nothing: no difference shown'} |")
+        what = what or "nothing: no difference shown"
+        lines.append(f"| {agg['experiment']} | {ran} | {len(agg['paired'])} | {what} |")
     return "\n".join(lines) + "\n"
 
 

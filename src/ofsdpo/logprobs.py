@@ -324,7 +324,7 @@ def pair_logps(model: torch.nn.Module, pairs: list[dict], pad_token_id: int, bat
     return torch.cat(chosen), torch.cat(rejected)
 
 
-# --- KL(π ‖ π_ref) along sampled responses (judged evaluation) -------------------------------------------------------
+# --- KL(π ‖ π_ref) along sampled responses (judged evaluation) -----------------------------------------------------
 # The exact per-token KL over the whole vocabulary, summed along each response: Σ_t Σ_v π(v|y<t) (log π(v|y<t) −
 # log π_ref(v|y<t)). Each position's KL is a KL of two distributions, so it is ≥ 0 whatever the response; the
 # responses only choose the prefixes y<t at which it is taken (the policy's judged samples).

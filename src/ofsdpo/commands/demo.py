@@ -161,7 +161,7 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
     same = same_as_sequential(reports)
     for method in METHODS:
         if method == "cofs-dpo" and same:  # no silent duplicate: say it once instead of a second identical table
-            lines += [f"cofs-dpo chose λ = 0 at every stage (its newest module alone scored best on the memory), "
+            lines += ["cofs-dpo chose λ = 0 at every stage (its newest module alone scored best on the memory), "
                       "so it served what sequential ofs-dpo serves: its rows equal ofs-dpo's above.", ""]
             continue
         lines += ["```", format_table(reports[method]).rstrip(), "```", ""]
