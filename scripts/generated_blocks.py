@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
-# the experiments of docs/results.md, in its order (scripts/results_sections.py is run with the same list)
-PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
-        "cofs-opposed", "cofs-chain", "frontier-sentiment"]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
+from results_sections import PAGE, RESULTS, page_adjusted  # noqa: E402  (the page's experiments and its Holm)
+
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.DOTALL)
 
 
@@ -31,16 +30,12 @@ def _aggregates(results: Path) -> list[dict]:
 
 
 def results_summary(results: Path = RESULTS) -> str:
-    sys.path.insert(0, str(ROOT / "src"))
     from ofsdpo.commands.experiment_report import verdict
-    from ofsdpo.stats import holm
 
     aggregates = _aggregates(results)
-    rows = [row for agg in aggregates for row in agg["paired"]]
-    for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
-        row["p_holm"] = p
+    count = page_adjusted(aggregates)
     lines = ["| experiment | seeds run | comparisons | what holds under the page's rule (95 %, Holm over "
-             f"{len(rows)} comparisons) |", "|---|---|---|---|"]
+             f"{count} comparisons) |", "|---|---|---|---|"]
     for agg in aggregates:
         held = [r for r in agg["paired"] if verdict(r) in ("better", "worse")]
         seeds = sorted({int(s) for runs in agg["per_seed"].values() for s in runs})

@@ -1,8 +1,8 @@
 """Rewrite docs/results.md's result sections from experiments' aggregates (no hand-typed numbers): claim 1 and the
 chase ablation from in-domain experiments, claim 2 from continual ones.
 
-    python scripts/results_sections.py docs/results/in-domain-sentiment-aggregate.json \
-        docs/results/in-domain-critic-aggregate.json docs/results/cofs-opposed-aggregate.json
+    python scripts/results_sections.py          # the page's experiments (PAGE), in its order
+    python scripts/results_sections.py docs/results/in-domain-sentiment-aggregate.json …   # or those given
 
 Each argument is an aggregate.json with its aggregate.md beside it (as `ofsdpo experiment` writes them, or copied
 into docs/results/ as NAME-aggregate.{json,md}); one section per experiment, in the order given. A reading written
@@ -25,6 +25,10 @@ from ofsdpo.commands.experiment_report import verdict as reading
 from ofsdpo.stats import holm
 
 START, END = "## Claim 1 (SPEC §6.1)", "## Not run in this session"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+# the experiments of docs/results.md, in its order (scripts/generated_blocks.py reads the same list)
+PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
+        "cofs-opposed", "cofs-chain", "frontier-sentiment"]
 NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report_accuracy": "Report preference accuracy",
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
          "independent_judge_score": "Independent judge score (AFINN)",
@@ -254,4 +258,5 @@ def main(aggregates: list[str], page: str = "docs/results.md") -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:] or [str(RESULTS / f"{name}-aggregate.json") for name in PAGE
+                          if (RESULTS / f"{name}-aggregate.json").is_file()])

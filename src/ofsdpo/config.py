@@ -230,17 +230,7 @@ class TrainingOptions:
                 raise ConfigError(message)
 
         check_field_types(self)
-        # issue 16: by default ofs-dpo's fused forward runs on half micro-batches (the same pairs and gradient per
-        # step), so the stacked batch of both modules is dpo's size; a batch size or accumulation the user set is
-        # run exactly as asked. The resolved values are saved in config.yaml.
-        explicit = self.batch_size is not None or self.grad_accum is not None
-        self.batch_size = 4 if self.batch_size is None else self.batch_size
-        self.grad_accum = 1 if self.grad_accum is None else self.grad_accum
-        if self.module_batch_size is None:
-            self.module_batch_size = self.batch_size if explicit else -(-self.batch_size // 2)
-        need(1 <= self.module_batch_size <= self.batch_size,
-             f"--module-batch-size must be in [1, --batch-size] (got {self.module_batch_size}, --batch-size "
-             f"{self.batch_size}).")
+        self._resolve_batches(need)
         need(0 < self.beta < math.inf, f"--beta must be > 0 (got {self.beta}).")
         need(self.chase_beta is None or 0 < self.chase_beta < math.inf,
              f"--chase-beta must be > 0 (got {self.chase_beta}).")
@@ -277,6 +267,23 @@ class TrainingOptions:
 
             need(importlib.util.find_spec("wandb") is not None,
                  "--report-to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline needs no account).")
+        self._resolve_round(need)
+
+    def _resolve_batches(self, need) -> None:
+        """Issue 16: by default ofs-dpo's fused forward runs on half micro-batches (the same pairs and gradient per
+        step), so the stacked batch of both modules is dpo's size; a batch size or accumulation the user set is run
+        exactly as asked. The resolved values are saved in config.yaml."""
+        explicit = self.batch_size is not None or self.grad_accum is not None
+        self.batch_size = 4 if self.batch_size is None else self.batch_size
+        self.grad_accum = 1 if self.grad_accum is None else self.grad_accum
+        if self.module_batch_size is None:
+            self.module_batch_size = self.batch_size if explicit else -(-self.batch_size // 2)
+        need(1 <= self.module_batch_size <= self.batch_size,
+             f"--module-batch-size must be in [1, --batch-size] (got {self.module_batch_size}, --batch-size "
+             f"{self.batch_size}).")
+
+    def _resolve_round(self, need) -> None:
+        """A round (what is scored before any update on it) is a whole number of optimiser steps; one by default."""
         step_pairs = self.pairs_per_step
         if self.round_size is None:
             self.round_size = step_pairs

@@ -185,12 +185,12 @@ def recommendation(summary: dict, cost: dict) -> list[str]:
 def run_compare(cfg: CompareConfig) -> dict:
     experiment = experiment_config(cfg)
     out = Path(cfg.output_dir)
-    summary = ExperimentRunner(experiment, out, cfg.training.progress).run()
+    runner = ExperimentRunner(experiment, out, cfg.training.progress)
+    summary = runner.run()
     cost = costs(summary)
     lines = recommendation(summary, cost)
     judged = bool(cfg.prompts)
-    runner = ExperimentRunner(experiment, out, verbose=False)
-    split = {d: runner.split(d)["indices"] for d in experiment.domains}
+    split = {d: runner.split(d)["indices"] for d in experiment.domains}  # the sets the runs used
     split = split[experiment.domains[0]] if experiment.kind == "in-domain" else split
     result = {"recommendation": lines, "costs": cost, "judged": judged, "split": split, **summary}
     write_json(out / "compare.json", result)

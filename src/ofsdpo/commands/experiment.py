@@ -116,6 +116,7 @@ class ExperimentRunner:
         self._reference_logps: dict = {}  # π_ref's log-probs of each domain's pairs, for every run
         self._shared: dict = {}  # continual: the stages and scores this seed's variants share (`reuse`)
         self._domains: dict = {}  # the user's held-out prompts and judge, by domain name (`domain`)
+        self._splits: dict = {}  # each domain's three sets (`split`)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -293,7 +294,13 @@ class ExperimentRunner:
 
     def split(self, domain: str) -> dict[str, list[dict]]:
         """The domain's three disjoint sets (see the module docstring), as rows, and where they came from: pair
-        indices count the training prompts' pairs first, then the report pairs."""
+        indices count the training prompts' pairs first, then the report pairs. Read once per domain: every run
+        of the process uses the same sets."""
+        if domain not in self._splits:
+            self._splits[domain] = self._read_split(domain)
+        return self._splits[domain]
+
+    def _read_split(self, domain: str) -> dict[str, list[dict]]:
         from ..data import read_rows
 
         cfg = self.config
