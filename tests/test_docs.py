@@ -3,6 +3,7 @@ scripts/generated_blocks.py writes from the committed aggregates now, and the RE
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,3 +41,58 @@ def test_a_changed_aggregate_makes_the_block_stale(tmp_path):
 
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+# No stale figure (issue 32): a measured number in the running text says which commit and machine it came from, on
+# its own line, or points at docs/changelog.md, where measurements of superseded code live with theirs. A number
+# followed by a unit of time, memory, throughput, a ratio or a percentage is taken for a measurement unless a bound
+# comes just before it ("≤ 2.0 ×", "up to 256 MiB", "more than 10 %": limits and targets) or the line carries
+# NOT_MEASURED (an option's value, an input's size, arithmetic), the one allowed marker.
+FIGURE = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?:\s*[-–]\s*\d+(?:[.,]\d+)*)?\s*"
+                    r"(?:tokens/s|pairs/s|s/step|s/pair|ms|min|GiB|MiB|KiB|GB|MB|s|×|x"
+                    r"|%(?!\s*(?:t interval|confidence|interval)))(?![\w/])")
+BOUND = re.compile(r"(?:≤|≥|<|>|up to|at most|than)\s*$")
+STAMP = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b|changelog\.md")
+NOT_MEASURED = "<!-- figure: not measured -->"
+FIGURE_EXEMPT = {"results.md", "SPEC.md", "index.md", "changelog.md"}  # generated, or the paper, or the dated log
+
+
+def _measured(line: str) -> bool:
+    text = re.sub(r"`[^`]*`", "", line)  # option values and code in backticks are not measurements
+    return any(not BOUND.search(text[:m.start()]) for m in FIGURE.finditer(text))
+
+
+def unstamped_figures(markdown: str) -> list[str]:
+    """The lines of `markdown` outside code fences and generated blocks whose figure has neither a commit nor a
+    changelog link on the line; a table row may have its stamp in the table's header row."""
+    found, fence, generated, header = [], False, False, ""
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        generated = (generated or line.startswith("<!-- generated:")) and not line.startswith("<!-- /generated")
+        header = (header or line) if line.startswith("|") else ""
+        stamped = STAMP.search(line) or (line.startswith("|") and STAMP.search(header))
+        if not (fence or generated or stamped or NOT_MEASURED in line) and _measured(line):
+            found.append(line)
+    return found
+
+
+def test_every_measured_figure_names_its_commit_or_the_changelog():
+    pages = [ROOT / "README.md"] + [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in FIGURE_EXEMPT]
+    stale = {str(p.relative_to(ROOT)): lines for p in pages if (lines := unstamped_figures(p.read_text()))}
+    assert not stale, ("a measured figure needs its commit and machine on its line (or a link to docs/changelog.md, "
+                       f"where superseded measurements go): {stale}")
+
+
+def test_the_figure_check_catches_an_undated_time_and_passes_dated_ones():
+    assert unstamped_figures("Run it: the demo takes 11 min 30 s.") == ["Run it: the demo takes 11 min 30 s."]
+    assert unstamped_figures("| what | time |\n|---|---|\n| demo | 11 min 30 s |") == ["| demo | 11 min 30 s |"]
+    assert unstamped_figures("ofs-dpo at 1.94 × dpo's time, peak RSS 3348 MiB") != []
+    passes = ["the demo takes 11 min 30 s (commit 65bc49e, 2-core AMD EPYC)",
+              "the demo took 11 min 30 s before ([changelog](changelog.md#2026-12-01))",
+              "| step (commit e83e064, 2-core AMD EPYC) | s |\n|---|---|\n| dpo | 3.4 s |",
+              "a GGUF file up to 256 MiB; targets ≤ 2.0 × dpo; when more than 10 % are skipped; a 95 % t interval",
+              "`--max-new-tokens 64 --lr 5e-4`, 5 seeds, 128 pairs, 4N FLOPs",
+              "```text\nreal 11 min 30 s\n```", "<!-- generated: x -->\n11 min 30 s\n<!-- /generated -->",
+              f"≈ 10 % of dpo's FLOPs {NOT_MEASURED}"]
+    assert [unstamped_figures(text) for text in passes] == [[]] * len(passes)
