@@ -7,9 +7,7 @@ and pairs are random token ids (throughput does not depend on what the tokens me
 from __future__ import annotations
 
 import os
-import platform
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run as `python bench/step.py` without installing the package
 
 # the package's own choices (auto: a GPU when there is one; bfloat16 where the GPU supports it), and its atomic write
+from ofsdpo import provenance  # noqa: E402
 from ofsdpo.files import write_json  # noqa: E402
 from ofsdpo.models import resolve_device, resolve_dtype  # noqa: E402
 
@@ -95,44 +94,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}"
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions, read from package metadata (importing trl in every worker would cost seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            **{name: installed(name) for name in ("transformers", "peft", "trl", "accelerate")}}
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def stamp(device: torch.device) -> dict:
-    return {"hardware": hardware(device), "device": device.type, "versions": versions(), "commit": git_commit()}
+    """The package's stamp (hardware, versions, commit) of this checkout; "unknown" outside git."""
+    return {**provenance.stamp(device), "commit": provenance.git_commit(ROOT) or "unknown"}
 
 
 def median(values: list[float]) -> float:

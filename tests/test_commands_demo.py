@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from ofsdpo import domains
+from ofsdpo import domains, provenance
 from ofsdpo.commands import demo
 from ofsdpo.continual import format_table
 
@@ -73,11 +73,16 @@ def test_write_report_holds_the_runs_numbers(tmp_path):
             path.parent.mkdir(parents=True)
             key = "loss" if method == "dpo" else "fast/loss"
             path.write_text("".join(json.dumps({"step": s, key: 0.7 - 0.01 * s - 0.1 * k}) + "\n" for s in (1, 2)))
-    summary = demo.write_report(tmp_path, reports, demo.QUICK, "tiny", 90.0, quick=True)
+    measured = {"seconds": 690.4, "peak_rss_mib": 5734.4, "hardware": "AMD EPYC, 2 logical CPUs visible",
+                "commit": "0123abc"}
+    summary = demo.write_report(tmp_path, reports, demo.QUICK, "tiny", measured, quick=True)
     check_report(tmp_path, reports, summary)
     text = (tmp_path / "report.md").read_text()
-    assert text.startswith("# ofsdpo demo (quick)\n") and "Wall-clock: 1.5 min." in text
-    assert f"Settings: {demo.describe(demo.QUICK)}. Wall-clock" in text and "Model: `tiny`." in text
+    assert text.startswith("# ofsdpo demo (quick)\n")
+    assert ("Measured: 11 min 30 s wall-clock, peak RSS 5.6 GiB, on AMD EPYC, 2 logical CPUs visible "
+            "(commit 0123abc).") in text
+    assert summary["seconds"] == 690.4 and summary["commit"] == "0123abc" and summary["peak_rss_mib"] == 5734.4
+    assert f"Settings: {demo.describe(demo.QUICK)}.\n" in text and "Model: `tiny`." in text
     assert "DemoSettings(" not in text and "--selection heldout" in text and "one seed" in text
     assert "SmolLM2-135M-Instruct (the embedded GGUF" in demo.readable_model(demo.embedded_model()[0])
     # the learning curve is each stage's loss, the stages one after another (dpo logs `loss`, ofs-dpo `fast/loss`)
@@ -96,7 +101,8 @@ def test_a_cofs_run_that_served_the_newest_module_is_said_once(tmp_path):
             path = tmp_path / method / "domains" / f"{k + 1}-{name}" / "metrics.jsonl"
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps({"step": 1, "loss": 0.7, "fast/loss": 0.7}) + "\n")
-    demo.write_report(tmp_path, reports, demo.QUICK, "tiny", 60.0, quick=True)
+    demo.write_report(tmp_path, reports, demo.QUICK, "tiny", {"seconds": 60.0, "peak_rss_mib": 1.0, "hardware": "x"},
+                      quick=True)
     text = (tmp_path / "report.md").read_text()
     assert "cofs-dpo chose λ = 0 at every stage" in text and len(re.findall(r"```\n", text)) == 2 * 2
     assert not demo.same_as_sequential({**reports, "cofs-dpo": {**cofs, "lambdas": [None, 0.5, 0.0]}})
@@ -110,6 +116,9 @@ def test_quick_demo_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     summary = demo.run_demo(out, quick=True, model=str(tiny_model_dir), progress=False)
     reports = {m: json.loads((out / m / "report.json").read_text()) for m in demo.METHODS}
     check_report(out, reports, summary)
+    # where it was measured: this machine, this checkout, this process's peak memory
+    assert summary["hardware"] == provenance.hardware("cpu") and summary["commit"] == provenance.git_commit()
+    assert 0 < summary["seconds"] and 0 < summary["peak_rss_mib"] <= provenance.peak_rss_mib()
     for method, report in reports.items():
         assert report["method"] == method and report["domains"] == NAMES
         assert [len(row) for row in report["matrix"]["judge_score"]] == [3, 3, 3]  # stage × domain

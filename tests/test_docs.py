@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,33 @@ def test_generated_blocks_and_home_page_are_current():
     stale = [str(path.relative_to(ROOT)) for path, text in blocks.outputs().items() if path.read_text() != text]
     assert not stale, f"run python scripts/generated_blocks.py: {stale} are not current"
     assert "<!-- generated: results-summary -->" in (ROOT / "README.md").read_text()
+
+
+def test_the_demo_blocks_say_what_the_committed_demo_summary_measured(tmp_path):
+    """`--demo DIR` takes a finished demo's summary; the blocks quote its time, memory, machine and commit, and a
+    changed time changes them (so a README figure can't drift from the measurement)."""
+    blocks = load_blocks()
+    assert "no committed measurement" in blocks.demo_time(tmp_path)
+    demo_dir = tmp_path / "demo-output"
+    demo_dir.mkdir()
+    summary = {"seconds": 905.2, "peak_rss_mib": 5120.0, "hardware": "AMD EPYC, 2 logical CPUs visible",
+               "commit": "0123abcdef", "versions": {"torch": "2.13.0+cpu"}, "settings": "one seed", "quick": False,
+               "base_judge_score": {"a": 0.1, "b": 0.3}, "methods": {"dpo": {"avg_judge_score": 0.25,
+                                                                             "forgetting_judge": {"a": 0.05}}}}
+    (demo_dir / "demo_summary.json").write_text(json.dumps(summary))
+    blocks.take_demo(demo_dir, tmp_path)
+    line = blocks.demo_time(tmp_path)
+    assert line == ("`make demo` took **15 min 5 s** wall-clock, peak RSS 5.0 GiB, on AMD EPYC, 2 logical CPUs visible "
+                    "(commit 0123abc, torch 2.13.0+cpu).\n")
+    table = blocks.demo_measured(tmp_path)
+    assert table.startswith(line) and "| base model | +0.200 | |" in table and "| dpo | +0.250 | a +0.05 |" in table
+    summary["seconds"] = 1205.0
+    (tmp_path / "demo-summary.json").write_text(json.dumps(summary))
+    assert "**20 min 5 s**" in blocks.demo_time(tmp_path)
+    del summary["commit"]
+    (demo_dir / "demo_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="has no 'commit'"):
+        blocks.take_demo(demo_dir, tmp_path)
 
 
 def test_a_changed_aggregate_makes_the_block_stale(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from .. import provenance
 from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoSettings
 from ..continual import ContinualConfig, ContinualRunner, format_table
 from ..domains import get_domain
@@ -85,9 +86,17 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         reports[method] = runner.run()
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started
-    summary = write_report(out, reports, settings, name, seconds, quick)
-    say(f"[demo] done in {seconds / 60:.1f} min; report: {out / 'report.md'}")
+    measured = {"seconds": seconds, "peak_rss_mib": provenance.peak_rss_mib(), **provenance.stamp(dev)}
+    summary = write_report(out, reports, settings, name, measured, quick)
+    say(f"[demo] done in {wall_clock(seconds)} (peak RSS {measured['peak_rss_mib'] / 1024:.1f} GiB) on "
+        f"{measured['hardware']}, commit {(measured['commit'] or 'unknown')[:7]}; report: {out / 'report.md'}")
     return summary
+
+
+def wall_clock(seconds: float) -> str:
+    """'11 min 30 s' (a reader compares minutes and seconds, not decimal minutes)."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def readable_model(name: str) -> str:
@@ -119,8 +128,10 @@ def same_as_sequential(reports: dict) -> bool:
             ofs["matrix"]["judge_score"] and cofs["matrix"]["loss"] == ofs["matrix"]["loss"])
 
 
-def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: str, seconds: float,
+def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: str, measured: dict,
                  quick: bool) -> dict:
+    """report.md with its figures, and demo_summary.json: the results and where they were measured (`measured`:
+    seconds, peak_rss_mib and `provenance.stamp`)."""
     names = list(reports[METHODS[0]]["domains"])
     base_scores = reports[METHODS[0]]["base_judge_score"]  # the reference's samples: the untrained base
     # 1. learning curves: each method's (fast) DPO loss per step, stages one after another
@@ -144,7 +155,10 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
 
     lines = [f"# ofsdpo demo{' (quick)' if quick else ''}", "",
              f"Model: {readable_model(model_name)}. Domains in order: {' → '.join(names)}.",
-             f"Settings: {describe(settings)}. Wall-clock: {seconds / 60:.1f} min.", "",
+             f"Settings: {describe(settings)}.",
+             f"Measured: {wall_clock(measured['seconds'])} wall-clock, peak RSS "
+             f"{measured['peak_rss_mib'] / 1024:.1f} GiB, on {measured['hardware']} "
+             f"(commit {measured.get('commit') or 'unknown'}).", "",
              "Judge score of the served module's samples on each domain's held-out prompts, after each stage "
              "(row = after training on that domain). Forgetting = best earlier score minus final score.", ""]
     table = ["| method | " + " | ".join(f"final {n}" for n in names) + " | avg | forgetting |",
@@ -168,7 +182,8 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
     lines += ["![learning curves](learning_curves.png)", "", "![judge heat-maps](judge_heatmaps.png)", "",
               "![reward versus KL](reward_vs_kl.png)", ""]
     write_atomic(out / "report.md", "\n".join(lines))
-    summary = {"seconds": seconds, "quick": quick, "base_judge_score": base_scores, "methods": {
+    summary = {**measured, "quick": quick, "settings": describe(settings), "base_judge_score": base_scores,
+               "methods": {
         m: {"final_judge_scores": dict(zip(names, reports[m]["matrix"]["judge_score"][-1])),
             "avg_judge_score": reports[m]["cl/avg_judge_score"], "forgetting_judge": reports[m]["cl/forgetting_judge"],
             "lambdas": reports[m]["lambdas"]} for m in METHODS}}
