@@ -384,28 +384,3 @@ def test_draws_follow_the_probabilities():
     counts = torch.bincount(_draw(probs, candidates, noise) - 10, minlength=5) / n
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0]), rtol=0, atol=5e-3)
 
-
-def test_the_sampler_keeps_each_prompts_state_as_a_prompt_forward_computes_it(tiny_model_dir, tokenizer):
-    """`prompt_states`: after the first decoding step each prompt's own KV columns (the shared chat prefix and its
-    rest, padding dropped) and its first-token log-probs are kept; they equal one forward of the prompt alone
-    (float64, several samples per prompt, prompts of different lengths through the chat template)."""
-    from ofsdpo.generation import _encode
-    from ofsdpo.logprobs import _causal_lm_parts, _prompt_states
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
-    ids, _ = _encode(tokenizer, PROMPTS, True)
-    store: dict = {}
-    seeded(sample_token_ids, model, ids, num_samples=3, max_new_tokens=4, batch_size=6, prompt_states=store)
-    assert set(store) == {tuple(p) for p in ids}
-    backbone, head, _ = _causal_lm_parts(model)
-    for prompt in ids:
-        alone = _prompt_states(backbone, [tuple(prompt)], 1, torch.device("cpu"))[tuple(prompt)]
-        kept = store[tuple(prompt)]
-        assert len(kept.layers) == len(alone.layers) and kept.last_hidden is None
-        for (k, v), (k0, v0) in zip(kept.layers, alone.layers):
-            assert k.shape == k0.shape == (1, k0.shape[1], len(prompt), k0.shape[3])
-            torch.testing.assert_close(k, k0, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(v, v0, rtol=1e-9, atol=1e-12)
-        with torch.no_grad():
-            want = head(alone.last_hidden).log_softmax(-1)
-        torch.testing.assert_close(kept.first_logps, want, rtol=1e-9, atol=1e-12)
