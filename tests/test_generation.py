@@ -13,25 +13,22 @@ from ofsdpo.cli import main
 from ofsdpo.data import load_preference_data
 from ofsdpo.domains import BuiltinDomain, get_domain
 from ofsdpo.rounds import RoundSettings, judged_pairs
-from ofsdpo.generation import merged, sample, sample_details, sample_groups, sample_token_ids
+from ofsdpo.generation import merged, sample_groups, sample_token_ids
 from ofsdpo.modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, attach_adapters, can_stack,
                             lora_config)
 from ofsdpo.scoring import common_random_numbers, judge_eval, judge_evals, reference_sample_groups
+from sampling import sample_details
 
 
 def test_sampling_returns_k_responses_per_prompt(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    out = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                 num_samples=3, max_new_tokens=5, batch_size=2)
+    prompts = ["Hello there", "A much longer prompt than the first"]
+    kwargs = dict(chat=False, num_samples=3, max_new_tokens=5, batch_size=6)
+    out = seeded(sample_details, model, tokenizer, prompts, **kwargs)
     assert len(out) == 2 and all(len(r) == 3 for r in out)
-    torch.manual_seed(0)  # the same seed draws the same samples; another seed, others
-    again = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                   num_samples=3, max_new_tokens=5, batch_size=2)
-    torch.manual_seed(1)
-    other = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                   num_samples=3, max_new_tokens=5, batch_size=2)
-    assert again == out and other != out
+    # the same seed draws the same samples; another seed, others
+    assert seeded(sample_details, model, tokenizer, prompts, **kwargs) == out
+    assert seeded(sample_details, model, tokenizer, prompts, seed=1, **kwargs) != out
 
 
 def test_pairs_take_best_and_worst_and_load_as_training_data(tiny_model_dir, tokenizer):
@@ -312,14 +309,11 @@ def test_min_new_tokens_holds_eos_back(tiny_model_dir, tokenizer):
 
 
 def test_rows_per_call_do_not_change_the_samples_count(tiny_model_dir, tokenizer):
-    """`batch_size` counts rows per decoding call (at least one prompt's samples); `sample` keeps counting prompts
-    per call for its callers."""
+    """`batch_size` counts rows per decoding call (at least one prompt's samples)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for rows in (1, 3, 64):
         out = sample_details(model, tokenizer, PROMPTS, chat=True, num_samples=2, max_new_tokens=3, batch_size=rows)
         assert [len(g) for g in out] == [2, 2, 2] and all(1 <= s.num_tokens <= 3 for g in out for s in g)
-    texts = sample(model, tokenizer, PROMPTS, True, 2, 3, 1.0, 0.95, 1)
-    assert [len(g) for g in texts] == [2, 2, 2] and isinstance(texts[0][0], str)
 
 
 def test_training_after_merged_sampling_is_unchanged(make_config, tiny_model_dir, tokenizer, tmp_path):

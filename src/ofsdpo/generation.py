@@ -43,8 +43,8 @@ class Sample:
 
 
 class Samples(list):
-    """What `sample_details` returns: per prompt (in prompt order) its list of `Sample`s, and in `seconds` the
-    wall time of the call (tokenizing, merging, generating, decoding)."""
+    """One group's samples from `sample_groups`: per prompt (in prompt order) its list of `Sample`s, and in
+    `seconds` the wall time of the call (tokenizing, merging, generating, decoding)."""
 
     seconds: float = 0.0
 
@@ -361,11 +361,15 @@ def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]]
                   temperature: float = 1.0, top_p: float = 0.95, batch_size: int = ROWS_PER_CALL,
                   reference: bool = False, progress: bool = False, merge: bool = True, min_new_tokens: int = 0,
                   top_k: int | None = None) -> list[Samples]:
-    """`sample_details` for several groups of prompts at once, each (prompts, chat, max_new_tokens): every group's
-    prompts decode in the same batches (one call instead of one per group: at a few rows a decoding step costs the
-    same as at many, its time is reading the weights), each row stopping at EOS or at its own group's limit.
-    Returns each group's `Samples`, all with the call's wall time. Models sampled with the same groups and seed
-    draw the same random numbers row for row (common random numbers: `scoring`)."""
+    """`num_samples` responses per prompt as `Sample`s (text, new tokens up to and including EOS, whether it ended)
+    for several groups of prompts at once, each (prompts, chat, max_new_tokens), sampled as `sample_token_ids`
+    says (`batch_size`: rows). Every group's prompts decode in the same batches (one call instead of one per group:
+    at a few rows a decoding step costs the same as at many, its time is reading the weights), each row stopping at
+    EOS or at its own group's limit. Returns each group's `Samples`, all with the call's wall time. Models sampled
+    with the same groups and seed draw the same random numbers row for row (common random numbers: `scoring`).
+
+    A prompt is a string (with `chat`, sent as one user message through the chat template) or a list of messages
+    (always through the chat template, whose answers are stripped of surrounding white space)."""
     start = time.perf_counter()
     ids, conversational, limits = [], [], []
     for prompts, chat, max_new_tokens in groups:
@@ -390,26 +394,3 @@ def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]]
         out.seconds = seconds
     return outputs
 
-
-def sample_details(model, tokenizer, prompts: list[Prompt], chat: bool, num_samples: int = 1,
-                   max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 0.95,
-                   batch_size: int = ROWS_PER_CALL, reference: bool = False, progress: bool = False,
-                   merge: bool = True, min_new_tokens: int = 0, top_k: int | None = None) -> Samples:
-    """`num_samples` responses per prompt as `Sample`s (text, new tokens up to and including EOS, whether it
-    ended), with the call's wall time in `.seconds`; sampled as `sample_token_ids` says (`batch_size`: rows).
-
-    A prompt is a string (with `chat`, sent as one user message through the chat template) or a list of messages
-    (always through the chat template, whose answers are stripped of surrounding white space)."""
-    return sample_groups(model, tokenizer, [(prompts, chat, max_new_tokens)], num_samples, temperature, top_p,
-                         batch_size, reference, progress, merge, min_new_tokens, top_k)[0]
-
-
-def sample(model, tokenizer, prompts: list[Prompt], chat: bool, num_samples: int = 1, max_new_tokens: int = 32,
-           temperature: float = 1.0, top_p: float = 0.95, batch_size: int | None = None, reference: bool = False,
-           progress: bool = False, merge: bool = True) -> list[list[str]]:
-    """`num_samples` response texts per prompt (see `sample_details`). `batch_size` here counts prompts decoded
-    together, as it always has for this function's callers; None fills `ROWS_PER_CALL` rows."""
-    rows = ROWS_PER_CALL if batch_size is None else batch_size * num_samples
-    details = sample_details(model, tokenizer, prompts, chat, num_samples, max_new_tokens, temperature, top_p,
-                             batch_size=rows, reference=reference, progress=progress, merge=merge)
-    return [[s.text for s in group] for group in details]
