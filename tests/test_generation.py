@@ -13,25 +13,22 @@ from ofsdpo.cli import main
 from ofsdpo.data import load_preference_data
 from ofsdpo.domains import BuiltinDomain, get_domain
 from ofsdpo.rounds import RoundSettings, judged_pairs
-from ofsdpo.generation import merged, sample, sample_details, sample_groups, sample_token_ids
+from ofsdpo.generation import merged, sample_groups, sample_token_ids
 from ofsdpo.modules import (DPO_ADAPTERS, OFS_ADAPTERS, activate, adapter_parameters, attach_adapters, can_stack,
                             lora_config)
 from ofsdpo.scoring import common_random_numbers, judge_eval, judge_evals, reference_sample_groups
+from sampling import sample_details
 
 
 def test_sampling_returns_k_responses_per_prompt(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    out = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                 num_samples=3, max_new_tokens=5, batch_size=2)
+    prompts = ["Hello there", "A much longer prompt than the first"]
+    kwargs = dict(chat=False, num_samples=3, max_new_tokens=5, batch_size=6)
+    out = seeded(sample_details, model, tokenizer, prompts, **kwargs)
     assert len(out) == 2 and all(len(r) == 3 for r in out)
-    torch.manual_seed(0)  # the same seed draws the same samples; another seed, others
-    again = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                   num_samples=3, max_new_tokens=5, batch_size=2)
-    torch.manual_seed(1)
-    other = sample(model, tokenizer, ["Hello there", "A much longer prompt than the first"], chat=False,
-                   num_samples=3, max_new_tokens=5, batch_size=2)
-    assert again == out and other != out
+    # the same seed draws the same samples; another seed, others
+    assert seeded(sample_details, model, tokenizer, prompts, **kwargs) == out
+    assert seeded(sample_details, model, tokenizer, prompts, seed=1, **kwargs) != out
 
 
 def test_pairs_take_best_and_worst_and_load_as_training_data(tiny_model_dir, tokenizer):
@@ -312,14 +309,11 @@ def test_min_new_tokens_holds_eos_back(tiny_model_dir, tokenizer):
 
 
 def test_rows_per_call_do_not_change_the_samples_count(tiny_model_dir, tokenizer):
-    """`batch_size` counts rows per decoding call (at least one prompt's samples); `sample` keeps counting prompts
-    per call for its callers."""
+    """`batch_size` counts rows per decoding call (at least one prompt's samples)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for rows in (1, 3, 64):
         out = sample_details(model, tokenizer, PROMPTS, chat=True, num_samples=2, max_new_tokens=3, batch_size=rows)
         assert [len(g) for g in out] == [2, 2, 2] and all(1 <= s.num_tokens <= 3 for g in out for s in g)
-    texts = sample(model, tokenizer, PROMPTS, True, 2, 3, 1.0, 0.95, 1)
-    assert [len(g) for g in texts] == [2, 2, 2] and isinstance(texts[0][0], str)
 
 
 def test_training_after_merged_sampling_is_unchanged(make_config, tiny_model_dir, tokenizer, tmp_path):
@@ -384,28 +378,3 @@ def test_draws_follow_the_probabilities():
     counts = torch.bincount(_draw(probs, candidates, noise) - 10, minlength=5) / n
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0]), rtol=0, atol=5e-3)
 
-
-def test_the_sampler_keeps_each_prompts_state_as_a_prompt_forward_computes_it(tiny_model_dir, tokenizer):
-    """`prompt_states`: after the first decoding step each prompt's own KV columns (the shared chat prefix and its
-    rest, padding dropped) and its first-token log-probs are kept; they equal one forward of the prompt alone
-    (float64, several samples per prompt, prompts of different lengths through the chat template)."""
-    from ofsdpo.generation import _encode
-    from ofsdpo.logprobs import _causal_lm_parts, _prompt_states
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
-    ids, _ = _encode(tokenizer, PROMPTS, True)
-    store: dict = {}
-    seeded(sample_token_ids, model, ids, num_samples=3, max_new_tokens=4, batch_size=6, prompt_states=store)
-    assert set(store) == {tuple(p) for p in ids}
-    backbone, head, _ = _causal_lm_parts(model)
-    for prompt in ids:
-        alone = _prompt_states(backbone, [tuple(prompt)], 1, torch.device("cpu"))[tuple(prompt)]
-        kept = store[tuple(prompt)]
-        assert len(kept.layers) == len(alone.layers) and kept.last_hidden is None
-        for (k, v), (k0, v0) in zip(kept.layers, alone.layers):
-            assert k.shape == k0.shape == (1, k0.shape[1], len(prompt), k0.shape[3])
-            torch.testing.assert_close(k, k0, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(v, v0, rtol=1e-9, atol=1e-12)
-        with torch.no_grad():
-            want = head(alone.last_hidden).log_softmax(-1)
-        torch.testing.assert_close(kept.first_logps, want, rtol=1e-9, atol=1e-12)

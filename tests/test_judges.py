@@ -10,7 +10,7 @@ from ofsdpo.config import ConfigError
 from ofsdpo.domains import DOMAINS, get_domain
 from ofsdpo.judges import (
     GroupJudge, JudgeError, PairwiseJudge, PointwiseJudge, WeightedJudge, concise_judge, critic_judge, is_refusal,
-    refusal_judge, resolve_judge, resolve_judges, reward_model_judge, sentiment_judge, split_weight,
+    refusal_judge, resolve_judges, sentiment_judge, split_weight,
 )
 
 
@@ -57,13 +57,6 @@ def test_builtin_domains_have_fixed_splits_of_enough_prompts():
     assert all("harmful" in r["meta"] for r in get_domain("safety").prompts())
     with pytest.raises(KeyError, match="built-in domains"):
         get_domain("nope")
-
-
-def test_resolve_judge_by_name_or_callable():
-    assert resolve_judge("sentiment") is sentiment_judge
-    assert resolve_judge("ofsdpo.judges:concise_judge") is concise_judge
-    custom = lambda p, r, m: 1.0  # noqa: E731
-    assert resolve_judge(custom) is custom
 
 
 # --- group judges ----------------------------------------------------------------------------------------------------
@@ -288,12 +281,6 @@ def test_unknown_specs_say_what_a_judge_is(user_module, spec, message):
     assert message in str(caught.value)
 
 
-def test_resolve_judge_still_loads_single_pointwise_judges(user_module):
-    assert resolve_judge("userjudges:length") is user_module.length
-    with pytest.raises(ConfigError, match="did you mean 'critic'"):
-        resolve_judge("critc")
-
-
 # --- reward models ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tokenizer):
@@ -336,5 +323,3 @@ def test_reward_model_scores_match_a_manual_forward_batched_or_not(reward_model_
         for row_got, row_expected in zip(got, expected):
             assert row_got == pytest.approx(row_expected, abs=1e-5)
     assert len({round(s, 6) for g in expected for s in g}) == 3  # the texts really differ in score
-    assert reward_model_judge(str(reward_model_dir))("Capital of France?", "Paris.") == pytest.approx(expected[0][0],
-                                                                                                      abs=1e-5)

@@ -1,3 +1,8 @@
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -221,3 +226,57 @@ def test_adapter_state_is_peft_state_dict_without_walking_the_model(tiny_model_d
     for value in states["fast"].values():
         value.zero_()  # a copy: the model keeps its weights
     assert any(p.abs().sum() > 0 for p in adapter_parameters(model, "fast"))
+
+
+# --- peft's private attributes that modules.py reads and writes -------------------------------------------------------
+# `activate`, `stacked` and `adapters_disabled` write peft's own records instead of calling peft's walks (each walks
+# the whole model, a large share of a small step). pyproject pins peft below its next minor version; these checks say
+# which record moved when a newer peft is tried.
+def _peft_record(holds: bool, owner: str, attribute: str, meaning: str) -> None:
+    import peft
+
+    if not holds:
+        pytest.fail(f"peft {peft.__version__}: {owner}.{attribute} no longer {meaning}. ofsdpo.modules writes it "
+                    f"directly (activate, stacked, adapters_disabled): adapt modules.py to this peft, or keep peft "
+                    f"within the range pinned in pyproject.toml.", pytrace=False)
+
+
+def test_the_peft_records_modules_writes_are_where_it_expects_them(tiny_model_dir):
+    """Each private record is checked both ways: peft's own call writes it, and peft's public reader reads it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = make(tiny_model_dir)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    layer = layers[0]
+    model.set_adapter("slow")
+    _peft_record(all(m._active_adapter in ("slow", ["slow"]) for m in layers), "BaseTunerLayer", "_active_adapter",
+                 "holds what set_adapter activates")
+    layer._active_adapter = ["fast"]
+    _peft_record(layer.active_adapters == ["fast"], "BaseTunerLayer", "_active_adapter",
+                 "is what active_adapters reads")
+    _peft_record(not layer._disable_adapters, "BaseTunerLayer", "_disable_adapters", "is False with adapters on")
+    with model.disable_adapter():
+        _peft_record(all(m._disable_adapters is True for m in layers), "BaseTunerLayer", "_disable_adapters",
+                     "is set by PeftModel.disable_adapter")
+        _peft_record(model._adapters_disabled is True, "PeftModel", "_adapters_disabled",
+                     "is set by PeftModel.disable_adapter")
+    layer._disable_adapters = True
+    _peft_record(layer.disable_adapters is True, "BaseTunerLayer", "_disable_adapters",
+                 "is what disable_adapters reads")
+    layer._disable_adapters = False
+    x = torch.ones(2, 3, dtype=torch.float64)
+    cast = getattr(layer, "_cast_input_dtype", None)
+    _peft_record(callable(cast) and cast(x, torch.float32).dtype == torch.float32, "BaseTunerLayer",
+                 "_cast_input_dtype", "casts a LoRA input to the adapter's dtype")
+
+
+def test_peft_is_within_the_pinned_range():
+    """The installed peft is one the private records were checked against: pyproject.toml pins peft with an upper
+    bound, and the installed version is below it."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    spec = re.search(r'"(peft[^"]*)"', pyproject).group(1)
+    upper = re.search(r"<\s*([\d.]+)", spec)
+    assert upper, f"pyproject.toml pins {spec} without an upper bound: modules.py writes peft's private records"
+    installed = tuple(int(p) for p in version("peft").split(".")[:2])
+    assert installed < tuple(int(p) for p in upper.group(1).split(".")[:2]), f"peft {version('peft')} is outside {spec}"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ofsdpo.config import ConfigError
-from ofsdpo.rundir import LOCK_NAME, OutputDirLocked, RunLock, lock_holder, output_dir_lock
+from ofsdpo.rundir import HOLDER_NAME, LOCK_NAME, OutputDirLocked, RunLock, lock_holder, output_dir_lock
 
 
 def _dead_pid() -> int:
@@ -20,12 +20,13 @@ def _dead_pid() -> int:
 
 def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
     with output_dir_lock(tmp_path):
-        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        holder = json.loads((tmp_path / HOLDER_NAME).read_text())
         assert holder["pid"] == os.getpid()
-        with pytest.raises(OutputDirLocked, match=rf"in use by another run \(pid {os.getpid()}"):
+        with pytest.raises(OutputDirLocked, match=rf"in use by another run \(pid {os.getpid()}, started "):
             RunLock(tmp_path).acquire()  # another open file: flock conflicts within one process too
+        assert holder == json.loads((tmp_path / HOLDER_NAME).read_text())  # the refused try left the record alone
         assert isinstance(OutputDirLocked("x"), ConfigError)  # exit status 2 through the CLI
-    assert not (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / HOLDER_NAME).exists() and lock_holder(tmp_path) is None
 
 
 def test_the_lock_is_released_when_the_run_raises(tmp_path):
@@ -51,7 +52,7 @@ def test_a_lock_held_by_another_process_is_seen_and_a_dead_ones_is_taken_over(tm
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the file stays, the kernel drops the flock
         holder.wait()
-    assert (tmp_path / LOCK_NAME).exists() and lock_holder(tmp_path) is None
+    assert (tmp_path / HOLDER_NAME).exists() and lock_holder(tmp_path) is None
     with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
         with output_dir_lock(tmp_path):
             pass
@@ -59,27 +60,26 @@ def test_a_lock_held_by_another_process_is_seen_and_a_dead_ones_is_taken_over(tm
 
 
 def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path, caplog):
+    """A lock file and a holder record left by a dead pid (the lock itself free): not reported as held, taken over
+    with a warning naming the pid, the record rewritten for this process."""
     pid = _dead_pid()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
+    (tmp_path / LOCK_NAME).write_text("")
+    (tmp_path / HOLDER_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
+    assert lock_holder(tmp_path) is None
     with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
         with output_dir_lock(tmp_path):
-            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert f"pid {pid}" in caplog.text
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert f"took over the lock left by pid {pid} (no longer running)" in caplog.text
 
 
-def test_the_pid_fallback_without_flock(tmp_path, monkeypatch, caplog):
-    """Where fcntl does not exist (Windows) the file itself is the lock, taken over once its pid is gone."""
-    from ofsdpo import rundir
-
-    monkeypatch.setattr(rundir, "fcntl", None)
+def test_a_clean_release_leaves_nothing_to_take_over(tmp_path, caplog):
+    """A run that ended normally removes its holder record: the next run takes the lock without a warning."""
     with output_dir_lock(tmp_path):
-        with pytest.raises(OutputDirLocked):
-            RunLock(tmp_path).acquire()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+        pass
     with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
         with output_dir_lock(tmp_path):
             pass
-    assert "took over the lock" in caplog.text
+    assert "took over" not in caplog.text
 
 
 def test_resume_from_a_chosen_checkpoint_drops_the_later_ones(make_config, tmp_path):

@@ -88,7 +88,7 @@ def test_sigterm_checkpoints_exits_143_locks_out_a_second_run_and_resumes_identi
     assert f"terminated (SIGTERM); checkpoint of step {last} written" in err and "--resume" in err
     assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{last}"]
-    assert not (out / ".ofsdpo.lock").exists()  # released on the way out
+    assert not (out / ".ofsdpo.lock.json").exists()  # released on the way out: no holder recorded
     done = subprocess.run([sys.executable, "-m", "ofsdpo", *flags, "--resume"], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -151,3 +151,53 @@ def test_module_batch_size_is_checked(make_config):
 
     with pytest.raises(ConfigError, match="--module-batch-size"):
         OFSDPOTrainer(config=make_config(method="ofs-dpo", batch_size=2, module_batch_size=3))
+
+
+# --- the learning-rate schedule: transformers' curve, the warm-up one step ahead --------------------------------------
+def _schedule_before_transformers(kind: str, warmup: int, total: int, step: int) -> float:
+    """The closed form ofsdpo's schedule had before it used `get_scheduler` (the golden runs' curve): warm-up step s
+    at (s + 1) / warmup; then progress p = (s - warmup) / max(1, total - warmup), capped at 1, and the factor 1,
+    1 - p or (1 + cos πp) / 2."""
+    import math
+
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 10), (3, 10), (1, 7), (5, 5), (8, 4), (10, 200)])
+def test_the_schedule_is_the_curve_of_before(kind, warmup, total):
+    """Every step from the first to past the end (a run shorter than its warm-up included), through the trainer's
+    LambdaLR, in float64: what the hand-written schedule gave, to 2 ulp (linear decay divides in another order)."""
+    from ofsdpo.step import lr_schedule
+
+    param = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(kind, warmup, total))
+    tolerance = 2 * torch.finfo(torch.float64).eps
+    for step in range(total + warmup + 5):
+        want = _schedule_before_transformers(kind, warmup, total, step)
+        assert abs(optimizer.param_groups[0]["lr"] - want) <= tolerance, (kind, warmup, total, step)
+        optimizer.step()
+        scheduler.step()
+    if kind != "constant":
+        assert optimizer.param_groups[0]["lr"] == 0.0  # past the end: no rise again (transformers' cosine would)
+
+
+def test_the_warm_up_is_one_step_ahead_of_transformers():
+    """The one difference from `transformers.get_scheduler`: its first warm-up step trains at rate 0, ours at
+    1 / warmup; from the end of the warm-up on, the two curves are the same."""
+    from transformers import get_scheduler
+
+    from ofsdpo.step import lr_schedule
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_scheduler("cosine", optimizer, num_warmup_steps=4, num_training_steps=20).lr_lambdas[0]
+    ours = lr_schedule("cosine", 4, 20)
+    assert [theirs(s) for s in range(4)] == [0.0, 0.25, 0.5, 0.75]
+    assert [ours(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [ours(s) for s in range(4, 21)] == [theirs(s) for s in range(4, 21)]

@@ -37,6 +37,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .causal_lm import causal_lm_parts
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -197,9 +198,7 @@ class Processes:
             raise ConfigError(f"FSDP needs a torch whose fully_shard takes ignored_params (2.7 or later); this is "
                               f"torch {torch.__version__}. Upgrade torch, or launch with configs/accelerate/ddp.yaml.")
 
-        from .logprobs import _causal_lm_parts
-
-        parts = _causal_lm_parts(model)
+        parts = causal_lm_parts(model)
         if parts is not None and isinstance(parts[0], FSDPModule):  # a continual stage: the previous one sharded it
             _replicas_to(model, self.device)  # (its new LoRA modules are not FSDP's: replicated, as wanted)
             return
@@ -236,9 +235,7 @@ class Processes:
         The backbone is the module ofsdpo.logprobs calls, so each of its forwards starts DeepSpeed's step. An untied
         LM head stays replicated; a head tied to the embeddings is partitioned with them, and ofsdpo.logprobs
         gathers it for the chunked head. The base comes in on the CPU: partitions go to this process's device."""
-        from .logprobs import _causal_lm_parts
-
-        parts = _causal_lm_parts(lm)
+        parts = causal_lm_parts(lm)
         if parts is None:
             raise ConfigError(f"DeepSpeed ZeRO-3: ofsdpo does not know the layout of {type(lm).__name__} (no backbone "
                               "and output embeddings). Launch with configs/accelerate/ddp.yaml instead.")

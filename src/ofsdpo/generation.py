@@ -18,11 +18,15 @@ Judging the samples and pairing best against worst is `rounds.judged_pairs`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+from tqdm.auto import tqdm
+
+from .causal_lm import cache_key, cache_of, causal_lm_parts, full_attention
+from .modules import adapters_disabled
 
 
 Prompt = str | list[dict]  # text, or conversational messages [{"role": ..., "content": ...}, ...]
@@ -39,8 +43,8 @@ class Sample:
 
 
 class Samples(list):
-    """What `sample_details` returns: per prompt (in prompt order) its list of `Sample`s, and in `seconds` the
-    wall time of the call (tokenizing, merging, generating, decoding)."""
+    """One group's samples from `sample_groups`: per prompt (in prompt order) its list of `Sample`s, and in
+    `seconds` the wall time of the call (tokenizing, merging, generating, decoding)."""
 
     seconds: float = 0.0
 
@@ -68,10 +72,6 @@ def _plain_weights(module: torch.nn.Module) -> bool:
 def _mergeable(model: torch.nn.Module) -> list:
     """(LoRA layer, adapter) pairs to merge: every LoRA layer holding its one active adapter, adapters enabled, not
     merged already. Empty for a model without LoRA layers, or with adapters disabled (then the base is sampled)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers or any(m.disable_adapters or m.merged for m in layers):
         return []
@@ -89,9 +89,7 @@ def _mergeable(model: torch.nn.Module) -> list:
 def _plain_lora(layer, name: str, base: torch.nn.Module) -> bool:
     """A plain LoRA linear layer: ΔW = scale B A, nothing else to merge (no variant such as DoRA, no LoRA bias,
     no transposed weights), adapter and base in one dtype."""
-    from peft.tuners.lora import Linear
-
-    return (isinstance(layer, Linear) and type(base) is torch.nn.Linear and not layer.fan_in_fan_out
+    return (isinstance(layer, LoraLinear) and type(base) is torch.nn.Linear and not layer.fan_in_fan_out
             and getattr(layer, "lora_variant", {}).get(name) is None and not getattr(layer, "lora_bias", {}).get(name)
             and layer.lora_A[name].weight.dtype == base.weight.dtype)
 
@@ -186,16 +184,6 @@ def _layout(rows: list[list[int]], pad_id: int, device, share: bool) -> tuple[to
     return ids.to(device), mask.to(device), shared
 
 
-def _full_attention(config) -> bool:
-    """Every layer attends to the whole context: a sliding window counts padding in the middle of a row as context,
-    so prompts share a prefix only without one."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None:
-        return all(k == "full_attention" for k in kinds)
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-
-
 def _eos_ids(lm, given) -> tuple[int, ...]:
     """`given` (the tokenizer's EOS: what training appends) and those of the model's generation config (a chat
     model's end of turn): a row stops at any of them."""
@@ -213,37 +201,25 @@ def _default_top_k(lm) -> int:
     return 50 if top_k is None else int(top_k)
 
 
-def _cache_key(module: torch.nn.Module) -> str:
-    """The name of the KV-cache argument: `cache` from transformers 5, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 def _prefill(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int):
     """The KV cache of every prompt token but the last, each computed once (the backbone alone: no logits): the
     `shared` prefix for one row, copied to every prompt; each prompt's rest once, copied to its `copies` samples
     (adjacent rows, as `num_return_sequences` lays them out), where `generate` would prefill every sample.
     None for one-token prompts (the first decoding step then starts the cache)."""
-    from .logprobs import _causal_lm_parts
-
     if ids.shape[1] < 2:
         return None
-    parts = _causal_lm_parts(lm)
+    parts = causal_lm_parts(lm)
     module = parts[0] if parts is not None else lm  # an unknown layout: the whole model, logits and all
-    key = _cache_key(module)
+    key = cache_key(module)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding does not move a row's positions
     cache = None
     if shared:
-        cache = _cache_of(module(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
-                                 position_ids=positions[:1, :shared], use_cache=True))
+        cache = cache_of(module(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
+                                position_ids=positions[:1, :shared], use_cache=True))
         cache.batch_repeat_interleave(ids.shape[0])
     if ids.shape[1] - 1 > shared:
-        cache = _cache_of(module(input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
-                                 position_ids=positions[:, shared:-1], use_cache=True, **{key: cache}))
+        cache = cache_of(module(input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
+                                position_ids=positions[:, shared:-1], use_cache=True, **{key: cache}))
     if copies > 1:
         cache.batch_repeat_interleave(copies)
     return cache
@@ -273,34 +249,14 @@ def _draw(probs: torch.Tensor, candidates: torch.Tensor, noise: torch.Tensor) ->
     return candidates.gather(-1, (probs / noise).argmax(-1, keepdim=True)).squeeze(-1)
 
 
-def _keep_prompt_states(cache, mask: torch.Tensor, logits: torch.Tensor, keys: list[tuple], copies: int,
-                        states: dict) -> None:
-    """After the first decoding step the cache holds every prompt token: keep each prompt's own columns (the
-    shared prefix and its rest, not the padding) and its first-token log-probs, as `logprobs.PromptState`s, for
-    scoring the samples after their prompts without forwarding the prompts again."""
-    from .logprobs import PromptState, _upcast
-
-    layers = [(layer.keys, layer.values) for layer in getattr(cache, "layers", None) or []]
-    if not layers or layers[0][0].shape[2] != mask.shape[1]:
-        return  # another cache layout: nothing kept, the prompts are forwarded when scored
-    logps = _upcast(logits).log_softmax(-1)
-    for p, key in enumerate(keys):
-        row = p * copies
-        cols = mask[row].bool()
-        states[key] = PromptState([(k[row:row + 1][:, :, cols], v[row:row + 1][:, :, cols]) for k, v in layers],
-                                  first_logps=logps[row])
-
-
 def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int, settings: _Settings,
-            generator: torch.Generator, limits: torch.Tensor, keys: list[tuple] | None = None,
-            states: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            generator: torch.Generator, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample `copies` continuations of each prompt, at most `limits[i]` new tokens for prompt i; returns (new
     tokens (rows, steps), each row's new tokens up to and including EOS, whether it emitted EOS), rows
     prompt-major. A row that emits EOS or reaches its limit leaves the batch (its cache rows dropped); each step
     draws the random numbers of every row, finished or not, so row j's draws do not depend on when the other rows
-    stop (common random numbers between models: `scoring`). With `states`, each prompt's state (keyed by `keys`,
-    its token ids) is kept there (`_keep_prompt_states`)."""
-    key = _cache_key(lm)
+    stop (common random numbers between models: `scoring`)."""
+    key = cache_key(lm)
     cache = _prefill(lm, ids, mask, shared, copies)
     rows = ids.shape[0] * copies
     device = ids.device
@@ -316,9 +272,7 @@ def _decode(lm, ids: torch.Tensor, mask: torch.Tensor, shared: int, copies: int,
     for step in range(settings.max_new_tokens):
         result = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], use_cache=True,
                     **{key: cache})
-        cache = _cache_of(result)
-        if step == 0 and states is not None:
-            _keep_prompt_states(cache, mask, result.logits[:, -1], keys, copies, states)
+        cache = cache_of(result)
         logits = result.logits[:, -1].float()
         if step < settings.min_new_tokens and len(eos):
             logits[:, eos] = float("-inf")
@@ -353,7 +307,7 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
                      temperature: float = 1.0, top_p: float = 0.95, top_k: int | None = None,
                      batch_size: int = ROWS_PER_CALL, eos_token_ids=(), pad_token_id: int = 0,
                      min_new_tokens: int = 0, reference: bool = False, merge: bool = True,
-                     progress: bool = False, prompt_states: dict | None = None) -> list[list[tuple[list[int], bool]]]:
+                     progress: bool = False) -> list[list[tuple[list[int], bool]]]:
     """`num_samples` continuations of each prompt (token ids), sampled from the model's active adapter (or, with
     `reference`, from the base: adapters disabled): per prompt, per sample, (its new token ids up to and including
     the first of `eos_token_ids` (and those of the model's generation config), whether it emitted one).
@@ -363,10 +317,7 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
     `generate` did), then top-p; the generation config's other processors (repetition penalty, ...) are not
     applied. `batch_size` is rows (prompts x samples) decoded together: as many whole prompts as fit, at least
     one. `merge` merges the active adapter into the base meanwhile (`merged`); `merge=False` runs peft's
-    unmerged layers (the same distribution). `min_new_tokens` forbids EOS before that many new tokens.
-    `prompt_states`, a dict, receives each prompt's KV cache and first-token log-probs (`logprobs.PromptState`, by
-    its token ids), what scoring the samples after their prompts needs (`logprobs.prompt_cached_logps`); kept only
-    for models whose every layer attends to the whole context."""
+    unmerged layers (the same distribution). `min_new_tokens` forbids EOS before that many new tokens."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft injects LoRA in place
@@ -377,19 +328,15 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
     settings = _Settings(temperature, _default_top_k(lm) if top_k is None else top_k, top_p, max(limits, default=1),
                          min_new_tokens, _eos_ids(lm, eos_token_ids), pad_token_id)
     per_call = max(1, batch_size // num_samples)
-    share = _full_attention(lm.config)
+    share = full_attention(lm.config)
     was_training = model.training
     model.eval()
     outputs = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(prompt_ids), desc="sampling", unit=" prompts", leave=False)
     try:
         if reference and hasattr(model, "disable_adapter"):
-            from .modules import adapters_disabled
-
             weights = adapters_disabled(model)  # the base: nothing to merge
         else:
             weights = merged(model) if merge else contextlib.nullcontext()
@@ -398,8 +345,7 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
                 chunk = prompt_ids[first:first + per_call]
                 new, lengths, finished = _decode(lm, *_layout(chunk, pad_token_id, device, share), num_samples,
                                                  settings, _chunk_generator(device),
-                                                 torch.tensor(limits[first:first + per_call]),
-                                                 [tuple(p) for p in chunk], prompt_states if share else None)
+                                                 torch.tensor(limits[first:first + per_call]))
                 rows = [(t[:n], f) for t, n, f in zip(new.cpu().tolist(), lengths.tolist(), finished.tolist())]
                 outputs.extend(rows[i:i + num_samples] for i in range(0, len(rows), num_samples))
                 if bar is not None:
@@ -414,13 +360,16 @@ def sample_token_ids(model, prompt_ids: list[list[int]], num_samples: int = 1, m
 def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]], num_samples: int = 1,
                   temperature: float = 1.0, top_p: float = 0.95, batch_size: int = ROWS_PER_CALL,
                   reference: bool = False, progress: bool = False, merge: bool = True, min_new_tokens: int = 0,
-                  top_k: int | None = None, prompt_states: dict | None = None) -> list[Samples]:
-    """`sample_details` for several groups of prompts at once, each (prompts, chat, max_new_tokens): every group's
-    prompts decode in the same batches (one call instead of one per group: at a few rows a decoding step costs the
-    same as at many, its time is reading the weights), each row stopping at EOS or at its own group's limit.
-    Returns each group's `Samples`, all with the call's wall time. Models sampled with the same groups and seed
-    draw the same random numbers row for row (common random numbers: `scoring`). `prompt_states`: see
-    `sample_token_ids`."""
+                  top_k: int | None = None) -> list[Samples]:
+    """`num_samples` responses per prompt as `Sample`s (text, new tokens up to and including EOS, whether it ended)
+    for several groups of prompts at once, each (prompts, chat, max_new_tokens), sampled as `sample_token_ids`
+    says (`batch_size`: rows). Every group's prompts decode in the same batches (one call instead of one per group:
+    at a few rows a decoding step costs the same as at many, its time is reading the weights), each row stopping at
+    EOS or at its own group's limit. Returns each group's `Samples`, all with the call's wall time. Models sampled
+    with the same groups and seed draw the same random numbers row for row (common random numbers: `scoring`).
+
+    A prompt is a string (with `chat`, sent as one user message through the chat template) or a list of messages
+    (always through the chat template, whose answers are stripped of surrounding white space)."""
     start = time.perf_counter()
     ids, conversational, limits = [], [], []
     for prompts, chat, max_new_tokens in groups:
@@ -431,7 +380,7 @@ def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     rows = sample_token_ids(model, ids, num_samples, limits, temperature, top_p, top_k, batch_size, eos,
-                            pad, min_new_tokens, reference, merge, progress, prompt_states)
+                            pad, min_new_tokens, reference, merge, progress)
     outputs = [Samples() for _ in groups]
     at = 0
     for out, (prompts, _, _) in zip(outputs, groups):
@@ -445,26 +394,3 @@ def sample_groups(model, tokenizer, groups: list[tuple[list[Prompt], bool, int]]
         out.seconds = seconds
     return outputs
 
-
-def sample_details(model, tokenizer, prompts: list[Prompt], chat: bool, num_samples: int = 1,
-                   max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 0.95,
-                   batch_size: int = ROWS_PER_CALL, reference: bool = False, progress: bool = False,
-                   merge: bool = True, min_new_tokens: int = 0, top_k: int | None = None) -> Samples:
-    """`num_samples` responses per prompt as `Sample`s (text, new tokens up to and including EOS, whether it
-    ended), with the call's wall time in `.seconds`; sampled as `sample_token_ids` says (`batch_size`: rows).
-
-    A prompt is a string (with `chat`, sent as one user message through the chat template) or a list of messages
-    (always through the chat template, whose answers are stripped of surrounding white space)."""
-    return sample_groups(model, tokenizer, [(prompts, chat, max_new_tokens)], num_samples, temperature, top_p,
-                         batch_size, reference, progress, merge, min_new_tokens, top_k)[0]
-
-
-def sample(model, tokenizer, prompts: list[Prompt], chat: bool, num_samples: int = 1, max_new_tokens: int = 32,
-           temperature: float = 1.0, top_p: float = 0.95, batch_size: int | None = None, reference: bool = False,
-           progress: bool = False, merge: bool = True) -> list[list[str]]:
-    """`num_samples` response texts per prompt (see `sample_details`). `batch_size` here counts prompts decoded
-    together, as it always has for this function's callers; None fills `ROWS_PER_CALL` rows."""
-    rows = ROWS_PER_CALL if batch_size is None else batch_size * num_samples
-    details = sample_details(model, tokenizer, prompts, chat, num_samples, max_new_tokens, temperature, top_p,
-                             batch_size=rows, reference=reference, progress=progress, merge=merge)
-    return [[s.text for s in group] for group in details]

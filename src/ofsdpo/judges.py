@@ -11,8 +11,6 @@ A judge is any callable `judge(prompt, response, meta) -> float`, where `meta` i
 - `concise_judge`: +1 if the expected answer (`meta["answer"]`) appears, minus 0.05 per word beyond 8, in [-1, 1];
   0 (or less) when the answer is missing. Brevity with the answer kept.
 
-`reward_model_judge(name)` wraps a Hugging Face sequence-classification reward model instead.
-
 On-policy rounds and evaluation score every prompt's k responses at once through a `GroupJudge`, built from the
 user's specs by `resolve_judges` (the spec grammar is in its docstring): built-in names, user functions (pointwise,
 or batched in TRL's reward-function style), `hf:MODEL` reward models and TRL-style pairwise judges (a round-robin
@@ -622,31 +620,3 @@ def resolve_judges(specs: str | Any | Sequence[str | Any], device: str | None = 
         return parts[0][1]
     return WeightedJudge(parts)
 
-
-# --- single pointwise judges (built-in domains, existing callers) ----------------------------------------------------
-def reward_model_judge(name: str, device: str = "cpu") -> Judge:
-    """A Hugging Face sequence-classification reward model as a pointwise judge: logits[0, 0] of prompt + response."""
-    group = RewardModelJudge(f"{HF_PREFIX}{name}", name, device, batch_size=1)
-
-    def judge(prompt: Any, response: str, meta: dict | None = None) -> float:
-        return group.score([{"prompt": prompt, "meta": meta or {}}], [[response]])[0][0]
-
-    return judge
-
-
-def resolve_judge(spec: str | Judge) -> Judge:
-    """A pointwise judge by built-in name, `module:function`, `hf:<reward model>`, or a callable."""
-    if callable(spec):
-        return spec
-    if spec in BUILTIN_JUDGES:
-        return BUILTIN_JUDGES[spec]
-    if spec.startswith(HF_PREFIX):
-        return reward_model_judge(spec[len(HF_PREFIX):])
-    if ":" in spec:
-        target = _load_target(spec, spec)
-        if not callable(target):
-            raise ConfigError(f"judge '{spec}': {type(target).__name__} is not callable")
-        return target
-    close = difflib.get_close_matches(spec, list(BUILTIN_JUDGES), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ConfigError(f"unknown judge '{spec}'{hint}; a judge is {_forms()}")

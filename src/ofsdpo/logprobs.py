@@ -25,17 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
-
-def _causal_lm_parts(model: torch.nn.Module):
-    """(backbone, lm_head, text_config) of a (peft-wrapped) causal LM, or None where the layout is unknown."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if backbone is None or head is None or backbone is lm:
-        return None
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    return backbone, head, config
+from .causal_lm import cache_key, cache_of, causal_lm_parts, full_attention
+from .data import collate
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -134,7 +127,7 @@ def sequence_logps(
     `completion_mask[i, t] = 1` where token t of row i is a completion token; prompt and padding are 0, so they add
     nothing whatever their logits are (padding-safe).
     """
-    parts = _causal_lm_parts(model)
+    parts = causal_lm_parts(model)
     if parts is None:  # an unusual architecture: fall back to full logits (same numbers, more memory)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return naive_sequence_logps(logits, input_ids, completion_mask)
@@ -178,28 +171,22 @@ def stacked_forward(model: torch.nn.Module, batch: dict, copies: int, chunk_size
 
 
 # --- responses after shared prompts (judging) ------------------------------------------------------------------------
-# A judged response is scored after its prompt, and judging meets the same prompts again and again: every sample of
-# a prompt, and the reference's side at every stage of a run. Each distinct prompt is forwarded once here (its KV
-# cache and last hidden state kept) and only the responses run after it; a caller that keeps `states` across calls
-# (the reference's, whose weights never change) forwards a prompt once per run.
+# A scored pair holds two responses after one prompt (and a prompt's samples share it too). Each distinct prompt is
+# forwarded once here (its KV cache and last hidden state kept) and only the responses run after it.
 
 @dataclass
 class PromptState:
-    """A prompt's KV cache (per layer (keys, values), each (1, heads, tokens, dim)) and what predicts a response's
-    first token: the prompt's last hidden state (scored through the head), or its log-probs over the vocabulary
-    themselves (kept by the sampler, which computed them: `generation.sample_token_ids(prompt_states=...)`)."""
+    """A prompt's KV cache (per layer (keys, values), each (1, heads, tokens, dim)) and its last hidden state, which
+    predicts a response's first token (scored through the head)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-    last_hidden: torch.Tensor | None = None
-    first_logps: torch.Tensor | None = None
+    last_hidden: torch.Tensor
 
 
 def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, device) -> dict[tuple, PromptState]:
     """Each prompt's KV cache and last hidden state, `batch_size` prompts per forward (left-padded: at a few rows
     a forward costs about what reading the weights does, so one forward for many short prompts), in a fixed order,
     so the same prompts always give the same numbers (a module equal to the base ties the reference)."""
-    from .generation import _cache_of
-
     states = {}
     ordered = sorted(prompts, key=lambda p: (len(p), p))
     for start in range(0, len(ordered), batch_size):
@@ -212,7 +199,7 @@ def _prompt_states(backbone, prompts: list[tuple[int, ...]], batch_size: int, de
             mask[j, width - len(prompt):] = 1
         out = backbone(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+        layers = [(layer.keys, layer.values) for layer in cache_of(out).layers]
         for j, prompt in enumerate(group):
             n = len(prompt)
             states[prompt] = PromptState([(k[j:j + 1, :, width - n:], v[j:j + 1, :, width - n:]) for k, v in layers],
@@ -224,8 +211,6 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
                    chunk_size: int = 1024):
     """Summed log-probs of each (prompt state, prompt length, response ids) row: one forward of the responses
     (right-padded) after the prompts' caches (left-padded), at each row's own positions."""
-    from transformers import DynamicCache
-
     width, span = max(n for _, n, _ in rows), max(len(r) for _, _, r in rows)
     mask = torch.zeros((len(rows), width + span), dtype=torch.long, device=device)
     responses = torch.zeros((len(rows), span), dtype=torch.long, device=device)
@@ -243,10 +228,8 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
     positions = torch.tensor([n for _, n, _ in rows], device=device)[:, None] + torch.arange(span, device=device)
     hidden = backbone(input_ids=responses, attention_mask=mask, position_ids=positions, use_cache=True,
                       **{key: DynamicCache(ddp_cache_data=layers)}).last_hidden_state
-    # response token t is predicted at the position before it: the prompt's last one for t = 0 (a state holding
-    # that position's log-probs already gives them: its row's head input is a placeholder, its value replaced)
-    last = torch.stack([hidden.new_zeros(hidden.shape[-1]) if state.last_hidden is None else state.last_hidden
-                        for state, _, _ in rows])
+    # response token t is predicted at the position before it: the prompt's last one for t = 0
+    last = torch.stack([state.last_hidden for state, _, _ in rows])
     scored = torch.cat([last[:, None], hidden[:, :-1]], dim=1)
     at, cols = mask[:, width:].nonzero(as_tuple=True)
     hidden, labels = scored[at, cols], responses[at, cols]
@@ -254,38 +237,29 @@ def _after_prompts(backbone, head, config, key: str, rows: list[tuple[PromptStat
     with _gathered(head):  # the head's logits `chunk_size` tokens at a time, as `sequence_logps`
         token_logps = torch.cat([_token_logps(head, hidden[s:s + chunk_size], labels[s:s + chunk_size], softcap, scale)
                                  for s in range(0, labels.shape[0], chunk_size)])
-    first = (cols == 0).nonzero().squeeze(-1)  # each row's first response token, in row order
-    for i, (state, _, response) in enumerate(rows):
-        if state.first_logps is not None:
-            token_logps[first[i]] = state.first_logps[response[0]].to(token_logps.dtype)
     return torch.zeros(len(rows), dtype=token_logps.dtype, device=device).index_add(0, at, token_logps)
 
 
 @torch.no_grad()
 def prompt_cached_logps(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                        batch_size: int = 16, states: dict | None = None, chunk_size: int = 1024) -> torch.Tensor | None:
+                        batch_size: int = 16, chunk_size: int = 1024) -> torch.Tensor | None:
     """log π(response | prompt) summed over each response's tokens, the numbers `sequence_logps` gives for prompt +
-    response, with each distinct prompt forwarded once (`states`: a caller's store of prompt states, filled as
-    needed and kept across calls). Rows of similar lengths run together, `batch_size` at a time. None where this
-    does not apply (an unknown layout, windowed attention, no rows, an empty prompt or response): score whole
-    sequences."""
-    from .generation import _cache_key, _full_attention
-
-    parts = _causal_lm_parts(model)
-    if parts is None or not _full_attention(parts[2]) or not all(prompt_ids) or not all(response_ids):
+    response, with each distinct prompt forwarded once. Rows of similar lengths run together, `batch_size` at a
+    time. None where this does not apply (an unknown layout, windowed attention, no rows, an empty prompt or
+    response): score whole sequences."""
+    parts = causal_lm_parts(model)
+    if parts is None or not full_attention(parts[2]) or not all(prompt_ids) or not all(response_ids):
         return None
     backbone, head, config = parts
-    device, key = next(model.parameters()).device, _cache_key(backbone)
+    device, key = next(model.parameters()).device, cache_key(backbone)
     keys = [tuple(p) for p in prompt_ids]
     out = None
-    # without a caller's store, prompts are kept only for a block of rows at a time (prompt-major callers keep a
-    # prompt's samples together): memory stays bounded for any number of prompts
-    block = len(keys) if states is not None else 16 * batch_size
+    # prompts are kept only for a block of rows at a time (prompt-major callers keep a prompt's samples together):
+    # memory stays bounded for any number of prompts
+    block = 16 * batch_size
     for first in range(0, len(keys), block):
-        store = states if states is not None else {}
         ids = range(first, min(first + block, len(keys)))
-        missing = list({keys[i] for i in ids if keys[i] not in store})
-        store.update(_prompt_states(backbone, missing, batch_size, device))
+        store = _prompt_states(backbone, list({keys[i] for i in ids}), batch_size, device)
         order = sorted(ids, key=lambda i: (len(keys[i]), len(response_ids[i])))  # similar rows pad little
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -306,13 +280,13 @@ def pair_logps(model: torch.nn.Module, pairs: list[dict], pad_token_id: int, bat
     `concatenated_forward` up to float rounding, in about half the prompt work. Where that does not apply (or
     without `prompt_once`: processes in lockstep that must run the same forwards), one `concatenated_forward` per
     `batch_size` pairs."""
-    from .data import collate
-
     if not pairs:
         return torch.zeros(0), torch.zeros(0)
     n, prompts = len(pairs), [p["prompt_ids"] for p in pairs]
-    cached = prompt_cached_logps(model, prompts + prompts, [p["chosen_ids"] for p in pairs] +
-                                 [p["rejected_ids"] for p in pairs], 2 * batch_size, None, chunk_size) if prompt_once else None
+    cached = None
+    if prompt_once:
+        responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+        cached = prompt_cached_logps(model, prompts + prompts, responses, 2 * batch_size, chunk_size)
     if cached is not None:
         return cached[:n], cached[n:]
     device, chosen, rejected = next(model.parameters()).device, [], []
@@ -361,7 +335,7 @@ def sequence_kl(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
     (π) and one inside `reference()` (a context manager under which the model is π_ref: `modules.reference_mode`).
     Only the hidden states of the scored positions are kept; the two vocabulary-wide log-softmaxes exist
     `chunk_size` positions at a time."""
-    parts = _causal_lm_parts(model)
+    parts = causal_lm_parts(model)
     if parts is None:  # an unusual architecture: full logits (same numbers, more memory)
         policy = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         with reference():

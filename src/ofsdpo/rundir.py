@@ -1,10 +1,11 @@
 """The output folder of a training run: what marks it as holding a run, when it may be (over)written, and the lock
 that keeps two runs out of one folder.
 
-The lock is `<output-dir>/.ofsdpo.lock`, an advisory `flock` held for the whole run and holding the holder's pid,
-host and start time. The kernel drops a `flock` when its process dies, however it dies (SIGKILL and OOM included),
-so a lock file left behind by a dead run is free: the next run takes it over and says so. Where `fcntl` does not
-exist (Windows), the lock is the file itself, taken over when its pid is no longer running on this host.
+The lock is `<output-dir>/.ofsdpo.lock`, a `filelock.FileLock` (an advisory `flock`; on Windows a `msvcrt` lock)
+held for the whole run; `<output-dir>/.ofsdpo.lock.json` names its holder (pid, host, start time). The operating
+system drops the lock when its process dies, however it dies (SIGKILL and OOM included), so a run that finds the
+lock free and a holder record left behind takes it over and says so. The record is a file of its own because
+filelock may truncate the lock file when another process tries it (filelock 3).
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from .checkpoint import list_checkpoints
 from .config import ConfigError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,7 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
     "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
+HOLDER_NAME = ".ofsdpo.lock.json"  # who holds the lock: written once it is taken, removed before it is released
 
 
 class OutputDirLocked(ConfigError):
@@ -149,16 +149,6 @@ def _read_holder(path: Path) -> dict:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # it exists, owned by someone else
-    return True
-
-
 def _locked_message(output_dir: Path, holder: dict) -> str:
     pid, host = holder.get("pid", "?"), holder.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
@@ -168,26 +158,21 @@ def _locked_message(output_dir: Path, holder: dict) -> str:
 
 
 def lock_holder(output_dir: Path) -> dict | None:
-    """Who holds the lock of `output_dir` ({pid, host, started}), or None when it is free. Writes nothing."""
-    path = Path(output_dir) / LOCK_NAME
-    if not path.is_file():
+    """Who holds the lock of `output_dir` ({pid, host, started}; {} while its record is being written), or None when
+    it is free. Writes nothing: the lock is tried and, when free, dropped at once."""
+    output_dir = Path(output_dir)
+    if not (output_dir / LOCK_NAME).is_file():
         return None
-    holder = _read_holder(path)
+    holder = _read_holder(output_dir / HOLDER_NAME)
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         return None  # this process holds it (a check made again once the lock is taken)
-    if fcntl is not None:
-        try:
-            with open(path, "rb") as handle:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            return None  # nobody holds it: a file left by a dead run
-        except BlockingIOError:
-            return holder
-        except OSError:  # a file system without flock: fall back to the pid
-            pass
-    same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
-    pid = holder.get("pid")
-    return holder if isinstance(pid, int) and (not same_host or _pid_alive(pid)) else None
+    probe = FileLock(output_dir / LOCK_NAME, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return holder
+    probe.release()
+    return None  # free: a record left behind belongs to a dead run
 
 
 def refuse_if_locked(output_dir: str | Path) -> None:
@@ -202,57 +187,30 @@ class RunLock:
 
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_NAME
-        self.handle = None
+        self.holder_path = Path(output_dir) / HOLDER_NAME
+        self.lock = FileLock(self.path, timeout=0)  # never wait: a second run is refused at once
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):  # retries only when another run released or replaced the file under us
-            stale = _read_holder(self.path) if self.path.exists() else None
-            if fcntl is None:
-                self._acquire_by_pid(stale)
-            else:
-                handle = open(self.path, "a+", encoding="utf-8")
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.close()
-                    raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.path))) from None
-                if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(handle.fileno()).st_ino:
-                    handle.close()  # the holder removed the file as we opened it: lock the new one
-                    continue
-                self.handle = handle
-            if stale and stale.get("pid") not in (None, os.getpid()):
-                logger.warning("%s: took over the lock left by pid %s (no longer running).", self.path.parent,
-                               stale.get("pid"))
-            self._write_holder()
-            return self
-        raise OutputDirLocked(f"--output-dir {self.path.parent}: could not take its lock {self.path}.")
-
-    def _acquire_by_pid(self, stale: dict | None) -> None:
-        if stale is not None:
-            pid, same_host = stale.get("pid"), stale.get("host", socket.gethostname()) == socket.gethostname()
-            if isinstance(pid, int) and (not same_host or _pid_alive(pid)):  # this process's own lock included
-                raise OutputDirLocked(_locked_message(self.path.parent, stale))
-            self.path.unlink(missing_ok=True)
         try:
-            self.handle = os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w", encoding="utf-8")
-        except FileExistsError:
-            raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.path))) from None
-
-    def _write_holder(self) -> None:
+            self.lock.acquire()
+        except Timeout:
+            raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.holder_path))) from None
+        # a run that ends removes its record before it unlocks: one found now was left by a run that died
+        stale = _read_holder(self.holder_path)
+        if stale.get("pid") not in (None, os.getpid()):
+            logger.warning("%s: took over the lock left by pid %s (no longer running).", self.path.parent,
+                           stale.get("pid"))
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(json.dumps(holder) + "\n")
-        self.handle.flush()
+        write_atomic(self.holder_path, json.dumps(holder) + "\n")  # whole or not at all for a reader
+        return self
 
     def release(self) -> None:
-        if self.handle is None:
+        if not self.lock.is_locked:
             return
         with contextlib.suppress(OSError):
-            self.path.unlink()  # before unlocking: a run waiting on this file sees it replaced and retries
-        self.handle.close()  # closing drops the flock
-        self.handle = None
+            self.holder_path.unlink()  # before unlocking: a record names a live holder or a dead one, never the next
+        self.lock.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -19,6 +19,7 @@ import logging
 import math
 
 import torch
+from transformers import get_scheduler
 
 from .chasing import ChaseState
 from .config import ConfigError, TrainingOptions
@@ -74,14 +75,19 @@ def module_plan(model, names, method: str, cfg: TrainingOptions) -> tuple[str, i
 
 
 def lr_schedule(kind: str, warmup: int, total: int):
-    """The learning-rate factor of step `step`: linear warm-up, then constant, linear or cosine decay to 0."""
+    """The learning-rate factor of step `step` (0-based): transformers' curve (`get_scheduler`: linear warm-up, then
+    constant, linear or cosine decay to 0 at `total`), with the warm-up one step ahead. Transformers' warm-up step s
+    trains at s / warmup, its first step at rate 0 (a step that moves nothing); ours at (s + 1) / warmup, as ofsdpo
+    always has (golden runs, resumed runs), so warm-up step s reads transformers' curve at s + 1. Past the end the
+    factor stays at 0 (transformers' cosine would rise again). tests/test_step.py checks it against the closed form."""
+    # get_scheduler wraps its curve in a LambdaLR around an optimiser; the trainer's LambdaLR needs the curve alone
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    end = max(total, warmup + 1)  # a run shorter than its warm-up reaches the full rate, then ends (as before)
+    name = "constant_with_warmup" if kind == "constant" else kind  # transformers' "constant" has no warm-up
+    curve = get_scheduler(name, stand_in, num_warmup_steps=warmup, num_training_steps=end).lr_lambdas[0]
+
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return curve(step + 1 if step < warmup else min(step, end))
 
     return factor
 
