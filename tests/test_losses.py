@@ -198,3 +198,55 @@ def test_gradient_at_equal_margins(form):
     for x in leader + chaser:
         sign = -1 if x is leader[0] or x is chaser[0] else 1
         assert torch.allclose(x.grad, torch.full((2,), sign * expected, dtype=torch.float64))
+
+
+def test_loss_types_closed_forms_float64():
+    """Each `--loss-type` on fixed log-probs (float64), worked by hand: h = (−1 − −2) − (−3 − −2.5) = 1.5 summed;
+    ipo reads per-token log-ratios: 1/4 − (−0.5)/2 = 0.5."""
+    args = (t(-1.0), t(-3.0), t(-2.0), t(-2.5))
+    beta, eps, z = 0.1, 0.1, 0.15
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    expected = {"sigmoid": -logsig(z), "hinge": 1 - z, "ipo": (0.5 - 1 / (2 * beta)) ** 2,
+                "robust": (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)}
+    for loss_type, value in expected.items():
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            *args, beta=beta, loss_type=loss_type, label_smoothing=eps if loss_type == "robust" else 0.0,
+            chosen_lengths=t(4), rejected_lengths=t(2))
+        assert losses.item() == pytest.approx(value, rel=1e-12), loss_type
+        assert chosen_rewards.item() == pytest.approx(0.1) and rejected_rewards.item() == pytest.approx(-0.05)
+    conservative, *_ = dpo_loss(*args, beta=beta, label_smoothing=eps)  # cDPO: labels flipped with probability ε
+    assert conservative.item() == pytest.approx(-(1 - eps) * logsig(z) - eps * logsig(-z), rel=1e-12)
+    robust_at_zero, *_ = dpo_loss(*args, beta=beta, loss_type="robust")
+    assert robust_at_zero.item() == pytest.approx(expected["sigmoid"], rel=1e-12)
+
+
+def test_loss_types_refuse_what_has_no_meaning():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="token counts"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="loss type must be one of"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
+    with pytest.raises(ValueError, match="minmax chase has no maximum under the ipo"):
+        chase_loss(x, x, x, x, beta=0.1, form="minmax", loss_type="ipo", chosen_lengths=x + 1, rejected_lengths=x + 1)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "robust", "ipo"])
+def test_the_chase_uses_the_dpo_family_with_the_other_module_as_reference(loss_type):
+    """L_FS(P, Q) = ℓ(h_P − h_Q): the leader's chase term is the DPO loss of P with Q in the reference's place; the
+    symmetric chaser's is Q's with P as reference; gradients stop at the other module."""
+    torch.manual_seed(0)
+    leader = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    chaser = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3.0, 7, 2, 5, 4], dtype=torch.float64), torch.tensor([6.0, 1, 4, 2, 3], dtype=torch.float64)
+    extra = {"loss_type": loss_type, "label_smoothing": 0.2 if loss_type == "robust" else 0.0,
+             "chosen_lengths": lengths[0], "rejected_lengths": lengths[1]}
+    lead, chase, _ = chase_loss(*leader, *chaser, beta=0.3, form="symmetric", **extra)
+    as_dpo, _, _ = dpo_loss(*leader, *chaser.detach(), beta=0.3, **extra)
+    chaser_as_dpo, _, _ = dpo_loss(*chaser, *leader.detach(), beta=0.3, **extra)
+    torch.testing.assert_close(lead, as_dpo, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chase, chaser_as_dpo, rtol=0, atol=1e-12)
+    lead.sum().backward()
+    assert chaser.grad is None and leader.grad.abs().sum() > 0
+    if loss_type != "ipo":
+        lead_mm, chase_mm, _ = chase_loss(*leader, *chaser, beta=0.3, form="minmax", **extra)
+        torch.testing.assert_close(chase_mm, -as_dpo.detach(), rtol=0, atol=1e-12)
