@@ -267,7 +267,7 @@ def test_a_non_finite_step_is_skipped_counted_and_warned(make_config, tmp_path, 
 
     monkeypatch.setattr(OptimiserStep, "__call__", recorded)
     with caplog.at_level(logging.WARNING, logger="ofsdpo.trainer"):
-        summary = trainer.train()
+        summary = trainer.train().summary
     assert [_same(before, after) for before, after in snapshots] == [False, True, False, False]
     metrics = read_metrics(trainer.output_dir / "metrics.jsonl")
     assert [r["nonfinite_steps_skipped"] for r in metrics] == [0, 1, 1, 1]
