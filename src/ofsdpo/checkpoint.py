@@ -141,9 +141,21 @@ def process_rng(processes) -> dict:
     return {"processes": processes.gather(rng)} if processes.distributed else rng
 
 
-def restore(saved: dict, path: Path, model, names, optimizer, scheduler, reference, processes) -> None:
-    """Load a checkpoint (`load_checkpoint`) into a run: its modules `names`, optimiser, schedule, reference cache
-    and this process's RNG."""
+def save_run(root: Path, state, adapters, best: dict | None, optimizer, scheduler, reference, processes,
+             keep: int) -> None:
+    """A run's checkpoint of step `state.step`, written by the main process (`adapters()`: its modules' weights;
+    `best`: the best fast module's, or None); every process returns once it is in place."""
+    rng = process_rng(processes)
+    if processes.is_main:
+        modules = adapters() if best is None else {**adapters(), "best": best}
+        save_checkpoint(root, state.step, modules, optimizer, scheduler, reference.state_dict(), state.to_dict(),
+                        keep, rng=rng)
+    processes.barrier()  # nobody reads a checkpoint before it is in place
+
+
+def restore(saved: dict, path: Path, state, model, names, optimizer, scheduler, reference, processes) -> dict | None:
+    """Load a checkpoint (`load_checkpoint`, its `state` read) into a run: its modules `names`, optimiser, schedule,
+    reference cache and this process's RNG; returns the best fast module's weights kept with it, or None."""
     missing = [name for name in names if name not in saved["adapters"]]
     if missing:  # a checkpoint missing a file: the message of any unreadable checkpoint
         raise ConfigError(f"--resume: cannot read checkpoint {path} (no adapter-{missing[0]}.safetensors); remove "
@@ -153,7 +165,9 @@ def restore(saved: dict, path: Path, model, names, optimizer, scheduler, referen
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     reference.load_state_dict(saved["reference"])
+    reference.computed_pairs = state.reference_computed_pairs
     set_rng_state(own_rng(saved["rng"], path, processes))
+    return saved["adapters"].get("best") if state.best else None
 
 
 def write_outputs(out: Path, model, served: str, modules, best: tuple | None, tokenizer, regret: list[dict],

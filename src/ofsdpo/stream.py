@@ -79,6 +79,13 @@ class Stream:
             steps = math.ceil(len(self.prompts) / self.round_size) * (self.round_size // pairs_per_step)
         return steps if max_steps == -1 else min(steps, max_steps)
 
+    def check_learnt(self, state: TrainerState) -> None:
+        """Refuse to end an on-policy run that took no step: every sampled prompt tied, nothing was learnt."""
+        if state.step == 0 and self.on_policy is not None:
+            raise ConfigError(f"every sampled prompt tied under the judge ({state.ties_skipped} of "
+                              f"{state.prompt_position} prompts): nothing to learn; raise --samples-per-prompt "
+                              "or --temperature, or use a judge that separates the samples.")
+
     def fingerprint(self) -> str | None:
         """The data's hash; on-policy, the prompts' (a resume on other prompts would train on other pairs)."""
         if self.on_policy is None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import set_seed
 
 from . import checkpoint as ckpt
 from .config import ConfigError, NonFiniteError, OFSDPOConfig
@@ -29,7 +28,7 @@ from .methods import training_method
 from .metrics import MetricsLogger
 from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,
                      resolve_model_name, set_num_threads)
-from .modules import adapter_parameters, adapter_state, attach_adapters, lora_config
+from .modules import adapter_parameters, adapter_state, lora_config
 from .reference import ReferenceCache
 from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
                      name_sources, resume_checkpoint)
@@ -110,21 +109,9 @@ class OFSDPOTrainer:
                               dtype_device=self.device)
         else:
             base = loaded if sharded else loaded.to(self.device)
-        if self.processes.zero3:  # before the LoRA modules exist: DeepSpeed would partition them too
-            self.processes.partition_base(base)
         check_target_modules(cfg.target_module_list, base)
-        set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
-        model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                  cfg.target_module_list), self.names)
-        if cfg.gradient_checkpointing:  # the base's activations recomputed in the backward (peft's input hook)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if sharded:
-            self.processes.shard_model(model)
-        model.train()
-        self.processes.broadcast([p for n in self.names for p in adapter_parameters(model, n)])
-        if self.processes.distributed:  # each process its own dropout masks, as one big batch would have
-            torch.manual_seed(cfg.seed + self.processes.index)
-        return model
+        lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_module_list)
+        return self.processes.attach_policy(base, self.names, lora, cfg.seed, cfg.gradient_checkpointing)
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self, on_step=None) -> TrainResult:
@@ -180,10 +167,7 @@ class OFSDPOTrainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
-            if state.step == 0 and self.stream.on_policy is not None:  # no silent "done": nothing was learnt
-                raise ConfigError(f"every sampled prompt tied under the judge ({state.ties_skipped} of "
-                                  f"{state.prompt_position} prompts): nothing to learn; raise --samples-per-prompt "
-                                  "or --temperature, or use a judge that separates the samples.")
+            self.stream.check_learnt(state)  # on-policy, no silent "done" when every prompt tied
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
@@ -272,18 +256,13 @@ class OFSDPOTrainer:
         (`then`: what the user may do next with it)."""
         if self.config.save_steps < 0:
             return "no checkpoint written (--save-steps -1): this run cannot be resumed"
-        rng, state = ckpt.process_rng(self.processes), self.state
-        if self.processes.is_main:
-            adapters = {n: adapter_state(self.model, n) for n in self.names}
-            if self.best_state is not None:
-                adapters["best"] = self.best_state
-            state.num_pairs, state.reference_computed_pairs = len(self.data), self.reference.computed_pairs
-            state.train_seconds = time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
-            state.generated_pairs = self.data.pairs if self.stream.on_policy is not None else None
-            ckpt.save_checkpoint(self.output_dir / "checkpoints", state.step, adapters, self.optimizer,
-                                 self.scheduler, self.reference.state_dict(), state.to_dict(),
-                                 self.config.save_total_limit, rng=rng)
-        self.processes.barrier()  # nobody reads a checkpoint before it is in place
+        state, seconds = self.state, time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
+        state.num_pairs, state.reference_computed_pairs, state.train_seconds = (len(self.data),
+                                                                                self.reference.computed_pairs, seconds)
+        state.generated_pairs = self.data.pairs if self.stream.on_policy is not None else None
+        ckpt.save_run(self.output_dir / "checkpoints", state, lambda: {n: adapter_state(self.model, n) for n in
+                      self.names}, self.best_state, self.optimizer, self.scheduler, self.reference, self.processes,
+                      self.config.save_total_limit)
         where = f"checkpoint of step {state.step} written to {self.output_dir / 'checkpoints'}"
         return f"{where}; {then}" if then else where
 
@@ -294,10 +273,8 @@ class OFSDPOTrainer:
         self.stream.restore(state.generated_pairs)
         self.reference.grow_to(len(self.data))
         check_same_run(path, state, self.state, self.config, len(self.data))
-        ckpt.restore(saved, path, self.model, self.names, self.optimizer, self.scheduler, self.reference,
-                     self.processes)
-        self.best_state = saved["adapters"].get("best") if state.best else None
-        self.reference.computed_pairs = state.reference_computed_pairs
+        self.best_state = ckpt.restore(saved, path, state, self.model, self.names, self.optimizer, self.scheduler,
+                                       self.reference, self.processes)
         self.state = state
         if self.processes.is_main:  # --resume-from an older one: the newer ones belong to the abandoned branch
             drop_checkpoints_after(self.output_dir, path)
@@ -312,9 +289,7 @@ class OFSDPOTrainer:
             "pairs_seen": state.position, "rounds": len(state.online_losses), "num_tokens": state.num_tokens,
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
-            "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
-            "sharded_base": self.processes.sharded, "sharding": self.processes.sharding,
-            "zero_stage": self.processes.zero_stage, "base_partition": self.processes.base_partition,
+            "online_regret": regret[-1]["regret"] if regret else None, **self.processes.describe(),
             "nonfinite_steps_skipped": state.nonfinite_skipped,
         }
         if self.stream.on_policy is not None:
