@@ -54,7 +54,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(make_config, tmp_path):
     reference = dpo.train()
     assert result.steps == reference.steps == 3 and result.served_module == reference.served_module == "default"
     assert result.summary["method"] == "toy-dpo" and result.output_dir == tmp_path / "toy"
-    toy_rows, dpo_rows = read_metrics(tmp_path / "toy" / "metrics.jsonl"), read_metrics(tmp_path / "dpo" / "metrics.jsonl")
+    toy_rows, dpo_rows = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("toy", "dpo"))
     for toy, plain in zip(toy_rows, dpo_rows, strict=True):  # its own names, DPO's values
         assert toy["toy/loss"] == plain["loss"] and toy["toy/rewards/margins"] == plain["rewards/margins"]
         assert toy["toy/grad_norm"] == toy["grad_norm"] == plain["grad_norm"]  # one module: its norm is the total

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, NonFiniteError, OFSDPOConfig
+from .config import NonFiniteError, OFSDPOConfig
 from .data import PreferenceData
 from .distributed import Processes
 from .judges import JudgeError
