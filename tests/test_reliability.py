@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import ofsdpo
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo import checkpoint as ckpt
-from ofsdpo import step as step_module
+from ofsdpo import methods as methods_module
 from ofsdpo import trainer as trainer_module
 from ofsdpo.cli import main
 from ofsdpo.config import ConfigError, DomainSpec, OFSDPOConfig
@@ -227,14 +227,14 @@ def _same(a, b) -> bool:
 
 def _poison_loss_at(monkeypatch, bad_calls: set[int]) -> None:
     """dpo_loss returns NaN losses on the given calls (one call per step for dpo with one micro-batch)."""
-    original, calls = step_module.dpo_loss, []
+    original, calls = methods_module.dpo_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         losses, chosen, rejected = original(*args, **kwargs)
         return (losses * math.nan if len(calls) in bad_calls else losses), chosen, rejected
 
-    monkeypatch.setattr(step_module, "dpo_loss", poisoned)
+    monkeypatch.setattr(methods_module, "dpo_loss", poisoned)  # the objective is the method's
 
 
 def _poison_gradient_at(monkeypatch, bad_step: int) -> None:
