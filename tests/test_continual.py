@@ -213,7 +213,7 @@ def test_lora_merge_serves_the_mean_delta_of_its_modules(tiny_model_dir, tmp_pat
 
 
 def test_interleave_spreads_the_replay_evenly():
-    from ofsdpo.continual import _interleave
+    from ofsdpo.policies import interleave as _interleave
 
     assert _interleave(list("abcdefgh"), [1, 2]) == list("abcd") + [1] + list("efgh") + [2]
     assert _interleave(list("abc"), [1, 2, 3, 4]) == ["a", 1, "b", 2, "c", 3, 4]

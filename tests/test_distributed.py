@@ -77,7 +77,7 @@ def _compare_with_one_process(data, out, make_config, tmp_path, pairs_seen: list
     single = OFSDPOTrainer(config=make_config(
         model=_model_arg(out), data=str(data), output_dir=str(tmp_path / "one"), method="ofs-dpo", batch_size=4,
         lr=1e-3, lora_dropout=0.0, chase_interval=2, swap="params"))
-    summary = single.train()
+    summary = single.train().summary
     _assert_close(_adapters(out), _adapters(tmp_path / "one"))
     rows_two, rows_one = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
     assert [r["pairs_seen"] for r in rows_two] == [r["pairs_seen"] for r in rows_one] == pairs_seen

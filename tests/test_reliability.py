@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import ofsdpo
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo import checkpoint as ckpt
-from ofsdpo import step as step_module
+from ofsdpo import methods as methods_module
 from ofsdpo import trainer as trainer_module
 from ofsdpo.cli import main
 from ofsdpo.config import ConfigError, DomainSpec, OFSDPOConfig
@@ -227,14 +227,14 @@ def _same(a, b) -> bool:
 
 def _poison_loss_at(monkeypatch, bad_calls: set[int]) -> None:
     """dpo_loss returns NaN losses on the given calls (one call per step for dpo with one micro-batch)."""
-    original, calls = step_module.dpo_loss, []
+    original, calls = methods_module.dpo_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         losses, chosen, rejected = original(*args, **kwargs)
         return (losses * math.nan if len(calls) in bad_calls else losses), chosen, rejected
 
-    monkeypatch.setattr(step_module, "dpo_loss", poisoned)
+    monkeypatch.setattr(methods_module, "dpo_loss", poisoned)  # the objective is the method's
 
 
 def _poison_gradient_at(monkeypatch, bad_step: int) -> None:
@@ -267,7 +267,7 @@ def test_a_non_finite_step_is_skipped_counted_and_warned(make_config, tmp_path, 
 
     monkeypatch.setattr(OptimiserStep, "__call__", recorded)
     with caplog.at_level(logging.WARNING, logger="ofsdpo.trainer"):
-        summary = trainer.train()
+        summary = trainer.train().summary
     assert [_same(before, after) for before, after in snapshots] == [False, True, False, False]
     metrics = read_metrics(trainer.output_dir / "metrics.jsonl")
     assert [r["nonfinite_steps_skipped"] for r in metrics] == [0, 1, 1, 1]

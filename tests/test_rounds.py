@@ -85,7 +85,7 @@ def test_every_judge_kind_drives_three_rounds(make_config, tmp_path, judge_modul
              "weighted": [f"{judge_module}:longer:0.5", f"{judge_module}:longer_batched:2"]}[kind]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(12, chat))
     trainer = OFSDPOTrainer(config=on_policy_config(make_config, tmp_path, prompts, judge))
-    summary = trainer.train()
+    summary = trainer.train().summary
     assert summary["steps"] == 3 and summary["on_policy"]["pairs_generated"] == len(trainer.data)
     rounds = sorted((trainer.output_dir / "rounds").glob("round-*.jsonl"))
     rows = [json.loads(line) for path in rounds for line in path.read_text().splitlines()]

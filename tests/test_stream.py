@@ -11,7 +11,7 @@ from ofsdpo.modules import adapter_state
 def test_rounds_are_generated_from_the_policy(make_config, length_judged):
     trainer = OFSDPOTrainer(config=make_config(data=None, on_policy="concise", method="ofs-dpo", batch_size=2,
                                                max_steps=3, samples_per_prompt=3))
-    summary = trainer.train()
+    summary = trainer.train().summary
     assert summary["steps"] == 3
     generated = summary["on_policy"]
     assert generated["pairs_generated"] == len(trainer.data) >= 4 and generated["prompts_used"] >= 6

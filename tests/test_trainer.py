@@ -27,7 +27,7 @@ def adapters(path):
 
 def test_dpo_writes_a_servable_peft_adapter(make_config, tiny_model_dir):
     config = make_config(method="dpo")
-    summary = OFSDPOTrainer(config=config).train()
+    summary = OFSDPOTrainer(config=config).train().summary
     out = Path(config.output_dir)
     for name in ["adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "summary.json",
                  "regret.jsonl"]:
@@ -114,7 +114,7 @@ def test_sequential_module_passes_give_the_joint_gradients(make_config, tmp_path
 
 def test_reference_cache_equals_a_fresh_forward_and_is_computed_once(make_config):
     trainer = OFSDPOTrainer(config=make_config(method="ofs-dpo", epochs=2))
-    summary = trainer.train()
+    summary = trainer.train().summary
     assert summary["reference_pairs_computed"] == len(trainer.data) == 16  # two epochs, one scoring per pair
     batch = {k: v for k, v in collate(trainer.data.pairs, trainer.tokenizer.pad_token_id).items()}
     with trainer.model.disable_adapter(), torch.no_grad():
@@ -190,14 +190,14 @@ def test_python_api_accepts_a_loaded_model_and_rows(tiny_model_dir, tokenizer, t
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = OFSDPOConfig(output_dir=str(tmp_path / "api"), batch_size=2, max_steps=2, progress=False, lora_r=2)
-    summary = OFSDPOTrainer(model, config, train_data=sentiment_rows(4), tokenizer=tokenizer).train()
+    summary = OFSDPOTrainer(model, config, train_data=sentiment_rows(4), tokenizer=tokenizer).train().summary
     assert summary["steps"] == 2 and summary["pairs_seen"] == 4
 
 
 def test_eval_data_picks_the_served_module(make_config, tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
     trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), slow_lr_ratio=0.1))
-    summary = trainer.train()
+    summary = trainer.train().summary
     assert summary["served_by"] == "eval_data"
     scores = summary["module_scores"]
     assert summary["served_module"] == min(scores, key=scores.get)
@@ -215,7 +215,7 @@ def test_the_served_choice_reuses_the_last_evaluation_of_the_fast_module(make_co
         return original(data, reference, indices, name)
 
     trainer.pair_losses = counting
-    summary = trainer.train()
+    summary = trainer.train().summary
     assert [s for s in scored if s[2] and s[0] == 4] == [(4, "fast", True), (4, "slow", True)]
     every = list(range(len(trainer.eval)))
     fresh = {n: original(trainer.eval, trainer.eval_reference, every, n)[0].mean().item() for n in trainer.names}
@@ -225,13 +225,13 @@ def test_the_served_choice_reuses_the_last_evaluation_of_the_fast_module(make_co
 def test_best_fast_module_is_tracked_on_eval_data(make_config, tmp_path, tiny_model_dir):
     held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
     trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), eval_steps=1))
-    summary = trainer.train()
-    best = summary["best_fast"]
-    assert 1 <= best["step"] <= 4
+    result = trainer.train()
+    best = result.summary["best_fast"]
+    assert 1 <= best["step"] <= 4 and {k: v for k, v in result.best.items() if k != "state"} == best
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, trainer.output_dir / "best_fast")
     saved = adapters(trainer.output_dir / "best_fast")
-    assert all(torch.equal(saved[k], trainer.best["state"][k]) for k in saved)
+    assert all(torch.equal(saved[k], result.best["state"][k]) for k in saved)
     loaded = {k.replace(".default", ""): v for k, v in adapter_state(model, "default").items()}
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
@@ -260,7 +260,7 @@ def test_a_params_swap_moves_the_weights(make_config, tmp_path):
     """The slow module overtakes (`roles`: the labels move). The same run stopped at the first swap with
     `swap: params` holds in `fast` exactly what the never-swapping run holds in `slow`, and vice versa."""
     roles = OFSDPOTrainer(config=make_config(swap="roles", output_dir=str(tmp_path / "roles"), **OVERTAKE))
-    summary = roles.train()
+    summary = roles.train().summary
     assert summary["chase/swaps"] >= 1
     rows = read_metrics(roles.output_dir / "metrics.jsonl")
     first = next(r["step"] for r in rows if r["chase/swaps"] == 1)
@@ -280,7 +280,7 @@ def test_a_params_swap_moves_the_weights(make_config, tmp_path):
 
 def test_without_eval_data_the_module_with_the_lower_recent_online_loss_is_served(make_config):
     config = make_config(chase_interval=2, **{k: v for k, v in OVERTAKE.items() if k != "chase_interval"})
-    summary = OFSDPOTrainer(config=config).train()
+    summary = OFSDPOTrainer(config=config).train().summary
     rows = read_metrics(Path(config.output_dir) / "metrics.jsonl")[-2:]
     means = {n: sum(r[f"{n}/online/loss"] for r in rows) / 2 for n in ("fast", "slow")}
     assert summary["served_by"] == "online loss of the last 2 rounds"
@@ -300,5 +300,5 @@ def test_resume_refuses_a_changed_option_or_data_file(make_config, tmp_path, cha
         OFSDPOTrainer(config=make_config(method="dpo", max_steps=4, save_steps=1, resume=True, **changed)).train()
     # what changes nothing computed may change: progress, checkpoint cadence, and the step limit (constant lr)
     summary = OFSDPOTrainer(config=make_config(method="dpo", max_steps=4, save_steps=3, resume=True,
-                                               progress=True)).train()
+                                               progress=True)).train().summary
     assert summary["steps"] == 4

@@ -35,7 +35,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_config, tmp_path):
     for name in a:
         assert a[name].abs().sum() > 0, name
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
-    summary = checkpointed.train()  # and a whole run trains with it
+    summary = checkpointed.train().summary  # and a whole run trains with it
     assert summary["steps"] == 4
 
 
@@ -118,7 +118,7 @@ def test_save_steps_minus_one_writes_no_checkpoint_even_when_stopped(make_config
     from ofsdpo.signals import RunInterrupted
 
     trainer = OFSDPOTrainer(config=make_config(method="dpo", save_steps=-1, output_dir=str(tmp_path / "a")))
-    assert trainer.train()["steps"] == 4
+    assert trainer.train().steps == 4
     assert not (tmp_path / "a" / "checkpoints").exists() and (tmp_path / "a" / "adapter_model.safetensors").exists()
     stopped = OFSDPOTrainer(config=make_config(method="dpo", save_steps=-1, output_dir=str(tmp_path / "b")))
     monkeypatch.setattr(ofsdpo.trainer, "stop_signal", lambda processes, signum: 15)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
-from .files import flush_to_disk, write_json
+from .files import flush_to_disk, write_json, write_jsonl
+from .modules import load_adapter_state, save_adapter, write_adapter
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -129,3 +132,60 @@ def own_rng(rng: dict, path: Path, processes) -> dict:
         raise ConfigError(f"--resume: {path} was written by {saved_processes} process(es); this run has "
                           f"{processes.count}. Resume with the same number of processes.")
     return rng["processes"][processes.index] if "processes" in rng else rng
+
+
+def process_rng(processes) -> dict:
+    """This process's RNG states, or every process's under a multi-process launch (each has its own dropout masks;
+    the rest of a checkpoint is the same everywhere)."""
+    rng = rng_state()
+    return {"processes": processes.gather(rng)} if processes.distributed else rng
+
+
+def save_run(root: Path, state, adapters, best: dict | None, optimizer, scheduler, reference, processes,
+             keep: int) -> None:
+    """A run's checkpoint of step `state.step`, written by the main process (`adapters()`: its modules' weights;
+    `best`: the best fast module's, or None); every process returns once it is in place."""
+    rng = process_rng(processes)
+    if processes.is_main:
+        modules = adapters() if best is None else {**adapters(), "best": best}
+        save_checkpoint(root, state.step, modules, optimizer, scheduler, reference.state_dict(), state.to_dict(),
+                        keep, rng=rng)
+    processes.barrier()  # nobody reads a checkpoint before it is in place
+
+
+def restore(saved: dict, path: Path, state, model, names, optimizer, scheduler, reference, processes) -> dict | None:
+    """Load a checkpoint (`load_checkpoint`, its `state` read) into a run: its modules `names`, optimiser, schedule,
+    reference cache and this process's RNG; returns the best fast module's weights kept with it, or None."""
+    missing = [name for name in names if name not in saved["adapters"]]
+    if missing:  # a checkpoint missing a file: the message of any unreadable checkpoint
+        raise ConfigError(f"--resume: cannot read checkpoint {path} (no adapter-{missing[0]}.safetensors); remove "
+                          "it to resume from an older one.")
+    for name in names:
+        load_adapter_state(model, name, saved["adapters"][name])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    reference.load_state_dict(saved["reference"])
+    reference.computed_pairs = state.reference_computed_pairs
+    set_rng_state(own_rng(saved["rng"], path, processes))
+    return saved["adapters"].get("best") if state.best else None
+
+
+def write_outputs(out: Path, model, served: str, modules, best: tuple | None, tokenizer, regret: list[dict],
+                  summary: dict) -> None:
+    """A finished run's outputs: the served module at the root as a plain peft adapter, `modules` each in a folder
+    of its own, `best` = (module, weights) in `best_fast/`, the tokenizer, regret.jsonl and summary.json."""
+    try:
+        save_adapter(model, served, out)
+        for name in modules:
+            save_adapter(model, name, out / name)
+        if best is not None:
+            write_adapter(model.peft_config[best[0]], best[1], out / "best_fast")
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-tokenizer-") as staging:  # whole files or none
+            for path in tokenizer.save_pretrained(staging):
+                if os.path.isfile(path):
+                    os.replace(path, out / Path(path).name)
+        if regret:
+            write_jsonl(out / "regret.jsonl", regret)
+        write_json(out / "summary.json", summary)
+    except (OSError, RuntimeError) as err:
+        raise write_error(Path(getattr(err, "filename", None) or out), "the run's outputs", err) from None

@@ -181,9 +181,10 @@ def train_command(argv: list[str]) -> int:
         OFSDPOTrainer,  # after parsing: `--help` and bad flags need no torch
     )
 
-    summary = OFSDPOTrainer(config=config).train()
-    print(json.dumps({k: summary[k] for k in ("method", "steps", "pairs_seen", "served_module", "train_runtime")}))
-    print(f"served adapter written to {config.output_dir}")
+    result = OFSDPOTrainer(config=config).train()
+    print(json.dumps({k: result.summary[k] for k in ("method", "steps", "pairs_seen", "served_module",
+                                                     "train_runtime")}))
+    print(f"served adapter written to {result.output_dir}")
     return 0
 
 

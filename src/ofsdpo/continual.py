@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .checkpoint import list_checkpoints
-from .combine import combine_delta, combine_params, recursive_weights, search_lambda, search_simplex
+from .combine import combine_delta, combine_params
 from .config import (RESUME_MAY_CHANGE, ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
                      read_config_file)
 from .data import DataError, PreferenceData, load_preference_data
@@ -39,15 +39,16 @@ from .distributed import Processes
 from .scoring import heldout_scores_many
 from .models import load_model_and_tokenizer, resolve_device
 from .files import write_atomic, write_json
-from .modules import activate, adapter_state, load_adapter_state, write_adapter
+from .modules import activate, load_adapter_state, write_adapter
 from .plotting import plot_heatmap
+from .policies import continual_policy, describe_search
 from .reference import ReferenceCache
 from .reuse import NOT_COMPUTED, SharedWork
+from .state import TrainResult
 from .rundir import output_dir_lock, refuse_if_locked
 from .trainer import OFSDPOTrainer
 
 CONTINUAL_MARKERS = ("report.json", "domains")
-STAGE_METHOD = {"dpo": "dpo", "dpo-replay": "dpo", "lora-merge": "dpo", "ofs-dpo": "ofs-dpo", "cofs-dpo": "ofs-dpo"}
 
 
 def _subset(pairs: list[dict], source: str) -> PreferenceData:
@@ -108,6 +109,7 @@ class ContinualRunner:
         served module once for all of them where they would compute it alike (the first stage of two cofs-dpo
         variants, say); without it, every stage trains and scores."""
         self.config = config
+        self.policy = continual_policy(config.method)  # what each stage trains, keeps and serves (`policies.py`)
         cfg = config.training
         self.output_dir = Path(config.output_dir)
         held = [m for m in CONTINUAL_MARKERS if (self.output_dir / m).exists()]
@@ -186,9 +188,7 @@ class ContinualRunner:
         if self.processes.count > 1:
             raise ConfigError(f"--domain {spec.name}: an on-policy domain runs in one process (each process would "
                               "sample pairs of its own); launch without data parallelism.")
-        if cfg.method == "dpo-replay":
-            raise ConfigError(f"--domain {spec.name}: dpo-replay mixes earlier pairs into a fixed stream; an "
-                              "on-policy domain has none. Use another --method, or generate the pairs first.")
+        self.policy.check_on_policy(spec.name)
         domain = prompt_domain(spec.prompts, spec.judge, name=spec.name, max_new_tokens=training.max_new_tokens,
                                judge_device=training.judge_device or str(self.device))
         if spec.heldout:
@@ -241,13 +241,13 @@ class ContinualRunner:
             cfg.save_yaml(out / "config.yaml")
         self.processes.barrier()
 
-    def _train_stage(self, k: int, domain: Domain, base, init_state) -> tuple[OFSDPOTrainer, dict]:
-        """Stage k's trainer and its summary: both modules start from `init_state` under --init previous, and a
+    def _train_stage(self, k: int, domain: Domain, base, init_state) -> tuple[OFSDPOTrainer, TrainResult]:
+        """Stage k's trainer and its result: both modules start from `init_state` under --init previous, and a
         stage another runner already trained alike is restored (`reuse.SharedWork`)."""
         cfg = self.config
         trainer = self._stage_trainer(k, domain, base)
         initial = None
-        if init_state is not None and cfg.init == "previous" and cfg.method != "lora-merge":
+        if init_state is not None and cfg.init == "previous" and self.policy.carries_init:
             initial = init_state
             for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                 load_adapter_state(trainer.model, name, init_state)
@@ -267,28 +267,26 @@ class ContinualRunner:
                 stage, rows, kept_state, served, served_lora, weights = finished
                 if kept_state is not None:
                     kept.append(kept_state)
-                if cfg.method == "cofs-dpo":
-                    init_state = served if served_lora.r == cfg.training.lora_r else kept[-1]
-                elif cfg.method != "lora-merge":
-                    init_state = served
+                init_state = self.policy.next_init(served, served_lora, kept, cfg.training.lora_r)
                 for key, row in rows.items():
                     matrix.setdefault(key, []).append(row)
                 if "units" not in rows:  # a stage saved before per-unit scores were kept: no bootstrap units
                     matrix.setdefault("units", []).append(None)
                 stages.append(stage)
                 continue
-            trainer, summary = self._train_stage(k, domain, base, init_state)
-            self._borrowed = dict(zip(("served", "candidate"), trainer.names))  # `_serve` clones what it keeps
+            trainer, result = self._train_stage(k, domain, base, init_state)
+            # the policy clones what it keeps: scoring may borrow the stage's adapters
+            self._borrowed = dict(zip(("served", "candidate"), result.modules))
             if domain.on_policy is not None:  # the pairs the stage sampled: its stream, as a file domain's
-                domain.train = _subset(trainer.data.pairs, f"on-policy:{domain.name}")
-            stage = {"stage": k + 1, "domain": domain.name, "steps": summary["steps"],
-                     "best_fast": summary.get("best_fast"), "lambda": None}
-            served, served_lora, init_state, weights = self._serve(k, trainer, summary, kept, weights, stage)
+                domain.train = _subset(result.pairs, f"on-policy:{domain.name}")
+            stage = {"stage": k + 1, "domain": domain.name, "steps": result.steps,
+                     "best_fast": result.summary.get("best_fast"), "lambda": None}
+            served, served_lora, weights = self.policy.serve(self, k, trainer.model, result, kept, weights, stage)
+            init_state = self.policy.next_init(served, served_lora, kept, cfg.training.lora_r)
             self._score_stage(k, trainer.model, served_lora, served, matrix)
             stages.append(stage)
             self._save_stage(k, stage, {key: rows[-1] for key, rows in matrix.items()},
-                             kept[-1] if cfg.method in ("cofs-dpo", "lora-merge") else None, served, served_lora,
-                             weights)
+                             kept[-1] if self.policy.keeps_modules else None, served, served_lora, weights)
             self._borrowed = {}
             # the next stage's trainer resets the same LoRA layers when it can (`attach_adapters`); after the last
             # stage every LoRA layer is stripped: the base goes back to the caller as it came
@@ -304,26 +302,6 @@ class ContinualRunner:
             plot_heatmap(report, out / "heatmap.png")
         self.processes.barrier()
         return report
-
-    def _serve(self, k: int, trainer: OFSDPOTrainer, summary: dict, kept: list, weights: list, stage: dict):
-        """What the method serves after stage k: (state, LoraConfig, next stage's init, combination weights).
-        `kept` grows by this stage's module; `stage` records the weights and the search."""
-        cfg, model = self.config, trainer.model
-        lora = copy.deepcopy(model.peft_config[trainer.names[0]])
-        final = adapter_state(model, summary["served_module"])
-        seen = [d.name for d in self.domains[:k + 1]]
-        if cfg.method == "cofs-dpo":
-            kept.append(trainer.best["state"])
-            weights, stage["lambda"], stage["search"] = self._choose_weights(model, lora, kept, weights, k)
-            served, served_lora = self._materialise(lora, kept, weights)
-            stage["weights"] = dict(zip(seen, weights))
-            return served, served_lora, served if served_lora.r == lora.r else kept[-1], weights
-        if cfg.method == "lora-merge":
-            kept.append(final)
-            served, served_lora = self._materialise(lora, kept, [1.0 / len(kept)] * len(kept), "delta")
-            stage["weights"] = {name: 1.0 / len(kept) for name in seen}
-            return served, served_lora, None, weights
-        return final, lora, final, weights
 
     def _score_stage(self, k: int, model, served_lora, served, matrix: dict) -> None:
         """The served module after stage k on the domains' report pairs (and judged, with --judge-prompts): one
@@ -418,14 +396,13 @@ class ContinualRunner:
         cfg = self.config
         folder = self._stage_dir(k)
         resume = cfg.resume and bool(list_checkpoints(folder / "checkpoints"))  # the interrupted stage, if it saved
-        values = dict(cfg.training.to_dict(), method=STAGE_METHOD[cfg.method], resume=resume, overwrite=True,
+        values = dict(cfg.training.to_dict(), method=self.policy.stage_method, resume=resume, overwrite=True,
                       output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
                       eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
         train, train_reference = domain.train, domain.train_reference
-        if cfg.method == "dpo-replay" and k > 0:
-            train_reference = None  # another stream: its own cache
-            train = _subset(_interleave(train.pairs, [p for d in self.domains[:k]
-                                                      for p in d.train.pairs[:cfg.memory_size]]), domain.name)
+        mixed = self.policy.stage_pairs(k, train.pairs, self.domains[:k], cfg.memory_size)
+        if mixed is not None:  # another stream: its own reference cache
+            train, train_reference = _subset(mixed, domain.name), None
         # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
         if cfg.selection == "memory":
             selection, reference = domain.memory, domain.memory_reference
@@ -497,7 +474,7 @@ class ContinualRunner:
             tasks.append(None if judged is None else (judged, judged.prompts("heldout")[:self.config.judge_prompts]))
         return tasks
 
-    def _materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
+    def materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
         """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling (the exact
         Σ λ ΔW, what peft's `add_weighted_adapter(..., "cat")` computes)."""
         if (combine or self.config.combine) == "params":
@@ -507,29 +484,13 @@ class ContinualRunner:
         combined.lora_alpha = lora.lora_alpha * len(states)  # scaling = alpha / r unchanged
         return combine_delta(states, weights), combined
 
-    def _memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
+    def memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
         """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
         seen = self.domains[:k + 1]
         scores = self._score(model, lora, state, [(d.memory, d.memory_reference) for d in seen], name="candidate")
         total = sum(len(d.memory) for d in seen)
         return (sum(s["loss"] * len(d.memory) for s, d in zip(scores, seen)) / total,
                 sum(s["accuracy"] * len(d.memory) for s, d in zip(scores, seen)) / total)
-
-    def _choose_weights(self, model, lora, kept, previous, k):
-        """(weights over the kept modules, λ or None, every scored point) by the lowest memory DPO loss (SPEC §4)."""
-        if k == 0:
-            return [1.0], None, []
-
-        def score(weights: list[float]):
-            state, candidate_lora = self._materialise(lora, kept, weights)
-            return self._memory_scores(model, candidate_lora, state, k)
-
-        if self.config.search_method == "simplex":  # the pairwise candidates first: never worse than the recursion
-            candidates = [recursive_weights(previous, lam) for lam in self.config.lambdas]
-            weights, table = search_simplex(k + 1, score, self.config.search_budget, include=candidates)
-            return weights, None, table
-        lam, table = search_lambda(self.config.lambdas, lambda lam: score(recursive_weights(previous, lam)))
-        return recursive_weights(previous, lam), lam, table
 
     def _report(self, stages: list[dict], matrix: dict) -> dict:
         units = matrix.get("units")
@@ -549,9 +510,7 @@ class ContinualRunner:
                                              for j in judged if j < last}}
         return {**extra,
             "method": self.config.method, "combine": self.config.combine, "init": self.config.init,
-            "search": ("pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid"
-                       if self.config.search_method == "pairwise" else
-                       f"simplex: Σ λ_k θ_k over all kept modules, at most {self.config.search_budget} points"),
+            "search": describe_search(self.config),
             "domains": names, "stages": stages, "matrix": matrix,
             "cl/avg_accuracy": sum(acc[last]) / len(names), "cl/avg_loss": sum(loss[last]) / len(names),
             "cl/forgetting": forgetting, "cl/forgetting_loss": forgetting_loss,
@@ -596,19 +555,6 @@ def headline_units(judge: list[list] | None, units: list[list[dict | None]] | No
             out["cl/avg_forgetting_judge"] = spread([difference(units[k][j]["judge_score"], final[j]["judge_score"])
                                                      for j, k in peaks])
     return out
-
-
-def _interleave(stream: list[dict], replay: list[dict]) -> list[dict]:
-    """Spread the replay pairs evenly through the new domain's stream."""
-    if not replay:
-        return list(stream)
-    out, every = [], max(1, len(stream) // len(replay))
-    replay = list(replay)
-    for i, pair in enumerate(stream):
-        out.append(pair)
-        if (i + 1) % every == 0 and replay:
-            out.append(replay.pop(0))
-    return out + replay
 
 
 def format_table(report: dict) -> str:

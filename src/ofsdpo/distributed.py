@@ -36,9 +36,11 @@ import os
 
 import torch
 import torch.distributed as dist
+from transformers import set_seed
 
 from .causal_lm import causal_lm_parts
 from .config import ConfigError
+from .modules import adapter_parameters, attach_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,29 @@ class Processes:
                            "replicated, one all-reduce of the LoRA gradients per step), which computes the same "
                            "update. Use zero_stage: 3 (configs/accelerate/deepspeed-zero3.yaml) to partition the "
                            "base.", self.zero_stage)
+
+    def attach_policy(self, base, names, lora, seed: int, gradient_checkpointing: bool):
+        """The frozen `base` with the LoRA modules `names`, placed for this launch: the base partitioned before the
+        modules exist (ZeRO-3: DeepSpeed would partition them too), the model sharded (FSDP), the same initial
+        modules on every process and each process its own dropout masks, as one big batch would have."""
+        if self.zero3:
+            self.partition_base(base)
+        set_seed(seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
+        model = attach_adapters(base, lora, names)
+        if gradient_checkpointing:  # the base's activations recomputed in the backward (peft's input hook)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:
+            self.shard_model(model)
+        model.train()
+        self.broadcast([p for n in names for p in adapter_parameters(model, n)])
+        if self.distributed:
+            torch.manual_seed(seed + self.index)
+        return model
+
+    def describe(self) -> dict:
+        """The launch, for summary.json."""
+        return {"num_processes": self.count, "sharded_base": self.sharded, "sharding": self.sharding,
+                "zero_stage": self.zero_stage, "base_partition": self.base_partition}
 
     @property
     def sharded(self) -> bool:

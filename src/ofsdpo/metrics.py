@@ -6,22 +6,6 @@ import json
 import os
 from pathlib import Path
 
-# TRL's per-module statistics of a DPO step; under ofs-dpo each is namespaced by the module (`fast/`, `slow/`)
-MODULE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected")
-
-
-def module_key(method: str, module: str, stat: str) -> str:
-    """The one place metric names are built: `loss` for dpo's only module, `fast/loss` for ofs-dpo's."""
-    return stat if method == "dpo" else f"{module}/{stat}"
-
-
-def step_stat_keys(method: str, modules) -> list[str]:
-    """The summed statistics of an optimiser step, in a fixed order (every process sums the same list)."""
-    if method == "dpo":
-        return [*MODULE_STATS, "num_tokens"]
-    return ["loss", *(module_key(method, m, k) for m in modules for k in MODULE_STATS), "chase/loss", "num_tokens"]
-
 
 class MetricsLogger:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None,

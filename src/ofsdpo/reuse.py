@@ -12,6 +12,7 @@ one. A reused stage's folder is a copy of the first one's (metrics, adapters, su
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -23,6 +24,7 @@ import torch
 from .files import write_atomic
 from .modules import adapter_state, load_adapter_state
 from .rundir import LOCK_NAME, config_yaml
+from .state import TrainResult
 from .stream import fingerprint
 
 # options that say how or where a stage runs, not what it computes
@@ -60,31 +62,26 @@ class SharedWork:
             _add_state(digest, initial)
         return digest.hexdigest()
 
-    def train(self, trainer, initial: dict | None) -> dict:
-        """`trainer.train()`'s summary, the modules trained, the best fast module and the stage folder: computed, or
-        restored from the same stage run before. `initial`: the weights both modules were loaded with, or None."""
+    def train(self, trainer, initial: dict | None) -> TrainResult:
+        """`trainer.train()`'s result (its summary, the best fast module, the stage folder, its modules' weights
+        left in `trainer.model`): computed, or restored from the same stage run before. `initial`: the weights both
+        modules were loaded with, or None."""
         key = self.training_key(trainer, initial)
         hit = self.trained.get(key)
-        if hit is None or not Path(hit["folder"]).is_dir():
-            summary = trainer.train()
-            best = trainer.best
-            self.trained[key] = {"modules": {n: adapter_state(trainer.model, n) for n in trainer.names},
-                                 "best": None if best is None else {**best, "state": _cloned(best["state"])},
-                                 "summary": copy.deepcopy(summary), "folder": str(trainer.output_dir),
-                                 "rng": torch.get_rng_state()}
-            return summary
+        if hit is None or not Path(hit["result"].output_dir).is_dir():
+            result = trainer.train()
+            self.trained[key] = {"modules": {n: adapter_state(trainer.model, n) for n in result.modules},
+                                 "result": _copied(result), "rng": torch.get_rng_state()}
+            return result
         for name, state in hit["modules"].items():
             load_adapter_state(trainer.model, name, state)
-        if hit["best"] is not None:
-            trainer.state.best = {k: v for k, v in hit["best"].items() if k != "state"}
-            trainer.best_state = _cloned(hit["best"]["state"])
+        out = trainer.output_dir
         if trainer.processes.is_main:
-            out = trainer.output_dir
-            shutil.copytree(hit["folder"], out, dirs_exist_ok=True,
+            shutil.copytree(hit["result"].output_dir, out, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("stage", "checkpoints", LOCK_NAME))
             write_atomic(out / "config.yaml", config_yaml(trainer.config.to_dict(), trainer.source_notes))
         torch.set_rng_state(hit["rng"])  # as if it had trained here (dropout draws)
-        return copy.deepcopy(hit["summary"])
+        return dataclasses.replace(_copied(hit["result"]), output_dir=out)
 
     # --- scoring ------------------------------------------------------------------------------------------------------
     def score(self, parts: dict, state: dict[str, torch.Tensor], compute: Callable[[], Any]) -> Any:
@@ -98,5 +95,10 @@ class SharedWork:
         return copy.deepcopy(self.scored[key])
 
 
-def _cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
+def _copied(result: TrainResult) -> TrainResult:
+    """A copy whose summary, losses and best weights no later change to `result` or the model reaches (the pairs,
+    never changed once made, are shared)."""
+    best = None if result.best is None else {
+        **result.best, "state": {k: v.detach().clone() for k, v in result.best["state"].items()}}
+    return dataclasses.replace(result, summary=copy.deepcopy(result.summary), best=best,
+                               online_losses=copy.deepcopy(result.online_losses))

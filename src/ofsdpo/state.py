@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .chasing import ChaseState
@@ -46,3 +47,23 @@ class TrainerState:
         values = {k: v for k, v in values.items() if k in known}
         values["chase"] = ChaseState.from_state_dict(values.get("chase") or ChaseState().state_dict())
         return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    """What `OFSDPOTrainer.train()` returns, so that no caller reads the trainer's internals."""
+
+    summary: dict[str, Any]  # summary.json: steps, pairs, served module and why, ...
+    output_dir: Path  # the run's folder: the served adapter at its root, metrics.jsonl, checkpoints/
+    modules: tuple[str, ...]  # the trained modules, by adapter name in the model (`dpo`: default; fast, slow)
+    best: Optional[dict[str, Any]]  # the best fast module on --eval-data: step, loss, accuracy, weights ("state")
+    online_losses: list[dict]  # each round's pre-update loss per module (SPEC §5)
+    pairs: list[dict]  # the stream's pairs (on-policy: those the run sampled)
+
+    @property
+    def served_module(self) -> str:
+        return self.summary["served_module"]
+
+    @property
+    def steps(self) -> int:
+        return self.summary["steps"]

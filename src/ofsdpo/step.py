@@ -25,43 +25,18 @@ from .chasing import ChaseState
 from .config import ConfigError, TrainingOptions
 from .data import PreferenceData, collate
 from .logprobs import concatenated_forward, stacked_forward
-from .losses import chase_loss, dpo_loss
-from .metrics import module_key, step_stat_keys
+from .methods import TrainingMethod
 from .modules import activate, can_stack, stacked
 from .reference import ReferenceCache
 
 logger = logging.getLogger(__name__)
 
 
-def objective(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, method: str, cfg: TrainingOptions,
-              chase: ChaseState):
-    """Sum over the micro-batch of the modules' DPO losses plus α·(chasing terms); per-example stats.
-
-    `logps` maps each module to its `(chosen, rejected)` log-probs, `(B,)` each.
-    """
-    stats, total = {}, 0.0
-    for name, (chosen, rejected) in logps.items():
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
-        total = total + losses.sum()
-        values = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-                  "rewards/margins": chosen_rewards - rejected_rewards,
-                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                  "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
-        stats.update({module_key(method, name, key): value for key, value in values.items()})
-    if method == "ofs-dpo":
-        leader_terms, chaser_terms, gap = chase_loss(*logps[chase.leader], *logps[chase.chaser],
-                                                     cfg.chase_temperature, cfg.chase_form)
-        if cfg.alpha > 0:  # SPEC §3: L_DPO(P) + α L_FS(P, sg Q) and L_DPO(Q) ∓ α L_FS(·) in one backward
-            total = total + cfg.alpha * (leader_terms.sum() + chaser_terms.sum())
-        stats["chase/loss"] = gap
-    return total, stats
-
-
-def module_plan(model, names, method: str, cfg: TrainingOptions) -> tuple[str, int]:
-    """(how the modules run, pairs per forward). dpo: one module, whole micro-batches. ofs-dpo: `--module-passes`
+def module_plan(model, names, cfg: TrainingOptions) -> tuple[str, int]:
+    """(how the modules run, pairs per forward). One module: whole micro-batches. Several: `--module-passes`
     (fused falls back to joint, with a warning, where the LoRA layers are not plain linear ones) on parts of
     `--module-batch-size` pairs (unset: the whole micro-batch; the config resolves the default, issue 16)."""
-    if method != "ofs-dpo" or len(names) < 2:
+    if len(names) < 2:
         return "joint", cfg.batch_size
     size = cfg.module_batch_size or cfg.batch_size
     if not 1 <= size <= cfg.batch_size:
@@ -96,13 +71,13 @@ class OptimiserStep:
     """The step function: `step(data, reference, indices, chase)` trains on the pairs `indices` of the global batch
     and returns the step's metrics row (means over its pairs, TRL's names) with `finite` (was the update applied)."""
 
-    def __init__(self, model, names, optimizer, scheduler, processes, method: str, config: TrainingOptions, device,
+    def __init__(self, model, method: TrainingMethod, optimizer, scheduler, processes, config: TrainingOptions, device,
                  pad_token_id: int):
-        self.model, self.names, self.optimizer, self.scheduler = model, names, optimizer, scheduler
-        self.processes, self.method, self.cfg, self.device, self.pad_token_id = (processes, method, config, device,
-                                                                                 pad_token_id)
+        self.model, self.method, self.names, self.optimizer, self.scheduler = (model, method, method.adapters,
+                                                                               optimizer, scheduler)
+        self.processes, self.cfg, self.device, self.pad_token_id = processes, config, device, pad_token_id
         self.trained_params = [p for group in optimizer.param_groups for p in group["params"]]  # swaps move data only
-        self.passes, self.part_size = module_plan(model, names, method, config)
+        self.passes, self.part_size = module_plan(model, self.names, config)
 
     def batch(self, data: PreferenceData, indices: list[int]) -> dict:
         batch = collate([data.pairs[i] for i in indices], self.pad_token_id)
@@ -125,10 +100,10 @@ class OptimiserStep:
         row = {k: v / len(indices) for k, v in summed.items()}
         grad_norms = dict(zip(self.names, values[len(keys):]))
         for group in self.optimizer.param_groups:
-            row[module_key(self.method, group["name"], "learning_rate")] = group["lr"]
-            row[module_key(self.method, group["name"], "grad_norm")] = grad_norms[group["name"]]
-        if self.method != "dpo":
-            row["grad_norm"] = math.sqrt(sum(v * v for v in grad_norms.values()))
+            row[self.method.key(group["name"], "learning_rate")] = group["lr"]
+            row[self.method.key(group["name"], "grad_norm")] = grad_norms[group["name"]]
+        # the norm over all modules, where no module's own norm is already named `grad_norm`
+        row.setdefault("grad_norm", math.sqrt(sum(v * v for v in grad_norms.values())))
         row["num_tokens"], row["pairs"], row["finite"] = tokens, len(indices), finite
         return row
 
@@ -141,7 +116,7 @@ class OptimiserStep:
         """Forward and backward of every micro-batch of this process; the summed statistics."""
         cfg = self.cfg
         # every process holds every statistic, in the same order, even with no pairs this step: they are summed
-        sums = {key: torch.zeros((), device=self.device) for key in step_stat_keys(self.method, self.names)}
+        sums = {key: torch.zeros((), device=self.device) for key in self.method.step_stat_keys()}
         mine = self.processes.shard(indices, cfg.batch_size)  # this process's part of the global batch
         micro = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
         if self.processes.sharded:  # all-gathers inside forward and backward: every process runs as many as the
@@ -159,12 +134,10 @@ class OptimiserStep:
             else:
                 logps = (self._fused_forward(batch) if self.passes == "fused" else
                          {name: self._forward(name, batch) for name in self.names})
-                total, stats = objective(logps, *refs, self.method, cfg, chase)
+                total, stats = self.method.objective(logps, *refs, cfg, chase)
                 (total / divisor).backward()
             if not part:
                 continue
-            if self.method == "ofs-dpo":
-                sums["loss"] = sums["loss"] + total.detach()
             for key, value in stats.items():
                 sums[key] = sums[key] + value.sum()
             sums["num_tokens"] = sums["num_tokens"] + batch["attention_mask"].sum()
@@ -189,12 +162,12 @@ class OptimiserStep:
         with torch.no_grad():
             second_values = self._forward(second, batch)  # with LoRA dropout, a mask of its own (joint shares one)
         first_logps = self._forward(first, batch)
-        total, _ = objective({first: first_logps, second: tuple(v.detach() for v in second_values)}, *refs,
-                             self.method, self.cfg, chase)
+        total, _ = self.method.objective({first: first_logps, second: tuple(v.detach() for v in second_values)},
+                                         *refs, self.cfg, chase)
         (total / divisor).backward()  # only `first` is live: its part of the objective
         first_values = tuple(v.detach() for v in first_logps)
         del first_logps, total  # free the first graph before the second is built
-        total, stats = objective({first: first_values, second: self._forward(second, batch)}, *refs, self.method,
-                                 self.cfg, chase)
+        total, stats = self.method.objective({first: first_values, second: self._forward(second, batch)}, *refs,
+                                             self.cfg, chase)
         (total / divisor).backward()
         return total, stats

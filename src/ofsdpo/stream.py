@@ -13,10 +13,12 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import checkpoint as ckpt
-from .data import PreferenceData
+from .config import ConfigError
+from .data import PreferenceData, load_preference_data
+from .domains import on_policy_domain
 from .files import write_jsonl
 from .modules import activate
 from .rounds import RoundSettings, RoundStats, judged_pairs
@@ -29,6 +31,34 @@ def fingerprint(data: PreferenceData) -> str:
     for pair in data.pairs:
         digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
     return digest.hexdigest()
+
+
+def load_pairs(source: Any, tokenizer, cfg, flag: str | None = None) -> PreferenceData | None:
+    """`source` (a path, a dataset name, a `datasets.Dataset`, rows, or a `PreferenceData` as it is) tokenized under
+    the run's options; None without a source, unless `flag` names the option that requires one."""
+    if source is None:
+        if flag:
+            raise ConfigError(f"{flag} is required: a .jsonl/.json/.parquet file or a dataset.")
+        return None
+    if isinstance(source, PreferenceData):
+        return source
+    return load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
+                                progress=cfg.progress)
+
+
+def open_stream(cfg, tokenizer, train_data: Any, domain: Any, device, rounds_dir: Path | None) -> "Stream":
+    """A run's stream: `train_data` (else `--data`) in rounds, or, on-policy (`--on-policy`, or a continual stage's
+    `domain`), pairs generated round by round from the policy, each round's rows written to `rounds_dir`."""
+    if not (cfg.on_policy or domain is not None):
+        return Stream(load_pairs(train_data if train_data is not None else cfg.data, tokenizer, cfg, "--data"),
+                      cfg.epochs, cfg.round_size)
+    domain = domain or on_policy_domain(cfg, str(device))
+    settings = RoundSettings(cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                             cfg.missing_eos_penalty, cfg.generation_batch_size)
+    return Stream(PreferenceData(pairs=[], source=f"on-policy:{domain.name}"), cfg.epochs, cfg.round_size, domain,
+                  settings, tokenizer,
+                  lambda rows: load_preference_data(rows, tokenizer, cfg.max_length, cfg.max_prompt_length),
+                  rounds_dir)
 
 
 class Stream:
@@ -48,6 +78,13 @@ class Stream:
         if self.on_policy is not None:  # at most: ties shrink rounds
             steps = math.ceil(len(self.prompts) / self.round_size) * (self.round_size // pairs_per_step)
         return steps if max_steps == -1 else min(steps, max_steps)
+
+    def check_learnt(self, state: TrainerState) -> None:
+        """Refuse to end an on-policy run that took no step: every sampled prompt tied, nothing was learnt."""
+        if state.step == 0 and self.on_policy is not None:
+            raise ConfigError(f"every sampled prompt tied under the judge ({state.ties_skipped} of "
+                              f"{state.prompt_position} prompts): nothing to learn; raise --samples-per-prompt "
+                              "or --temperature, or use a judge that separates the samples.")
 
     def fingerprint(self) -> str | None:
         """The data's hash; on-policy, the prompts' (a resume on other prompts would train on other pairs)."""

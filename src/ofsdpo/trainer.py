@@ -9,8 +9,7 @@ state is one dataclass (`state.py`); the served module and the regret come from 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import math
 import time
 import warnings
 from pathlib import Path
@@ -18,34 +17,32 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import set_seed
 
 from . import checkpoint as ckpt
-from .config import ConfigError, NonFiniteError, OFSDPOConfig
-from .data import PreferenceData, load_preference_data
+from .config import NonFiniteError, OFSDPOConfig
+from .data import PreferenceData
 from .distributed import Processes
-from .domains import on_policy_domain
 from .judges import JudgeError
-from .files import write_atomic, write_json, write_jsonl
-from .metrics import MetricsLogger, module_key
+from .files import write_atomic
+from .methods import training_method
+from .metrics import MetricsLogger
 from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,
                      resolve_model_name, set_num_threads)
-from .modules import (DPO_ADAPTERS, OFS_ADAPTERS, adapter_parameters, adapter_state, attach_adapters,
-                      load_adapter_state, lora_config, save_adapter, swap_adapters, write_adapter)
+from .modules import adapter_parameters, adapter_state, lora_config
 from .reference import ReferenceCache
-from .rounds import RoundSettings
 from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
                      name_sources, resume_checkpoint)
-from .scoring import pair_losses, regret_curve, select_served
+from .scoring import pair_losses, regret_curve
 from .signals import RunInterrupted, deferred_interrupt, stop_signal
-from .state import TrainerState
+from .state import TrainerState, TrainResult
 from .step import OptimiserStep, lr_schedule
-from .stream import Stream
+from .stream import load_pairs, open_stream
+
 logger = logging.getLogger(__name__)
 
 
 class OFSDPOTrainer:
-    """Train `dpo` or `ofs-dpo` LoRA modules on a stream of preference pairs.
+    """Train the LoRA modules of a training method (`methods.py`: `dpo`, `ofs-dpo`) on a stream of preference pairs.
 
     `model` is a loaded causal LM or a name/path (default: `config.model`); `train_data` is a path, a dataset name,
     a `datasets.Dataset`, an iterable of rows or a `PreferenceData` (default: `config.data`). `eval_reference`
@@ -70,23 +67,25 @@ class OFSDPOTrainer:
                                            resolve_model_name(str(model) if model else cfg.model, cfg.gguf_file))
         check_target_modules(cfg.target_module_list, model if loaded else self.model_name, self.gguf_file,
                              cfg.trust_remote_code)  # before the (slow) load (GGUF: after it, in _attach)
-        self.on_policy_domain = on_policy_domain  # a continual stage's on-policy domain (else from the config)
         self.tokenizer = tokenizer or load_tokenizer(self.model_name, self.gguf_file, cfg.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.stream = self._make_stream(train_data)  # tokenizer and data before the model: bad data fails fast
+        self.method = training_method(cfg.method)  # what is trained and how: asked, never compared by name
+        self.names = self.method.adapters
+        # tokenizer and data before the model: bad data fails fast
+        self.stream = open_stream(cfg, self.tokenizer, train_data, on_policy_domain, self.device,
+                                  self.output_dir / "rounds" if self.processes.is_main else None)
         self.data = self.stream.data
-        self.eval = self._load(eval_data if eval_data is not None else cfg.eval_data, None)
-        self.names = OFS_ADAPTERS if cfg.method == "ofs-dpo" else DPO_ADAPTERS
+        self.eval = load_pairs(eval_data if eval_data is not None else cfg.eval_data, self.tokenizer, cfg)
         self.model = self._attach(model if loaded else None)
-        lrs = {"default": cfg.lr, "fast": cfg.lr, "slow": cfg.lr * cfg.slow_lr_ratio}  # η_F, η_S (SPEC §3)
+        lrs = self.method.learning_rates(cfg)
         groups = [{"params": adapter_parameters(self.model, n), "lr": lrs[n], "name": n} for n in self.names]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.total_steps = self.stream.total_steps(cfg.pairs_per_step, cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
-        self.step_fn = OptimiserStep(self.model, self.names, self.optimizer, self.scheduler, self.processes,
-                                     cfg.method, cfg, self.device, self.tokenizer.pad_token_id)
+        self.step_fn = OptimiserStep(self.model, self.method, self.optimizer, self.scheduler, self.processes, cfg,
+                                     self.device, self.tokenizer.pad_token_id)
         # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
         self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
         if len(self.reference.chosen) != len(self.data):
@@ -101,31 +100,6 @@ class OFSDPOTrainer:
         self._eval_losses: dict = {}  # the last `_track_best` loss on --eval-data: {"step": s, module: loss}
 
     # --- set-up ----------------------------------------------------------------------------------------------------
-    def _load(self, source: Any, flag: str | None) -> PreferenceData | None:
-        if source is None:
-            if flag:
-                raise ConfigError(f"{flag} is required: a .jsonl/.json/.parquet file or a dataset.")
-            return None
-        if isinstance(source, PreferenceData):
-            return source
-        cfg = self.config
-        return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                    split=cfg.data_split, progress=cfg.progress)
-
-    def _make_stream(self, train_data: Any) -> Stream:
-        cfg = self.config
-        if cfg.on_policy or self.on_policy_domain is not None:  # pairs generated round by round from the policy
-            domain = self.on_policy_domain or on_policy_domain(cfg, str(self.device))
-            settings = RoundSettings(cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                     cfg.missing_eos_penalty, cfg.generation_batch_size)
-            return Stream(PreferenceData(pairs=[], source=f"on-policy:{domain.name}"), cfg.epochs, cfg.round_size,
-                          domain, settings, self.tokenizer,
-                          lambda rows: load_preference_data(rows, self.tokenizer, cfg.max_length,
-                                                            cfg.max_prompt_length),
-                          self.output_dir / "rounds" if self.processes.is_main else None)
-        data = self._load(train_data if train_data is not None else cfg.data, "--data")
-        return Stream(data, cfg.epochs, cfg.round_size)
-
     def _attach(self, loaded):
         """The frozen base (loaded here unless given) with the LoRA modules, on this process's device or shard."""
         cfg, sharded = self.config, self.processes.sharded  # sharded: the base stays on the CPU, one layer moves
@@ -135,27 +109,15 @@ class OFSDPOTrainer:
                               dtype_device=self.device)
         else:
             base = loaded if sharded else loaded.to(self.device)
-        if self.processes.zero3:  # before the LoRA modules exist: DeepSpeed would partition them too
-            self.processes.partition_base(base)
         check_target_modules(cfg.target_module_list, base)
-        set_seed(cfg.seed)  # the same LoRA init for `default` (dpo) and `fast` (ofs-dpo): both draw first
-        model = attach_adapters(base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                  cfg.target_module_list), self.names)
-        if cfg.gradient_checkpointing:  # the base's activations recomputed in the backward (peft's input hook)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if sharded:
-            self.processes.shard_model(model)
-        model.train()
-        self.processes.broadcast([p for n in self.names for p in adapter_parameters(model, n)])
-        if self.processes.distributed:  # each process its own dropout masks, as one big batch would have
-            torch.manual_seed(cfg.seed + self.processes.index)
-        return model
+        lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_module_list)
+        return self.processes.attach_policy(base, self.names, lora, cfg.seed, cfg.gradient_checkpointing)
 
     # --- the loop --------------------------------------------------------------------------------------------------
-    def train(self, on_step=None) -> dict:
-        """Run the stream to its end. `on_step(trainer, row)`, if given, runs after each optimiser step with the
-        step's metrics row (an experiment's checkpoint ladder judges the modules there); a dict it returns joins
-        the row."""
+    def train(self, on_step=None) -> TrainResult:
+        """Run the stream to its end; returns the run's summary, served module and trained modules (`TrainResult`).
+        `on_step(trainer, row)`, if given, runs after each optimiser step with the step's metrics row (an
+        experiment's checkpoint ladder judges the modules there); a dict it returns joins the row."""
         cfg, main = self.config, self.processes.is_main
         with claim_output_dir(self.output_dir, cfg.resume, cfg.overwrite, self.processes):  # locked to the end
             if cfg.resume:
@@ -182,7 +144,7 @@ class OFSDPOTrainer:
                     tick = time.perf_counter()
                     row.update(self.step_fn(self.data, self.reference, indices, state.chase))
                     if one_step_round:  # its training forward ran before the update: that is the pre-update loss
-                        row.update(self._record_online({n: row[module_key(cfg.method, n, "loss")] for n in self.names}))
+                        row.update(self._record_online({n: row[self.method.key(n, "loss")] for n in self.names}))
                     state.step += 1
                     state.position += len(indices)
                     row.update(self._after_step(row, time.perf_counter() - tick))
@@ -191,7 +153,7 @@ class OFSDPOTrainer:
                     if metrics is not None:
                         metrics.log(row)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                    bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
                     if self.eval is not None and cfg.eval_steps and (state.step % cfg.eval_steps == 0
                                                                       or state.step == self.total_steps):
                         self._track_best()
@@ -205,10 +167,7 @@ class OFSDPOTrainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
-            if state.step == 0 and self.stream.on_policy is not None:  # no silent "done": nothing was learnt
-                raise ConfigError(f"every sampled prompt tied under the judge ({state.ties_skipped} of "
-                                  f"{state.prompt_position} prompts): nothing to learn; raise --samples-per-prompt "
-                                  "or --temperature, or use a judge that separates the samples.")
+            self.stream.check_learnt(state)  # on-policy, no silent "done" when every prompt tied
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
@@ -223,8 +182,7 @@ class OFSDPOTrainer:
         """The next round's stream indices, with their reference log-probs cached."""
         state = self.state
         try:
-            indices = self.stream.next_round(state, self.model, state.chase.leader if len(self.names) > 1 else "default",
-                                             self.names)
+            indices = self.stream.next_round(state, self.model, self.method.sampling_module(state), self.names)
         except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
             saved = self._save_checkpoint("fix the judge, then continue with --resume")
             raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.") from None
@@ -238,7 +196,7 @@ class OFSDPOTrainer:
         return indices
 
     def _after_step(self, row: dict, seconds: float) -> dict:
-        """Counters, throughput, the non-finite streak, and (ofs-dpo) the chase window and a swap (SPEC §3)."""
+        """Counters, throughput, the non-finite streak, and the method's own bookkeeping (ofs-dpo: the chase)."""
         cfg, state = self.config, self.state
         state.num_tokens += row["num_tokens"]
         finite = row.pop("finite")
@@ -250,13 +208,7 @@ class OFSDPOTrainer:
                  "num_tokens": state.num_tokens, "tokens_per_second": row["num_tokens"] / max(seconds, 1e-9),
                  "pairs_per_second": row["pairs"] / max(seconds, 1e-9),
                  "nonfinite_steps_skipped": state.nonfinite_skipped}
-        if cfg.method == "ofs-dpo":
-            if finite:  # a NaN would decide the next leader comparison
-                state.chase.record({n: row[f"{n}/loss"] for n in self.names})
-            if state.chase.end_of_window(state.step, cfg.chase_interval, cfg.swap) and cfg.swap == "params":
-                swap_adapters(self.model, "fast", "slow", self.optimizer)
-            extra.update({"chase/leader": state.chase.leader, "chase/swaps": state.chase.swaps})
-        return extra
+        return {**extra, **self.method.after_step(state, row, finite, cfg, self.model, self.optimizer)}
 
     def _stop_on_nonfinite(self) -> None:
         """Keep a checkpoint (the weights are those of the last finite step) and stop with an error."""
@@ -286,7 +238,7 @@ class OFSDPOTrainer:
         """Keep the round's pre-update loss of every module (SPEC §5)."""
         self.state.online_losses.append({"round": len(self.state.online_losses) + 1, "position": self.state.position,
                                          **losses})
-        return {module_key(self.config.method, name, "online/loss"): value for name, value in losses.items()}
+        return {self.method.key(name, "online/loss"): value for name, value in losses.items()}
 
     def _track_best(self) -> None:
         """Keep the best fast module on the held-out pairs seen during training (COFS-DPO keeps it, SPEC §4)."""
@@ -298,33 +250,20 @@ class OFSDPOTrainer:
             self.state.best = {"step": self.state.step, "loss": loss, "accuracy": accuracy}
             self.best_state = adapter_state(self.model, name)
 
-    @property
-    def best(self) -> dict | None:
-        """The best fast module: its step, loss, accuracy and weights (`state`), or None."""
-        return None if self.state.best is None else {**self.state.best, "state": self.best_state}
-
     # --- checkpoints -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, then: str = "") -> str:
         """Write a checkpoint of this step (none under --save-steps -1); returns what happened, for a message
         (`then`: what the user may do next with it)."""
         if self.config.save_steps < 0:
             return "no checkpoint written (--save-steps -1): this run cannot be resumed"
-        rng = ckpt.rng_state()
-        if self.processes.distributed:  # every process's RNG (its dropout masks), the rest is the same everywhere
-            rng = {"processes": self.processes.gather(rng)}
-        if self.processes.is_main:
-            adapters = {n: adapter_state(self.model, n) for n in self.names}
-            if self.best_state is not None:
-                adapters["best"] = self.best_state
-            state = self.state
-            state.num_pairs, state.reference_computed_pairs = len(self.data), self.reference.computed_pairs
-            state.train_seconds = time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
-            state.generated_pairs = self.data.pairs if self.stream.on_policy is not None else None
-            ckpt.save_checkpoint(self.output_dir / "checkpoints", state.step, adapters, self.optimizer,
-                                 self.scheduler, self.reference.state_dict(), state.to_dict(),
-                                 self.config.save_total_limit, rng=rng)
-        self.processes.barrier()  # nobody reads a checkpoint before it is in place
-        where = f"checkpoint of step {self.state.step} written to {self.output_dir / 'checkpoints'}"
+        state, seconds = self.state, time.perf_counter() - self._started if hasattr(self, "_started") else 0.0
+        state.num_pairs, state.reference_computed_pairs, state.train_seconds = (len(self.data),
+                                                                                self.reference.computed_pairs, seconds)
+        state.generated_pairs = self.data.pairs if self.stream.on_policy is not None else None
+        ckpt.save_run(self.output_dir / "checkpoints", state, lambda: {n: adapter_state(self.model, n) for n in
+                      self.names}, self.best_state, self.optimizer, self.scheduler, self.reference, self.processes,
+                      self.config.save_total_limit)
+        where = f"checkpoint of step {state.step} written to {self.output_dir / 'checkpoints'}"
         return f"{where}; {then}" if then else where
 
     def _resume(self) -> None:
@@ -334,36 +273,23 @@ class OFSDPOTrainer:
         self.stream.restore(state.generated_pairs)
         self.reference.grow_to(len(self.data))
         check_same_run(path, state, self.state, self.config, len(self.data))
-        missing = [name for name in self.names if name not in saved["adapters"]]
-        if missing:  # a checkpoint missing a file: the message of any unreadable checkpoint
-            raise ConfigError(f"--resume: cannot read checkpoint {path} (no adapter-{missing[0]}.safetensors); remove "
-                              "it to resume from an older one.")
-        for name in self.names:
-            load_adapter_state(self.model, name, saved["adapters"][name])
-        self.best_state = saved["adapters"].get("best") if state.best else None
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.reference.load_state_dict(saved["reference"])
-        self.reference.computed_pairs = state.reference_computed_pairs
+        self.best_state = ckpt.restore(saved, path, state, self.model, self.names, self.optimizer, self.scheduler,
+                                       self.reference, self.processes)
         self.state = state
-        ckpt.set_rng_state(ckpt.own_rng(saved["rng"], path, self.processes))
         if self.processes.is_main:  # --resume-from an older one: the newer ones belong to the abandoned branch
             drop_checkpoints_after(self.output_dir, path)
 
     # --- outputs ---------------------------------------------------------------------------------------------------
-    def _finish(self, seconds: float) -> dict:
+    def _finish(self, seconds: float) -> TrainResult:
         cfg, state = self.config, self.state
-        served, basis, scores = select_served(self.names, self._final_eval_losses(), state.online_losses,
-                                              cfg.chase_interval, state.chase.leader)
+        served, basis, scores = self.method.serve(self._final_eval_losses(), state, cfg)
         regret = self._regret(served) if cfg.regret and state.online_losses else []
         summary = {
             "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": state.step,
             "pairs_seen": state.position, "rounds": len(state.online_losses), "num_tokens": state.num_tokens,
             "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
             "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
-            "online_regret": regret[-1]["regret"] if regret else None, "num_processes": self.processes.count,
-            "sharded_base": self.processes.sharded, "sharding": self.processes.sharding,
-            "zero_stage": self.processes.zero_stage, "base_partition": self.processes.base_partition,
+            "online_regret": regret[-1]["regret"] if regret else None, **self.processes.describe(),
             "nonfinite_steps_skipped": state.nonfinite_skipped,
         }
         if self.stream.on_policy is not None:
@@ -371,12 +297,15 @@ class OFSDPOTrainer:
                                     "pairs_generated": len(self.data), "ties_skipped": state.ties_skipped}
         if state.best is not None:
             summary["best_fast"] = dict(state.best)
-        if cfg.method == "ofs-dpo":
-            summary.update({"chase/swaps": state.chase.swaps, "chase/leader": state.chase.leader})
+        summary.update(self.method.summary(state))
         if self.processes.is_main:
-            self._write_outputs(served, regret, summary)
+            best = None if self.best_state is None else (self.names[0], self.best_state)
+            ckpt.write_outputs(self.output_dir, self.model, served, self.method.saved_modules(), best,
+                               self.tokenizer, regret, summary)
         self.processes.barrier()  # the outputs are complete when any process returns
-        return summary
+        return TrainResult(summary, self.output_dir, self.names,
+                           None if state.best is None else {**state.best, "state": self.best_state},
+                           state.online_losses, self.data.pairs)
 
     def _final_eval_losses(self) -> dict[str, float] | None:
         """Every module's mean loss on --eval-data now; the fast module's from the last `_track_best` when it ran
@@ -394,22 +323,3 @@ class OFSDPOTrainer:
         final_losses = torch.full((len(self.data),), float("nan"))
         final_losses[seen] = self.pair_losses(self.data, self.reference, seen, served)[0]
         return regret_curve(self.state.online_losses, order, position, final_losses, served)
-
-    def _write_outputs(self, served: str, regret: list[dict], summary: dict) -> None:
-        out = self.output_dir
-        try:
-            save_adapter(self.model, served, out)  # the module to serve, at the root, as a plain peft adapter
-            if self.config.method == "ofs-dpo":
-                for name in self.names:
-                    save_adapter(self.model, name, out / name)
-            if self.best_state is not None:
-                write_adapter(self.model.peft_config[self.names[0]], self.best_state, out / "best_fast")
-            with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-tokenizer-") as staging:  # whole files or none
-                for path in self.tokenizer.save_pretrained(staging):
-                    if os.path.isfile(path):
-                        os.replace(path, out / Path(path).name)
-            if regret:
-                write_jsonl(out / "regret.jsonl", regret)
-            write_json(out / "summary.json", summary)
-        except (OSError, RuntimeError) as err:
-            raise ckpt.write_error(Path(getattr(err, "filename", None) or out), "the run's outputs", err) from None

@@ -424,11 +424,11 @@ class ExperimentRunner:
                                 eval_reference=caches["selection"])
         ladder = (CheckpointLadder(cfg.checkpoints, domain, records, ref_scores, report, report_reference, seed,
                                    cfg.judge_samples) if cfg.checkpoints and domain is not None else None)
-        summary = trainer.train(on_step=ladder)
-        served, model = summary["served_module"], trainer.model
+        result = trainer.train(on_step=ladder)
+        summary, served, model = result.summary, result.served_module, trainer.model
         losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
                                       tokenizer.pad_token_id, run_config.beta, 2 * run_config.batch_size,
-                                      run_config.logprob_chunk_size, trainer.names)
+                                      run_config.logprob_chunk_size, result.modules)
         judged = {"per_prompt": {}}  # the user's data without prompts and a judge: the pair metrics only
         if domain is not None:
             with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws
@@ -444,8 +444,8 @@ class ExperimentRunner:
                 "report_accuracy": correct.mean().item(), "report_pairs": len(report),
                 "selection_loss": summary["module_scores"].get(served), "online_regret": summary["online_regret"],
                 "swaps": summary.get("chase/swaps", 0), "pairs_seen": summary["pairs_seen"],
-                "online_loss_curve": [r[served] for r in trainer.state.online_losses],
-                "online_loss_total": sum(r[served] for r in trainer.state.online_losses),
+                "online_loss_curve": [r[served] for r in result.online_losses],
+                "online_loss_total": sum(r[served] for r in result.online_losses),
                 "independent_judge_score": judged.get("independent_judge_score"),
                 **({"frontier": ladder.points, "train_loss_curve": ladder.train_loss} if ladder else {}),
                 "regret_curve": [r["regret"] for r in regret], "train_seconds": summary["train_runtime"],
@@ -542,11 +542,10 @@ class CheckpointLadder:
         self.train_loss: dict[str, list[float]] = {}  # each module's training DPO loss, step by step
 
     def __call__(self, trainer, row: dict) -> dict | None:
-        from ..metrics import module_key
         from ..scoring import common_random_numbers, judge_eval
 
         for name in trainer.names:
-            self.train_loss.setdefault(name, []).append(row.get(module_key(trainer.config.method, name, "loss")))
+            self.train_loss.setdefault(name, []).append(row.get(trainer.method.key(name, "loss")))
         step = trainer.state.step
         if step not in self.steps:
             return None
