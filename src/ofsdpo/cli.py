@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, NonFiniteError, OFSDPOConfig, read_config_file
+from .config import OFSDPOConfig, read_config_file
+from .errors import ConfigError, DataError, ModelError, NonFiniteError
 
 USAGE = """usage: ofsdpo <command> [options]
 
@@ -365,9 +366,6 @@ def _debug(argv: list[str]) -> tuple[list[str], bool]:
 
 def _one_line(err: BaseException) -> tuple[str, int]:
     """The message and exit status of an error that reached main()."""
-    from .data import DataError
-    from .models import ModelError
-
     if isinstance(err, (ConfigError, DataError, ModelError, NonFiniteError)):
         return str(err), 2
     text = " ".join(str(err).split())[:500]

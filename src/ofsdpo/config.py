@@ -18,17 +18,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError, NonFiniteError
+
+__all__ = ["ConfigError", "NonFiniteError"]  # re-exported: `from ofsdpo.config import ConfigError` keeps working
+
 
 ON_PROMPTS = "prompts"  # --on-policy given bare: the prompts of --prompts
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the flag."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimiser steps in a row had a non-finite loss or gradient (usually a learning rate too high, or a
-    model that overflows in its dtype); the run stopped with a checkpoint kept."""
 
 
 def _help(text: str, **extra: Any) -> dict:

@@ -32,10 +32,11 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .combine import combine_delta, combine_params, recursive_weights, search_lambda, search_simplex
-from .config import (RESUME_MAY_CHANGE, ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
+from .config import (RESUME_MAY_CHANGE, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
                      read_config_file)
-from .data import DataError, PreferenceData, load_preference_data
+from .data import PreferenceData, load_preference_data
 from .distributed import Processes
+from .errors import ConfigError, DataError
 from .scoring import heldout_scores_many
 from .models import load_model_and_tokenizer, resolve_device
 from .files import write_atomic, write_json

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 
+from .errors import ConfigError
 from .judges import Judge, afinn_critic_judge, afinn_judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
 
 
@@ -105,7 +106,6 @@ def prompt_domain(prompts: str, judges: list[str] | None = None, name: str | Non
                   max_new_tokens: int = 0, judge_device: str | None = None, heldout: str | None = None):
     """The domain of `--prompts SOURCE --judge SPEC…`. `builtin:NAME` prompts without a judge keep NAME's judge and
     length; any other source needs a judge. `max_new_tokens` 0 keeps the domain's own (64 for the user's)."""
-    from .config import ConfigError
     from .judges import resolve_judges
     from .prompts import load_prompts
 

@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError, JudgeError, ModelError
 
 Judge = Callable[[Any, str, dict], float]  # (prompt: str or messages, response, meta) -> score
 
@@ -120,10 +120,6 @@ WEIGHT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # no "nan"/"i
 PAIRWISE_PREFIX = "pairwise:"
 HF_PREFIX = "hf:"
 DEFAULT_MAX_LENGTH = 1024  # reward models whose tokenizer and config name no limit
-
-
-class JudgeError(ConfigError):
-    """A judge failed or returned something other than a finite real number; names the judge, source and row."""
 
 
 # --- the group-judge protocol ----------------------------------------------------------------------------------------
@@ -438,14 +434,12 @@ def _load_reward_model(name: str, model_name: str, device: str):
     if looks_local(model_name) and not Path(model_name).expanduser().exists():
         raise ConfigError(f"judge '{name}': no such folder {model_name} (a hub model is named owner/name)")
     if not Path(model_name).expanduser().exists():
-        from .models import ModelError, check_hub
+        from .models import check_hub
 
         try:
             check_hub(model_name, f"judge '{name}'")
         except ModelError as err:
             raise ConfigError(str(err)) from None
-    from .models import ModelError
-
     try:
         model, tokenizer = _cached_reward_model(model_name, device)
     except ModelError as err:  # said plainly already (pickled weights refused)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import list_checkpoints
-from .config import ConfigError
+from .errors import ConfigError, OutputDirLocked
 
 try:
     import fcntl
@@ -40,10 +40,6 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
     "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
-
-
-class OutputDirLocked(ConfigError):
-    """Another live run holds the --output-dir; the message names its pid."""
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, resume_from: str | None = None) -> None:

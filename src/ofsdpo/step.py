@@ -21,7 +21,8 @@ import math
 import torch
 
 from .chasing import ChaseState
-from .config import ConfigError, TrainingOptions
+from .config import TrainingOptions
+from .errors import ConfigError
 from .data import PreferenceData, collate
 from .logprobs import concatenated_forward, stacked_forward
 from .losses import chase_loss, dpo_loss

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import checkpoint as ckpt
-from .config import ConfigError, NonFiniteError, OFSDPOConfig
+from .config import OFSDPOConfig
 from .data import PreferenceData, load_preference_data
 from .distributed import Processes
 from .domains import on_policy_domain
-from .judges import JudgeError
+from .errors import ConfigError, JudgeError, NonFiniteError
 from .files import write_atomic, write_json, write_jsonl
 from .metrics import MetricsLogger, module_key
 from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 from ..config import EXPERIMENT_KINDS as KINDS
-from ..config import IN_DOMAIN_METHODS, ConfigError, ExperimentConfig, resolve_search
+from ..config import IN_DOMAIN_METHODS, ExperimentConfig, resolve_search
+from ..errors import ConfigError
 from ..files import write_json, write_jsonl
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
