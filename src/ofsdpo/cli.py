@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import OFSDPOConfig, read_config_file
-from .errors import ConfigError, DataError, ModelError, NonFiniteError
+from .errors import ConfigError, DataError, ModelError, NonFiniteError, suggest
 
 USAGE = """usage: ofsdpo <command> [options]
 
@@ -146,9 +145,8 @@ def _unknown_option(parser, extra: list[str]) -> ConfigError:
     if name in TRL_NAMES:
         return ConfigError(f"unknown option {flag} (TRL's name); ofsdpo uses {TRL_NAMES[name]}")
     options = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--") and "_" not in o})
-    close = difflib.get_close_matches("--" + name, options, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {parser.prog} --help"
-    return ConfigError(f"unknown option {flag}{hint}")
+    hint = suggest("--" + name, options, n=3, form="{}") or f"see {parser.prog} --help"
+    return ConfigError(f"unknown option {flag}; {hint}")
 
 
 def parse_config(config_class, argv: list[str], prog: str, description: str, positional: str | None = None):
@@ -392,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        print(f"ofsdpo: unknown command '{argv[0]}'; {hint}commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        hint = suggest(argv[0], COMMANDS)
+        print(f"ofsdpo: unknown command '{argv[0]}'; {hint + ' ' if hint else ''}commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     try:
         return command(argv[1:])

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, suggest
 
 __all__ = ["ConfigError", "NonFiniteError"]  # re-exported: `from ofsdpo.config import ConfigError` keeps working
 
@@ -676,9 +676,8 @@ def read_config_file(path: str | Path, config_class: type = OFSDPOConfig) -> dic
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            close = [k for k in sorted(known) if k.split("_")[0] == name.split("_")[0]]
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ConfigError(f"--config {path}: unknown key '{key}'.{hint}")
+            hint = suggest(name, sorted(known), n=3)
+            raise ConfigError(f"--config {path}: unknown key '{key}'" + (f"; {hint}" if hint else "."))
         values[name] = value
     if "judge" in values:  # a judge file named in the YAML is found beside the YAML, wherever the run starts
         values["judge"] = _judges_beside(values["judge"], path.parent)

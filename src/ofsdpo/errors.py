@@ -1,10 +1,22 @@
-"""Every error ofsdpo raises on purpose, in one module that imports nothing of ofsdpo (any module may import it).
+"""Every error ofsdpo raises on purpose, in one module that imports nothing of ofsdpo (any module may import it),
+and `suggest`, the one "did you mean" of every message about a misspelt name.
 
 The hierarchy decides the exit status (`cli.main`): a `ConfigError`, and the errors that are one (a prompt, a judge,
 a locked or unwritable output folder), a `DataError`, a `ModelError` or a `NonFiniteError` is one line and exit 2.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 1, form: str = "'{}'") -> str:
+    """"did you mean X?" for the closest of `choices` to a misspelt `name` (up to `n`, joined by "or"; each written
+    with `form`), or "" when none is close. One algorithm for every name a user types: difflib's similarity ratio,
+    at least 0.6 (a typo or a dropped letter, not a different word)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(form.format(c) for c in close)}?" if close else ""
 
 
 class ConfigError(ValueError):

@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, JudgeError, ModelError
+from .errors import ConfigError, JudgeError, ModelError, suggest
 
 Judge = Callable[[Any, str, dict], float]  # (prompt: str or messages, response, meta) -> score
 
@@ -497,9 +497,9 @@ def _load_target(spec: str, text: str) -> Any:
     for part in attribute.split("."):
         if not hasattr(target, part):
             public = [n for n in dir(target) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, public, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"judge '{spec}': {module_name} has no attribute '{part}'{hint}")
+            hint = suggest(part, public)
+            raise ConfigError(f"judge '{spec}': {module_name} has no attribute '{part}'"
+                              + (f"; {hint}" if hint else ""))
         target = getattr(target, part)
     return target
 
@@ -577,8 +577,8 @@ def _resolve_spec(spec: str, device: str | None, batch_size: int) -> tuple[float
         return weight, PointwiseJudge(spec, BUILTIN_JUDGES[text])
     if ":" in text:
         return weight, _judge_from(spec, _load_target(spec, text))
-    close = difflib.get_close_matches(text, list(BUILTIN_JUDGES), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = suggest(text, BUILTIN_JUDGES)
+    hint = f" ({hint})" if hint else ""
     raise ConfigError(f"unknown judge '{spec}'{hint}; a judge is {_forms()}")
 
 

@@ -14,12 +14,11 @@ and the field.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, DataError, PromptError
+from .errors import DataError, PromptError, suggest
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("train", "heldout", "all")
@@ -103,8 +102,8 @@ def _load_builtin(spec: str, split: str | None) -> PromptSet:
 
     name, _, spec_split = spec[len(BUILTIN_PREFIX):].partition(":")
     if name not in DOMAINS:
-        close = difflib.get_close_matches(name, DOMAINS, n=1)
-        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        hint = suggest(name, DOMAINS, form=BUILTIN_PREFIX + "{}")
+        hint = f" ({hint})" if hint else ""
         raise PromptError(spec, f"no built-in domain '{name}'{hint}; built-in domains are {', '.join(DOMAINS)}")
     chosen = spec_split or split or "train"
     if chosen not in BUILTIN_SPLITS:
