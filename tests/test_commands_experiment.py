@@ -158,6 +158,10 @@ def test_shipped_experiments_load_and_bad_variants_fail():
             assert len(get_domain(domain).prompts("heldout")) * config.report_rounds >= 64, path
     with pytest.raises(ConfigError, match="unknown field"):
         ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
+    # a domain's name is the runner's to check (config knows no domain), before any model or pairs load
+    poetry = ExperimentConfig(name="p", domains=["sentiment", "poetry"], variants=[{"name": "x", "method": "dpo"}])
+    with pytest.raises(ConfigError, match="experiment 'p': domains: unknown domain 'poetry': built-in domains are "):
+        ExperimentRunner(poetry, "unused", progress=False, verbose=False)
     with pytest.raises(ConfigError, match="in-domain methods"):
         ExperimentConfig(variants=[{"name": "x", "method": "cofs-dpo"}])
     with pytest.raises(ConfigError, match="unknown field.*max_steps"):  # continual: steps are per domain

@@ -38,3 +38,16 @@ def test_suggest_finds_a_typo_and_nothing_for_another_word():
         "did you mean --lora-r or --lora-alpha?"
     assert suggest("bta", ["alpha", "beta", "lr"], n=3) == "did you mean 'beta'?"
     assert suggest("critc", ("critic",), form="builtin:{}") == "did you mean builtin:critic?"
+
+
+def test_config_sits_below_domains_judges_and_prompts():
+    """No circle: config imports errors (not domains, judges or prompts), and domain names are checked where they
+    load. A fresh interpreter, so that modules other tests imported do not count."""
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys, ofsdpo.config; print(json.dumps([m for m in sys.modules if m.startswith('ofsdpo')]))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert "ofsdpo.errors" in loaded
+    assert not {"ofsdpo.domains", "ofsdpo.judges", "ofsdpo.prompts", "ofsdpo.data", "ofsdpo.models"} & set(loaded)

@@ -379,16 +379,11 @@ class OFSDPOConfig(TrainingOptions):
             raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
         if self.prompts is not None and self.on_policy is None:
             self.on_policy = ON_PROMPTS  # --prompts implies --on-policy
-        if self.on_policy is not None:
-            from .domains import DOMAINS
-
+        if self.on_policy is not None:  # a domain's name is checked where it loads (`domains.on_policy_domain`)
             if self.on_policy == ON_PROMPTS:
                 if self.prompts is None:
                     raise ConfigError("--on-policy without a domain name needs --prompts FILE (or name a built-in "
-                                      f"domain: --on-policy {' | '.join(DOMAINS)}).")
-            elif self.on_policy not in DOMAINS:
-                raise ConfigError(f"--on-policy must name a built-in domain ({', '.join(DOMAINS)}), or be given bare "
-                                  f"with --prompts FILE; got {self.on_policy!r}.")
+                                      "domain: --on-policy sentiment, critic, ...).")
             elif self.prompts is not None:
                 raise ConfigError(f"--on-policy {self.on_policy} uses that domain's prompts: drop --prompts, or give "
                                   f"--on-policy bare with --prompts {self.prompts}.")
@@ -802,17 +797,12 @@ class EvalConfig:
     progress: bool = field(default=True, metadata=_help("Show progress bars."))
 
     def __post_init__(self) -> None:
-        from .domains import DOMAINS
-
         if not self.domain and self.prompts is None:
             raise ConfigError("--domain (a built-in domain, once per domain) or --prompts FILE --judge SPEC is required.")
         if self.prompts is not None and not self.judge and not self.prompts_source.startswith("builtin:"):
             raise ConfigError(f"--prompts {self.prompts}: give --judge SPEC to score the samples.")
         if self.judge and self.prompts is None:
             raise ConfigError("--judge scores --prompts: give --prompts FILE (built-in domains keep their own judges).")
-        for name in self.domain:
-            if name not in DOMAINS:
-                raise ConfigError(f"--domain: unknown domain '{name}': built-in domains are {', '.join(DOMAINS)}.")
         for path in self.adapter:
             if not (Path(path) / "adapter_config.json").is_file():
                 raise ConfigError(f"--adapter {path}: not a peft adapter folder (no adapter_config.json).")
@@ -969,24 +959,18 @@ class ExperimentConfig:
     judge: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from .domains import DOMAINS
-
         if self.kind not in EXPERIMENT_KINDS:
             raise ConfigError(f"experiment '{self.name}': kind must be one of {', '.join(EXPERIMENT_KINDS)} "
                               f"(got {self.kind!r}).")
-        unknown = [d for d in self.domains if d not in DOMAINS]
         if self.data is not None:  # the user's pairs: one domain, named after them
             if len(self.domains) != 1 or self.kind != "in-domain":
                 raise ConfigError(f"experiment '{self.name}': a data file is one in-domain domain (got {self.domains}).")
-            unknown = []
         if self.data_files:  # the user's pairs, one file per domain, in stream order
             if list(self.data_files) != list(self.domains) or self.kind != "continual":
                 raise ConfigError(f"experiment '{self.name}': data_files are a continual experiment's domains in "
                                   f"order (got {list(self.data_files)} for domains {self.domains}).")
-            unknown = []
-        if unknown or not self.domains:
-            raise ConfigError(f"experiment '{self.name}': domains must be built-in ({', '.join(DOMAINS)}); "
-                              f"got {self.domains}.")
+        if not self.domains:  # built-in names are checked by the runner (`domains.require_builtin`)
+            raise ConfigError(f"experiment '{self.name}': domains must not be empty.")
         names = [v.get("name") for v in self.variants]
         if not names or None in names or len(set(names)) != len(names):
             raise ConfigError(f"experiment '{self.name}': variants need unique names (got {names}).")
@@ -1053,6 +1037,11 @@ class ExperimentConfig:
         if unknown:
             raise ConfigError(f"variant '{variant['name']}': unknown field(s) {', '.join(sorted(unknown))}.")
         return OFSDPOConfig(**values) if self.kind == "in-domain" else ContinualConfig.from_flat(**values)
+
+    @property
+    def builtin_domains(self) -> bool:
+        """Whether the domains are built-in ones (else they name the user's pairs: `data`, `data_files`)."""
+        return self.data is None and not self.data_files
 
     @property
     def baseline_variant(self) -> str:

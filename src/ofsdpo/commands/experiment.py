@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import IN_DOMAIN_METHODS, ExperimentConfig, resolve_search
+from ..domains import require_builtin
 from ..errors import ConfigError
 from ..files import write_json, write_jsonl
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
@@ -108,6 +109,8 @@ class ExperimentRunner:
     """Runs every (cell, seed) not yet finished, then writes the aggregate. The model loads only if a run is due."""
 
     def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True):
+        if config.builtin_domains:
+            require_builtin(config.domains, f"experiment '{config.name}': domains")
         self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
