@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import OFSDPOConfig, read_config_file
+from .config import OPTION_TAGS, OFSDPOConfig, read_config_file
 from .errors import ConfigError, DataError, ModelError, NonFiniteError, suggest
 
 USAGE = """usage: ofsdpo <command> [options]
@@ -94,7 +94,7 @@ class DataclassParser(argparse.ArgumentParser):
 
     def _add_field(self, f, hint) -> None:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = dict(f.metadata)
+        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS}
         if "help" in kwargs:
             kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
             shown = f.default if f.default is not dataclasses.MISSING else None

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .combine import combine_delta, combine_params, recursive_weights, search_lambda, search_simplex
-from .config import (RESUME_MAY_CHANGE, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
+from .config import (RESUME_MAY_CHANGE, WEIGHTS_ONLY, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
                      read_config_file)
 from .data import PreferenceData, load_preference_data
 from .distributed import Processes
@@ -362,8 +362,7 @@ class ContinualRunner:
         but those of training and combining, the base, the LoRA shape and the scored domains' pairs."""
         from .stream import fingerprint
 
-        not_scoring = {*NOT_COMPUTED, "domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
-                       "max_steps_per_domain"}
+        not_scoring = NOT_COMPUTED | WEIGHTS_ONLY
         return {"options": {k: v for k, v in self.config.to_dict().items() if k not in not_scoring},
                 "base": id(model.get_base_model()), "lora": served_lora.to_dict(),
                 "domains": [(d.name, fingerprint(d.test)) for d in seen]}

@@ -14,16 +14,19 @@ Everything is re-exported here: `from ofsdpo.config import X` is the import to u
 """
 
 from ..errors import ConfigError, NonFiniteError
-from .base import ModelOptions, changed_options, check_field_types, field_names, read_config_file
+from .base import (CADENCE, COMPUTED, OPTION_TAGS, OUTPUT, ROLES, RUNTIME, ModelOptions, changed_options,
+                   check_field_types, field_names, option_roles, options_with_role, read_config_file)
 from .commands import EvalConfig, ExportConfig, GenerateConfig
-from .continual import (SAFE_NAME, TRAIN_ONLY, ContinualConfig, ContinualOptions, DomainSpec, refuse_train_only,
-                        resolve_search)
+from .continual import (RESUME_MAY_CHANGE, SAFE_NAME, TRAIN_ONLY, WEIGHTS_ONLY, ContinualConfig, ContinualOptions, DomainSpec,
+                        refuse_train_only, resolve_search)
 from .demo import DEMO_DOMAINS, DEMO_FULL, DEMO_QUICK, DemoConfig, DemoSettings
 from .experiment import (EXPERIMENT_KINDS, IN_DOMAIN_METHODS, CompareConfig, CompareOptions, ExperimentCommandConfig,
                          ExperimentConfig)
-from .train import ON_PROMPTS, RESUME_MAY_CHANGE, OFSDPOConfig, TrainingOptions
+from .train import ON_PROMPTS, OFSDPOConfig, TrainingOptions
 
-__all__ = ["DEMO_DOMAINS", "DEMO_FULL", "DEMO_QUICK", "EXPERIMENT_KINDS", "IN_DOMAIN_METHODS", "ON_PROMPTS",
+__all__ = ["CADENCE", "COMPUTED", "OPTION_TAGS", "OUTPUT", "ROLES", "RUNTIME", "option_roles", "options_with_role",
+           "WEIGHTS_ONLY",
+           "DEMO_DOMAINS", "DEMO_FULL", "DEMO_QUICK", "EXPERIMENT_KINDS", "IN_DOMAIN_METHODS", "ON_PROMPTS",
            "RESUME_MAY_CHANGE", "SAFE_NAME", "TRAIN_ONLY", "CompareConfig", "CompareOptions", "ConfigError",
            "ContinualConfig", "ContinualOptions", "DemoConfig", "DemoSettings", "DomainSpec", "EvalConfig",
            "ExperimentCommandConfig", "ExperimentConfig", "ExportConfig", "GenerateConfig", "ModelOptions",

@@ -14,8 +14,40 @@ import yaml
 from ..errors import ConfigError, suggest
 
 
-def _help(text: str, **extra: Any) -> dict:
-    return {"help": text, **extra}
+# --- what an option changes ------------------------------------------------------------------------------------------
+# Each field of a run's config says what it changes, where it is declared (`_help(..., role=...)`); resume checks,
+# reuse keys and run keys read these tags (`option_roles`), and nothing keeps a second list.
+COMPUTED = "computed"  # what the run computes: the data, the maths, the numbers (the default: a new option counts)
+RUNTIME = "runtime"  # how it runs: device, threads, memory; the same maths, though the last bits may differ
+CADENCE = "cadence"  # when it saves: checkpoints, never what they hold
+OUTPUT = "output"  # where and how it reports: the folder, progress bars, loggers, resuming or overwriting
+ROLES = (COMPUTED, RUNTIME, CADENCE, OUTPUT)
+# the metadata keys that tag a field rather than go to argparse: its role, and `weights_only` (a continual option that
+# changes only the modules a stage trains or combines, which a score's key holds itself: `continual._scoring_parts`)
+OPTION_TAGS = frozenset({"role", "weights_only"})
+
+
+def _help(text: str, role: str = COMPUTED, **extra: Any) -> dict:
+    """A field's metadata: its help line (the CLI's and the docs') and its role (above)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown option role {role!r}: one of {', '.join(ROLES)}")
+    return {"help": text, "role": role, **extra}
+
+
+def option_roles(*config_classes: type) -> dict[str, str]:
+    """{option: role} over the flat options of these config classes (one that contains others, as ContinualConfig
+    contains TrainingOptions, through its `argument_classes`); a field declared without `_help` computes."""
+    roles = {}
+    for config_class in config_classes:
+        parts = config_class.argument_classes() if hasattr(config_class, "argument_classes") else (config_class,)
+        for part in parts:
+            roles.update({f.name: f.metadata.get("role", COMPUTED) for f in dataclasses.fields(part)})
+    return roles
+
+
+def options_with_role(config_classes: tuple[type, ...], *roles: str) -> frozenset[str]:
+    """The options of these config classes whose role is one of `roles`."""
+    return frozenset(name for name, role in option_roles(*config_classes).items() if role in roles)
 
 
 def _describe_mismatch(value: Any, hint: Any) -> str | None:
@@ -79,7 +111,8 @@ class ModelOptions:
 
     @staticmethod
     def device() -> Any:
-        return field(default="auto", metadata=_help("auto (a GPU when there is one) | cpu | cuda | cuda:N | mps."))
+        return field(default="auto", metadata=_help("auto (a GPU when there is one) | cpu | cuda | cuda:N | mps.",
+                                                    role=RUNTIME))
 
     @staticmethod
     def dtype() -> Any:

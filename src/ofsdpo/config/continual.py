@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from .base import _help, check_field_types, field_names, read_config_file, write_yaml
-from .train import TrainingOptions
+from .base import (CADENCE, OUTPUT, RUNTIME, _help, check_field_types, field_names, options_with_role, read_config_file,
+                   write_yaml)
+from .train import OFSDPOConfig, TrainingOptions
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -95,23 +96,28 @@ class ContinualOptions:
     """What `ofsdpo continual` adds to the training options: the domains, the method and how it combines."""
 
     method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge"] = field(
-        default="cofs-dpo", metadata=_help("cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.")
+        default="cofs-dpo", metadata=_help(
+            "cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.", weights_only=True)
     )
     domain: list[str] = field(
         default_factory=list,
         metadata=_help("NAME=TRAIN[,heldout=PATH][,memory=PATH], once per domain, in stream order; on-policy: "
-                       "NAME=prompts:PATH,judge=SPEC[,heldout=PATH] (the stage samples and judges its own pairs)."),
+                       "NAME=prompts:PATH,judge=SPEC[,heldout=PATH] (the stage samples and judges its own pairs).",
+                       weights_only=True),
     )
-    max_steps_per_domain: int = field(default=-1, metadata=_help("Optimiser steps per domain (-1: its whole stream)."))
+    max_steps_per_domain: int = field(default=-1, metadata=_help(
+        "Optimiser steps per domain (-1: its whole stream).", weights_only=True))
     memory_size: int = field(default=8, metadata=_help("Held-out pairs per domain kept in memory to choose λ."))
     heldout_size: int = field(
         default=32, metadata=_help("Pairs held out from the end of a domain's stream when it has no heldout file.")
     )
     combine: Literal["params", "delta"] = field(
-        default="params", metadata=_help("params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.")
+        default="params", metadata=_help(
+            "params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.", weights_only=True)
     )
     init: Literal["previous", "fresh"] = field(
-        default="previous", metadata=_help("Start each domain from the previous served module, or from scratch.")
+        default="previous", metadata=_help(
+            "Start each domain from the previous served module, or from scratch.", weights_only=True)
     )
     judge_prompts: int = field(
         default=0, metadata=_help("Held-out prompts judged per built-in domain after every stage (0: no judging).")
@@ -134,19 +140,25 @@ class ContinualOptions:
                        "report: unbiased) or the held-out pairs the report scores (the choice then flatters it)."),
     )
     lambda_grid: str = field(
-        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].")
+        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", metadata=_help("Comma-separated λ values in [0, 1].",
+                                                                         weights_only=True)
     )
     search: Literal["auto", "pairwise", "simplex"] = field(
         default="auto",
         metadata=_help("cofs-dpo weights: pairwise recursion θ ← λθ_prev + (1−λ)θ_new on --lambda-grid, or a search "
                        "over the whole simplex of the kept modules' weights (it also scores the pairwise candidates, "
                        "so it never does worse on the memory; costs up to --search-budget memory passes per stage). "
-                       "auto: simplex with --init fresh, pairwise with --init previous (docs/results.md)."),
+                       "auto: simplex with --init fresh, pairwise with --init previous (docs/results.md).",
+                       weights_only=True),
     )
-    search_budget: int = field(default=60, metadata=_help("Most combinations scored per stage by --search simplex."))
-    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where the report, stages and served adapter go."))
-    resume: bool = field(default=False, metadata=_help("Resume the run in --output-dir (finished stages are kept)."))
-    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
+    search_budget: int = field(default=60, metadata=_help(
+        "Most combinations scored per stage by --search simplex.", weights_only=True))
+    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where the report, stages and served adapter go.",
+                                                                    role=OUTPUT))
+    resume: bool = field(default=False, metadata=_help("Resume the run in --output-dir (finished stages are kept).",
+                                                       role=OUTPUT))
+    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run.",
+                                                          role=OUTPUT))
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -249,3 +261,11 @@ class ContinualConfig(ContinualOptions):
                                          [f"{k}={item[k]}" for k in ("heldout", "memory") if item.get(k)])
                                 for item in items]
         return values
+
+
+# Options that change nothing a resumed run computes (their role is not `computed`): `--resume` may change them, not
+# the others (`rundir.check_same_run` for ofsdpo train, `ContinualRunner._check_resumable` for ofsdpo continual).
+RESUME_MAY_CHANGE = options_with_role((OFSDPOConfig, ContinualConfig), RUNTIME, CADENCE, OUTPUT)
+# continual options that change only the modules a stage trains or combines (tagged `weights_only`): a served module's
+# scores depend on its weights, not on how they came about (`ContinualRunner._scoring_parts`)
+WEIGHTS_ONLY = frozenset(f.name for f in dataclasses.fields(ContinualOptions) if f.metadata.get("weights_only"))

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
-from .base import DTYPES, ModelOptions, _help, check_field_types, field_names, read_config_file, write_yaml
+from .base import (CADENCE, DTYPES, OUTPUT, RUNTIME, ModelOptions, _help, check_field_types, field_names,
+                   read_config_file, write_yaml)
 
 ON_PROMPTS = "prompts"  # --on-policy given bare: the prompts of --prompts
 
@@ -55,7 +56,7 @@ class TrainingOptions:
     generation_batch_size: int = field(default=64, metadata=_help(
         "On-policy: responses (prompts x samples) per generate call; lower it if sampling runs out of memory."))
     judge_device: Optional[str] = field(default=None, metadata=_help(
-        "Device of an hf:MODEL judge (default: the policy's)."))
+        "Device of an hf:MODEL judge (default: the policy's).", role=RUNTIME))
     batch_size: Optional[int] = field(default=None, metadata=_help(
         "Pairs per micro-batch, per process (memory grows with it). Unset: 4, and ofs-dpo then runs its two modules "
         "on parts of 2 pairs (--module-batch-size), so its stacked batch is dpo's size."))
@@ -124,19 +125,21 @@ class TrainingOptions:
     gradient_checkpointing: bool = field(
         default=False,
         metadata=_help("Recompute the base's activations in the backward instead of keeping them: less memory, one "
-                       "more forward per step (about +50% compute with LoRA); the gradients are the same."),
+                       "more forward per step (about +50% compute with LoRA); the gradients are the same.",
+                       role=RUNTIME),
     )
     num_threads: Optional[int] = field(
         default=None,
         metadata=_help("CPU threads of this process (default: what torch picks, 1 per process under a multi-process "
-                       "launch). On a machine shared with other jobs, 1 or 2 avoid a many-fold slowdown."),
+                       "launch). On a machine shared with other jobs, 1 or 2 avoid a many-fold slowdown.",
+                       role=RUNTIME),
     )
     malloc_mmap_threshold: int = field(
         default=0,
         metadata=_help("Linux CPU runs: glibc maps blocks of at least this many bytes (e.g. 65536) and gives them "
                        "back to the OS when torch frees them: peak RSS follows the live tensors, but steps are slower "
                        "(page faults; docs/performance.md measures both). 0, the default: --malloc-keep-freed "
-                       "decides."),
+                       "decides.", role=RUNTIME),
     )
     malloc_keep_freed: bool = field(
         default=True,
@@ -144,22 +147,23 @@ class TrainingOptions:
                        "(glibc's heap, which then serves blocks up to 32 MiB, is never trimmed), as torch's CUDA "
                        "allocator keeps GPU memory: far fewer page faults on each step's fresh activations "
                        "(docs/performance.md); RSS stays near its high-water mark. --no-malloc-keep-freed: glibc's "
-                       "own setting. --malloc-mmap-threshold, and MALLOC_* environment variables, win over it."),
+                       "own setting. --malloc-mmap-threshold, and MALLOC_* environment variables, win over it.",
+                       role=RUNTIME),
     )
     # --- outputs ---------------------------------------------------------------------------------------------------
     save_steps: int = field(default=100, metadata=_help(
         "Checkpoint every N optimiser steps (0: only at the end; -1: never, not even on errors: the run cannot be "
-        "resumed)."))
-    save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints."))
+        "resumed).", role=CADENCE))
+    save_total_limit: int = field(default=2, metadata=_help("Keep the newest N checkpoints.", role=CADENCE))
     report_to: Literal["none", "tensorboard", "wandb"] = field(
         default="none",
         metadata=_help("Also log to TensorBoard (needs tensorboard) or Weights & Biases (needs wandb; WANDB_MODE="
-                       "offline works without an account)."),
+                       "offline works without an account).", role=OUTPUT),
     )
     regret: bool = field(
         default=True, metadata=_help("At the end, score the final module on the whole stream for the regret curve.")
     )
-    progress: bool = field(default=True, metadata=_help("Show a progress bar."))
+    progress: bool = field(default=True, metadata=_help("Show a progress bar.", role=OUTPUT))
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -300,14 +304,17 @@ class OFSDPOConfig(TrainingOptions):
     method: Literal["dpo", "ofs-dpo"] = field(
         default="ofs-dpo", metadata=_help("dpo: one LoRA module. ofs-dpo: fast and slow modules chasing (SPEC 3).")
     )
-    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go."))
-    resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir."))
+    output_dir: str = field(default="ofsdpo-output", metadata=_help("Where adapters, metrics and checkpoints go.",
+                                                                    role=OUTPUT))
+    resume: bool = field(default=False, metadata=_help("Resume from the newest checkpoint in --output-dir.",
+                                                       role=OUTPUT))
     resume_from: Optional[str] = field(
         default=None,
         metadata=_help("Resume from this checkpoint folder (checkpoints/checkpoint-N of --output-dir) instead of the "
-                       "newest; the checkpoints after it are removed, like the metrics rows."),
+                       "newest; the checkpoints after it are removed, like the metrics rows.", role=OUTPUT),
     )
-    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run."))
+    overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run.",
+                                                          role=OUTPUT))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -337,8 +344,3 @@ class OFSDPOConfig(TrainingOptions):
         """The fields shared with `TrainingOptions` (what a continual stage would receive)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingOptions)}
 
-
-# Options that change nothing a resumed run computes: `ofsdpo train --resume` may change them, not the others.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to", "output_dir",
-                     "device", "num_threads", "malloc_mmap_threshold", "malloc_keep_freed", "resume_from",
-                     "gradient_checkpointing", "judge_device"}
