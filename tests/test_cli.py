@@ -35,7 +35,7 @@ def test_yaml_config_and_flags_override_it(tmp_path):
 def test_unknown_yaml_key_is_named(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("bta: 0.3\n")
-    with pytest.raises(ConfigError, match="unknown key 'bta'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'bta'; did you mean 'beta'\?"):
         parse_config(OFSDPOConfig, ["--config", str(path)], "ofsdpo train", "")
 
 

@@ -1,11 +1,13 @@
 """`ofsdpo experiment`: aggregation over seeds (fake results), the tables and plots, the shipped configs, the run
 keys (pinned: a finished run must stay recognised), and a tiny end-to-end run."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds, select_variants
 from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
@@ -13,6 +15,32 @@ from ofsdpo.config import ConfigError, ExperimentConfig
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PINNED_KEYS = {"in-domain": "a192f3bb0ef0b317", "continual": "85858f165109f160"}
+# captured before the option roles replaced the hand-kept lists of options (issue 30): the same keys since
+SHIPPED_KEYS = {  # seed 0 of every variant of experiments/*.yaml, over the synthetic pairs of `_write_pairs`
+    "chase-ablation/alpha-0": "add41038939ad917", "chase-ablation/minmax": "88cb523ebe0b39b6",
+    "chase-ablation/proximal": "0d65bb1d963b2d83", "chase-ablation/proximal-beta-1": "b77f3a4599695f59",
+    "cofs-chain/cofs-fresh-pairwise": "7b37f9da3fd3caa6", "cofs-chain/cofs-fresh-simplex": "b1bc653e41817836",
+    "cofs-chain/cofs-previous": "bc815d0c47d10a05", "cofs-chain/dpo": "6f340bfcb7404bf3",
+    "cofs-opposed/cofs-fresh-delta": "2ea78f1906fb195d", "cofs-opposed/cofs-previous": "9da8f4f6ce333a52",
+    "cofs-opposed/dpo": "b77ac9f25362543a", "cofs-opposed/lora-merge": "644efa101828f14f",
+    "frontier-ablations/alpha-10x": "a60831c392435500", "frontier-ablations/dpo": "ab74baa4406b9e18",
+    "frontier-ablations/equal-lr": "4550ce66f4ce74cd", "frontier-ablations/swap-off": "d3da89b4db1357f5",
+    "frontier-ablations/swap-params": "1933a03641b24446", "frontier-sentiment-lr4x/dpo": "8a9f3ca7c66a1845",
+    "frontier-sentiment-lr4x/ofs-dpo": "6c993c7f49155bdf", "frontier-sentiment/dpo": "ab74baa4406b9e18",
+    "frontier-sentiment/ofs-dpo": "c9b5f610231443f7", "in-domain-concise/dpo": "11fa6f10500a749b",
+    "in-domain-concise/ofs-dpo": "2c4c83056ac80084", "in-domain-critic/dpo": "38c9f2b61a887a51",
+    "in-domain-critic/ofs-dpo": "f499b6b717fe73cc", "in-domain-sentiment/dpo": "c7ee02fa52cf48e3",
+    "in-domain-sentiment/ofs-dpo": "88cb523ebe0b39b6", "on-policy-sentiment/dpo": "28ae50e05c5d8754",
+    "on-policy-sentiment/ofs-dpo": "f17a59ed5c03235a",
+}
+# one option off its default, on the test's two-domain config (seed 1): roles other than output count
+PERTURBED_KEYS = {
+    ("in-domain", "num_threads", 7): "7d3b88a69a29eed8",
+    ("in-domain", "save_steps", 103): "32d693de11b6cdec",
+    ("in-domain", "chase_beta", 7): "c73ec2ebf922b5a1",
+    ("continual", "gradient_checkpointing", True): "7a0d0741db044d26",
+    ("continual", "search_budget", 63): "b12a75a49d9bcedd",
+}
 
 
 def test_mean_and_sample_std():
@@ -158,6 +186,10 @@ def test_shipped_experiments_load_and_bad_variants_fail():
             assert len(get_domain(domain).prompts("heldout")) * config.report_rounds >= 64, path
     with pytest.raises(ConfigError, match="unknown field"):
         ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
+    # a domain's name is the runner's to check (config knows no domain), before any model or pairs load
+    poetry = ExperimentConfig(name="p", domains=["sentiment", "poetry"], variants=[{"name": "x", "method": "dpo"}])
+    with pytest.raises(ConfigError, match="experiment 'p': domains: unknown domain 'poetry': built-in domains are "):
+        ExperimentRunner(poetry, "unused", progress=False, verbose=False)
     with pytest.raises(ConfigError, match="in-domain methods"):
         ExperimentConfig(variants=[{"name": "x", "method": "cofs-dpo"}])
     with pytest.raises(ConfigError, match="unknown field.*max_steps"):  # continual: steps are per domain
@@ -206,6 +238,62 @@ def test_run_keys_are_those_of_earlier_versions(tmp_path):
                   for search in (None, "auto", "simplex", "pairwise")}
     assert fresh_keys[None] == fresh_keys["auto"] == fresh_keys["simplex"] != fresh_keys["pairwise"]
     assert fresh_keys["pairwise"] == "2b10e592fc3e09d7"
+
+
+def _write_pairs(config: ExperimentConfig) -> None:
+    """The same 60 synthetic pairs for each domain, where the runner looks for its sampled pairs (a key hashes their
+    bytes; the info file says there are enough for any experiment's scale)."""
+    several = f"-m{config.pairs_per_prompt}" if config.pairs_per_prompt > 1 else ""
+    for d in config.domains:
+        path = Path(config.data_dir) / f"{d}-p{config.prompts}-k{config.samples}{several}-seed{config.pair_seed}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"prompt": f"{d} {i}", "chosen": " a", "rejected": " b"}) + "\n"
+                                for i in range(60)))
+        path.with_suffix(".info.json").write_text(json.dumps({"model": [None, None], "pairs": 10**6, "ties": 0}))
+
+
+def test_the_shipped_experiments_keep_their_run_keys(tmp_path):
+    """Run keys read the option roles (config.base) where five hand-kept lists used to be; every shipped variant's
+    key, and a key with a computed, a runtime or a cadence option off its default, are the literal ones of before."""
+    keys = {}
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = ExperimentConfig(**{**raw, "data_dir": str(tmp_path / "pairs")})
+        _write_pairs(config)
+        runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+        for variant in config.variants:
+            domain = config.domains[0] if config.kind == "in-domain" else None
+            keys[f"{path.stem}/{variant['name']}"] = runner.run_key(variant, domain, 0)
+    assert keys == SHIPPED_KEYS
+    for (kind, option, value), key in PERTURBED_KEYS.items():
+        base = {"name": "v", "method": "ofs-dpo" if kind == "in-domain" else "cofs-dpo"}
+        config = ExperimentConfig(name="k", kind=kind, domains=["sentiment", "critic"], variants=[base],
+                                  data_dir=str(tmp_path / "perturbed"))
+        _write_pairs(config)
+        runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+        assert runner.run_key({**base, option: value}, "sentiment" if kind == "in-domain" else None, 1) == key, option
+
+
+def test_option_roles_reproduce_the_lists_they_replaced():
+    """The lists of before, written out once here: resume may change what is not computed; a stage's reuse key
+    leaves out cadence and output (not how it runs: a hit is the very computation); a score leaves out too what
+    only shapes the weights it scores."""
+    from ofsdpo.commands.experiment import KEY_FORMAT
+    from ofsdpo.config import (RESUME_MAY_CHANGE, WEIGHTS_ONLY, ContinualConfig, ContinualOptions, OFSDPOConfig,
+                               option_roles)
+    from ofsdpo.reuse import NOT_COMPUTED
+
+    assert RESUME_MAY_CHANGE == {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to",
+                                 "output_dir", "device", "num_threads", "malloc_mmap_threshold", "malloc_keep_freed",
+                                 "resume_from", "gradient_checkpointing", "judge_device"}
+    assert NOT_COMPUTED == {"output_dir", "resume", "overwrite", "progress", "report_to", "save_steps",
+                            "save_total_limit", "resume_from"}  # resume_from: new here, always None in a stage
+    assert WEIGHTS_ONLY == {"domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
+                            "max_steps_per_domain"}
+    roles = option_roles(OFSDPOConfig, ContinualConfig)
+    assert set(roles) == OFSDPOConfig.field_names() | ContinualConfig.flat_field_names()
+    assert {f.name for f in dataclasses.fields(ContinualOptions)} >= WEIGHTS_ONLY
+    assert len(KEY_FORMAT) == 44 and not {"output_dir", "progress", "overwrite", "domain"} & KEY_FORMAT  # frozen
 
 
 TINY = dict(name="tiny", kind="in-domain", domains=["sentiment"], seeds=[0, 1], prompts=12, samples=2, steps=2,

@@ -596,7 +596,7 @@ def test_config_yaml_of_a_python_api_run_names_what_it_can(tiny_model_dir, pairs
     by_name = tmp_path / "by-name"
     OFSDPOTrainer(str(tiny_model_dir), OFSDPOConfig(output_dir=str(by_name), **options),
                   train_data=str(pairs_file)).train()
-    saved = read_config_file(by_name / "config.yaml")
+    saved = read_config_file(by_name / "config.yaml", OFSDPOConfig)
     assert (saved["model"], saved["data"]) == (str(tiny_model_dir), str(pairs_file))
     rerun = tmp_path / "rerun"
     assert main(["train", "--config", str(by_name / "config.yaml"), "--output-dir", str(rerun)]) == 0
@@ -609,7 +609,7 @@ def test_config_yaml_of_a_python_api_run_names_what_it_can(tiny_model_dir, pairs
     text = (in_memory / "config.yaml").read_text()
     assert f"model: null  # passed in memory: a loaded LlamaForCausalLM of '{tiny_model_dir}'" in text
     assert "data: null  # passed in memory (list); write the pairs to a .jsonl file" in text
-    assert read_config_file(in_memory / "config.yaml")["model"] is None  # still valid YAML
+    assert read_config_file(in_memory / "config.yaml", OFSDPOConfig)["model"] is None  # still valid YAML
 
 
 @pytest.mark.skipif(not os.environ.get("OFSDPO_SLOW_TESTS"), reason="slow (loads the embedded model twice, ~2 min): "

@@ -7,7 +7,7 @@ __all__ = ["OFSDPOConfig", "OFSDPOTrainer", "ConfigError", "DataError", "Prefere
            "dpo_loss", "chase_loss", "__version__"]
 
 # imported on first use (PEP 562): the CLI's `--help` must not wait for torch and transformers
-_WHERE = {"OFSDPOConfig": "config", "ConfigError": "config", "DataError": "data", "PreferenceData": "data",
+_WHERE = {"OFSDPOConfig": "config", "ConfigError": "errors", "DataError": "errors", "PreferenceData": "data",
           "load_preference_data": "data", "dpo_loss": "losses", "chase_loss": "losses", "OFSDPOTrainer": "trainer"}
 
 

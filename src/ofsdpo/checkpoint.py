@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .errors import ConfigError, WriteError
 from .files import flush_to_disk, write_json, write_jsonl
 from .modules import load_adapter_state, save_adapter, write_adapter
 
@@ -51,10 +51,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class WriteError(ConfigError):
-    """A run's file could not be written (a full disk, a lost mount): one line naming the file, exit 2."""
 
 
 def write_error(path: Path, what: str, err: BaseException) -> WriteError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -22,7 +21,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, NonFiniteError, OFSDPOConfig, read_config_file
+from .config import OPTION_TAGS, OFSDPOConfig, read_config_file
+from .errors import ConfigError, DataError, ModelError, NonFiniteError, suggest
 
 USAGE = """usage: ofsdpo <command> [options]
 
@@ -94,7 +94,7 @@ class DataclassParser(argparse.ArgumentParser):
 
     def _add_field(self, f, hint) -> None:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = dict(f.metadata)
+        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS}
         if "help" in kwargs:
             kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
             shown = f.default if f.default is not dataclasses.MISSING else None
@@ -145,9 +145,8 @@ def _unknown_option(parser, extra: list[str]) -> ConfigError:
     if name in TRL_NAMES:
         return ConfigError(f"unknown option {flag} (TRL's name); ofsdpo uses {TRL_NAMES[name]}")
     options = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--") and "_" not in o})
-    close = difflib.get_close_matches("--" + name, options, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {parser.prog} --help"
-    return ConfigError(f"unknown option {flag}{hint}")
+    hint = suggest("--" + name, options, n=3, form="{}") or f"see {parser.prog} --help"
+    return ConfigError(f"unknown option {flag}; {hint}")
 
 
 def parse_config(config_class, argv: list[str], prog: str, description: str, positional: str | None = None):
@@ -366,9 +365,6 @@ def _debug(argv: list[str]) -> tuple[list[str], bool]:
 
 def _one_line(err: BaseException) -> tuple[str, int]:
     """The message and exit status of an error that reached main()."""
-    from .data import DataError
-    from .models import ModelError
-
     if isinstance(err, (ConfigError, DataError, ModelError, NonFiniteError)):
         return str(err), 2
     text = " ".join(str(err).split())[:500]
@@ -395,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        print(f"ofsdpo: unknown command '{argv[0]}'; {hint}commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        hint = suggest(argv[0], COMMANDS)
+        print(f"ofsdpo: unknown command '{argv[0]}'; {hint + ' ' if hint else ''}commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     try:
         return command(argv[1:])

@@ -32,10 +32,11 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .combine import combine_delta, combine_params
-from .config import (RESUME_MAY_CHANGE, ConfigError, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
+from .config import (RESUME_MAY_CHANGE, WEIGHTS_ONLY, ContinualConfig, DomainSpec, OFSDPOConfig, changed_options,
                      read_config_file)
-from .data import DataError, PreferenceData, load_preference_data
+from .data import PreferenceData, load_preference_data
 from .distributed import Processes
+from .errors import ConfigError, DataError
 from .scoring import heldout_scores_many
 from .models import load_model_and_tokenizer, resolve_device
 from .files import write_atomic, write_json
@@ -339,8 +340,7 @@ class ContinualRunner:
         but those of training and combining, the base, the LoRA shape and the scored domains' pairs."""
         from .stream import fingerprint
 
-        not_scoring = {*NOT_COMPUTED, "domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
-                       "max_steps_per_domain"}
+        not_scoring = NOT_COMPUTED | WEIGHTS_ONLY
         return {"options": {k: v for k, v in self.config.to_dict().items() if k not in not_scoring},
                 "base": id(model.get_base_model()), "lora": served_lora.to_dict(),
                 "domains": [(d.name, fingerprint(d.test)) for d in seen]}

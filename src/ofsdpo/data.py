@@ -20,25 +20,14 @@ from typing import Any
 
 import torch
 
+from .errors import DataError, ModelError
+
 logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz")
 WARN_FRACTION = 0.1  # more rows than this truncated or skipped: a printed warning, not only summary.json
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the field."""
-
-    def __init__(self, source: str, message: str, row: int | None = None, field_name: str | None = None):
-        where = source
-        if row is not None:
-            where += f", row {row}"
-        if field_name is not None:
-            where += f", field '{field_name}'"
-        super().__init__(f"{where}: {message}")
-        self.source, self.row, self.field = source, row, field_name
 
 
 @dataclass
@@ -139,7 +128,7 @@ def _read_dataset(name: str, split: str) -> Iterator[tuple[int, Any]]:
     if os.path.isdir(name) and any(p.exists() for p in saved):  # written by Dataset.save_to_disk
         loaded = datasets.load_from_disk(name)
     else:
-        from .models import ModelError, check_hub
+        from .models import check_hub
 
         try:
             check_hub(name, "the dataset", repo_type="dataset")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from transformers import set_seed
 
 from .causal_lm import causal_lm_parts
-from .config import ConfigError
+from .errors import ConfigError
 from .modules import adapter_parameters, attach_adapters
 
 logger = logging.getLogger(__name__)

@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 
+from .config import ON_PROMPTS
+from .errors import ConfigError, suggest
 from .judges import Judge, afinn_critic_judge, afinn_judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
 
 
@@ -95,6 +97,16 @@ DOMAINS: dict[str, BuiltinDomain] = {
 }
 
 
+def require_builtin(names: list[str], where: str, alternative: str = "") -> None:
+    """A ConfigError naming `where` (the flag or file) for the first name that is not a built-in domain; each command
+    checks its names here, before anything loads (config knows no domain: it sits below this module)."""
+    for name in names:
+        if name not in DOMAINS:
+            hint = suggest(name, DOMAINS)
+            raise ConfigError(f"{where}: unknown domain '{name}'" + (f" ({hint})" if hint else "")
+                              + f": built-in domains are {', '.join(DOMAINS)}{alternative}.")
+
+
 def get_domain(name: str) -> BuiltinDomain:
     if name not in DOMAINS:
         raise KeyError(f"unknown domain '{name}': built-in domains are {', '.join(DOMAINS)}")
@@ -105,7 +117,6 @@ def prompt_domain(prompts: str, judges: list[str] | None = None, name: str | Non
                   max_new_tokens: int = 0, judge_device: str | None = None, heldout: str | None = None):
     """The domain of `--prompts SOURCE --judge SPEC…`. `builtin:NAME` prompts without a judge keep NAME's judge and
     length; any other source needs a judge. `max_new_tokens` 0 keeps the domain's own (64 for the user's)."""
-    from .config import ConfigError
     from .judges import resolve_judges
     from .prompts import load_prompts
 
@@ -131,10 +142,9 @@ def _stem(source: str) -> str:
 def on_policy_domain(config, device: str | None = None):
     """The domain an on-policy `ofsdpo train` samples: `--on-policy NAME` (a built-in domain, its judge unless
     `--judge` replaces it) or `--prompts SOURCE --judge SPEC…`; `--max-new-tokens` overrides the domain's length."""
-    from .config import ON_PROMPTS
-
     judge_device = config.judge_device or device
     if config.on_policy != ON_PROMPTS:
+        require_builtin([config.on_policy], "--on-policy", "; or give --on-policy bare with --prompts FILE")
         if not config.judge and not config.max_new_tokens:
             return get_domain(config.on_policy)
         return prompt_domain(f"builtin:{config.on_policy}", config.judge, max_new_tokens=config.max_new_tokens,

@@ -20,7 +20,6 @@ raises `JudgeError` naming the judge and the prompt's source and row.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -33,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError, JudgeError, ModelError, suggest
 
 Judge = Callable[[Any, str, dict], float]  # (prompt: str or messages, response, meta) -> score
 
@@ -118,10 +117,6 @@ WEIGHT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # no "nan"/"i
 PAIRWISE_PREFIX = "pairwise:"
 HF_PREFIX = "hf:"
 DEFAULT_MAX_LENGTH = 1024  # reward models whose tokenizer and config name no limit
-
-
-class JudgeError(ConfigError):
-    """A judge failed or returned something other than a finite real number; names the judge, source and row."""
 
 
 # --- the group-judge protocol ----------------------------------------------------------------------------------------
@@ -436,14 +431,12 @@ def _load_reward_model(name: str, model_name: str, device: str):
     if looks_local(model_name) and not Path(model_name).expanduser().exists():
         raise ConfigError(f"judge '{name}': no such folder {model_name} (a hub model is named owner/name)")
     if not Path(model_name).expanduser().exists():
-        from .models import ModelError, check_hub
+        from .models import check_hub
 
         try:
             check_hub(model_name, f"judge '{name}'")
         except ModelError as err:
             raise ConfigError(str(err)) from None
-    from .models import ModelError
-
     try:
         model, tokenizer = _cached_reward_model(model_name, device)
     except ModelError as err:  # said plainly already (pickled weights refused)
@@ -501,9 +494,9 @@ def _load_target(spec: str, text: str) -> Any:
     for part in attribute.split("."):
         if not hasattr(target, part):
             public = [n for n in dir(target) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, public, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"judge '{spec}': {module_name} has no attribute '{part}'{hint}")
+            hint = suggest(part, public)
+            raise ConfigError(f"judge '{spec}': {module_name} has no attribute '{part}'"
+                              + (f"; {hint}" if hint else ""))
         target = getattr(target, part)
     return target
 
@@ -581,8 +574,8 @@ def _resolve_spec(spec: str, device: str | None, batch_size: int) -> tuple[float
         return weight, PointwiseJudge(spec, BUILTIN_JUDGES[text])
     if ":" in text:
         return weight, _judge_from(spec, _load_target(spec, text))
-    close = difflib.get_close_matches(text, list(BUILTIN_JUDGES), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = suggest(text, BUILTIN_JUDGES)
+    hint = f" ({hint})" if hint else ""
     raise ConfigError(f"unknown judge '{spec}'{hint}; a judge is {_forms()}")
 
 

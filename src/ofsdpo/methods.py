@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .chasing import ChaseState
-from .config import ConfigError
+from .errors import ConfigError
 from .losses import chase_loss, dpo_loss
 from .modules import DPO_ADAPTERS, OFS_ADAPTERS, swap_adapters
 from .scoring import select_served

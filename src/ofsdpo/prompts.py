@@ -14,29 +14,15 @@ and the field.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from .errors import DataError, PromptError, suggest
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("train", "heldout", "all")
 PREFERENCE_FIELDS = ("chosen", "rejected")
-
-
-class PromptError(ConfigError):
-    """A bad prompt source or row; the message names the source, the row and the field."""
-
-    def __init__(self, source: str, message: str, row: int | None = None, field_name: str | None = None):
-        where = source
-        if row is not None:
-            where += f", row {row}"
-        if field_name is not None:
-            where += f", field '{field_name}'"
-        super().__init__(f"{where}: {message}")
-        self.source, self.row, self.field = source, row, field_name
 
 
 @dataclass
@@ -76,7 +62,7 @@ def load_prompts(source: Any, split: str | None = None) -> PromptSet:
 # --- reading ---------------------------------------------------------------------------------------------------------
 def _read(source: Any, split: str | None) -> tuple[str, list[tuple[int, Any]]]:
     """(source name, [(row number, row)]) through data.read_rows, its errors turned into PromptError."""
-    from .data import DataError, read_rows
+    from .data import read_rows
 
     try:
         name, rows = read_rows(source, split or "train")
@@ -116,8 +102,8 @@ def _load_builtin(spec: str, split: str | None) -> PromptSet:
 
     name, _, spec_split = spec[len(BUILTIN_PREFIX):].partition(":")
     if name not in DOMAINS:
-        close = difflib.get_close_matches(name, DOMAINS, n=1)
-        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        hint = suggest(name, DOMAINS, form=BUILTIN_PREFIX + "{}")
+        hint = f" ({hint})" if hint else ""
         raise PromptError(spec, f"no built-in domain '{name}'{hint}; built-in domains are {', '.join(DOMAINS)}")
     chosen = spec_split or split or "train"
     if chosen not in BUILTIN_SPLITS:
@@ -149,7 +135,7 @@ def _missing_prompt_reason(row: dict) -> str:
 
 
 def _check_prompt(prompt: Any, source: str, row: int) -> None:
-    from .data import DataError, _check_roles, _check_text
+    from .data import _check_roles, _check_text
 
     try:
         if isinstance(prompt, str):

@@ -21,14 +21,16 @@ from typing import Any, Callable
 
 import torch
 
+from .config import CADENCE, OUTPUT, ContinualConfig, OFSDPOConfig, options_with_role
 from .files import write_atomic
 from .modules import adapter_state, load_adapter_state
 from .rundir import LOCK_NAME, config_yaml
 from .state import TrainResult
 from .stream import fingerprint
 
-# options that say how or where a stage runs, not what it computes
-NOT_COMPUTED = ("output_dir", "resume", "overwrite", "progress", "report_to", "save_steps", "save_total_limit")
+# options that say when a stage saves and where it reports, not what it computes (their role, `config.base`); those
+# of how it runs (device, threads) stay in the key: a hit must be the very computation, to the last bit
+NOT_COMPUTED = options_with_role((OFSDPOConfig, ContinualConfig), CADENCE, OUTPUT)
 
 
 def _json(value: Any) -> bytes:

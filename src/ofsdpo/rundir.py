@@ -25,7 +25,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .checkpoint import list_checkpoints
-from .config import ConfigError
+from .errors import ConfigError, OutputDirLocked
 from .files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
 HOLDER_NAME = ".ofsdpo.lock.json"  # who holds the lock: written once it is taken, removed before it is released
-
-
-class OutputDirLocked(ConfigError):
-    """Another live run holds the --output-dir; the message names its pid."""
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, resume_from: str | None = None) -> None:

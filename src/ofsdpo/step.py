@@ -22,7 +22,8 @@ import torch
 from transformers import get_scheduler
 
 from .chasing import ChaseState
-from .config import ConfigError, TrainingOptions
+from .config import TrainingOptions
+from .errors import ConfigError
 from .data import PreferenceData, collate
 from .logprobs import concatenated_forward, stacked_forward
 from .methods import TrainingMethod

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .errors import ConfigError
 from .data import PreferenceData, load_preference_data
 from .domains import on_policy_domain
 from .files import write_jsonl

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import NonFiniteError, OFSDPOConfig
+from .config import OFSDPOConfig
 from .data import PreferenceData
 from .distributed import Processes
-from .judges import JudgeError
+from .errors import JudgeError, NonFiniteError
 from .files import write_atomic
 from .methods import training_method
 from .metrics import MetricsLogger

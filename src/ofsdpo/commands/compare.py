@@ -20,7 +20,8 @@ import json
 import typing
 from pathlib import Path
 
-from ..config import CompareConfig, ConfigError, ExperimentConfig, TrainingOptions
+from ..config import CompareConfig, ExperimentConfig, TrainingOptions
+from ..errors import ConfigError
 from ..files import write_atomic, write_json
 from .experiment import ExperimentRunner, split_by_prompt
 from .experiment_report import verdict

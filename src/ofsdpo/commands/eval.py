@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from ..config import EvalConfig
 from ..data import PreferenceData, load_preference_data
-from ..domains import get_domain, prompt_domain
+from ..domains import get_domain, prompt_domain, require_builtin
 from ..files import write_json
 from ..models import load_model_and_tokenizer, resolve_device
 from ..modules import lora_config
@@ -85,6 +85,7 @@ def evaluate_adapter(model, tokenizer, adapter: str, domain, pairs: PreferenceDa
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    require_builtin(cfg.domain, "--domain")  # before the model loads
     device = resolve_device(cfg.device)
     base, tokenizer, name, _ = load_model_and_tokenizer(cfg.model, cfg.gguf_file, cfg.dtype, device,
                                                         cfg.trust_remote_code)

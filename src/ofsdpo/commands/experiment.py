@@ -38,7 +38,10 @@ import time
 from pathlib import Path
 
 from ..config import EXPERIMENT_KINDS as KINDS
-from ..config import IN_DOMAIN_METHODS, ConfigError, ExperimentConfig, resolve_search
+from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig, option_roles,
+                      resolve_search)
+from ..domains import require_builtin
+from ..errors import ConfigError
 from ..files import write_json, write_jsonl
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
@@ -53,19 +56,23 @@ KL_ESTIMATOR = "exact"
 
 
 # --- run keys -------------------------------------------------------------------------------------------------------
-# The options a run key has covered since keys exist: those of `ofsdpo train` then (a continual config held all of
-# them, plus its own). The key keeps that form so that a finished run stays recognised when options are added or
-# moved: an option outside it enters the key only when set to something other than its default, and one a config
-# no longer holds (a continual config has no --data or --max-steps) enters at `ofsdpo train`'s default, as before.
-KEY_OPTIONS = frozenset({
+# A run key holds the options that can change the result (their role, `config.base`: computed, or how it runs) when
+# they differ from their default, so that a finished run stays recognised when options are added or moved. The keys of
+# the shipped results fixed one more thing, frozen here as a format and never extended: the options a key held when
+# keys were introduced (those of `ofsdpo train` then, and a continual run's own) enter at their value even when it is
+# the default, and at `ofsdpo train`'s default when a config no longer holds them (a continual config has no --data
+# or --max-steps). Their roles do not matter (--save-steps, --resume and --report-to are in it); the ones a key never
+# held are not: the output folder, --progress, --overwrite (roles: output) and --domain (the pairs' bytes stand in).
+KEY_FORMAT = frozenset({
     "model", "gguf_file", "trust_remote_code", "device", "dtype", "data", "data_split", "eval_data", "eval_steps",
     "on_policy", "samples_per_prompt", "max_length", "max_prompt_length", "round_size", "epochs", "max_steps",
     "batch_size", "grad_accum", "method", "beta", "lr", "slow_lr_ratio", "alpha", "chase_form", "chase_interval",
     "swap", "module_passes", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr_scheduler", "warmup_steps",
     "weight_decay", "max_grad_norm", "seed", "max_nonfinite_steps", "logprob_chunk_size", "eval_batch_size",
-    "output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "report_to", "regret", "progress"})
-CONTINUAL_KEY_OPTIONS = frozenset({"domain", "max_steps_per_domain", "memory_size", "heldout_size", "combine", "init",
-                                   "judge_prompts", "judge_max_new_tokens", "lambda_grid"})
+    "save_steps", "save_total_limit", "resume", "report_to", "regret"})
+CONTINUAL_KEY_FORMAT = frozenset({"max_steps_per_domain", "memory_size", "heldout_size", "combine", "init",
+                                  "judge_prompts", "judge_max_new_tokens", "lambda_grid"})
+KEYED_ROLES = (COMPUTED, RUNTIME)  # an option of these roles, set to other than its default, enters the key
 # a continual run's paired headline numbers (`experiment_report.PAIRED_CONTINUAL`) and the report's per-unit values
 # whose mean each one is (`continual.headline_units`): what the bootstrap resamples
 CONTINUAL_UNITS = {"avg_final_judge": "cl/avg_judge_score", "avg_forgetting_judge": "cl/avg_forgetting_judge",
@@ -74,8 +81,6 @@ CONTINUAL_UNITS = {"avg_final_judge": "cl/avg_judge_score", "avg_forgetting_judg
 
 def option_defaults() -> dict:
     """The default of every option of `ofsdpo train` and `ofsdpo continual` (flat)."""
-    from ..config import ContinualConfig, OFSDPOConfig
-
     defaults = {}
     for config_class in (ContinualConfig, OFSDPOConfig):  # train's default wins for a name both have
         for f in dataclasses.fields(config_class):
@@ -88,16 +93,17 @@ def option_defaults() -> dict:
 
 
 def key_options(options: dict, kind: str) -> dict:
-    """A run's flat options in the form its key has always had (see KEY_OPTIONS)."""
-    covered = KEY_OPTIONS | (CONTINUAL_KEY_OPTIONS if kind == "continual" else frozenset())
-    defaults = option_defaults()
+    """A run's flat options in the form its key has always had (see KEY_FORMAT)."""
+    covered = KEY_FORMAT | (CONTINUAL_KEY_FORMAT if kind == "continual" else frozenset())
+    roles, defaults = option_roles(ContinualConfig, OFSDPOConfig), option_defaults()
+    keyed = {k for k, role in roles.items() if role in KEYED_ROLES} - {"domain"}
     if options.get("module_batch_size") == options.get("batch_size"):  # whole micro-batches: as before the option
         options = {k: v for k, v in options.items() if k != "module_batch_size"}
     if kind == "continual":  # the search that runs (auto's depends on --init); pairwise, once the default, as then
         search = resolve_search(options.get("search", defaults["search"]), options.get("init", defaults["init"]))
         options = {k: v for k, v in options.items() if k != "search"} | ({} if search == "pairwise" else
                                                                           {"search": search})
-    run = {k: v for k, v in options.items() if k in covered or k not in defaults or v != defaults[k]}
+    run = {k: v for k, v in options.items() if k in covered or (k in keyed and v != defaults[k])}
     run.update({k: defaults[k] for k in covered - set(run)})
     return run
 
@@ -107,6 +113,8 @@ class ExperimentRunner:
     """Runs every (cell, seed) not yet finished, then writes the aggregate. The model loads only if a run is due."""
 
     def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True):
+        if config.builtin_domains:
+            require_builtin(config.domains, f"experiment '{config.name}': domains")
         self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
@@ -195,8 +203,6 @@ class ExperimentRunner:
         cfg = self.config
         domains = [domain] if domain else cfg.domains
         run = key_options(cfg.run_config(variant, seed, "", [f"{d}=pairs" for d in domains]).to_dict(), cfg.kind)
-        for volatile in ("output_dir", "progress", "overwrite", "domain"):
-            run.pop(volatile, None)
         pairs = [hashlib.sha256(self.pairs(d).read_bytes()).hexdigest() for d in domains]
         if cfg.data is not None or cfg.data_files:  # the user's pairs, split by prompt (judged: their prompts, judge)
             pairs.append([cfg.selection, cfg.report_size, cfg.heldout_prompts, cfg.judge])

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError, ExportConfig
+from ..config import ExportConfig
+from ..errors import ConfigError
 
 
 def base_of(run: Path) -> tuple[str | None, str | None]:

@@ -1,0 +1,54 @@
+"""`ofsdpo demo`: its config and scale settings (also an experiment's defaults)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ConfigError
+from .base import ModelOptions, _help, check_field_types, field_names
+
+DEMO_DOMAINS = ("sentiment", "critic", "concise")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The scale of the demo (and the defaults of an experiment)."""
+
+    prompts: int  # training prompts sampled per domain
+    samples: int  # samples per prompt
+    steps: int  # optimiser steps per domain
+    batch_size: int
+    judge_prompts: int  # held-out prompts judged per domain after every stage
+    heldout: int
+    memory: int
+    lambda_grid: str
+    eval_steps: int  # how often the best fast module is looked for
+    max_new_tokens: int = 0  # cap on sampled responses, pairs and judging (0: each domain's own)
+
+
+DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=8, batch_size=4, judge_prompts=16, heldout=8, memory=4,
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4)
+DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
+                          lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16)
+
+
+@dataclass
+class DemoConfig:
+    """`ofsdpo demo`: sequential DPO, sequential OFS-DPO and COFS-DPO on the built-in domains."""
+
+    quick: bool = field(default=False, metadata=_help("A smaller run (a few minutes on a laptop CPU)."))
+    output_dir: str = field(default="demo-output", metadata=_help("Where data, runs and report.md go."))
+    model: Optional[str] = ModelOptions.model()
+    gguf_file: Optional[str] = ModelOptions.gguf_file()
+    device: str = ModelOptions.device()
+    seed: int = field(default=0, metadata=_help("Seed of sampling and training."))
+    lr: float = field(default=5e-4, metadata=_help("Learning rate of the fast (and dpo) module."))
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be > 0 (got {self.lr}).")
+
+    field_names = classmethod(field_names)  # the flags, and the keys its YAML may hold
