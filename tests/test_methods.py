@@ -36,8 +36,8 @@ class MarginDPO(TrainingMethod):
     def step_stat_keys(self):
         return [*super().step_stat_keys()[:-1], "toy/margin_sq", "num_tokens"]
 
-    def objective(self, logps, ref_chosen, ref_rejected, cfg, chase):
-        total, stats = dpo_terms(logps, ref_chosen, ref_rejected, cfg.beta, self.key)
+    def objective(self, logps, ref_chosen, ref_rejected, cfg, chase, lengths=None):
+        total, stats = dpo_terms(logps, ref_chosen, ref_rejected, cfg, self.key, lengths)
         stats["toy/margin_sq"] = stats["toy/rewards/margins"].detach() ** 2
         return total, stats
 

@@ -1,9 +1,13 @@
 """What TRL users reach for (issue 15): gradient checkpointing, threads, Weights & Biases."""
 
+import json
+
 import pytest
 import torch
 
 from ofsdpo.data import collate
+from ofsdpo.errors import ConfigError
+from ofsdpo.methods import training_method
 import ofsdpo.trainer
 from ofsdpo.models import configure_cpu_allocator, set_num_threads
 from ofsdpo.trainer import OFSDPOTrainer
@@ -142,3 +146,49 @@ def test_no_silent_no_ops_in_the_options(make_config):
     assert OFSDPOConfig(max_length=64).max_prompt_length == 32
     assert OFSDPOConfig().max_prompt_length == 256
     assert OFSDPOConfig(max_length=64, max_prompt_length=10).max_prompt_length == 10
+
+
+LOG2 = 0.6931471805599453
+
+
+@pytest.mark.parametrize("loss_type,smoothing,first_loss", [
+    ("ipo", 0.0, (0 - 1 / (2 * 0.1)) ** 2),  # (h − 1/(2β))² at h = 0: 25
+    ("hinge", 0.0, 1.0),  # max(0, 1 − βh) at h = 0
+    ("robust", 0.2, LOG2),  # [(1 − ε) + (−ε)] log 2 / (1 − 2ε) = log 2 at h = 0
+    ("sigmoid", 0.2, LOG2),  # conservative DPO at h = 0: (1 − ε + ε) log 2
+])
+def test_loss_type_trains_with_its_own_loss(make_config, tmp_path, loss_type, smoothing, first_loss):
+    """`--loss-type`: the first step's loss is the type's value at zero margin (the module starts at the reference),
+    and the run trains (a later step's loss differs)."""
+    trainer = OFSDPOTrainer(config=make_config(method="dpo", loss_type=loss_type, label_smoothing=smoothing,
+                                               lora_dropout=0.0, max_steps=3, output_dir=str(tmp_path / "run")))
+    trainer.train()
+    rows = [row for row in _metrics(tmp_path / "run") if "loss" in row]
+    assert rows[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
+    assert rows[-1]["loss"] != pytest.approx(first_loss, rel=1e-5)
+
+
+def test_ofs_dpo_chases_in_the_loss_types_family(make_config, tmp_path):
+    """ofs-dpo under ipo with the symmetric chase: at the start both modules equal the reference, so each module's
+    DPO term is 25 and each chase term (Δ − 1/(2β_c))² at Δ = 0 is 25 too: the whole objective is 25 + 25 + α·50."""
+    trainer = OFSDPOTrainer(config=make_config(method="ofs-dpo", loss_type="ipo", chase_form="symmetric", alpha=0.1,
+                                               lora_dropout=0.0, max_steps=1, output_dir=str(tmp_path / "run")))
+    trainer.train()
+    row = next(r for r in _metrics(tmp_path / "run") if "loss" in r)
+    assert row["fast/loss"] == pytest.approx(25.0, rel=1e-5) and row["slow/loss"] == pytest.approx(25.0, rel=1e-5)
+    assert row["loss"] == pytest.approx(25 + 25 + 0.1 * 50, rel=1e-5)
+
+
+def test_loss_type_options_that_mean_nothing_are_refused(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="--label-smoothing applies to --loss-type robust or sigmoid, not hinge"):
+        make_config(loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 0.5\)"):
+        make_config(loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ConfigError, match="pass --chase-form symmetric or proximal"):
+        OFSDPOTrainer(config=make_config(method="ofs-dpo", loss_type="ipo", output_dir=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    training_method("dpo").check(make_config(method="dpo", loss_type="ipo"))  # no chase: nothing to refuse
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

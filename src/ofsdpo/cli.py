@@ -50,7 +50,7 @@ TRL_NAMES = {
     "resume-from-checkpoint": "--resume-from PATH (or --resume for the newest checkpoint)",
     "lora-target-modules": "--target-modules", "warmup-ratio": "--warmup-steps",
     "max-completion-length": "--max-length (prompt + completion) and --max-prompt-length",
-    "loss-type": "--method", "logging-steps": "nothing: every optimiser step is logged to metrics.jsonl",
+    "logging-steps": "nothing: every optimiser step is logged to metrics.jsonl",
     "save-strategy": "--save-steps", "use-peft": "nothing: ofsdpo always trains LoRA modules",
     "overwrite-output-dir": "--overwrite", "dataloader-num-workers": "nothing: pairs are tokenized once, up front",
 }

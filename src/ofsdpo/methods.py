@@ -24,12 +24,28 @@ MODULE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "logps/chosen", "logps/rejected")
 
 
-def dpo_terms(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, key) -> tuple:
+def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's (chosen, rejected) completion token counts, `(B,)` each, of a `[chosen; rejected]` batch (what
+    the ipo loss divides its log-ratios by)."""
+    return batch["completion_mask"].sum(dim=1).chunk(2)
+
+
+def loss_options(cfg, lengths: tuple | None) -> dict:
+    """The `--loss-type` keywords of `dpo_loss` and `chase_loss`."""
+    chosen, rejected = lengths if lengths is not None else (None, None)
+    return {"loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "chosen_lengths": chosen,
+            "rejected_lengths": rejected}
+
+
+def dpo_terms(logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, cfg, key,
+              lengths: tuple | None = None) -> tuple:
     """(Σ over the micro-batch and the modules of the DPO losses, per-example stats named by `key(module, stat)`).
-    `logps` maps each module to its `(chosen, rejected)` log-probs, `(B,)` each."""
+    `logps` maps each module to its `(chosen, rejected)` log-probs, `(B,)` each; `lengths` the completions' token
+    counts (`completion_lengths`, for ipo)."""
     stats, total = {}, 0.0
     for name, (chosen, rejected) in logps.items():
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                            **loss_options(cfg, lengths))
         total = total + losses.sum()
         values = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                   "rewards/margins": chosen_rewards - rejected_rewards,
@@ -58,9 +74,10 @@ class TrainingMethod:
         return [*(self.key(m, s) for m in self.adapters for s in MODULE_STATS), "num_tokens"]
 
     def objective(self, logps: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, cfg,
-                  chase: ChaseState) -> tuple:
-        """(the micro-batch's summed loss to differentiate, per-example stats under `step_stat_keys`)."""
-        return dpo_terms(logps, ref_chosen, ref_rejected, cfg.beta, self.key)
+                  chase: ChaseState, lengths: tuple | None = None) -> tuple:
+        """(the micro-batch's summed loss to differentiate, per-example stats under `step_stat_keys`); `lengths`:
+        `completion_lengths` of the micro-batch."""
+        return dpo_terms(logps, ref_chosen, ref_rejected, cfg, self.key, lengths)
 
     def sampling_module(self, state: TrainerState) -> str:
         """The module whose samples make an on-policy round."""
@@ -83,6 +100,9 @@ class TrainingMethod:
         """Modules written to folders of their own besides the served one at the output's root."""
         return ()
 
+    def check(self, cfg) -> None:
+        """Refuse options this method cannot train with (a ConfigError naming the flag); called before loading."""
+
 
 class DPO(TrainingMethod):
     """`dpo`: one LoRA module (peft's `default`), TRL's metric names as they are."""
@@ -102,10 +122,11 @@ class OFSDPO(TrainingMethod):
     def step_stat_keys(self) -> list[str]:
         return ["loss", *super().step_stat_keys()[:-1], "chase/loss", "num_tokens"]
 
-    def objective(self, logps, ref_chosen, ref_rejected, cfg, chase):
-        total, stats = dpo_terms(logps, ref_chosen, ref_rejected, cfg.beta, self.key)
+    def objective(self, logps, ref_chosen, ref_rejected, cfg, chase, lengths=None):
+        total, stats = dpo_terms(logps, ref_chosen, ref_rejected, cfg, self.key, lengths)
         leader_terms, chaser_terms, gap = chase_loss(*logps[chase.leader], *logps[chase.chaser],
-                                                     cfg.chase_temperature, cfg.chase_form)
+                                                     cfg.chase_temperature, cfg.chase_form,
+                                                     **loss_options(cfg, lengths))
         if cfg.alpha > 0:  # SPEC §3: L_DPO(P) + α L_FS(P, sg Q) and L_DPO(Q) ∓ α L_FS(·) in one backward
             total = total + cfg.alpha * (leader_terms.sum() + chaser_terms.sum())
         stats["chase/loss"] = gap
@@ -128,6 +149,11 @@ class OFSDPO(TrainingMethod):
 
     def saved_modules(self):
         return self.adapters
+
+    def check(self, cfg):
+        if cfg.alpha > 0 and cfg.loss_type == "ipo" and cfg.chase_form == "minmax":
+            raise ConfigError("--loss-type ipo with --chase-form minmax: the chaser's term −(Δ − 1/(2β))² has no "
+                              "maximum; pass --chase-form symmetric or proximal.")
 
 
 # the registry: the only place a method's name is looked up

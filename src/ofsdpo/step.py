@@ -26,7 +26,7 @@ from .config import TrainingOptions
 from .errors import ConfigError
 from .data import PreferenceData, collate
 from .logprobs import concatenated_forward, stacked_forward
-from .methods import TrainingMethod
+from .methods import TrainingMethod, completion_lengths
 from .modules import activate, can_stack, stacked
 from .reference import ReferenceCache
 
@@ -135,7 +135,7 @@ class OptimiserStep:
             else:
                 logps = (self._fused_forward(batch) if self.passes == "fused" else
                          {name: self._forward(name, batch) for name in self.names})
-                total, stats = self.method.objective(logps, *refs, cfg, chase)
+                total, stats = self.method.objective(logps, *refs, cfg, chase, completion_lengths(batch))
                 (total / divisor).backward()
             if not part:
                 continue
@@ -163,12 +163,13 @@ class OptimiserStep:
         with torch.no_grad():
             second_values = self._forward(second, batch)  # with LoRA dropout, a mask of its own (joint shares one)
         first_logps = self._forward(first, batch)
+        lengths = completion_lengths(batch)
         total, _ = self.method.objective({first: first_logps, second: tuple(v.detach() for v in second_values)},
-                                         *refs, self.cfg, chase)
+                                         *refs, self.cfg, chase, lengths)
         (total / divisor).backward()  # only `first` is live: its part of the objective
         first_values = tuple(v.detach() for v in first_logps)
         del first_logps, total  # free the first graph before the second is built
         total, stats = self.method.objective({first: first_values, second: self._forward(second, batch)}, *refs,
-                                             self.cfg, chase)
+                                             self.cfg, chase, lengths)
         (total / divisor).backward()
         return total, stats

@@ -56,6 +56,7 @@ class OFSDPOTrainer:
                  on_policy_domain: Any = None, train_reference: ReferenceCache | None = None):
         cfg, self.source_notes = name_sources(config or OFSDPOConfig(), model, train_data)  # for config.yaml
         self.config = cfg
+        training_method(cfg.method).check(cfg)  # options the method cannot train with: refused before anything
         self.output_dir = Path(cfg.output_dir)
         self.processes = Processes(cfg.device)  # one, or those of `accelerate launch` (data parallel)
         check_output_dir(self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)

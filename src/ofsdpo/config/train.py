@@ -63,6 +63,14 @@ class TrainingOptions:
     grad_accum: Optional[int] = field(default=None, metadata=_help("Micro-batches per optimiser step. Unset: 1."))
     # --- method ----------------------------------------------------------------------------------------------------
     beta: float = field(default=0.1, metadata=_help("DPO temperature; larger keeps the policy closer to the base."))
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(
+        default="sigmoid",
+        metadata=_help("The per-pair loss, TRL's names and formulas: sigmoid (DPO), ipo (on per-token log-ratios), "
+                       "hinge (SLiC), robust (rDPO, with --label-smoothing). ofs-dpo's chase term uses the same "
+                       "family with the other module as the reference (SPEC 3)."))
+    label_smoothing: float = field(default=0.0, metadata=_help(
+        "The probability that a pair's labels are flipped: robust's noise rate in [0, 0.5); with sigmoid, "
+        "conservative DPO. 0 for ipo and hinge."))
     lr: float = field(default=1e-4, metadata=_help("Learning rate of the fast module (and of the dpo module)."))
     slow_lr_ratio: float = field(default=0.5, metadata=_help("Slow learning rate = lr x this, in (0, 1]."))
     alpha: float = field(default=0.1, metadata=_help("Weight of the chasing regulariser L_FS; 0 turns it off."))
@@ -176,6 +184,7 @@ class TrainingOptions:
         need(self.chase_beta is None or 0 < self.chase_beta < math.inf,
              f"--chase-beta must be > 0 (got {self.chase_beta}).")
         need(0 < self.lr < math.inf, f"--lr must be > 0 (got {self.lr}).")
+        self._check_loss_type(need)
         need(0 < self.slow_lr_ratio <= 1, f"--slow-lr-ratio must be in (0, 1] (got {self.slow_lr_ratio}).")
         need(0 <= self.alpha < math.inf, f"--alpha must be >= 0 (got {self.alpha}).")
         need(self.max_nonfinite_steps >= 1, f"--max-nonfinite-steps must be >= 1 (got {self.max_nonfinite_steps}).")
@@ -207,6 +216,14 @@ class TrainingOptions:
             need(importlib.util.find_spec("wandb") is not None,
                  "--report-to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline needs no account).")
         self._resolve_round(need)
+
+    def _check_loss_type(self, need) -> None:
+        smoothing = self.label_smoothing
+        if self.loss_type in ("ipo", "hinge"):
+            need(smoothing == 0, f"--label-smoothing applies to --loss-type robust or sigmoid, not {self.loss_type} "
+                                 f"(got {smoothing}).")
+        need(0 <= smoothing < 0.5, f"--label-smoothing must be in [0, 0.5) (got {smoothing}).")
+        # a method with a chase refuses ipo under the minmax form itself (`methods.OFSDPO.check`)
 
     def _resolve_batches(self, need) -> None:
         """Issue 16: by default ofs-dpo's fused forward runs on half micro-batches (the same pairs and gradient per
