@@ -33,7 +33,8 @@ class TrainingOptions:
     # --- data ------------------------------------------------------------------------------------------------------
     data_split: str = field(default="train", metadata=_help("Split to read when --data is a dataset."))
     eval_steps: int = field(
-        default=0, metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off).")
+        default=0,
+        metadata=_help("Score --eval-data every N steps and keep the best fast module in best_fast/ (0: off)."),
     )
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
     max_prompt_length: Optional[int] = field(default=None, metadata=_help(
