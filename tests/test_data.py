@@ -1,6 +1,7 @@
 import json
 
 import datasets
+import tqdm.auto
 import pytest
 
 from conftest import sentiment_rows, write_jsonl
@@ -166,3 +167,21 @@ def test_more_than_a_tenth_of_rows_truncated_or_skipped_is_a_printed_warning(tmp
     with caplog.at_level("WARNING", logger="ofsdpo.data"):
         load(write_jsonl(tmp_path / "e.jsonl", sentiment_rows(20)), tokenizer, max_length=64, max_prompt_length=16)
     assert caplog.text == ""
+
+
+def test_a_quick_read_shows_no_tokenizing_bar_and_a_slow_one_counts_against_its_total(tokenizer, capsys,
+                                                                                     monkeypatch):
+    """The bar appears only past a second (a quick read left "tokenizing <rows>: 0 rows" behind), and then with the
+    source's length as its total where the source knows it."""
+    rows = sentiment_rows(8)
+    load_preference_data(rows, tokenizer, 64, 32, progress=True)
+    assert "tokenizing" not in capsys.readouterr().err
+    seen = {}
+
+    def recording_tqdm(iterable, **kwargs):
+        seen.update(kwargs)
+        return iterable
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording_tqdm)
+    load_preference_data(rows, tokenizer, 64, 32, progress=True)
+    assert seen["total"] == 8 and seen["delay"] == 1.0

@@ -362,7 +362,9 @@ def load_preference_data(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(rows, desc=f"tokenizing {Path(name).name}", unit=" rows", leave=False)
+        # with its total where the source knows it; shown only past a second, so a quick read leaves no "0 rows" bar
+        total = len(source) if hasattr(source, "__len__") and not isinstance(source, (str, os.PathLike)) else None
+        iterator = tqdm(rows, desc=f"tokenizing {Path(name).name}", unit=" rows", leave=False, total=total, delay=1.0)
     for row_number, row in iterator:
         stats.rows += 1
         checked = check_row(row, name, row_number)
