@@ -24,17 +24,22 @@ from ..reuse import SharedWork
 from ..rounds import RoundSettings, judged_pairs_groups
 from ..metrics import read_curve
 from ..models import embedded_model, load_model_and_tokenizer, resolve_device
-from ..plotting import plot_curves, plot_judge_matrices, pyplot, save
+from ..plotting import MARKERS, draw_stage_curves, plot_judge_matrices, pyplot, save
 
 METHODS = ("dpo", "ofs-dpo", "cofs-dpo")
 __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continual_loss_curve", "run_demo",
            "write_report"]
 
 
+def continual_stage_curves(run_dir: str | Path, domains: list[str]) -> list[list]:
+    """A continual run's training DPO loss per step (the fast module's under ofs-dpo), one list per stage."""
+    return [read_curve(Path(run_dir) / "domains" / f"{k + 1}-{name}" / "metrics.jsonl", "fast/loss", "loss")
+            for k, name in enumerate(domains)]
+
+
 def continual_loss_curve(run_dir: str | Path, domains: list[str]) -> list:
-    """A continual run's training DPO loss per step (the fast module's under ofs-dpo), its stages one after another."""
-    stages = [Path(run_dir) / "domains" / f"{k + 1}-{name}" / "metrics.jsonl" for k, name in enumerate(domains)]
-    return read_curve(stages, "fast/loss", "loss")
+    """`continual_stage_curves`, its stages one after another."""
+    return [value for stage in continual_stage_curves(run_dir, domains) for value in stage]
 
 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model: str | None = None,
@@ -128,30 +133,36 @@ def same_as_sequential(reports: dict) -> bool:
             ofs["matrix"]["judge_score"] and cofs["matrix"]["loss"] == ofs["matrix"]["loss"])
 
 
+def draw_final_reward_kl(reports: dict, names: list[str]):
+    """The final served module of each method: judge score against exact KL, one point per domain."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for i, method in enumerate(METHODS):
+        final_scores = reports[method]["matrix"]["judge_score"][-1]
+        final_kl = reports[method]["matrix"]["kl"][-1]
+        ax.scatter(final_kl, final_scores, label=method, color=f"C{i}", marker=MARKERS[i % len(MARKERS)])
+        for name, x, y in zip(names, final_kl, final_scores):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample")
+    ax.set_ylabel("judge score, held-out prompts (−1 … 1)")
+    ax.legend()
+    return fig
+
+
 def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: str, measured: dict,
                  quick: bool) -> dict:
     """report.md with its figures, and demo_summary.json: the results and where they were measured (`measured`:
     seconds, peak_rss_mib and `provenance.stamp`)."""
     names = list(reports[METHODS[0]]["domains"])
     base_scores = reports[METHODS[0]]["base_judge_score"]  # the reference's samples: the untrained base
-    # 1. learning curves: each method's (fast) DPO loss per step, stages one after another
-    plot_curves({method: continual_loss_curve(out / method, names) for method in METHODS}, out / "learning_curves.png",
-                "optimiser step (domains in order)", "training DPO loss (fast module)")
-    # 2. stage × domain judge-score heat-maps
+    # 1. learning curves: each method's (fast) DPO loss per step, stage after stage, shared stages marked
+    curves = {method: continual_stage_curves(out / method, names) for method in METHODS}
+    save(draw_stage_curves(curves, names, "training DPO loss, nats (fast module)",
+                           f"optimiser step ({settings.batch_size} pairs each)"), out / "learning_curves.png")
+    # 2. stage × domain judge-score heat-maps under the untrained base's row
     plot_judge_matrices({method: reports[method]["matrix"]["judge_score"] for method in METHODS}, names,
-                        out / "judge_heatmaps.png")
+                        out / "judge_heatmaps.png", base=base_scores)
     # 3. reward versus KL: final served module, one point per domain and method
-    fig, ax = pyplot().subplots(figsize=(5.5, 4))
-    for method in METHODS:
-        final_scores = reports[method]["matrix"]["judge_score"][-1]
-        final_kl = reports[method]["matrix"]["kl"][-1]
-        ax.scatter(final_kl, final_scores, label=method)
-        for name, x, y in zip(names, final_kl, final_scores):
-            ax.annotate(name, (x, y), fontsize=7)
-    ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample")
-    ax.set_ylabel("judge score")
-    ax.legend()
-    save(fig, out / "reward_vs_kl.png")
+    save(draw_final_reward_kl(reports, names), out / "reward_vs_kl.png")
 
     lines = [f"# ofsdpo demo{' (quick)' if quick else ''}", "",
              f"Model: {readable_model(model_name)}. Domains in order: {' → '.join(names)}.",
