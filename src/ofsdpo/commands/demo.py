@@ -24,7 +24,7 @@ from ..reuse import SharedWork
 from ..rounds import RoundSettings, judged_pairs_groups
 from ..metrics import read_curve
 from ..models import embedded_model, load_model_and_tokenizer, resolve_device
-from ..plotting import MARKERS, draw_stage_curves, plot_judge_matrices, pyplot, save
+from ..plotting import MARKERS, draw_stage_curves, shared_stages, plot_judge_matrices, pyplot, save
 
 METHODS = ("dpo", "ofs-dpo", "cofs-dpo")
 __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continual_loss_curve", "run_demo",
@@ -92,7 +92,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         say(format_table(reports[method]))
     seconds = time.perf_counter() - started
     measured = {"seconds": seconds, "peak_rss_mib": provenance.peak_rss_mib(), **provenance.stamp(dev)}
-    summary = write_report(out, reports, settings, name, measured, quick)
+    summary = write_report(out, reports, settings, name, measured, quick, lr=lr)
     say(f"[demo] done in {wall_clock(seconds)} (peak RSS {measured['peak_rss_mib'] / 1024:.1f} GiB) on "
         f"{measured['hardware']}, commit {(measured['commit'] or 'unknown')[:7]}; report: {out / 'report.md'}")
     return summary
@@ -112,6 +112,8 @@ def readable_model(name: str) -> str:
         embedded = None
     if embedded is not None and Path(name).resolve() == Path(embedded).resolve():
         return "SmolLM2-135M-Instruct (the embedded GGUF, de-quantized to float32)"
+    if Path(name).exists():  # a local folder: its name, not where it lies on this machine
+        return f"`{Path(name).name}` (a local model)"
     return f"`{name}`"
 
 
@@ -148,8 +150,69 @@ def draw_final_reward_kl(reports: dict, names: list[str]):
     return fig
 
 
+def settings_table(settings: DemoSettings, model: str, lr: float | None) -> list[str]:
+    """The demo's settings as a small Markdown table: what a reader needs to not mistake one seed for a result."""
+    s = settings
+    rows = [("model", model),
+            ("pairs", f"{s.prompts} training prompts × {s.samples} samples per domain; the judge's best vs worst"),
+            ("training", f"{s.steps} optimiser steps of {s.batch_size} pairs per domain" +
+             (f", learning rate {lr:g}" if lr is not None else "")),
+            ("judged", f"{s.judge_prompts} held-out prompts per domain after every stage, one sample each"),
+            ("COFS-DPO", f"`--init previous`; λ in {{{s.lambda_grid}}} chosen on {s.memory} memory pairs per domain"),
+            ("best fast module", f"chosen on {s.heldout} held-out pairs (`--selection heldout`)"),
+            ("seeds", "one: an illustration, not a result")]
+    return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def names_and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def judge_sentence(reports: dict) -> str:
+    """Which method ends with the best average judge score and by how much; which domain was forgotten most, by
+    whom (forgetting: best earlier score minus final score)."""
+    avg = {m: reports[m]["cl/avg_judge_score"] for m in METHODS}
+    best = max(avg.values())
+    winners = [m for m in METHODS if avg[m] == best]
+    others = [v for v in avg.values() if v != best]
+    text = (f"After the last stage, {names_and(winners)} {'ends' if len(winners) == 1 else 'end'} with the best "
+            f"average judge score over the domains ({best:+.3f}")
+    text += (f", {best - max(others):.3f} above the next, {names_and([m for m in METHODS if avg[m] == max(others)])})."
+             if others else ", all methods alike).")
+    lost = [(v, domain, m) for m in METHODS for domain, v in reports[m]["cl/forgetting_judge"].items()]
+    worst = max(lost, default=None)
+    if worst is None or worst[0] <= 0:
+        return text + " No method lost judge score on an earlier domain."
+    who = [m for v, domain, m in lost if v == worst[0] and domain == worst[1]]
+    return text + (f" The domain forgotten most is {worst[1]}: {names_and(who)} lost {worst[0]:.3f} of its best "
+                   "earlier score there.")
+
+
+def curves_sentence(curves: dict[str, list[list]], names: list[str]) -> str:
+    """Which stages the methods share, and each method's training loss over the last steps of the last stage."""
+    shared = [f"{names_and(group)} share stage {k + 1} ({names[k]}): one training"
+              for k, groups in enumerate(shared_stages(curves)) for group in groups]
+    last = {m: [v for v in stages[-1] if v is not None] for m, stages in curves.items() if stages}
+    ends = ", ".join(f"{m} {sum(v[-2:]) / len(v[-2:]):.3f}" for m, v in last.items() if v)
+    text = (("; ".join(shared) + ". ") if shared else "No two methods share a stage. ")
+    return text + f"Training DPO loss over the last two steps of {names[-1]}: {ends} nats."
+
+
+def kl_sentence(reports: dict, names: list[str]) -> str:
+    """Which method's final served module moved furthest from the base (mean exact KL over the domains)."""
+    kl = {m: sum(reports[m]["matrix"]["kl"][-1]) / len(names) for m in METHODS}
+    furthest = [m for m in METHODS if kl[m] == max(kl.values())]
+    per_sample = f"nats per judged sample over the {len(names)} domains after the last stage"
+    if len(furthest) == len(kl):
+        return f"Every method's final served module lies as far from the base: mean exact KL {kl[furthest[0]]:.2f} " \
+               f"{per_sample}."
+    rest = ", ".join(f"{m} {v:.2f}" for m, v in kl.items() if m not in furthest)
+    return (f"{names_and(furthest)} moved furthest from the base: mean exact KL {kl[furthest[0]]:.2f} {per_sample} "
+            f"({rest}).")
+
+
 def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: str, measured: dict,
-                 quick: bool) -> dict:
+                 quick: bool, lr: float | None = None) -> dict:
     """report.md with its figures, and demo_summary.json: the results and where they were measured (`measured`:
     seconds, peak_rss_mib and `provenance.stamp`)."""
     names = list(reports[METHODS[0]]["domains"])
@@ -165,13 +228,33 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
     save(draw_final_reward_kl(reports, names), out / "reward_vs_kl.png")
 
     lines = [f"# ofsdpo demo{' (quick)' if quick else ''}", "",
-             f"Model: {readable_model(model_name)}. Domains in order: {' → '.join(names)}.",
-             f"Settings: {describe(settings)}.",
-             f"Measured: {wall_clock(measured['seconds'])} wall-clock, peak RSS "
-             f"{measured['peak_rss_mib'] / 1024:.1f} GiB, on {measured['hardware']} "
-             f"(commit {measured.get('commit') or 'unknown'}).", "",
-             "Judge score of the served module's samples on each domain's held-out prompts, after each stage "
-             "(row = after training on that domain). Forgetting = best earlier score minus final score.", ""]
+             f"Sequential DPO, sequential OFS-DPO and COFS-DPO, each trained over {' → '.join(names)} on pairs the "
+             "base model sampled and each domain's judge ranked; after every stage the served module's samples on "
+             "every domain's held-out prompts are judged.", "", *settings_table(settings, readable_model(model_name),
+                                                                                 lr), "",
+             "## Continual: what each method keeps", "",
+             "![judge heat-maps](judge_heatmaps.png)", "", judge_sentence(reports), "",
+             "Judge score of the served module's samples on each domain's held-out prompts, after the last stage. "
+             "Forgetting = best earlier score minus final score.", "",
+             *summary_table(reports, names, base_scores), ""]
+    lines += stage_tables(reports)
+    lines += ["![learning curves](learning_curves.png)", "", curves_sentence(curves, names), "",
+              "![reward versus KL](reward_vs_kl.png)", "", kl_sentence(reports, names), "",
+              f"Measured: {wall_clock(measured['seconds'])} wall-clock, peak RSS "
+              f"{measured['peak_rss_mib'] / 1024:.1f} GiB, on {measured['hardware']} "
+              f"(commit {measured.get('commit') or 'unknown'}).", ""]
+    write_atomic(out / "report.md", "\n".join(lines))
+    summary = {**measured, "quick": quick, "settings": describe(settings), "base_judge_score": base_scores,
+               "methods": {
+        m: {"final_judge_scores": dict(zip(names, reports[m]["matrix"]["judge_score"][-1])),
+            "avg_judge_score": reports[m]["cl/avg_judge_score"], "forgetting_judge": reports[m]["cl/forgetting_judge"],
+            "lambdas": reports[m]["lambdas"]} for m in METHODS}}
+    write_json(out / "demo_summary.json", summary)
+    return summary
+
+
+def summary_table(reports: dict, names: list[str], base_scores: dict) -> list[str]:
+    """One row for the untrained base, one per method: final judge scores, their average, forgetting."""
     table = ["| method | " + " | ".join(f"final {n}" for n in names) + " | avg | forgetting |",
              "|---|" + "---|" * (len(names) + 2),
              "| base model (no training) | " + " | ".join(f"{base_scores[n]:+.3f}" for n in names) +
@@ -182,21 +265,16 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
         forgetting = ", ".join(f"{k} {v:+.2f}" for k, v in r["cl/forgetting_judge"].items())
         table.append(f"| {method} | " + " | ".join(f"{v:+.3f}" for v in final) +
                      f" | {r['cl/avg_judge_score']:+.3f} | {forgetting} |")
-    lines += table + [""]
-    same = same_as_sequential(reports)
+    return table
+
+
+def stage_tables(reports: dict) -> list[str]:
+    """Each method's stage table, but one line instead of a table identical to sequential ofs-dpo's."""
+    lines, same = [], same_as_sequential(reports)
     for method in METHODS:
         if method == "cofs-dpo" and same:  # no silent duplicate: say it once instead of a second identical table
             lines += ["cofs-dpo chose λ = 0 at every stage (its newest module alone scored best on the memory), "
                       "so it served what sequential ofs-dpo serves: its rows equal ofs-dpo's above.", ""]
             continue
         lines += ["```", format_table(reports[method]).rstrip(), "```", ""]
-    lines += ["![learning curves](learning_curves.png)", "", "![judge heat-maps](judge_heatmaps.png)", "",
-              "![reward versus KL](reward_vs_kl.png)", ""]
-    write_atomic(out / "report.md", "\n".join(lines))
-    summary = {**measured, "quick": quick, "settings": describe(settings), "base_judge_score": base_scores,
-               "methods": {
-        m: {"final_judge_scores": dict(zip(names, reports[m]["matrix"]["judge_score"][-1])),
-            "avg_judge_score": reports[m]["cl/avg_judge_score"], "forgetting_judge": reports[m]["cl/forgetting_judge"],
-            "lambdas": reports[m]["lambdas"]} for m in METHODS}}
-    write_json(out / "demo_summary.json", summary)
-    return summary
+    return lines
