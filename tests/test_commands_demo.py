@@ -67,7 +67,7 @@ def check_report(out, reports: dict, summary: dict) -> None:
     for block in blocks:
         stage_lines = [line for line in block.splitlines() if re.match(r"\d-\w+ ", line)]
         assert [line.split()[0] for line in stage_lines] == ["1-sentiment", "2-critic", "3-concise"] * 2
-    for name in PLOTS:
+    for name in PLOTS + (["frontier.png"] if "frontier" in summary else []):
         assert f"]({name})" in text
         with Image.open(out / name) as image:
             image.verify()
@@ -139,6 +139,16 @@ def sentences(text: str) -> str:
     return " ".join(line for line in text.splitlines() if line and not line.startswith(("|", "!", "#", "`")))
 
 
+def fake_frontier(slow_judge: float) -> dict:
+    def curve(*points):
+        return [{"step": 0, "kl": 0.0, "judge_score": 0.2}] + [
+            {"step": step, "kl": kl, "judge_score": judge} for step, (kl, judge) in zip((4, 8), points)]
+
+    return {"domain": "sentiment", "steps": 8, "checkpoints": [4, 8], "judged_prompts": 8, "batch_size": 4,
+            "base_judge_score": 0.2, "curves": {"dpo (lr 0.0005)": curve((1.0, 0.4), (3.0, 0.6)),
+                                                "ofs-dpo slow (lr 0.00025)": curve((0.3, 0.3), (1.0, slow_judge))}}
+
+
 def test_sentences_carry_the_numbers_of_the_run_they_describe(tmp_path):
     """Two made-up runs with different winners: each report names its own winner, margin, most-forgotten domain,
     furthest mover and shared stages."""
@@ -147,11 +157,16 @@ def test_sentences_carry_the_numbers_of_the_run_they_describe(tmp_path):
     second = {m: fake_report(m, shift) for m, shift in zip(demo.METHODS, (0.1, 0.0, 0.04))}
     second["dpo"]["matrix"]["kl"][-1] = [2.0, 3.0, 4.0]
     texts = []
-    for k, (reports, shared) in enumerate(((first, True), (second, False))):
+    for k, (reports, shared, slow) in enumerate(((first, True, 0.5), (second, False, 0.7))):
         out = tmp_path / str(k)
         write_losses(out, shared)
-        demo.write_report(out, reports, demo.QUICK, "tiny", measured, quick=True)
+        summary = demo.write_report(out, reports, demo.QUICK, "tiny", measured, quick=True,
+                                    frontier=fake_frontier(slow))
+        check_report(out, reports, summary)
         texts.append(sentences((out / "report.md").read_text()))
+    assert "dpo (lr 0.0005) +0.600 at 3.00 nats; ofs-dpo slow (lr 0.00025) +0.500 at 1.00 nats. The best judge " \
+        "score is dpo (lr 0.0005)'s, the smallest KL ofs-dpo slow (lr 0.00025)'s" in texts[0]
+    assert "The best judge score is ofs-dpo slow (lr 0.00025)'s" in texts[1]
     assert "dpo ends with the best average judge score over the domains (+0.300, 0.050 above the next, ofs-dpo)" \
         in texts[0]
     assert "ofs-dpo ends with the best average judge score over the domains (+0.300, 0.040 above the next, " \
@@ -185,6 +200,18 @@ def test_quick_demo_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
         assert report["base_judge_score"] == reports["dpo"]["base_judge_score"]
         steps = demo.continual_loss_curve(out / method, NAMES)
         assert len(steps) == 3 * demo.QUICK.steps and all(isinstance(v, float) for v in steps)
+    # the frontier: dpo, ofs-dpo's two modules and dpo at the slow lr, from the base (step 0, KL 0) through every
+    # checkpoint, every KL an exact KL (>= 0), drawn in the report's first screen with its sentence
+    frontier = json.loads((out / "demo_summary.json").read_text())["frontier"]
+    assert list(frontier["curves"]) == ["dpo (lr 0.0005)", "ofs-dpo fast (lr 0.0005)", "ofs-dpo slow (lr 0.00025)",
+                                        "dpo at the slow lr (0.00025)"]
+    for points in frontier["curves"].values():
+        assert [p["step"] for p in points] == [0, *demo.QUICK.frontier_checkpoints]
+        assert points[0] == {"step": 0, "kl": 0.0, "judge_score": frontier["base_judge_score"]}
+        assert all(p["kl"] >= 0 for p in points) and any(p["kl"] > 0 for p in points[1:])
+    text = (out / "report.md").read_text()
+    assert text.index("![reward–KL frontier](frontier.png)") < text.index("## Continual")
+    assert demo.frontier_sentence(frontier) in text
     for name in NAMES:  # the judged pairs every method trained on
         rows = [json.loads(line) for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
         assert rows and all(r["score_chosen"] > r["score_rejected"] and r["domain"] == name for r in rows)

@@ -24,7 +24,7 @@ from ..reuse import SharedWork
 from ..rounds import RoundSettings, judged_pairs_groups
 from ..metrics import read_curve
 from ..models import embedded_model, load_model_and_tokenizer, resolve_device
-from ..plotting import MARKERS, draw_stage_curves, shared_stages, plot_judge_matrices, pyplot, save
+from ..plotting import MARKERS, draw_frontier, draw_stage_curves, shared_stages, plot_judge_matrices, pyplot, save
 
 METHODS = ("dpo", "ofs-dpo", "cofs-dpo")
 __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continual_loss_curve", "run_demo",
@@ -64,12 +64,13 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
     with torch.inference_mode():  # every domain's prompts decode together (up to 128 rows a call)
         judged = judged_pairs_groups(base, tokenizer, tasks, RoundSettings(samples_per_prompt=settings.samples,
                                                                            batch_size=128), progress=progress)
-    specs = []
+    specs, pair_files = [], {}
     for (domain, _), (pairs, stats) in zip(tasks, judged):
         need = settings.heldout + settings.memory + settings.batch_size
         if len(pairs) < need:
             raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
-        specs.append(f"{domain.name}={write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)}")
+        pair_files[domain.name] = write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)
+        specs.append(f"{domain.name}={pair_files[domain.name]}")
     reports, reference_scores, reference_caches = {}, {}, {}
     shared = SharedWork()  # ofs-dpo's and cofs-dpo's first stages are the same training: it runs once
     for method in METHODS:
@@ -90,12 +91,82 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
                                  reference_caches=reference_caches, shared=shared)
         reports[method] = runner.run()
         say(format_table(reports[method]))
+    frontier = None
+    if settings.frontier_steps:  # after the continual runs: theirs are the runs they were without it
+        first = tasks[0][0]
+        say(f"[demo] the frontier on {first.name}: dpo, ofs-dpo and dpo at the slow learning rate, judged at steps "
+            f"{', '.join(map(str, settings.frontier_checkpoints))} …")
+        frontier = frontier_phase(base, tokenizer, first, pair_files[first.name], settings, out, seed, lr, dev,
+                                  progress)
     seconds = time.perf_counter() - started
     measured = {"seconds": seconds, "peak_rss_mib": provenance.peak_rss_mib(), **provenance.stamp(dev)}
-    summary = write_report(out, reports, settings, name, measured, quick, lr=lr)
+    summary = write_report(out, reports, settings, name, measured, quick, lr=lr, frontier=frontier)
     say(f"[demo] done in {wall_clock(seconds)} (peak RSS {measured['peak_rss_mib'] / 1024:.1f} GiB) on "
         f"{measured['hardware']}, commit {(measured['commit'] or 'unknown')[:7]}; report: {out / 'report.md'}")
     return summary
+
+
+def frontier_phase(base, tokenizer, domain, pairs_file: str, settings: DemoSettings, out: Path, seed: int,
+                   lr: float, device, progress: bool) -> dict:
+    """The in-domain reward–KL frontier on `domain`'s pairs: dpo at `lr`, ofs-dpo at `lr` (its fast and slow
+    modules) and dpo at the slow module's learning rate, each judged at `settings.frontier_checkpoints` by the
+    experiment's `CheckpointLadder` (judge score and exact KL on the held-out prompts, the base's random numbers).
+    The last `settings.heldout` pairs are the ladder's report pairs, the others the stream. Every curve starts at the
+    base: KL 0 exactly, its own judge score."""
+    from ..config import OFSDPOConfig
+    from ..data import load_preference_data, read_rows
+    from ..reference import ReferenceCache
+    from ..scoring import common_random_numbers, reference_samples
+    from ..trainer import OFSDPOTrainer
+    from .experiment import CheckpointLadder
+
+    s = settings
+    rows = [row for _, row in read_rows(pairs_file)[1]]
+    stream, report_rows = rows[:-s.heldout], rows[-s.heldout:]
+    records = domain.prompts("heldout")[:s.frontier_judge_prompts]
+    with common_random_numbers(seed, device):  # the draws every checkpoint's judging repeats
+        ref_scores = reference_samples(base, tokenizer, domain, records)
+    base_score = sum(ref_scores) / len(ref_scores)
+    report = load_preference_data(report_rows, tokenizer, 160, 96)
+    caches = {"stream": ReferenceCache(len(stream)), "report": ReferenceCache(len(report))}  # the base's, once
+    ratio = OFSDPOConfig().slow_lr_ratio
+    arms = {"dpo": ("dpo", lr), "ofs-dpo": ("ofs-dpo", lr), "dpo-slow-lr": ("dpo", lr * ratio)}
+    labels = {("dpo", "default"): f"dpo (lr {lr:g})", ("ofs-dpo", "fast"): f"ofs-dpo fast (lr {lr:g})",
+              ("ofs-dpo", "slow"): f"ofs-dpo slow (lr {lr * ratio:g})",
+              ("dpo-slow-lr", "default"): f"dpo at the slow lr ({lr * ratio:g})"}
+    curves: dict[str, list[dict]] = {}
+    for arm, (method, arm_lr) in arms.items():
+        set_seed(seed)
+        config = OFSDPOConfig(method=method, lr=arm_lr, max_steps=s.frontier_steps, batch_size=s.batch_size,
+                              max_length=160, max_prompt_length=96, seed=seed, save_steps=0, regret=False,
+                              output_dir=str(out / "frontier" / arm), overwrite=True, progress=progress,
+                              device=str(device))
+        trainer = OFSDPOTrainer(base, config, train_data=stream, tokenizer=tokenizer,
+                                train_reference=caches["stream"])
+        ladder = CheckpointLadder(list(s.frontier_checkpoints), domain, records, ref_scores, report,
+                                  caches["report"], seed, 1)
+        trainer.train(on_step=ladder)
+        trainer.model.unload()  # the same base object, LoRA layers removed, for the next run
+        for point in ladder.points:
+            for name, judged in point["modules"].items():
+                label = labels.get((arm, name), f"{arm} {name}")
+                curves.setdefault(label, [{"step": 0, "kl": 0.0, "judge_score": base_score}]).append(
+                    {"step": point["step"], "kl": judged["kl"], "judge_score": judged["judge_score"]})
+    return {"domain": domain.name, "steps": s.frontier_steps, "checkpoints": list(s.frontier_checkpoints),
+            "judged_prompts": len(records), "batch_size": s.batch_size, "base_judge_score": base_score,
+            "curves": curves}
+
+
+def frontier_sentence(frontier: dict) -> str:
+    """What the frontier shows in this run: each module at its last checkpoint, the best judge score, the least KL."""
+    last = {label: points[-1] for label, points in frontier["curves"].items()}
+    best = max(last, key=lambda label: last[label]["judge_score"])
+    least = min(last, key=lambda label: last[label]["kl"])
+    at = "; ".join(f"{label} {p['judge_score']:+.3f} at {p['kl']:.2f} nats" for label, p in last.items())
+    return (f"From the base ({frontier['base_judge_score']:+.3f} at 0 nats) to step {frontier['steps']} on "
+            f"{frontier['domain']}: {at}. The best judge score is {best}'s, the smallest KL {least}'s. Each point "
+            f"judges {frontier['judged_prompts']} held-out prompts once (a demo's size: differences of a few "
+            "hundredths are noise).")
 
 
 def wall_clock(seconds: float) -> str:
@@ -160,6 +231,9 @@ def settings_table(settings: DemoSettings, model: str, lr: float | None) -> list
             ("judged", f"{s.judge_prompts} held-out prompts per domain after every stage, one sample each"),
             ("COFS-DPO", f"`--init previous`; λ in {{{s.lambda_grid}}} chosen on {s.memory} memory pairs per domain"),
             ("best fast module", f"chosen on {s.heldout} held-out pairs (`--selection heldout`)"),
+            *([("frontier", f"{s.frontier_steps} steps per run on the first domain; every module judged at steps "
+                            f"{', '.join(map(str, s.frontier_checkpoints))} on {s.frontier_judge_prompts} held-out "
+                            "prompts")] if s.frontier_steps else []),
             ("seeds", "one: an illustration, not a result")]
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
@@ -211,10 +285,24 @@ def kl_sentence(reports: dict, names: list[str]) -> str:
             f"({rest}).")
 
 
+def frontier_section(out: Path, frontier: dict | None, settings: DemoSettings) -> list[str]:
+    """frontier.png and its part of the report (none without a frontier phase)."""
+    if not frontier:
+        return []
+    save(draw_frontier(frontier["curves"], f"{frontier['domain']}: every module at steps 0 (the base), "
+                                           f"{', '.join(map(str, frontier['checkpoints']))}"), out / "frontier.png")
+    return [f"## In-domain: the reward–KL frontier on {frontier['domain']}", "",
+            f"Each run trains {frontier['steps']} steps of {frontier['batch_size']} pairs on {frontier['domain']}'s "
+            f"pairs (its last {settings.heldout} pairs held out); at steps "
+            f"{', '.join(map(str, frontier['checkpoints']))} every module is judged on {frontier['judged_prompts']} "
+            "held-out prompts, one sample each, with the exact KL to the base (labels: the step).", "",
+            "![reward–KL frontier](frontier.png)", "", frontier_sentence(frontier), ""]
+
+
 def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: str, measured: dict,
-                 quick: bool, lr: float | None = None) -> dict:
+                 quick: bool, lr: float | None = None, frontier: dict | None = None) -> dict:
     """report.md with its figures, and demo_summary.json: the results and where they were measured (`measured`:
-    seconds, peak_rss_mib and `provenance.stamp`)."""
+    seconds, peak_rss_mib and `provenance.stamp`) and, from a frontier phase (`frontier_phase`), its points."""
     names = list(reports[METHODS[0]]["domains"])
     base_scores = reports[METHODS[0]]["base_judge_score"]  # the reference's samples: the untrained base
     # 1. learning curves: each method's (fast) DPO loss per step, stage after stage, shared stages marked
@@ -232,7 +320,8 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
              "base model sampled and each domain's judge ranked; after every stage the served module's samples on "
              "every domain's held-out prompts are judged.", "", *settings_table(settings, readable_model(model_name),
                                                                                  lr), "",
-             "## Continual: what each method keeps", "",
+             *frontier_section(out, frontier, settings),
+             f"## Continual: {' → '.join(names)}", "",
              "![judge heat-maps](judge_heatmaps.png)", "", judge_sentence(reports), "",
              "Judge score of the served module's samples on each domain's held-out prompts, after the last stage. "
              "Forgetting = best earlier score minus final score.", "",
@@ -248,7 +337,7 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
                "methods": {
         m: {"final_judge_scores": dict(zip(names, reports[m]["matrix"]["judge_score"][-1])),
             "avg_judge_score": reports[m]["cl/avg_judge_score"], "forgetting_judge": reports[m]["cl/forgetting_judge"],
-            "lambdas": reports[m]["lambdas"]} for m in METHODS}}
+            "lambdas": reports[m]["lambdas"]} for m in METHODS}, **({"frontier": frontier} if frontier else {})}
     write_json(out / "demo_summary.json", summary)
     return summary
 
