@@ -90,8 +90,9 @@ def test_stage_curves_integer_steps_boundaries_and_shared_stages():
 
 
 def test_frontier_draws_each_module_through_its_checkpoints():
-    curves = {"dpo": [{"step": 0, "kl": 0.0, "judge_score": 0.1}, {"step": 4, "kl": 1.5, "judge_score": 0.4}],
-              "ofs-dpo (slow)": [{"step": 0, "kl": 0.0, "judge_score": 0.1}, {"step": 4, "kl": 0.5, "judge_score": 0.3}]}
+    base = {"step": 0, "kl": 0.0, "judge_score": 0.1}
+    curves = {"dpo": [base, {"step": 4, "kl": 1.5, "judge_score": 0.4}],
+              "ofs-dpo (slow)": [base, {"step": 4, "kl": 0.5, "judge_score": 0.3}]}
     fig = plotting.draw_frontier(curves)
     ax = fig.axes[0]
     assert [list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines] == [
