@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from ofsdpo import plotting
@@ -39,8 +40,63 @@ def test_judge_matrices_and_curves(tmp_path, over_seeds):
 
     matrices = {name: [[cell(0.2 * i - 0.3 * j) for j in range(2)] for i in range(2)] for name in ("a", "b")}
     path = plotting.plot_judge_matrices(matrices, ["x", "y"], tmp_path / "m.png", height=3.6, title="t")
-    read_png(tmp_path / "m.png", (800, 360))
+    read_png(tmp_path / "m.png", (680, 360))  # (0.6 + 3.1 x 2 panels, 3.6) inches at 100 dpi
     assert path == str(tmp_path / "m.png")
     curves = {name: [cell(1.0 - 0.1 * s) for s in range(5)] for name in ("a", "b")}
     plotting.plot_curves(curves, tmp_path / "c.png", "step", "loss", figsize=(7, 3.6))
     read_png(tmp_path / "c.png", (700, 360))
+
+
+def test_judge_heatmaps_have_a_base_row_and_one_colour_bar():
+    """The untrained base's scores are the first row of every panel, set apart; one colour bar spans the panels."""
+    matrices = {"dpo": [[0.5, -0.2], [0.1, 0.7]], "ofs-dpo": [[0.4, 0.0], [0.2, 0.6]]}
+    fig = plotting.draw_judge_matrices(matrices, ["x", "y"], base={"x": -0.25, "y": 0.125})
+    panels, bars = fig.axes[:2], fig.axes[2:]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "judge score (−1 … 1)"
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == [plotting.BASE_ROW, "after x", "after y"]
+    for ax, matrix in zip(panels, matrices.values()):
+        assert ax.images[0].get_array().tolist() == [[-0.25, 0.125], *matrix]
+        assert [t.get_text() for t in ax.texts][:2] == ["-0.25", "+0.12"]  # the base row's cells, written
+    plotting.pyplot().close(fig)
+    # without a base: the stages alone
+    fig = plotting.draw_judge_matrices(matrices, ["x", "y"])
+    assert fig.axes[0].images[0].get_array().tolist() == matrices["dpo"]
+    plotting.pyplot().close(fig)
+
+
+def test_stage_curves_integer_steps_boundaries_and_shared_stages():
+    """Three stages of 4 steps: boundaries after steps 4 and 8, each stage named over its span; b and c are one
+    training in stage 1 (identical values) and part after it; a shares nothing."""
+    a = [[0.7, 0.6, 0.5, 0.4], [0.7, 0.6, 0.5, 0.5], [0.6, 0.5, 0.4, 0.3]]
+    b = [[0.69, 0.6, 0.55, 0.5], [0.6, 0.5, 0.4, 0.4], [0.5, 0.4, 0.4, 0.3]]
+    c = [b[0], [0.6, 0.55, 0.5, 0.4], b[2]]
+    curves = {"a": a, "b": b, "c": c}
+    assert plotting.shared_stages(curves) == [[["b", "c"]], [], []]
+    fig = plotting.draw_stage_curves(curves, ["pos", "safe", "short"], "loss, nats")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_gid() == "stage boundary"] == [4.5, 8.5]
+    runs = [line for line in ax.lines if line.get_gid() is None]
+    assert [list(line.get_xdata()) for line in runs] == [list(range(1, 13))] * 3
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 12]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels[:3] == ["1. pos", "2. safe", "3. short"] and "b = c\n(one shared training)" in labels
+    assert len([p for p in ax.patches if p.get_gid() == "shared stage"]) == 1
+    assert ax.get_xlabel() == "optimiser step" and ax.get_ylabel() == "loss, nats"
+    # colour-blind-safe colours, one per run, in the Okabe–Ito order
+    assert [to_hex(line.get_color()).upper() for line in runs] == list(plotting.OKABE_ITO[:3])
+    plotting.pyplot().close(fig)
+
+
+def test_frontier_draws_each_module_through_its_checkpoints():
+    base = {"step": 0, "kl": 0.0, "judge_score": 0.1}
+    curves = {"dpo": [base, {"step": 4, "kl": 1.5, "judge_score": 0.4}],
+              "ofs-dpo (slow)": [base, {"step": 4, "kl": 0.5, "judge_score": 0.3}]}
+    fig = plotting.draw_frontier(curves)
+    ax = fig.axes[0]
+    assert [list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines] == [
+        [(0.0, 0.1), (1.5, 0.4)], [(0.0, 0.1), (0.5, 0.3)]]
+    assert [t.get_text() for t in ax.texts] == ["0", "4", "0", "4"] and ax.get_xlim()[0] == 0
+    assert "nats" in ax.get_xlabel()
+    plotting.pyplot().close(fig)

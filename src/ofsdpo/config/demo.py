@@ -26,12 +26,18 @@ class DemoSettings:
     lambda_grid: str
     eval_steps: int  # how often the best fast module is looked for
     max_new_tokens: int = 0  # cap on sampled responses, pairs and judging (0: each domain's own)
+    # the in-domain frontier on the first domain: dpo, ofs-dpo and dpo at the slow learning rate (0 steps: none)
+    frontier_steps: int = 0  # optimiser steps of each frontier run
+    frontier_checkpoints: tuple[int, ...] = ()  # steps at which every module is judged, with the exact KL
+    frontier_judge_prompts: int = 0  # held-out prompts judged per module and checkpoint (fewer: cheaper, noisier)
 
 
 DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=8, batch_size=4, judge_prompts=16, heldout=8, memory=4,
-                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4)
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=4, frontier_steps=8, frontier_checkpoints=(4, 8),
+                         frontier_judge_prompts=8)
 DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
-                          lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16)
+                          lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16, frontier_steps=2,
+                          frontier_checkpoints=(1, 2), frontier_judge_prompts=2)
 
 
 @dataclass
