@@ -27,7 +27,10 @@ SHIPPED_KEYS = {  # seed 0 of every variant of experiments/*.yaml, over the synt
     "frontier-ablations/equal-lr": "4550ce66f4ce74cd", "frontier-ablations/swap-off": "d3da89b4db1357f5",
     "frontier-ablations/swap-params": "1933a03641b24446", "frontier-sentiment-lr4x/dpo": "8a9f3ca7c66a1845",
     "frontier-sentiment-lr4x/ofs-dpo": "6c993c7f49155bdf", "frontier-sentiment/dpo": "ab74baa4406b9e18",
-    "frontier-sentiment/ofs-dpo": "c9b5f610231443f7", "in-domain-concise/dpo": "11fa6f10500a749b",
+    "frontier-sentiment/ofs-dpo": "c9b5f610231443f7",
+    # added after the roles replaced the lists: its dpo and ofs-dpo are frontier-sentiment's runs (the same keys)
+    "frontier-slow-lr-control/dpo-half-lr": "be81b25bb34dfa1b", "frontier-slow-lr-control/dpo": "ab74baa4406b9e18",
+    "frontier-slow-lr-control/ofs-dpo": "c9b5f610231443f7", "in-domain-concise/dpo": "11fa6f10500a749b",
     "in-domain-concise/ofs-dpo": "2c4c83056ac80084", "in-domain-critic/dpo": "38c9f2b61a887a51",
     "in-domain-critic/ofs-dpo": "f499b6b717fe73cc", "in-domain-sentiment/dpo": "c7ee02fa52cf48e3",
     "in-domain-sentiment/ofs-dpo": "88cb523ebe0b39b6", "on-policy-sentiment/dpo": "28ae50e05c5d8754",
@@ -265,6 +268,8 @@ def test_the_shipped_experiments_keep_their_run_keys(tmp_path):
             domain = config.domains[0] if config.kind == "in-domain" else None
             keys[f"{path.stem}/{variant['name']}"] = runner.run_key(variant, domain, 0)
     assert keys == SHIPPED_KEYS
+    for arm in ("dpo", "ofs-dpo"):  # the control reuses the frontier's runs: nothing retrained
+        assert keys[f"frontier-slow-lr-control/{arm}"] == keys[f"frontier-sentiment/{arm}"]
     for (kind, option, value), key in PERTURBED_KEYS.items():
         base = {"name": "v", "method": "ofs-dpo" if kind == "in-domain" else "cofs-dpo"}
         config = ExperimentConfig(name="k", kind=kind, domains=["sentiment", "critic"], variants=[base],
