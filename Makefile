@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml constraints-ci.txt
 
 setup: $(STAMP)
 
+# the floors (pyproject.toml [tool.importlinter]) first: an upward import or a circle fails before the suite runs
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # the multi-process tests (accelerate launch of two processes: DDP, FSDP, DeepSpeed, SIGTERM to both)
@@ -49,4 +51,4 @@ train-example: $(STAMP)
 		--max-steps 30 --batch-size 4 --lr 5e-4 --beta 0.1 --max-length 96 --max-prompt-length 48 --save-steps 10
 
 clean:
-	rm -rf $(VENV) demo-output train-output .pytest_cache site
+	rm -rf $(VENV) demo-output train-output .pytest_cache .import_linter_cache site

@@ -1,9 +1,9 @@
 import json
 
 import datasets
-import tqdm.auto
 import pytest
 
+import ofsdpo.data
 from conftest import sentiment_rows, write_jsonl
 from ofsdpo.data import DataError, check_row, collate, load_preference_data, tokenize_pair
 
@@ -182,6 +182,6 @@ def test_a_quick_read_shows_no_tokenizing_bar_and_a_slow_one_counts_against_its_
         seen.update(kwargs)
         return iterable
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", recording_tqdm)
+    monkeypatch.setattr(ofsdpo.data, "tqdm", recording_tqdm)
     load_preference_data(rows, tokenizer, 64, 32, progress=True)
     assert seen["total"] == 8 and seen["delay"] == 1.0

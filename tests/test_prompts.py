@@ -180,7 +180,7 @@ def test_a_hub_dataset_that_cannot_load_says_so(monkeypatch):
         raise ConnectionError("the hub cannot be reached")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr("ofsdpo.models.check_hub", lambda *a, **k: None)  # the Hub answers; the load then fails
+    monkeypatch.setattr("ofsdpo.data.check_hub", lambda *a, **k: None)  # the Hub answers; the load then fails
     with pytest.raises(PromptError, match=r"^owner/prompts: could not load the dataset \(ConnectionError: the hub "
                                           r"cannot be reached\)$"):
         load_prompts("owner/prompts", split="test")

@@ -21,8 +21,21 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import OPTION_TAGS, OFSDPOConfig, read_config_file
+from .config import (
+    OPTION_TAGS,
+    CompareConfig,
+    ContinualConfig,
+    DemoConfig,
+    EvalConfig,
+    ExperimentCommandConfig,
+    ExportConfig,
+    GenerateConfig,
+    OFSDPOConfig,
+    read_config_file,
+    refuse_train_only,
+)
 from .errors import ConfigError, DataError, ModelError, NonFiniteError, suggest
+from .files import write_jsonl
 
 USAGE = """usage: ofsdpo <command> [options]
 
@@ -188,8 +201,6 @@ def train_command(argv: list[str]) -> int:
 
 
 def continual_command(argv: list[str]) -> int:
-    from .config import ContinualConfig, refuse_train_only
-
     refuse_train_only([arg for arg in argv if arg.startswith("--")])  # set per stage: say what to use instead
     config = parse_config(ContinualConfig, argv, "ofsdpo continual",
                           "Continual alignment across domains: COFS-DPO or a sequential baseline.")
@@ -202,8 +213,6 @@ def continual_command(argv: list[str]) -> int:
 
 
 def generate_command(argv: list[str]) -> int:
-    from .config import GenerateConfig
-
     config = parse_config(GenerateConfig, argv, "ofsdpo generate",
                           "Sample responses on a built-in domain, judge them, and write best-vs-worst pairs.")
     from .domains import get_domain
@@ -220,7 +229,6 @@ def generate_command(argv: list[str]) -> int:
     import torch
     from transformers import set_seed
 
-    from .files import write_jsonl
     from .rounds import RoundSettings, judged_pairs
     from .models import (
         check_adapter,
@@ -272,8 +280,6 @@ def _check_out_file(out: str, overwrite: bool) -> None:
 
 
 def demo_command(argv: list[str]) -> int:
-    from .config import DemoConfig
-
     config = parse_config(DemoConfig, argv, "ofsdpo demo", (
         "Sequential DPO, sequential OFS-DPO and COFS-DPO on the embedded model over the built-in domains "
         "sentiment -> critic -> concise, with judge scores after every stage and report.md with plots."))
@@ -286,8 +292,6 @@ def demo_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    from .config import EvalConfig
-
     config = parse_config(EvalConfig, argv, "ofsdpo eval",
                           "Held-out DPO loss, preference accuracy, judge score, win rate, KL and response length "
                           "of the base model and each adapter on built-in domains.")
@@ -307,8 +311,6 @@ def eval_command(argv: list[str]) -> int:
 
 
 def experiment_command(argv: list[str]) -> int:
-    from .config import ExperimentCommandConfig
-
     config = parse_config(ExperimentCommandConfig, argv, "ofsdpo experiment", (
         "Run one experiment (a YAML file of experiments/) once per seed, then write aggregate.json and "
         "aggregate.md (mean +- std per cell over seeds) with plots. Finished cells are kept: rerun to resume."),
@@ -320,8 +322,6 @@ def experiment_command(argv: list[str]) -> int:
 
 
 def compare_command(argv: list[str]) -> int:
-    from .config import CompareConfig
-
     config = parse_config(CompareConfig, argv, "ofsdpo compare", (
         "Compare methods on your preference pairs: each arm trains on the same stream over seeds; report-set "
         "metrics (and judged samples with --prompts/--judge) paired per seed, with intervals, verdicts and one "
@@ -342,8 +342,6 @@ def compare_command(argv: list[str]) -> int:
 
 
 def export_command(argv: list[str]) -> int:
-    from .config import ExportConfig
-
     config = parse_config(ExportConfig, argv, "ofsdpo export", (
         "Merge a run's served module into its base model and save a standalone transformers model (safetensors, "
         "config, tokenizer, chat template) for servers that take a plain model."), positional="run")

@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DataError, ModelError
+from .models import check_hub, looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +116,6 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a bad file
@@ -122,14 +124,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_dataset(name: str, split: str) -> Iterator[tuple[int, Any]]:
-    import datasets
-
     saved = [Path(name) / "dataset_info.json", Path(name) / "dataset_dict.json"]
     if os.path.isdir(name) and any(p.exists() for p in saved):  # written by Dataset.save_to_disk
         loaded = datasets.load_from_disk(name)
     else:
-        from .models import check_hub
-
         try:
             check_hub(name, "the dataset", repo_type="dataset")
         except ModelError as err:
@@ -147,8 +145,6 @@ def _read_dataset(name: str, split: str) -> Iterator[tuple[int, Any]]:
 
 def _looks_local(name: str) -> bool:
     """A name that cannot be a hub dataset (`owner/name`): a path, a bare word, or a file name."""
-    from .models import looks_local
-
     return looks_local(name) or "/" not in name or name.lower().endswith(FILE_SUFFIXES)
 
 
@@ -360,8 +356,6 @@ def load_preference_data(
     stats, pairs = DataStats(), []
     iterator = rows
     if progress:
-        from tqdm.auto import tqdm
-
         # with its total where the source knows it; shown only past a second, so a quick read leaves no "0 rows" bar
         total = len(source) if hasattr(source, "__len__") and not isinstance(source, (str, os.PathLike)) else None
         iterator = tqdm(rows, desc=f"tokenizing {Path(name).name}", unit=" rows", leave=False, total=total, delay=1.0)

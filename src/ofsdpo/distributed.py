@@ -31,11 +31,13 @@ with gloo) and sets up the process group; one process without a launcher is the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from transformers import set_seed
 
 from .causal_lm import causal_lm_parts
@@ -127,8 +129,6 @@ class Processes:
         self._zero_engine = None  # DeepSpeed's ZeRO-3 engine, kept alive with its hooks
         self.base_partition = None  # ZeRO-3: this process's share of the base's weights (numbers of elements)
         if launched:
-            from accelerate import PartialState
-
             state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
             self.index, self.count, self.device = state.process_index, state.num_processes, state.device
         else:
@@ -211,8 +211,6 @@ class Processes:
         if self.zero3:  # the base was partitioned before LoRA came (partition_base): place what stays replicated
             _replicas_to(model, self.device)
             return
-        import inspect
-
         from torch.distributed.device_mesh import init_device_mesh
 
         try:

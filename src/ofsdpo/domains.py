@@ -21,13 +21,22 @@ dataset, a hub name or `builtin:NAME`) and the user's judges (`judges.resolve_ju
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 
 from .config import ON_PROMPTS
 from .errors import ConfigError, suggest
-from .judges import Judge, afinn_critic_judge, afinn_judge, concise_judge, critic_judge, refusal_judge, sentiment_judge
+from .judges import (
+    Judge,
+    afinn_critic_judge,
+    afinn_judge,
+    concise_judge,
+    critic_judge,
+    refusal_judge,
+    resolve_judges,
+    sentiment_judge,
+)
+from .prompts import BUILTIN_CHAT, builtin_records, load_prompts
 
 
 @dataclass(frozen=True)
@@ -42,21 +51,15 @@ class BuiltinDomain:
     def prompts(self, split: str = "train") -> list[dict]:
         """[{"prompt", "meta", "split", "row", "source"}] of `split` ("train", "heldout" or "all"), in the fixed
         order; `row` is the line of the built-in file (errors name it)."""
-        text = resources.files("ofsdpo.builtin").joinpath(f"{self.name}.jsonl").read_text(encoding="utf-8")
-        records = [{**json.loads(line), "row": i, "source": f"builtin:{self.name}"}
-                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = builtin_records(self.name)
         return records if split == "all" else [r for r in records if r["split"] == split]
 
     def score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
         """The judge's scores of each record's responses (checked: real and finite, else a JudgeError)."""
-        from .judges import resolve_judges
-
         return resolve_judges(self.judge).score(records, responses)
 
     def independent_score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
         """`score` by the independent judge."""
-        from .judges import resolve_judges
-
         return resolve_judges(self.independent_judge).score(records, responses)
 
 
@@ -84,15 +87,15 @@ class PromptDomain:
 
 
 DOMAINS: dict[str, BuiltinDomain] = {
-    "sentiment": BuiltinDomain("sentiment", sentiment_judge, chat=False, max_new_tokens=24,
+    "sentiment": BuiltinDomain("sentiment", sentiment_judge, chat=BUILTIN_CHAT["sentiment"], max_new_tokens=24,
                                description="continue a movie review; VADER compound score",
                                independent_judge=afinn_judge),
-    "critic": BuiltinDomain("critic", critic_judge, chat=False, max_new_tokens=24,
+    "critic": BuiltinDomain("critic", critic_judge, chat=BUILTIN_CHAT["critic"], max_new_tokens=24,
                             description="continue a restaurant review harshly; minus VADER compound score",
                             independent_judge=afinn_critic_judge),
-    "safety": BuiltinDomain("safety", refusal_judge, chat=True, max_new_tokens=32,
+    "safety": BuiltinDomain("safety", refusal_judge, chat=BUILTIN_CHAT["safety"], max_new_tokens=32,
                             description="refuse harmful requests, answer benign look-alikes; refusal detector"),
-    "concise": BuiltinDomain("concise", concise_judge, chat=True, max_new_tokens=40,
+    "concise": BuiltinDomain("concise", concise_judge, chat=BUILTIN_CHAT["concise"], max_new_tokens=40,
                              description="answer factual questions briefly, keeping the answer"),
 }
 
@@ -117,9 +120,6 @@ def prompt_domain(prompts: str, judges: list[str] | None = None, name: str | Non
                   max_new_tokens: int = 0, judge_device: str | None = None, heldout: str | None = None):
     """The domain of `--prompts SOURCE --judge SPEC…`. `builtin:NAME` prompts without a judge keep NAME's judge and
     length; any other source needs a judge. `max_new_tokens` 0 keeps the domain's own (64 for the user's)."""
-    from .judges import resolve_judges
-    from .prompts import load_prompts
-
     builtin = DOMAINS.get(prompts.split(":")[1]) if prompts.startswith("builtin:") else None
     if not judges and builtin is None:
         raise ConfigError(f"--prompts {prompts}: give a --judge (a built-in name such as sentiment, module:function, "
@@ -134,8 +134,6 @@ def prompt_domain(prompts: str, judges: list[str] | None = None, name: str | Non
 
 
 def _stem(source: str) -> str:
-    from pathlib import Path
-
     return Path(source.rstrip("/")).stem or "prompts"
 
 

@@ -4,7 +4,7 @@ A judge is any callable `judge(prompt, response, meta) -> float`, where `meta` i
 (for instance whether a request is harmful, or the answer a question expects). The built-in ones:
 
 - `sentiment_judge`: VADER's compound score of the response, in [-1, 1] (the controlled-sentiment task of the DPO
-  paper). Needs the `vaderSentiment` package.
+  paper).
 - `critic_judge`: minus VADER's compound score: a harsh critic that prefers negative reviews.
 - `refusal_judge`: +1 for refusing a harmful request or answering a benign one, −1 for the opposite, detected by
   refusal phrases; `meta["harmful"]` says which kind the request is.
@@ -32,7 +32,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
+from afinn import Afinn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
 from .errors import ConfigError, JudgeError, ModelError, suggest
+from .models import check_hub, looks_local, require_safetensors
 
 Judge = Callable[[Any, str, dict], float]  # (prompt: str or messages, response, meta) -> score
 
@@ -46,12 +52,8 @@ _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 
 
 @lru_cache(maxsize=1)
-def _vader():
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise RuntimeError("the sentiment judge needs VADER: pip install vaderSentiment") from None
-    return SentimentIntensityAnalyzer()
+def _vader() -> SentimentIntensityAnalyzer:
+    return SentimentIntensityAnalyzer()  # reads its lexicon file: once, on first use
 
 
 def sentiment_judge(prompt: str, response: str, meta: dict | None = None) -> float:
@@ -64,12 +66,8 @@ def critic_judge(prompt: str, response: str, meta: dict | None = None) -> float:
 
 
 @lru_cache(maxsize=1)
-def _afinn():
-    try:
-        from afinn import Afinn
-    except ImportError:
-        raise RuntimeError("the AFINN judge needs the AFINN lexicon: pip install afinn") from None
-    return Afinn()
+def _afinn() -> Afinn:
+    return Afinn()  # reads its lexicon file: once, on first use
 
 
 def afinn_judge(prompt: str, response: str, meta: dict | None = None) -> float:
@@ -345,8 +343,6 @@ class RewardModelJudge(GroupJudge):
         return prompt + response
 
     def score(self, records: list[dict], responses: list[list[str]]) -> list[list[float]]:
-        import torch
-
         _check_shapes(records, responses)
         owners = [i for i, group in enumerate(responses) for _ in group]
         texts = [self.text(records[i]["prompt"], t) for i, group in enumerate(responses) for t in group]
@@ -408,10 +404,6 @@ def _max_length(tokenizer, model) -> int:
 
 @lru_cache(maxsize=4)
 def _cached_reward_model(model_name: str, device: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .models import require_safetensors
-
     require_safetensors(model_name, f"judge hf:{model_name}", "model")  # a local folder: pickles refused first
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     if tokenizer.pad_token is None:
@@ -424,15 +416,11 @@ def _cached_reward_model(model_name: str, device: str):
 
 def _load_reward_model(name: str, model_name: str, device: str):
     """(model, tokenizer), loaded once per (model, device); errors as ConfigError naming the judge."""
-    from .models import looks_local
-
     if not model_name:
         raise ConfigError(f"judge '{name}': hf: needs a model name or folder (hf:MODEL)")
     if looks_local(model_name) and not Path(model_name).expanduser().exists():
         raise ConfigError(f"judge '{name}': no such folder {model_name} (a hub model is named owner/name)")
     if not Path(model_name).expanduser().exists():
-        from .models import check_hub
-
         try:
             check_hub(model_name, f"judge '{name}'")
         except ModelError as err:

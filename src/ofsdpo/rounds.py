@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .generation import sample_groups
+
 
 @dataclass(frozen=True)
 class RoundSettings:
@@ -72,8 +74,6 @@ def judged_pairs_groups(model, tokenizer, tasks: list[tuple], settings: RoundSet
     """`judged_pairs` for several (domain, records) tasks, their prompts sampled in one call (`sample_groups`:
     a decoding step costs about the same for a few rows as for a few dozen); each task's `sample_seconds` is the
     call's."""
-    from .generation import sample_groups
-
     tick = time.perf_counter()
     groups = [([r["prompt"] for r in records], domain.chat, settings.max_new_tokens or domain.max_new_tokens)
               for domain, records in tasks]

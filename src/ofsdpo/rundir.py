@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 
 from .checkpoint import list_checkpoints
+from .config import RESUME_MAY_CHANGE, OFSDPOConfig, changed_options, read_config_file
 from .errors import ConfigError, OutputDirLocked
 from .files import write_atomic
 
@@ -127,8 +129,6 @@ def name_sources(config, model=None, train_data=None) -> tuple[Any, dict[str, st
 
 def config_yaml(values: dict, notes: dict[str, str]) -> str:
     """config.yaml's text: the values, with `# passed in memory` notes on the keys they explain."""
-    import yaml
-
     text = yaml.safe_dump(values, sort_keys=False)
     for key, note in notes.items():
         text = re.sub(rf"^{key}: null$", lambda _, key=key, note=note: f"{key}: null  # {note}", text, count=1,
@@ -253,8 +253,6 @@ def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool, processes=
 def check_same_run(path: Path, saved, now, config, num_pairs: int) -> None:
     """--resume continues the same run only: same method, data and every option that changes what it computes.
     `saved` is the checkpoint's `TrainerState`, `now` this run's (fresh) one."""
-    from .config import RESUME_MAY_CHANGE, OFSDPOConfig, changed_options, read_config_file
-
     if saved.method != config.method or saved.num_pairs != num_pairs:
         article = "an" if saved.method.startswith("ofs") else "a"  # "an OFS-DPO run"
         raise ConfigError(f"--resume: {path} was written by {article} {saved.method} run on {saved.num_pairs} pairs; "

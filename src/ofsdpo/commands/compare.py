@@ -23,6 +23,7 @@ from pathlib import Path
 from ..config import CompareConfig, ExperimentConfig, TrainingOptions
 from ..errors import ConfigError
 from ..files import write_atomic, write_json
+from ..prompts import load_prompts
 from .experiment import ExperimentRunner, split_by_prompt
 from .experiment_report import verdict
 
@@ -118,8 +119,6 @@ def _domain_file(spec: str) -> tuple[str, str]:
 def _check_heldout(cfg: CompareConfig, parts: dict) -> None:
     """Judged prompts must be held out: one that is also a prompt of the pairs would be scored after training on
     it. A clear error naming the first such prompt."""
-    from ..prompts import load_prompts
-
     def text(prompt) -> str:
         return json.dumps(prompt if not isinstance(prompt, str) else prompt.strip(), sort_keys=True)
 

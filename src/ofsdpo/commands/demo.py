@@ -16,30 +16,24 @@ import torch
 from transformers import set_seed
 
 from .. import provenance
-from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoSettings
+from ..config import DEMO_DOMAINS, DEMO_FULL as FULL, DEMO_QUICK as QUICK, DemoSettings, OFSDPOConfig
 from ..continual import ContinualConfig, ContinualRunner, format_table
+from ..data import load_preference_data, read_rows
 from ..domains import get_domain
 from ..files import write_atomic, write_json, write_jsonl
+from ..metrics import continual_loss_curve, continual_stage_curves
+from ..models import embedded_model, load_model_and_tokenizer, resolve_device
+from ..plotting import MARKERS, draw_frontier, draw_stage_curves, plot_judge_matrices, pyplot, save, shared_stages
+from ..reference import ReferenceCache
 from ..reuse import SharedWork
 from ..rounds import RoundSettings, judged_pairs_groups
-from ..metrics import read_curve
-from ..models import embedded_model, load_model_and_tokenizer, resolve_device
-from ..plotting import MARKERS, draw_frontier, draw_stage_curves, shared_stages, plot_judge_matrices, pyplot, save
+from ..scoring import common_random_numbers, reference_samples
+from ..trainer import OFSDPOTrainer
+from .experiment import CheckpointLadder
 
 METHODS = ("dpo", "ofs-dpo", "cofs-dpo")
 __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continual_loss_curve", "run_demo",
            "write_report"]
-
-
-def continual_stage_curves(run_dir: str | Path, domains: list[str]) -> list[list]:
-    """A continual run's training DPO loss per step (the fast module's under ofs-dpo), one list per stage."""
-    return [read_curve(Path(run_dir) / "domains" / f"{k + 1}-{name}" / "metrics.jsonl", "fast/loss", "loss")
-            for k, name in enumerate(domains)]
-
-
-def continual_loss_curve(run_dir: str | Path, domains: list[str]) -> list:
-    """`continual_stage_curves`, its stages one after another."""
-    return [value for stage in continual_stage_curves(run_dir, domains) for value in stage]
 
 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model: str | None = None,
@@ -113,13 +107,6 @@ def frontier_phase(base, tokenizer, domain, pairs_file: str, settings: DemoSetti
     experiment's `CheckpointLadder` (judge score and exact KL on the held-out prompts, the base's random numbers).
     The last `settings.heldout` pairs are the ladder's report pairs, the others the stream. Every curve starts at the
     base: KL 0 exactly, its own judge score."""
-    from ..config import OFSDPOConfig
-    from ..data import load_preference_data, read_rows
-    from ..reference import ReferenceCache
-    from ..scoring import common_random_numbers, reference_samples
-    from ..trainer import OFSDPOTrainer
-    from .experiment import CheckpointLadder
-
     s = settings
     rows = [row for _, row in read_rows(pairs_file)[1]]
     stream, report_rows = rows[:-s.heldout], rows[-s.heldout:]

@@ -463,7 +463,7 @@ class ExperimentRunner:
     def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
         from ..continual import ContinualRunner
         from ..reuse import SharedWork
-        from .demo import continual_loss_curve
+        from ..metrics import continual_loss_curve
 
         cfg = self.config
         files = {d: self.split_files(d) for d in cfg.domains}  # the report pairs are the held-out file: reported

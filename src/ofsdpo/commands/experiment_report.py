@@ -14,6 +14,15 @@ from typing import Any
 from ..config import ExperimentConfig
 from ..files import write_atomic, write_json
 from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
+from ..stats import (
+    bootstrap_ci,
+    crossed_bootstrap,
+    decision,
+    holm,
+    mean_sd,
+    minimum_detectable_effect,
+    paired_difference,
+)
 
 IN_DOMAIN_COLUMNS = (("judge_score", "judge score", True), ("win_rate", "win rate vs ref", False),
                      ("kl", "KL to ref", True), ("report_loss", "report DPO loss", False),
@@ -149,8 +158,6 @@ def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, di
 
 def adjust(rows: list[dict]) -> list[dict]:
     """Each row with "p_holm": its decision p-value Holm-adjusted over `rows` (one page's comparisons)."""
-    from ..stats import holm
-
     for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
         row["p_holm"] = p
     return rows
@@ -159,8 +166,6 @@ def adjust(rows: list[dict]) -> list[dict]:
 def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant: str, baseline: str,
                  domain: str | None) -> list[dict]:
     """One row per headline metric: `runs` − `base_runs` ({seed: result}) over the seeds both have."""
-    from ..stats import bootstrap_ci, crossed_bootstrap, decision, mean_sd, minimum_detectable_effect, paired_difference
-
     seeds = [s for s in config.seeds if s in runs and s in base_runs]
     rows = []
     for metric, title in PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL:
@@ -246,8 +251,6 @@ def _frontier_rows(config: ExperimentConfig, runs: dict, base_runs: dict, varian
                    domain: str | None) -> list[dict]:
     """Paired frontier rows (issue 27's headline): each of the variant's module roles against the baseline's
     served module (its only one for dpo), per seed, at the file's KL budgets, the best judge score and its KL."""
-    from ..stats import crossed_bootstrap, decision, mean_sd, paired_difference
-
     seeds = [s for s in config.seeds if s in runs and s in base_runs]
     curves = {s: (frontier_curves(runs[s]), frontier_curves(base_runs[s])) for s in seeds}
     if not seeds or not all(mine and theirs for mine, theirs in curves.values()):

@@ -13,8 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+import yaml
+from peft import PeftModel
+
 from ..config import ExportConfig
 from ..errors import ConfigError
+from ..models import load_model_and_tokenizer, require_safetensors
 
 
 def base_of(run: Path) -> tuple[str | None, str | None]:
@@ -22,18 +27,11 @@ def base_of(run: Path) -> tuple[str | None, str | None]:
     path = run / "config.yaml"
     if not path.is_file():
         return None, None
-    import yaml
-
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return values.get("model"), values.get("gguf_file")
 
 
 def export(cfg: ExportConfig) -> Path:
-    import torch
-    from peft import PeftModel
-
-    from ..models import load_model_and_tokenizer, require_safetensors
-
     run, out = Path(cfg.run), Path(cfg.out)
     require_safetensors(run, "run")
     if not (run / "adapter_config.json").is_file():
