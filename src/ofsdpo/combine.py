@@ -5,15 +5,27 @@ A state dict is what `modules.adapter_state` returns: `...<layer>.lora_A.weight`
 
 - `params` (the literal reading): A = Σ λ_k A_k and B = Σ λ_k B_k. Same rank; ΔW is *not* Σ λ_k ΔW_k (cross terms).
 - `delta` (exact): ΔW = Σ λ_k ΔW_k, a LoRA of rank Σ r_k made by stacking A_k and λ_k·B_k (peft's "cat").
+- `ties`, `dare_ties`, `dare_linear`: the merges of peft's `add_weighted_adapter` for LoRAs of one rank, through
+  peft's own `merge_utils` (TIES: keep each module's top-`density` entries by magnitude, elect a sign per entry, average
+  the kept entries that agree with it; DARE: drop entries at random, keeping each with probability `density`, and
+  rescale the kept ones by 1/density, then sum (`dare_linear`) or elect signs as TIES (`dare_ties`)). Like peft, they
+  merge the A matrices and the B matrices separately, each with the sqrt-split weights sign(w)·√|w·scaling| (A) and
+  √|w·scaling| (B), so their product carries w·scaling (`merge_like_peft`).
+
+`combine_states` dispatches the five by name; `combine_lora` also gives the LoraConfig the result is served with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import torch
+from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -41,8 +53,124 @@ def combine_delta(states: Sequence[dict], weights: Sequence[float]) -> dict[str,
 
 
 def effective_deltas(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """ΔW = scaling · B A of every adapted layer."""
-    return {layer: scaling * state[layer + B_SUFFIX].float() @ state[layer + A_SUFFIX].float() for layer in layers(state)}
+    """ΔW = scaling · B A of every adapted layer, in float32 or wider (a float64 state stays float64)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+    return {layer: scaling * wide(state[layer + B_SUFFIX]) @ wide(state[layer + A_SUFFIX]) for layer in layers(state)}
+
+
+# peft's merges of LoRAs of one rank (`peft.utils.merge_utils`), each called as `add_weighted_adapter` calls it:
+# (task tensors, weights, density) -> the merged tensor, with peft's default sign election ("total")
+PEFT_MERGES: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float], torch.Tensor]] = {
+    "ties": ties, "dare_ties": dare_ties, "dare_linear": dare_linear}
+RANDOM_MERGES = frozenset({"dare_ties", "dare_linear"})  # DARE drops entries at random (torch's global RNG)
+LINEAR_COMBINATIONS = {"params": combine_params, "delta": combine_delta}
+COMBINATIONS = (*LINEAR_COMBINATIONS, *PEFT_MERGES)  # every --combine value
+
+
+def combine_states(kind: str, states: Sequence[dict], weights: Sequence[float], density: float | None = None,
+                   scaling: float = 1.0, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The combination `kind` (one of `COMBINATIONS`) of the modules' states with these weights. `density`, `scaling`
+    and `seed` are the peft merges' (`merge_like_peft`); `params` and `delta` use every entry and leave the scaling
+    as it is, so they ignore them."""
+    if kind in LINEAR_COMBINATIONS:
+        return LINEAR_COMBINATIONS[kind](states, weights)
+    if kind in PEFT_MERGES:
+        return merge_like_peft(kind, states, weights, density, scaling, seed)
+    raise ValueError(f"unknown combination {kind!r}: one of {', '.join(COMBINATIONS)}")
+
+
+def combine_lora(kind: str, states: Sequence[dict], weights: Sequence[float], lora, density: float | None = None,
+                 seed: int | None = None):
+    """The combined module as (state, the LoraConfig to serve it with), the kept modules sharing the config `lora`.
+
+    - params: `lora` as it is;
+    - delta: rank and lora_alpha times the number of modules (scaling = alpha / r unchanged), as the ranks stack;
+    - ties, dare_ties, dare_linear: `lora` as it is, the merge computed with `scaling=1.0`. peft folds each module's
+      scaling s into the weights and serves its merged adapter at lora_alpha = r (scaling 1): ΔW = B_p A_p. These
+      merges are linear in the weights once their masks are drawn (TIES's trimming and sign election and DARE's
+      drops read the unweighted entries), so leaving √s out of both factors gives A = A_p/√s and B = B_p/√s, and
+      the module served at its own scaling s has ΔW = s·B A = B_p A_p, peft's (to rounding). Keeping the config also
+      lets the next stage start from the served state (--init previous) at the scaling it trains with.
+    """
+    state = combine_states(kind, states, weights, density=density, scaling=1.0, seed=seed)
+    if kind != "delta":
+        return state, lora
+    stacked = copy.deepcopy(lora)
+    stacked.r, stacked.lora_alpha = lora.r * len(states), lora.lora_alpha * len(states)
+    return state, stacked
+
+
+def merge_like_peft(kind: str, states: Sequence[dict], weights: Sequence[float], density: float | None,
+                    scaling: float = 1.0, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The A and B that peft's `add_weighted_adapter(adapters, weights, name, combination_type=kind, density=density)`
+    writes for LoRAs of one rank whose scaling (lora_alpha / r) is `scaling`: per layer, A = merge(A_k, sign(w_k)·
+    √|w_k·scaling|) and B = merge(B_k, √|w_k·scaling|), `merge` being peft's `ties`, `dare_ties` or `dare_linear`
+    (`PEFT_MERGES`). peft serves them at lora_alpha = r (scaling 1); `combine_lora` says how we serve them. With one
+    module peft merges linearly (`task_arithmetic`) whatever the kind, and so does this.
+
+    DARE's masks come from torch's global RNG on the states' device, as in peft: for each layer in the state dicts'
+    order (the model's module order, the order peft walks), one Bernoulli(density) draw per entry of every module's
+    A, then of every module's B. With `seed`, that RNG is seeded with it inside `torch.random.fork_rng`, so the same
+    seed draws the same masks whatever the weights (common random numbers across the λ candidates) and the caller's
+    RNG is left as it was; with None the masks come from the RNG as it stands, which they advance. TIES draws nothing.
+    """
+    if kind not in PEFT_MERGES:
+        raise ValueError(f"{kind!r} is not one of peft's merges ({', '.join(PEFT_MERGES)})")
+    if density is None or not 0.0 < density <= 1.0:
+        raise ValueError(f"{kind} needs a density in (0, 1]: the share of entries each module keeps (got {density})")
+    _check_one_rank(states)
+    merge = PEFT_MERGES[kind] if len(states) > 1 else (lambda tensors, w, _: task_arithmetic(tensors, w))
+    # peft's weights for the A and B sides: the sign on one side only, so a negative weight is not squared away
+    products = [w * scaling for w in weights]
+    weights_a = [math.sqrt(abs(p)) * (1 if p >= 0 else -1) for p in products]
+    weights_b = [math.sqrt(abs(p)) for p in products]
+    device = states[0][next(iter(states[0]))].device
+    out = {}
+    with _seeded_rng(seed if kind in RANDOM_MERGES else None, device), warnings.catch_warnings():
+        # peft warns on every tensor that density 1 prunes nothing: at --density 1 that is what was asked
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+        for layer in _layers_in_state_order(states[0]):
+            for suffix, side_weights in ((A_SUFFIX, weights_a), (B_SUFFIX, weights_b)):
+                tensors = [state[layer + suffix] for state in states]
+                # the weights as peft builds them (`torch.tensor` of floats: the default dtype): its result to the bit
+                merged = merge(tensors, torch.tensor(side_weights).to(tensors[0].device), density)
+                out[layer + suffix] = merged.to(tensors[0].dtype)
+    return out
+
+
+def _check_one_rank(states: Sequence[dict]) -> None:
+    keys = states[0].keys()
+    for state in states[1:]:
+        if state.keys() != keys:
+            raise ValueError("modules to combine must adapt the same layers")
+        shapes = {k: tuple(state[k].shape) for k in keys}
+        if shapes != {k: tuple(states[0][k].shape) for k in keys}:
+            raise ValueError("ties and dare merge LoRAs of one rank (as peft's add_weighted_adapter): use --combine "
+                             "delta for modules of different ranks")
+
+
+def _layers_in_state_order(state: dict[str, torch.Tensor]) -> list[str]:
+    """The adapted layers in the state dict's order (`layers` sorts them): the order peft walks the model in."""
+    return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int | None, device: torch.device):
+    """Inside: torch's RNG of `device` seeded with `seed` (as `torch.manual_seed` would seed it); after: the RNG of
+    the CPU and of `device` as they were. Only that device's is touched (`torch.manual_seed` would reseed every one)."""
+    if seed is None:
+        yield
+        return
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accelerator else [],
+                               device_type=device.type if accelerator else None):
+        if accelerator:
+            seeded = torch.Generator(device).manual_seed(seed).get_state()
+            torch.get_device_module(device.type).set_rng_state(seeded, device)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def recursive_weights(previous: Sequence[float], lam: float) -> list[float]:
