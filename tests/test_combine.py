@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ofsdpo.combine import (COMBINATIONS, combine_delta, combine_lora, combine_params, combine_states,
-                            effective_deltas, recursive_weights, search_lambda, search_simplex)
+                            effective_deltas, layer_seed, recursive_weights, search_lambda, search_simplex)
 
 
 def module(seed, rank=2):
@@ -223,22 +223,20 @@ def peft_modules(tiny_model_dir, count: int, positive: bool = False):
 
 def peft_merge(model, names, weights, kind, density, seed, monkeypatch):
     """peft's `add_weighted_adapter` into adapter "merged": its A and B and each layer's ΔW (`get_delta_weight`).
-    peft first initialises the new adapter's layers from the global RNG; DARE's draws start at its first merge
-    call, so the RNG is seeded there."""
+    Our DARE draws each layer's masks from `layer_seed(seed, layer)`; peft merges layer by layer from the global RNG,
+    so its RNG is seeded the same way as it starts each layer's merge (its draws within a layer are in our order)."""
     from peft.tuners.lora import LoraLayer, LoraModel
 
     from ofsdpo.modules import adapter_state
 
     merge_layer = LoraModel._generalized_task_arithmetic_weighted_adapter
-    unseeded = [True]
+    layer_names = {id(module): name for name, module in model.named_modules()}
 
-    def seeded_at_first_merge(self, *args, **kwargs):
-        if unseeded:
-            torch.manual_seed(seed)
-            unseeded.clear()
-        return merge_layer(self, *args, **kwargs)
+    def seeded_per_layer(self, combination_type, adapters, weights, target, *args):
+        torch.manual_seed(layer_seed(seed, layer_names[id(target)]))
+        return merge_layer(self, combination_type, adapters, weights, target, *args)
 
-    monkeypatch.setattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter", seeded_at_first_merge)
+    monkeypatch.setattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter", seeded_per_layer)
     model.add_weighted_adapter(names, weights, "merged", combination_type=kind, density=density)
     deltas = {name: module.get_delta_weight("merged") for name, module in model.named_modules()
               if isinstance(module, LoraLayer) and "merged" in module.lora_A}
@@ -251,9 +249,9 @@ def peft_merge(model, names, weights, kind, density, seed, monkeypatch):
 def test_peft_merges_write_what_peft_add_weighted_adapter_writes(tiny_model_dir, float64_default, monkeypatch, kind,
                                                                    density, weights):
     """Our A and B are peft's to the bit (the same merge_utils functions on the same tensors, weights and draws:
-    DARE seeded alike), with the scaling folded in as peft does; served as `combine_lora` serves them (the modules'
-    own config, the scaling left out of the weights), the module's ΔW is peft's merged adapter's. One module: peft
-    merges linearly whatever the kind, and so do we."""
+    DARE seeded alike, layer by layer), with the scaling folded in as peft does; served as `combine_lora` serves
+    them (the modules' own config, the scaling left out of the weights), the module's ΔW is peft's merged adapter's.
+    One module: peft merges linearly whatever the kind, and so do we."""
     model, names, states = peft_modules(tiny_model_dir, len(weights))
     theirs, their_deltas = peft_merge(model, names, weights, kind, density, seed=7, monkeypatch=monkeypatch)
     ours = combine_states(kind, states, weights, density=density, scaling=ALPHA / RANK, seed=7)
@@ -280,8 +278,16 @@ def test_dare_merges_draw_masks_at_all(tiny_model_dir, float64_default):
     assert any(not torch.equal(one[k], other[k]) for k in one)
 
 
+def two_layers(seed):
+    """A module adapting layer.q, then layer.k: its keys are not in sorted order."""
+    q, k = module(seed), module(seed + 10)
+    return {**q, **{key.replace("layer.q", "layer.k"): value for key, value in k.items()}}
+
+
 def test_dare_seed_fixes_the_masks_and_leaves_the_callers_rng_alone():
-    a, b = module(0), module(1)
+    """The same seed, the same masks: whatever the weights, and whatever the states' key order (a resumed run reloads
+    its kept modules from safetensors, sorted by key); the caller's RNG is as it was. No seed: the global RNG's."""
+    a, b = two_layers(0), two_layers(1)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = combine_states("dare_ties", [a, b], [0.4, 0.6], density=0.5, seed=5)
@@ -289,12 +295,14 @@ def test_dare_seed_fixes_the_masks_and_leaves_the_callers_rng_alone():
     again = combine_states("dare_ties", [a, b], [0.9, 0.1], density=0.5, seed=5)  # other weights, the same masks
     for key in first:
         assert torch.equal(first[key] != 0, again[key] != 0)
-    # without a seed the masks come from the global RNG as it stands, as in peft
-    torch.manual_seed(5)
-    unseeded = combine_states("dare_ties", [a, b], [0.4, 0.6], density=0.5)
-    assert not torch.equal(torch.get_rng_state(), before)
+    in_sorted_order = [dict(sorted(state.items())) for state in (a, b)]
+    reordered = combine_states("dare_ties", in_sorted_order, [0.4, 0.6], density=0.5, seed=5)
+    assert list(reordered) == sorted(first) != list(first)
     for key in first:
-        assert torch.equal(first[key], unseeded[key])
+        assert torch.equal(first[key], reordered[key])
+    unseeded = [combine_states("dare_ties", [a, b], [0.4, 0.6], density=0.5) for _ in range(2)]
+    assert not torch.equal(torch.get_rng_state(), before)
+    assert any(not torch.equal(unseeded[0][key], unseeded[1][key]) for key in first)
 
 
 def test_ties_at_full_density_without_sign_conflicts_is_a_linear_merge():

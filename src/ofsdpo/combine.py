@@ -17,8 +17,8 @@ A state dict is what `modules.adapter_state` returns: `...<layer>.lora_A.weight`
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -109,11 +109,12 @@ def merge_like_peft(kind: str, states: Sequence[dict], weights: Sequence[float],
     (`PEFT_MERGES`). peft serves them at lora_alpha = r (scaling 1); `combine_lora` says how we serve them. With one
     module peft merges linearly (`task_arithmetic`) whatever the kind, and so does this.
 
-    DARE's masks come from torch's global RNG on the states' device, as in peft: for each layer in the state dicts'
-    order (the model's module order, the order peft walks), one Bernoulli(density) draw per entry of every module's
-    A, then of every module's B. With `seed`, that RNG is seeded with it inside `torch.random.fork_rng`, so the same
-    seed draws the same masks whatever the weights (common random numbers across the λ candidates) and the caller's
-    RNG is left as it was; with None the masks come from the RNG as it stands, which they advance. TIES draws nothing.
+    DARE's masks are Bernoulli(density) draws of torch's CPU RNG, one per entry of every module's A, then of every
+    module's B, layer by layer. With `seed`, each layer's draws start from `layer_seed(seed, layer)` inside
+    `torch.random.fork_rng`: the same masks whatever the weights (common random numbers across the λ candidates), the
+    states' device or their key order (a resumed run reloads them sorted, on the CPU), and the caller's RNG is left
+    as it was. With None they come from the global CPU RNG as it stands, as in peft on the CPU, and advance it. peft
+    on a GPU would draw from that GPU's RNG instead. TIES draws nothing.
     """
     if kind not in PEFT_MERGES:
         raise ValueError(f"{kind!r} is not one of peft's merges ({', '.join(PEFT_MERGES)})")
@@ -125,17 +126,21 @@ def merge_like_peft(kind: str, states: Sequence[dict], weights: Sequence[float],
     products = [w * scaling for w in weights]
     weights_a = [math.sqrt(abs(p)) * (1 if p >= 0 else -1) for p in products]
     weights_b = [math.sqrt(abs(p)) for p in products]
-    device = states[0][next(iter(states[0]))].device
-    out = {}
-    with _seeded_rng(seed if kind in RANDOM_MERGES else None, device), warnings.catch_warnings():
+    random, out = kind in RANDOM_MERGES, {}
+    with torch.random.fork_rng(devices=[], enabled=random and seed is not None), warnings.catch_warnings():
         # peft warns on every tensor that density 1 prunes nothing: at --density 1 that is what was asked
         warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
         for layer in _layers_in_state_order(states[0]):
+            if random and seed is not None:
+                torch.random.default_generator.manual_seed(layer_seed(seed, layer))
             for suffix, side_weights in ((A_SUFFIX, weights_a), (B_SUFFIX, weights_b)):
                 tensors = [state[layer + suffix] for state in states]
+                device, dtype = tensors[0].device, tensors[0].dtype
+                if random:  # drawn by the CPU's RNG: the same masks on every device
+                    tensors = [t.cpu() for t in tensors]
                 # the weights as peft builds them (`torch.tensor` of floats: the default dtype): its result to the bit
                 merged = merge(tensors, torch.tensor(side_weights).to(tensors[0].device), density)
-                out[layer + suffix] = merged.to(tensors[0].dtype)
+                out[layer + suffix] = merged.to(device=device, dtype=dtype)
     return out
 
 
@@ -151,26 +156,13 @@ def _check_one_rank(states: Sequence[dict]) -> None:
 
 
 def _layers_in_state_order(state: dict[str, torch.Tensor]) -> list[str]:
-    """The adapted layers in the state dict's order (`layers` sorts them): the order peft walks the model in."""
+    """The adapted layers in the state dict's order (`layers` sorts them), so the result's keys keep the input's."""
     return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
 
 
-@contextlib.contextmanager
-def _seeded_rng(seed: int | None, device: torch.device):
-    """Inside: torch's RNG of `device` seeded with `seed` (as `torch.manual_seed` would seed it); after: the RNG of
-    the CPU and of `device` as they were. Only that device's is touched (`torch.manual_seed` would reseed every one)."""
-    if seed is None:
-        yield
-        return
-    accelerator = device.type != "cpu"
-    with torch.random.fork_rng(devices=[device] if accelerator else [],
-                               device_type=device.type if accelerator else None):
-        if accelerator:
-            seeded = torch.Generator(device).manual_seed(seed).get_state()
-            torch.get_device_module(device.type).set_rng_state(seeded, device)
-        else:
-            torch.random.default_generator.manual_seed(seed)
-        yield
+def layer_seed(seed: int, layer: str) -> int:
+    """The seed of one layer's DARE draws: a function of the run's seed and the layer's name only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{layer}".encode()).digest()[:8], "little")
 
 
 def recursive_weights(previous: Sequence[float], lam: float) -> list[float]:
