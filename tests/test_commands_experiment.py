@@ -293,7 +293,7 @@ def test_option_roles_reproduce_the_lists_they_replaced():
                                  "resume_from", "gradient_checkpointing", "judge_device"}
     assert NOT_COMPUTED == {"output_dir", "resume", "overwrite", "progress", "report_to", "save_steps",
                             "save_total_limit", "resume_from"}  # resume_from: new here, always None in a stage
-    assert WEIGHTS_ONLY == {"domain", "method", "init", "combine", "search", "search_budget", "lambda_grid",
+    assert WEIGHTS_ONLY == {"domain", "method", "init", "combine", "density", "search", "search_budget", "lambda_grid",
                             "max_steps_per_domain"}
     roles = option_roles(OFSDPOConfig, ContinualConfig)
     assert set(roles) == OFSDPOConfig.field_names() | ContinualConfig.flat_field_names()

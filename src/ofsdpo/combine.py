@@ -5,15 +5,27 @@ A state dict is what `modules.adapter_state` returns: `...<layer>.lora_A.weight`
 
 - `params` (the literal reading): A = Σ λ_k A_k and B = Σ λ_k B_k. Same rank; ΔW is *not* Σ λ_k ΔW_k (cross terms).
 - `delta` (exact): ΔW = Σ λ_k ΔW_k, a LoRA of rank Σ r_k made by stacking A_k and λ_k·B_k (peft's "cat").
+- `ties`, `dare_ties`, `dare_linear`: the merges of peft's `add_weighted_adapter` for LoRAs of one rank, through
+  peft's own `merge_utils` (TIES: keep each module's top-`density` entries by magnitude, elect a sign per entry, average
+  the kept entries that agree with it; DARE: drop entries at random, keeping each with probability `density`, and
+  rescale the kept ones by 1/density, then sum (`dare_linear`) or elect signs as TIES (`dare_ties`)). Like peft, they
+  merge the A matrices and the B matrices separately, each with the sqrt-split weights sign(w)·√|w·scaling| (A) and
+  √|w·scaling| (B), so their product carries w·scaling (`merge_like_peft`).
+
+`combine_states` dispatches the five by name; `combine_lora` also gives the LoraConfig the result is served with.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import torch
+from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -41,8 +53,116 @@ def combine_delta(states: Sequence[dict], weights: Sequence[float]) -> dict[str,
 
 
 def effective_deltas(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """ΔW = scaling · B A of every adapted layer."""
-    return {layer: scaling * state[layer + B_SUFFIX].float() @ state[layer + A_SUFFIX].float() for layer in layers(state)}
+    """ΔW = scaling · B A of every adapted layer, in float32 or wider (a float64 state stays float64)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+    return {layer: scaling * wide(state[layer + B_SUFFIX]) @ wide(state[layer + A_SUFFIX]) for layer in layers(state)}
+
+
+# peft's merges of LoRAs of one rank (`peft.utils.merge_utils`), each called as `add_weighted_adapter` calls it:
+# (task tensors, weights, density) -> the merged tensor, with peft's default sign election ("total")
+PEFT_MERGES: dict[str, Callable[[list[torch.Tensor], torch.Tensor, float], torch.Tensor]] = {
+    "ties": ties, "dare_ties": dare_ties, "dare_linear": dare_linear}
+RANDOM_MERGES = frozenset({"dare_ties", "dare_linear"})  # DARE drops entries at random (torch's global RNG)
+LINEAR_COMBINATIONS = {"params": combine_params, "delta": combine_delta}
+COMBINATIONS = (*LINEAR_COMBINATIONS, *PEFT_MERGES)  # every --combine value
+
+
+def combine_states(kind: str, states: Sequence[dict], weights: Sequence[float], density: float | None = None,
+                   scaling: float = 1.0, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The combination `kind` (one of `COMBINATIONS`) of the modules' states with these weights. `density`, `scaling`
+    and `seed` are the peft merges' (`merge_like_peft`); `params` and `delta` use every entry and leave the scaling
+    as it is, so they ignore them."""
+    if kind in LINEAR_COMBINATIONS:
+        return LINEAR_COMBINATIONS[kind](states, weights)
+    if kind in PEFT_MERGES:
+        return merge_like_peft(kind, states, weights, density, scaling, seed)
+    raise ValueError(f"unknown combination {kind!r}: one of {', '.join(COMBINATIONS)}")
+
+
+def combine_lora(kind: str, states: Sequence[dict], weights: Sequence[float], lora, density: float | None = None,
+                 seed: int | None = None):
+    """The combined module as (state, the LoraConfig to serve it with), the kept modules sharing the config `lora`.
+
+    - params: `lora` as it is;
+    - delta: rank and lora_alpha times the number of modules (scaling = alpha / r unchanged), as the ranks stack;
+    - ties, dare_ties, dare_linear: `lora` as it is, the merge computed with `scaling=1.0`. peft folds each module's
+      scaling s into the weights and serves its merged adapter at lora_alpha = r (scaling 1): ΔW = B_p A_p. These
+      merges are linear in the weights once their masks are drawn (TIES's trimming and sign election and DARE's
+      drops read the unweighted entries), so leaving √s out of both factors gives A = A_p/√s and B = B_p/√s, and
+      the module served at its own scaling s has ΔW = s·B A = B_p A_p, peft's (to rounding). Keeping the config also
+      lets the next stage start from the served state (--init previous) at the scaling it trains with.
+    """
+    state = combine_states(kind, states, weights, density=density, scaling=1.0, seed=seed)
+    if kind != "delta":
+        return state, lora
+    stacked = copy.deepcopy(lora)
+    stacked.r, stacked.lora_alpha = lora.r * len(states), lora.lora_alpha * len(states)
+    return state, stacked
+
+
+def merge_like_peft(kind: str, states: Sequence[dict], weights: Sequence[float], density: float | None,
+                    scaling: float = 1.0, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The A and B that peft's `add_weighted_adapter(adapters, weights, name, combination_type=kind, density=density)`
+    writes for LoRAs of one rank whose scaling (lora_alpha / r) is `scaling`: per layer, A = merge(A_k, sign(w_k)·
+    √|w_k·scaling|) and B = merge(B_k, √|w_k·scaling|), `merge` being peft's `ties`, `dare_ties` or `dare_linear`
+    (`PEFT_MERGES`). peft serves them at lora_alpha = r (scaling 1); `combine_lora` says how we serve them. With one
+    module peft merges linearly (`task_arithmetic`) whatever the kind, and so does this.
+
+    DARE's masks are Bernoulli(density) draws of torch's CPU RNG, one per entry of every module's A, then of every
+    module's B, layer by layer. With `seed`, each layer's draws start from `layer_seed(seed, layer)` inside
+    `torch.random.fork_rng`: the same masks whatever the weights (common random numbers across the λ candidates), the
+    states' device or their key order (a resumed run reloads them sorted, on the CPU), and the caller's RNG is left
+    as it was. With None they come from the global CPU RNG as it stands, as in peft on the CPU, and advance it. peft
+    on a GPU would draw from that GPU's RNG instead. TIES draws nothing.
+    """
+    if kind not in PEFT_MERGES:
+        raise ValueError(f"{kind!r} is not one of peft's merges ({', '.join(PEFT_MERGES)})")
+    if density is None or not 0.0 < density <= 1.0:
+        raise ValueError(f"{kind} needs a density in (0, 1]: the share of entries each module keeps (got {density})")
+    _check_one_rank(states)
+    merge = PEFT_MERGES[kind] if len(states) > 1 else (lambda tensors, w, _: task_arithmetic(tensors, w))
+    # peft's weights for the A and B sides: the sign on one side only, so a negative weight is not squared away
+    products = [w * scaling for w in weights]
+    weights_a = [math.sqrt(abs(p)) * (1 if p >= 0 else -1) for p in products]
+    weights_b = [math.sqrt(abs(p)) for p in products]
+    random, out = kind in RANDOM_MERGES, {}
+    with torch.random.fork_rng(devices=[], enabled=random and seed is not None), warnings.catch_warnings():
+        # peft warns on every tensor that density 1 prunes nothing: at --density 1 that is what was asked
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+        for layer in _layers_in_state_order(states[0]):
+            if random and seed is not None:
+                torch.random.default_generator.manual_seed(layer_seed(seed, layer))
+            for suffix, side_weights in ((A_SUFFIX, weights_a), (B_SUFFIX, weights_b)):
+                tensors = [state[layer + suffix] for state in states]
+                device, dtype = tensors[0].device, tensors[0].dtype
+                if random:  # drawn by the CPU's RNG: the same masks on every device
+                    tensors = [t.cpu() for t in tensors]
+                # the weights as peft builds them (`torch.tensor` of floats: the default dtype): its result to the bit
+                merged = merge(tensors, torch.tensor(side_weights).to(tensors[0].device), density)
+                out[layer + suffix] = merged.to(device=device, dtype=dtype)
+    return out
+
+
+def _check_one_rank(states: Sequence[dict]) -> None:
+    keys = states[0].keys()
+    for state in states[1:]:
+        if state.keys() != keys:
+            raise ValueError("modules to combine must adapt the same layers")
+        shapes = {k: tuple(state[k].shape) for k in keys}
+        if shapes != {k: tuple(states[0][k].shape) for k in keys}:
+            raise ValueError("ties and dare merge LoRAs of one rank (as peft's add_weighted_adapter): use --combine "
+                             "delta for modules of different ranks")
+
+
+def _layers_in_state_order(state: dict[str, torch.Tensor]) -> list[str]:
+    """The adapted layers in the state dict's order (`layers` sorts them), so the result's keys keep the input's."""
+    return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """The seed of one layer's DARE draws: a function of the run's seed and the layer's name only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{layer}".encode()).digest()[:8], "little")
 
 
 def recursive_weights(previous: Sequence[float], lam: float) -> list[float]:

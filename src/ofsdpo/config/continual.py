@@ -83,6 +83,10 @@ class DomainSpec:
         return spec
 
 
+DENSITY_COMBINES = ("ties", "dare_ties", "dare_linear")  # the --combine values that read --density
+DEFAULT_DENSITY = 0.5
+
+
 def resolve_search(search: str, init: str) -> str:
     """--search auto resolved: on the 3-domain chain the simplex search beat the pairwise recursion under --init fresh
     (memory and report loss, accuracy, forgetting; docs/results.md); under --init previous only the recursion ran."""
@@ -111,9 +115,17 @@ class ContinualOptions:
     heldout_size: int = field(
         default=32, metadata=_help("Pairs held out from the end of a domain's stream when it has no heldout file.")
     )
-    combine: Literal["params", "delta"] = field(
+    combine: Literal["params", "delta", "ties", "dare_ties", "dare_linear"] = field(
         default="params", metadata=_help(
-            "params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly.", weights_only=True)
+            "params: combine LoRA A and B (literal); delta: combine ΔW = BA exactly; ties, dare_ties, dare_linear: "
+            "peft's merges of A and B (each trims or drops entries, --density), weighted by the λ search.",
+            weights_only=True)
+    )
+    density: float = field(
+        default=DEFAULT_DENSITY, metadata=_help(
+            "--combine ties|dare_ties|dare_linear: share of each module's A and B entries kept, in (0, 1]: TIES "
+            "keeps the largest, DARE a random share rescaled by 1/density. Lower: less interference between the "
+            "modules, more of each one lost; 1 keeps every entry.", weights_only=True)
     )
     init: Literal["previous", "fresh"] = field(
         default="previous", metadata=_help(
@@ -175,6 +187,13 @@ class ContinualOptions:
             raise ConfigError(f"--judge-samples must be >= 1 (got {self.judge_samples}).")
         if self.search_budget < 1:
             raise ConfigError(f"--search-budget must be >= 1 (got {self.search_budget}).")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"--density must lie in (0, 1]: the share of entries each module keeps (got "
+                              f"{self.density}).")
+        if self.density != DEFAULT_DENSITY and self.combine not in DENSITY_COMBINES:
+            raise ConfigError(f"--density applies to --combine {'|'.join(DENSITY_COMBINES)} (the merges that trim or "
+                              f"drop entries); --combine {self.combine} keeps every entry: drop --density, or pick "
+                              "one of those merges.")
         if not all(0.0 <= x <= 1.0 for x in self.lambdas):
             raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
 
