@@ -70,6 +70,34 @@ def test_reaggregate_and_the_page_decide_every_verdict_under_one_rule(tmp_path):
     text = page.read_text()
     count = 2 * len(rebuilt["paired"])
     assert "old text" not in text and text.endswith(f"{sections.END}\n\n- kept\n")
-    assert text.count("## Claim 1 where fast-slow can act") == 2 and "![frontier](results/frontier-x-frontier.png)" in text
+    assert text.count("## Claim 1 where fast-slow can act") == 2
+    assert "![frontier](results/frontier-x-frontier.png)" in text
     assert f"Holm over the page's {count} comparisons" in text
     assert "| ofs (slow) | 8 |" in text and "Served module of `ofs` per checkpoint" in text
+
+
+def test_aggregate_runs_takes_each_processes_runs_and_refuses_a_stale_key(tmp_path):
+    """Seeds run in two processes (two output folders) are collected into one set of results, each checked against
+    the run key the experiment computes now: a run of other settings is refused, naming it; nothing is trained."""
+    from test_commands_experiment import _write_pairs
+
+    from ofsdpo.commands.experiment import ExperimentRunner
+    from ofsdpo.config import ExperimentConfig
+
+    collect = load("aggregate_runs").collect
+    config = ExperimentConfig(name="e", kind="in-domain", domains=["sentiment"], seeds=[0, 1, 2],
+                              variants=[{"name": "dpo", "method": "dpo"}], data_dir=str(tmp_path / "pairs"))
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    variant = config.variants[0]
+    for folder, seed in (("a", 0), ("b", 1)):  # seed 2 never ran
+        path = tmp_path / folder / "runs" / "dpo" / "sentiment" / f"seed-{seed}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"run_key": runner.run_key(variant, "sentiment", seed), "seed": seed}))
+    results = collect(config, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert {cell: sorted(runs) for cell, runs in results.items()} == {"dpo/sentiment": [0, 1]}
+    assert results["dpo/sentiment"][1]["seed"] == 1 and not (tmp_path / "out" / "runs").exists()
+    stale = tmp_path / "b" / "runs" / "dpo" / "sentiment" / "seed-1" / "result.json"
+    stale.write_text(json.dumps({"run_key": "0123456789abcdef", "seed": 1}))
+    with pytest.raises(SystemExit, match=r"seed-1/result.json: run key 0123456789abcdef is not the experiment's"):
+        collect(config, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
