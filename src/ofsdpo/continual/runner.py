@@ -15,16 +15,15 @@ import torch
 from ..checkpoint import list_checkpoints
 from ..combine import combine_delta, combine_params
 from ..config import WEIGHTS_ONLY, ContinualConfig, OFSDPOConfig
-from ..data import PreferenceData
 from ..distributed import Processes
 from ..domains import DOMAINS
 from ..errors import ConfigError
+from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..models import load_model_and_tokenizer, load_tokenizer, resolve_device
 from ..modules import load_adapter_state
 from ..reference import ReferenceCache
 from ..reuse import NOT_COMPUTED, SharedWork
 from ..rundir import output_dir_lock, refuse_if_locked
-from ..scoring import common_random_numbers, heldout_scores_many, judge_evals, reference_sample_groups
 from ..state import TrainResult
 from ..stream import fingerprint
 from ..trainer import OFSDPOTrainer
@@ -155,12 +154,9 @@ class ContinualRunner:
         seen = self.domains[:scored]
 
         def compute() -> dict:
-            scores = self._score(model, served_lora, served, [(d.test, d.test_reference) for d in seen],
-                                 per_pair=True)
-            judged = self._judge(model, served_lora, served, scored) if self.config.judge_prompts else None
-            return {"scores": scores, "judged": judged,
-                    "reference": {d.name: self._reference_scores[d.name] for d in seen
-                                  if d.name in self._reference_scores}}
+            rows = self._evaluate(model, served_lora, served, self._report_sets(seen), "served", per_pair=True)
+            return {"rows": rows, "reference": {d.name: self._reference_scores[d.name] for d in seen
+                                                if d.name in self._reference_scores}}
 
         if self._shared is None or self.processes.count > 1 or any(d.on_policy is not None for d in seen):
             result = compute()
@@ -168,16 +164,15 @@ class ContinualRunner:
             result = self._shared.score(self._scoring_parts(model, served_lora, seen), served, compute)
             for name, scores in result["reference"].items():  # the base's samples a reused result was judged against
                 self._reference_scores.setdefault(name, scores)
-        scores = result["scores"] + [{}] * (len(self.domains) - scored)
-        matrix["loss"].append([s.get("loss") for s in scores])
-        matrix["accuracy"].append([s.get("accuracy") for s in scores])
-        judged = result["judged"] or [{}] * len(self.domains)  # `_judge` returns one row per domain
+        rows = result["rows"] + [{}] * (len(self.domains) - scored)  # a domain not scored: None everywhere
+        matrix["loss"].append([r.get("loss") for r in rows])
+        matrix["accuracy"].append([r.get("accuracy") for r in rows])
         matrix.setdefault("units", []).append(  # per report pair and judged prompt: `headline_units`
-            [None if "per_pair" not in s else {**s["per_pair"], "judge_score": j.get("per_prompt", {}).get(
-                "judge_score")} for s, j in zip(scores, judged)])
-        if result["judged"] is not None:
+            [None if "per_pair" not in r else {**r["per_pair"], "judge_score": r.get("per_prompt", {}).get(
+                "judge_score")} for r in rows])
+        if self.config.judge_prompts:  # a domain of pairs files only has nothing judged: None
             for key in ("judge_score", "win_rate", "kl"):
-                matrix.setdefault(key, []).append([j.get(key) for j in result["judged"]])
+                matrix.setdefault(key, []).append([r.get(key) for r in rows])
 
     def _scoring_parts(self, model, served_lora, seen: list[Domain]) -> dict:
         """What a served module's scores depend on besides its weights (`reuse.SharedWork.score`): the options
@@ -225,41 +220,23 @@ class ContinualRunner:
                              on_policy_domain=domain.on_policy,
                              train_reference=None if domain.on_policy else train_reference)
 
-    def _score(self, model, lora, state, sets: list[tuple[PreferenceData, ReferenceCache]], name="served",
-               per_pair: bool = False) -> list:
-        """`state`'s loss and accuracy on each (pairs, reference) set, the sets' pairs in shared batches."""
-        cfg = self.config.training
-        name = self.slots.load(model, name, lora, state)
-        return heldout_scores_many(model, sets, name, self.tokenizer.pad_token_id, cfg.beta,
-                                   cfg.eval_batch_size or 2 * cfg.batch_size, cfg.logprob_chunk_size,
-                                   per_pair=per_pair)
+    def _evaluate(self, model, lora, state, sets: list[EvalSet], slot: str, per_pair: bool = False) -> list[dict]:
+        """`state`'s row on each set (`evaluation.evaluate`), scored in adapter slot `slot`. The sets' pairs share
+        batches; under --score-domains all, every judged domain's prompts are sampled in one call, under seen each
+        domain in a call of its own (the domains judged change from stage to stage, and a row's random numbers
+        depend on the call's rows). The reference's samples are drawn once per run with the same calls, under the
+        run's seed: common random numbers."""
+        options = EvalOptions.of_run(self.config.training, judge_samples=self.config.judge_samples,
+                                     judge_together=self.config.score_domains == "all")
+        return evaluate(model, self.tokenizer, self.slots.load(model, slot, lora, state), sets, options,
+                        self._reference_scores, per_pair=per_pair)
 
-    def _judge(self, model, lora, state, scored: int) -> list[dict]:
-        """Judge the served module's samples on the first `scored` domains' held-out prompts (built-in domains,
-        and on-policy domains with their own judge: SPEC §6 evaluation). Under --score-domains all, every domain's
-        prompts are sampled in one call; under seen, each domain in a call of its own (the domains judged change
-        from stage to stage, and a row's random numbers depend on the call's rows). The reference's samples are
-        drawn once per run with the same calls, under the run's seed: common random numbers."""
-        served = self.slots.load(model, "served", lora, state)
-        device = next(model.parameters()).device
-        judged = [(i, d.name, task) for i, (d, task) in enumerate(zip(self.domains[:scored], self._judge_tasks()))
-                  if task]
-        calls = [judged] if self.config.score_domains == "all" else [[one] for one in judged]
-        results = [{} for _ in self.domains]  # a domain of pairs files only (or not scored): nothing to judge
-        for call in filter(None, calls):
-            tasks = [task for _, _, task in call]
-            if any(name not in self._reference_scores for _, name, _ in call):  # one set for all stages, methods
-                with common_random_numbers(self.config.training.seed, device):
-                    scores = reference_sample_groups(model, self.tokenizer, tasks,
-                                                     samples_per_prompt=self.config.judge_samples)
-                self._reference_scores.update({name: s for (_, name, _), s in zip(call, scores)})
-            with common_random_numbers(self.config.training.seed, device):  # the reference's draws, row for row
-                evals = judge_evals(model, self.tokenizer, tasks, served,
-                                    ref_scores=[self._reference_scores[name] for _, name, _ in call],
-                                    samples_per_prompt=self.config.judge_samples)
-            for (i, _, _), result in zip(call, evals):
-                results[i] = result
-        return results
+    def _report_sets(self, domains: list[Domain]) -> list[EvalSet]:
+        """The domains' report pairs and, with --judge-prompts, the held-out prompts of those with a judge (built-in
+        domains, and on-policy domains with their own judge: SPEC §6 evaluation)."""
+        judging = self.config.judge_prompts > 0
+        return [EvalSet(d.name, d.test, d.test_reference, *(task if judging and task else (None, [])))
+                for d, task in zip(domains, self._judge_tasks())]
 
     def _judge_tasks(self) -> list[tuple | None]:
         """Per domain, (judged domain, held-out prompt records), or None for a domain of pairs files only."""
@@ -285,7 +262,8 @@ class ContinualRunner:
     def memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
         """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
         seen = self.domains[:k + 1]
-        scores = self._score(model, lora, state, [(d.memory, d.memory_reference) for d in seen], name="candidate")
+        scores = self._evaluate(model, lora, state, [EvalSet(d.name, d.memory, d.memory_reference) for d in seen],
+                                "candidate")
         total = sum(len(d.memory) for d in seen)
         return (sum(s["loss"] * len(d.memory) for s, d in zip(scores, seen)) / total,
                 sum(s["accuracy"] * len(d.memory) for s, d in zip(scores, seen)) / total)
