@@ -558,8 +558,9 @@ class CheckpointLadder:
         for name in trainer.names:  # the report pairs and the judged prompts as the run's end scores them
             judged, = evaluate(model, trainer.tokenizer, name, [held_out], options, {self.domain.name: self.ref_scores},
                                trained=trainer.names)
-            selection = (trainer.pair_losses(trainer.eval, trainer.eval_reference, list(range(len(trainer.eval))),
-                                             name)[0].mean().item() if trainer.eval is not None else None)
+            selection = (trainer.scorer.mean_losses(trainer.eval, trainer.eval_reference,
+                                                    list(range(len(trainer.eval))), [name])[name]
+                         if trainer.eval is not None else None)
             modules[name] = {"judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
                              "independent_judge_score": judged.get("independent_judge_score"),
                              "response_words": judged["response_words"], "report_loss": judged["loss"],
