@@ -473,3 +473,25 @@ def test_frontier_interpolation_rows_section_and_plot(tmp_path):
     assert set(section["ofs/sentiment"]) == {"fast", "slow", "served"} and set(section["dpo/sentiment"]) == {"default"}
     assert all(p["kl"]["mean"] >= 0 for roles in section.values() for c in roles.values() for p in c)
     assert (tmp_path / "f-frontier.png").is_file() and "f-frontier.png" in (tmp_path / "aggregate.md").read_text()
+
+
+def test_eval_batch_size_sets_every_scoring_forward_of_an_in_domain_run(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         length_judged):
+    """--eval-batch-size is the pairs per no-grad forward of all of a run's scoring, the served module's score on
+    the report pairs included (which ignored it, at twice --batch-size, before evaluation was one function)."""
+    import ofsdpo.reference
+    import ofsdpo.scoring
+
+    sizes = []
+    for module in (ofsdpo.scoring, ofsdpo.reference):
+        def recording(model, pairs, pad_token_id, batch_size, *args, real=module.pair_logps, **kwargs):
+            sizes.append((len(pairs), batch_size))
+            return real(model, pairs, pad_token_id, batch_size, *args, **kwargs)
+
+        monkeypatch.setattr(module, "pair_logps", recording)
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"), seeds=[0],
+                  variants=[{"name": "dpo", "method": "dpo", "eval_batch_size": 3}])
+    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs", progress=False, verbose=False).run()
+    run = summary["per_seed"]["dpo/sentiment"]["0"]
+    assert run["report_pairs"] > 0 and (run["report_pairs"], 3) in sizes  # the report pairs, in one call
+    assert sizes and {batch_size for _, batch_size in sizes} == {3}  # TINY's batch_size 2 would give 4

@@ -213,7 +213,7 @@ def test_lora_merge_serves_the_mean_delta_of_its_modules(tiny_model_dir, tmp_pat
 
 
 def test_interleave_spreads_the_replay_evenly():
-    from ofsdpo.policies import interleave as _interleave
+    from ofsdpo.continual import interleave as _interleave
 
     assert _interleave(list("abcdefgh"), [1, 2]) == list("abcd") + [1] + list("efgh") + [2]
     assert _interleave(list("abc"), [1, 2, 3, 4]) == ["a", 1, "b", 2, "c", 3, 4]
@@ -304,19 +304,19 @@ def test_on_policy_domain_specs_are_checked():
 def test_scoring_borrows_the_stage_adapters_with_the_same_results(tiny_model_dir, tmp_path, domains, monkeypatch):
     """The served module and the λ search's candidates are scored in the stage's own trained adapters when the
     shapes fit (no new LoRA layers injected per stage): the report equals that of a run that injects them."""
-    import ofsdpo.continual as continual
+    import ofsdpo.continual.slots as slots
 
     added = []
-    original_add = continual._load_slot
+    original_add = slots._load_slot
 
     def counting(model, name, lora, state):
         added.append(name)
         return original_add(model, name, lora, state)
 
-    monkeypatch.setattr(continual, "_load_slot", counting)
+    monkeypatch.setattr(slots, "_load_slot", counting)
     _, borrowed = run(tiny_model_dir, tmp_path / "a", domains, method="cofs-dpo", combine="params")
     assert added == []
-    monkeypatch.setattr(continual, "_fits", lambda held, lora: False)
+    monkeypatch.setattr(slots, "_fits", lambda held, lora: False)
     _, injected = run(tiny_model_dir, tmp_path / "b", domains, method="cofs-dpo", combine="params")
     assert set(added) == {"served", "candidate"}
     assert borrowed["matrix"] == injected["matrix"] and borrowed["lambdas"] == injected["lambdas"]

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from ofsdpo import OFSDPOTrainer
 from ofsdpo.config import ContinualOptions, OFSDPOConfig
+from ofsdpo.continual import CONTINUAL_POLICIES
 from ofsdpo.methods import TRAINING_METHODS, TrainingMethod, dpo_terms
 from ofsdpo.metrics import read_metrics
-from ofsdpo.policies import CONTINUAL_POLICIES
 
 
 def test_the_registries_hold_exactly_the_methods_the_config_accepts():

@@ -266,7 +266,7 @@ def test_a_non_finite_step_is_skipped_counted_and_warned(make_config, tmp_path, 
         return row
 
     monkeypatch.setattr(OptimiserStep, "__call__", recorded)
-    with caplog.at_level(logging.WARNING, logger="ofsdpo.trainer"):
+    with caplog.at_level(logging.WARNING, logger="ofsdpo.state"):
         summary = trainer.train().summary
     assert [_same(before, after) for before, after in snapshots] == [False, True, False, False]
     metrics = read_metrics(trainer.output_dir / "metrics.jsonl")

@@ -57,14 +57,14 @@ def test_shared_first_stage_trains_and_scores_once_with_the_same_results(setup, 
     computation. With a SharedWork the second run trains and scores it no more, and its report, served adapter and
     stage files equal those of the same run without sharing."""
     trains = count_calls(monkeypatch, OFSDPOTrainer, "train")
-    judged = count_calls(monkeypatch, ContinualRunner, "_judge")
+    scored = count_calls(monkeypatch, ContinualRunner, "_report_sets")  # once per served module scored and judged
     alone = run(setup, tmp_path / "alone", init="fresh")
-    assert len(trains) == 2 and len(judged) == 2
+    assert len(trains) == 2 and len(scored) == 2
     shared = SharedWork()
     run(setup, tmp_path / "previous", shared, init="previous")
-    trains.clear(), judged.clear()
+    trains.clear(), scored.clear()
     reused = run(setup, tmp_path / "fresh", shared, init="fresh")
-    assert len(trains) == 1 and len(judged) == 1  # stage 2 only: stage 1 came from the first run
+    assert len(trains) == 1 and len(scored) == 1  # stage 2 only: stage 1 came from the first run
     assert json.dumps(reused["matrix"]) == json.dumps(alone["matrix"])
     assert reused["stages"] == alone["stages"] and reused["base_judge_score"] == alone["base_judge_score"]
     served_alone = load_file(tmp_path / "alone" / "adapter_model.safetensors")

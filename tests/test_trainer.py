@@ -208,13 +208,13 @@ def test_the_served_choice_reuses_the_last_evaluation_of_the_fast_module(make_co
     score equals a fresh evaluation of the trained weights."""
     held = write_jsonl(tmp_path / "held.jsonl", sentiment_rows(4, offset=100))
     trainer = OFSDPOTrainer(config=make_config(eval_data=str(held), eval_steps=2, max_steps=4))
-    scored, original = [], trainer.pair_losses
+    scored, original = [], trainer.scorer.pair_losses
 
     def counting(data, reference, indices, name):
         scored.append((trainer.state.step, name, data is trainer.eval))
         return original(data, reference, indices, name)
 
-    trainer.pair_losses = counting
+    trainer.scorer.pair_losses = counting
     summary = trainer.train().summary
     assert [s for s in scored if s[2] and s[0] == 4] == [(4, "fast", True), (4, "slow", True)]
     every = list(range(len(trainer.eval)))

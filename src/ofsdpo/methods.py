@@ -3,7 +3,7 @@
 The trainer and the step function ask the method object — which LoRA modules it trains and at what learning rate,
 its objective, its metric names, what it does after a step, which module samples and which is served — and never
 compare its name. A new method is a subclass plus one line in `TRAINING_METHODS`; the continual policies, which
-train one of these per stage, are in `policies.py`.
+train one of these per stage, are in `continual/policies.py`.
 """
 
 from __future__ import annotations

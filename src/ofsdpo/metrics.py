@@ -49,6 +49,14 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def open_run_metrics(output_dir: Path, config, resume_step: int | None) -> MetricsLogger:
+    """A training run's metrics.jsonl in `output_dir`, with TensorBoard (runs/) or Weights & Biases as `config`'s
+    --report-to says; `resume_step`: a resumed run's step, the rows after it dropped."""
+    report_to = config.report_to
+    return MetricsLogger(output_dir / "metrics.jsonl", output_dir / "runs" if report_to == "tensorboard" else None,
+                         resume_step, wandb_config=config.to_dict() if report_to == "wandb" else None)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from .data import PreferenceData
-from .logprobs import pair_logps
+from .data import PreferenceData, tokenize_pair
+from .generation import sample_groups
+from .logprobs import pair_logps, sequence_kl
 from .losses import dpo_loss
-from .modules import activate
+from .modules import activate, reference_mode
 from .reference import ReferenceCache
 
 
@@ -57,6 +58,27 @@ def pair_losses_many(model, sets: list[tuple[PreferenceData, ReferenceCache, lis
         out.append((losses[at:at + len(indices)], correct[at:at + len(indices)]))
         at += len(indices)
     return out
+
+
+class PairScorer:
+    """A training run's own scoring of its modules (the round's pre-update loss, the best fast module, the served
+    choice, the regret): per-pair DPO loss and correctness under the run's β, --eval-batch-size (default twice
+    --batch-size) and --logprob-chunk-size, no dropout, no gradient, the `trained` modules left trainable."""
+
+    def __init__(self, model, training, pad_token_id: int, trained, prompt_once: bool = True):
+        self.model, self.pad_token_id, self.trained, self.prompt_once = model, pad_token_id, trained, prompt_once
+        self.beta, self.chunk_size = training.beta, training.logprob_chunk_size
+        self.batch_size = training.eval_batch_size or 2 * training.batch_size
+
+    def pair_losses(self, data: PreferenceData, reference: ReferenceCache, indices: list[int], name: str):
+        """Per-pair DPO loss and preference correctness of module `name` on `data[indices]`."""
+        return pair_losses(self.model, data, reference, indices, name, self.pad_token_id, self.beta, self.batch_size,
+                           self.chunk_size, self.trained, self.prompt_once)
+
+    def mean_losses(self, data: PreferenceData, reference: ReferenceCache, indices: list[int],
+                    names) -> dict[str, float]:
+        """Each module's mean DPO loss on `data[indices]`."""
+        return {name: self.pair_losses(data, reference, indices, name)[0].mean().item() for name in names}
 
 
 def _references(sets, chunk: list[tuple[int, int]], indices: torch.Tensor, device):
@@ -113,10 +135,6 @@ def sample_kls(model, tokenizer, prompts: list, responses: list[str], chat: bool
     response is tokenized as training tokenizes a completion (`data.tokenize_pair`: EOS appended, the same
     truncation), after its prompt (a string, with `chat` one user message, or a list of messages); `batch_size`
     sequences per forward, each forwarded once as π and once as π_ref."""
-    from .data import tokenize_pair
-    from .logprobs import sequence_kl
-    from .modules import reference_mode
-
     device = next(model.parameters()).device
     sequences = []
     for prompt, response in zip(prompts, responses):
@@ -152,8 +170,6 @@ def _sampled(model, tokenizer, tasks: list[tuple[Any, list[dict]]], samples_per_
              reference: bool = False, progress: bool = False) -> list[list[str]]:
     """Each (domain, records) task's `samples_per_prompt` responses per record, prompt-major (all of prompt 0's,
     then prompt 1's, …); every task's prompts decoded together, `batch_size` prompts at a time."""
-    from .generation import sample_groups
-
     groups = [([r["prompt"] for r in records], domain.chat, domain.max_new_tokens) for domain, records in tasks]
     per_task = sample_groups(model, tokenizer, groups, samples_per_prompt, batch_size=batch_size * samples_per_prompt,
                              reference=reference, progress=progress)

@@ -3,12 +3,12 @@
 `train()` is the loop: for each round of the stream (`stream.py`, SPEC §1) fill the reference cache and record the
 round's loss before any update on it (the online-regret curve, SPEC §5); for each optimiser step run the step
 function (`step.py`, SPEC §2-3), log, evaluate, let the modules swap (`chasing.py`), checkpoint. The resumable
-state is one dataclass (`state.py`); the served module and the regret come from `scoring.py`.
+state is one dataclass (`state.py`); the modules are scored (`scoring.PairScorer`), the served module chosen and the
+regret computed in `scoring.py`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -20,25 +20,22 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import OFSDPOConfig
-from .data import PreferenceData
 from .distributed import Processes
 from .errors import JudgeError, NonFiniteError
 from .files import write_atomic
 from .methods import training_method
-from .metrics import MetricsLogger
+from .metrics import open_run_metrics
 from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,
                      resolve_model_name, set_num_threads)
 from .modules import adapter_parameters, adapter_state, lora_config
 from .reference import ReferenceCache
 from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
                      name_sources, resume_checkpoint)
-from .scoring import pair_losses, regret_curve
+from .scoring import PairScorer, regret_curve
 from .signals import RunInterrupted, deferred_interrupt, stop_signal
-from .state import TrainerState, TrainResult
+from .state import TrainerState, TrainResult, run_summary
 from .step import OptimiserStep, lr_schedule
 from .stream import load_pairs, open_stream
-
-logger = logging.getLogger(__name__)
 
 
 class OFSDPOTrainer:
@@ -87,6 +84,8 @@ class OFSDPOTrainer:
             self.optimizer, lr_schedule(cfg.lr_scheduler, cfg.warmup_steps, self.total_steps))
         self.step_fn = OptimiserStep(self.model, self.method, self.optimizer, self.scheduler, self.processes, cfg,
                                      self.device, self.tokenizer.pad_token_id)
+        self.scorer = PairScorer(self.model, cfg, self.tokenizer.pad_token_id, self.names,
+                                 prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
         # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
         self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
         if len(self.reference.chosen) != len(self.data):
@@ -124,7 +123,9 @@ class OFSDPOTrainer:
             if cfg.resume:
                 self._resume()
             state = self.state
-            metrics = self._open_metrics() if main else None  # only the main process writes outputs and logs
+            if main:  # only the main process writes outputs and logs
+                write_atomic(self.output_dir / "config.yaml", config_yaml(cfg.to_dict(), self.source_notes))
+            metrics = open_run_metrics(self.output_dir, cfg, state.step if cfg.resume else None) if main else None
             bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and main), desc=cfg.method,
                        unit="step")
             self._started = time.perf_counter() - state.train_seconds  # a resumed run counts its earlier part
@@ -140,7 +141,8 @@ class OFSDPOTrainer:
                             row.update(self.stream.last_round.metrics())
                         one_step_round = len(round_indices) <= cfg.pairs_per_step
                         if not one_step_round:
-                            row.update(self._record_online(self._evaluate(self.data, self.reference, round_indices)))
+                            row.update(self._record_online(self.scorer.mean_losses(self.data, self.reference,
+                                                                                   round_indices, self.names)))
                     indices = self.stream.step_indices(state, cfg.pairs_per_step)
                     tick = time.perf_counter()
                     row.update(self.step_fn(self.data, self.reference, indices, state.chase))
@@ -172,13 +174,6 @@ class OFSDPOTrainer:
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
-    def _open_metrics(self) -> MetricsLogger:
-        cfg, out = self.config, self.output_dir
-        write_atomic(out / "config.yaml", config_yaml(cfg.to_dict(), self.source_notes))
-        return MetricsLogger(out / "metrics.jsonl", out / "runs" if cfg.report_to == "tensorboard" else None,
-                             self.state.step if cfg.resume else None,
-                             wandb_config=cfg.to_dict() if cfg.report_to == "wandb" else None)
-
     def _start_round(self) -> list[int]:
         """The next round's stream indices, with their reference log-probs cached."""
         state = self.state
@@ -192,7 +187,7 @@ class OFSDPOTrainer:
             state.round_end = state.position + len(indices)
             cfg = self.config  # with several processes each scores a share of π_ref, then all share all
             self.reference.fill_shared(self.model, self.data.pairs, indices, self.processes,
-                                       self.tokenizer.pad_token_id, self._eval_batch_size, cfg.logprob_chunk_size,
+                                       self.tokenizer.pad_token_id, self.scorer.batch_size, cfg.logprob_chunk_size,
                                        lambda part: self.step_fn.batch(self.data, part))
         return indices
 
@@ -201,10 +196,7 @@ class OFSDPOTrainer:
         cfg, state = self.config, self.state
         state.num_tokens += row["num_tokens"]
         finite = row.pop("finite")
-        if not state.count_finite(finite):
-            logger.warning("step %d: non-finite loss or gradient; the update was skipped (%d in a row, %d in all; the "
-                           "run stops at %d in a row, --max-nonfinite-steps)", state.step, state.nonfinite_in_a_row,
-                           state.nonfinite_skipped, cfg.max_nonfinite_steps)
+        state.count_finite(finite, cfg.max_nonfinite_steps)
         extra = {"step": state.step, "epoch": state.position / len(self.data), "pairs_seen": state.position,
                  "num_tokens": state.num_tokens, "tokens_per_second": row["num_tokens"] / max(seconds, 1e-9),
                  "pairs_per_second": row["pairs"] / max(seconds, 1e-9),
@@ -221,20 +213,6 @@ class OFSDPOTrainer:
             f"{self.config.max_nonfinite_steps}); stopped. {saved[0].upper()}{saved[1:]}.")
 
     # --- evaluation ------------------------------------------------------------------------------------------------
-    @property
-    def _eval_batch_size(self) -> int:
-        return self.config.eval_batch_size or 2 * self.config.batch_size
-
-    def pair_losses(self, data: PreferenceData, reference: ReferenceCache, indices: list[int], name: str):
-        """Per-pair DPO loss and preference correctness of module `name` (no dropout, no gradient)."""
-        cfg = self.config
-        return pair_losses(self.model, data, reference, indices, name, self.tokenizer.pad_token_id, cfg.beta,
-                           self._eval_batch_size, cfg.logprob_chunk_size, self.names,
-                           prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
-
-    def _evaluate(self, data: PreferenceData, reference: ReferenceCache, indices: list[int]) -> dict[str, float]:
-        return {name: self.pair_losses(data, reference, indices, name)[0].mean().item() for name in self.names}
-
     def _record_online(self, losses: dict[str, float]) -> dict:
         """Keep the round's pre-update loss of every module (SPEC §5)."""
         self.state.online_losses.append({"round": len(self.state.online_losses) + 1, "position": self.state.position,
@@ -244,7 +222,7 @@ class OFSDPOTrainer:
     def _track_best(self) -> None:
         """Keep the best fast module on the held-out pairs seen during training (COFS-DPO keeps it, SPEC §4)."""
         name = self.names[0]  # `fast`, or dpo's only module
-        losses, correct = self.pair_losses(self.eval, self.eval_reference, list(range(len(self.eval))), name)
+        losses, correct = self.scorer.pair_losses(self.eval, self.eval_reference, list(range(len(self.eval))), name)
         loss, accuracy = losses.mean().item(), correct.mean().item()
         self._eval_losses = {"step": self.state.step, name: loss}
         if self.state.best is None or loss < self.state.best["loss"]:
@@ -285,19 +263,10 @@ class OFSDPOTrainer:
         cfg, state = self.config, self.state
         served, basis, scores = self.method.serve(self._final_eval_losses(), state, cfg)
         regret = self._regret(served) if cfg.regret and state.online_losses else []
-        summary = {
-            "method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file, "steps": state.step,
-            "pairs_seen": state.position, "rounds": len(state.online_losses), "num_tokens": state.num_tokens,
-            "train_runtime": seconds, "served_module": served, "served_by": basis, "module_scores": scores,
-            "data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs,
-            "online_regret": regret[-1]["regret"] if regret else None, **self.processes.describe(),
-            "nonfinite_steps_skipped": state.nonfinite_skipped,
-        }
-        if self.stream.on_policy is not None:
-            summary["on_policy"] = {"domain": self.stream.on_policy.name, "prompts_used": state.prompt_position,
-                                    "pairs_generated": len(self.data), "ties_skipped": state.ties_skipped}
-        if state.best is not None:
-            summary["best_fast"] = dict(state.best)
+        inputs = {"data": vars(self.data.stats), "reference_pairs_computed": self.reference.computed_pairs}
+        summary = run_summary(state, {"method": cfg.method, "model": self.model_name, "gguf_file": self.gguf_file},
+                              seconds, (served, basis, scores), regret, inputs, self.processes.describe(),
+                              self.stream.on_policy, len(self.data))
         summary.update(self.method.summary(state))
         if self.processes.is_main:
             best = None if self.best_state is None else (self.names[0], self.best_state)
@@ -314,13 +283,13 @@ class OFSDPOTrainer:
         if not self.eval:
             return None
         known = self._eval_losses if self._eval_losses.get("step") == self.state.step else {}
-        every = list(range(len(self.eval)))
-        return {name: known[name] if name in known else
-                self.pair_losses(self.eval, self.eval_reference, every, name)[0].mean().item() for name in self.names}
+        fresh = self.scorer.mean_losses(self.eval, self.eval_reference, list(range(len(self.eval))),
+                                        [name for name in self.names if name not in known])
+        return {name: known[name] if name in known else fresh[name] for name in self.names}
 
     def _regret(self, served: str) -> list[dict]:
         order, position = self.stream.order, self.state.position
         seen = sorted(set(order[:position]))
         final_losses = torch.full((len(self.data),), float("nan"))
-        final_losses[seen] = self.pair_losses(self.data, self.reference, seen, served)[0]
+        final_losses[seen] = self.scorer.pair_losses(self.data, self.reference, seen, served)[0]
         return regret_curve(self.state.online_losses, order, position, final_losses, served)

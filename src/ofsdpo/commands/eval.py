@@ -15,17 +15,18 @@ reference cache per domain, one set of reference samples per domain, and the sam
 from __future__ import annotations
 
 import torch
+from peft import get_peft_model
 from transformers import set_seed
 
 from ..config import EvalConfig
-from ..data import PreferenceData, load_preference_data
+from ..data import load_preference_data
 from ..domains import get_domain, prompt_domain, require_builtin
+from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_json
 from ..models import load_model_and_tokenizer, resolve_device
 from ..modules import lora_config
 from ..reference import ReferenceCache
 from ..rounds import RoundSettings, judged_pairs
-from ..scoring import common_random_numbers, heldout_scores, judge_eval, reference_samples
 
 BASE_ROW = "base"
 COLUMNS = (("loss", "dpo loss", "{:.4f}"), ("accuracy", "pref acc", "{:.3f}"), ("judge_score", "judge", "{:+.3f}"),
@@ -34,8 +35,6 @@ COLUMNS = (("loss", "dpo loss", "{:.4f}"), ("accuracy", "pref acc", "{:.3f}"), (
 
 def attach_for_eval(base, adapters: list[str]):
     """A PeftModel holding the zero adapter `base` and every adapter folder, named adapter1, adapter2, …"""
-    from peft import get_peft_model
-
     model = get_peft_model(base, lora_config(1, 1, 0.0, "all-linear"), adapter_name=BASE_ROW)  # B = 0: the base
     names = {}
     for i, path in enumerate(adapters, start=1):
@@ -67,23 +66,6 @@ def eval_domains(cfg: EvalConfig, device) -> list:
     return domains
 
 
-def evaluate_adapter(model, tokenizer, adapter: str, domain, pairs: PreferenceData | None,
-                     reference: ReferenceCache | None, judge_records: list[dict], ref_scores: list[float] | None,
-                     beta: float, batch_size: int = 8, seed: int = 0, samples_per_prompt: int = 1) -> dict:
-    """One row: held-out DPO loss/accuracy on `pairs` (if any) and judge metrics on `judge_records` (if any),
-    `samples_per_prompt` judged samples each, drawn with the same random numbers as the reference's."""
-    row: dict = {"domain": domain.name}
-    if pairs is not None and len(pairs):
-        row.update(heldout_scores(model, pairs, reference, adapter, tokenizer.pad_token_id, beta, batch_size),
-                   pairs=len(pairs))
-    if judge_records:
-        with common_random_numbers(seed, next(model.parameters()).device):  # every row: the reference's draws
-            row.update(judge_eval(model, tokenizer, domain, judge_records, adapter, batch_size, ref_scores=ref_scores,
-                                  samples_per_prompt=samples_per_prompt),
-                       judge_prompts=len(judge_records))
-    return row
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     require_builtin(cfg.domain, "--domain")  # before the model loads
     device = resolve_device(cfg.device)
@@ -91,20 +73,21 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                         cfg.trust_remote_code)
     model, names = attach_for_eval(base, cfg.adapter)
     files, rows = cfg.data_files, []
+    # --batch-size: pairs per forward and prompts per generate call; every row's samples under --seed
+    options = EvalOptions(cfg.beta, cfg.batch_size, seed=cfg.seed, judge_samples=cfg.judge_samples,
+                          judge_batch_size=cfg.batch_size)
     for domain in eval_domains(cfg, device):
         source = files.get(domain.name) or generated_pairs(model, tokenizer, domain, cfg.pair_prompts,
                                                            cfg.samples_per_prompt, cfg.seed, cfg.batch_size,
                                                            cfg.progress)
         pairs = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length) if source else None
         reference = ReferenceCache(len(pairs)) if pairs is not None else None
-        records = domain.prompts("heldout")[:cfg.judge_prompts]
-        with common_random_numbers(cfg.seed, device):
-            ref_scores = (reference_samples(model, tokenizer, domain, records, cfg.batch_size, cfg.judge_samples)
-                          if records else None)
+        held_out = EvalSet(domain.name, pairs, reference, domain, domain.prompts("heldout")[:cfg.judge_prompts])
+        drawn: dict = {}  # the reference's judged samples: drawn for the first row, the same for every row
         for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
-            row = evaluate_adapter(model, tokenizer, adapter, domain, pairs, reference, records, ref_scores,
-                                   cfg.beta, cfg.batch_size, cfg.seed, cfg.judge_samples)
-            rows.append({"adapter": label, **row, "pairs_source": files.get(domain.name, "generated")})
+            row, = evaluate(model, tokenizer, adapter, [held_out], options, drawn)
+            rows.append({"adapter": label, "domain": domain.name, **row,
+                         "pairs_source": files.get(domain.name, "generated")})
     result = {"model": name, "beta": cfg.beta, "seed": cfg.seed, "rows": rows}
     if cfg.json:
         write_json(cfg.json, result)

@@ -3,8 +3,8 @@
 An experiment is a list of *variants* (a method plus any fields of the run's config) run on built-in domains:
 
 - `kind: in-domain`: each variant trains (`ofsdpo train`: dpo or ofs-dpo) on each domain's stream on its own; at
-  the end the served module is scored (`commands.eval.evaluate_adapter`: held-out DPO loss and accuracy, judge score,
-  win rate, KL, length); the online learning curve and the online-regret curve come from the trainer.
+  the end the served module is scored (`evaluation.evaluate`, as `ofsdpo eval` scores: held-out DPO loss and accuracy,
+  judge score, win rate, KL, length); the online learning curve and the online-regret curve come from the trainer.
 - `kind: continual`: each variant runs `ofsdpo continual` over the domains in order (the demo's pipeline): the
   stage × domain judge-score matrix, the average final score and the forgetting.
 
@@ -414,7 +414,7 @@ class ExperimentRunner:
 
     # --- one run -----------------------------------------------------------------------------------------------------
     def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path) -> dict:
-        from ..scoring import common_random_numbers, judge_eval, pair_losses
+        from ..evaluation import EvalOptions, EvalSet, evaluate
         from ..trainer import OFSDPOTrainer
 
         cfg, parts, domain = self.config, self.split(domain_name), self.domain(domain_name)
@@ -432,22 +432,20 @@ class ExperimentRunner:
                                    cfg.judge_samples) if cfg.checkpoints and domain is not None else None)
         result = trainer.train(on_step=ladder)
         summary, served, model = result.summary, result.served_module, trainer.model
-        losses, correct = pair_losses(model, report, report_reference, list(range(len(report))), served,
-                                      tokenizer.pad_token_id, run_config.beta, 2 * run_config.batch_size,
-                                      run_config.logprob_chunk_size, result.modules)
-        judged = {"per_prompt": {}}  # the user's data without prompts and a judge: the pair metrics only
-        if domain is not None:
-            with common_random_numbers(seed, next(model.parameters()).device):  # the reference's draws
-                judged = judge_eval(model, tokenizer, domain, records, served, ref_scores=ref_scores,
-                                    samples_per_prompt=cfg.judge_samples)
+        # the report pairs, and the held-out prompts judged with the reference's draws (the user's data without
+        # prompts and a judge: the pair metrics only)
+        judged, = evaluate(model, tokenizer, served, [EvalSet(domain_name, report, report_reference, domain, records)],
+                           EvalOptions.of_run(run_config, judge_samples=cfg.judge_samples), {domain_name: ref_scores},
+                           trained=result.modules, per_pair=True)
+        losses, correct = judged["per_pair"]["loss"], judged["per_pair"]["correct"]
         model.unload()  # the same base object, LoRA layers removed, for the next run
         regret = [json.loads(line) for line in (run_dir / "regret.jsonl").read_text().splitlines() if line.strip()]
         return {"domain": domain_name, "method": run_config.method, "served_module": served, "steps": summary["steps"],
                 "judge_score": judged.get("judge_score"), "win_rate": judged.get("win_rate"), "kl": judged.get("kl"),
                 "kl_estimator": KL_ESTIMATOR, "response_words": judged.get("response_words"),
                 "base_judge_score": judged.get("reference_judge_score"),
-                "judged_samples": judged.get("judged_samples", 0), "report_loss": losses.mean().item(),
-                "report_accuracy": correct.mean().item(), "report_pairs": len(report),
+                "judged_samples": judged.get("judged_samples", 0), "report_loss": judged["loss"],
+                "report_accuracy": judged["accuracy"], "report_pairs": len(report),
                 "selection_loss": summary["module_scores"].get(served), "online_regret": summary["online_regret"],
                 "swaps": summary.get("chase/swaps", 0), "pairs_seen": summary["pairs_seen"],
                 "online_loss_curve": [r[served] for r in result.online_losses],
@@ -455,8 +453,7 @@ class ExperimentRunner:
                 "independent_judge_score": judged.get("independent_judge_score"),
                 **({"frontier": ladder.points, "train_loss_curve": ladder.train_loss} if ladder else {}),
                 "regret_curve": [r["regret"] for r in regret], "train_seconds": summary["train_runtime"],
-                "units": {"report_loss": losses.tolist(), "report_accuracy": correct.tolist(),
-                          **judged["per_prompt"]},
+                "units": {"report_loss": losses, "report_accuracy": correct, **judged.get("per_prompt", {})},
                 "sets": {**parts["indices"], "train": [] if on_policy else parts["indices"]["train"]},
                 **({"on_policy": summary["on_policy"]} if on_policy else {})}
 
@@ -548,7 +545,7 @@ class CheckpointLadder:
         self.train_loss: dict[str, list[float]] = {}  # each module's training DPO loss, step by step
 
     def __call__(self, trainer, row: dict) -> dict | None:
-        from ..scoring import common_random_numbers, judge_eval
+        from ..evaluation import EvalOptions, EvalSet, evaluate
 
         for name in trainer.names:
             self.train_loss.setdefault(name, []).append(row.get(trainer.method.key(name, "loss")))
@@ -556,16 +553,17 @@ class CheckpointLadder:
         if step not in self.steps:
             return None
         tick, model, modules = time.perf_counter(), trainer.model, {}
-        for name in trainer.names:
-            report, _ = trainer.pair_losses(self.report, self.report_reference, list(range(len(self.report))), name)
-            selection = (trainer.pair_losses(trainer.eval, trainer.eval_reference, list(range(len(trainer.eval))),
-                                             name)[0].mean().item() if trainer.eval is not None else None)
-            with common_random_numbers(self.seed, next(model.parameters()).device):
-                judged = judge_eval(model, trainer.tokenizer, self.domain, self.records, name,
-                                    ref_scores=self.ref_scores, samples_per_prompt=self.samples)
+        options = EvalOptions.of_run(trainer.config, seed=self.seed, judge_samples=self.samples)
+        held_out = EvalSet(self.domain.name, self.report, self.report_reference, self.domain, self.records)
+        for name in trainer.names:  # the report pairs and the judged prompts as the run's end scores them
+            judged, = evaluate(model, trainer.tokenizer, name, [held_out], options, {self.domain.name: self.ref_scores},
+                               trained=trainer.names)
+            selection = (trainer.scorer.mean_losses(trainer.eval, trainer.eval_reference,
+                                                    list(range(len(trainer.eval))), [name])[name]
+                         if trainer.eval is not None else None)
             modules[name] = {"judge_score": judged["judge_score"], "win_rate": judged["win_rate"], "kl": judged["kl"],
                              "independent_judge_score": judged.get("independent_judge_score"),
-                             "response_words": judged["response_words"], "report_loss": report.mean().item(),
+                             "response_words": judged["response_words"], "report_loss": judged["loss"],
                              "selection_loss": selection, "per_prompt": judged["per_prompt"]}
         trainer.model.train()
         scored = [n for n in trainer.names if modules[n]["selection_loss"] is not None]

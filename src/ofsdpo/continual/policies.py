@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .combine import recursive_weights, search_lambda, search_simplex
-from .errors import ConfigError
-from .modules import adapter_state
-from .state import TrainResult
+from ..combine import recursive_weights, search_lambda, search_simplex
+from ..errors import ConfigError
+from ..modules import adapter_state
+from ..state import TrainResult
 
 
 def interleave(stream: list[dict], replay: list[dict]) -> list[dict]:

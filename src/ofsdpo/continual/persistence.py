@@ -1,0 +1,76 @@
+"""What a continual run keeps on disk to be resumed (`--resume`): its config.yaml, and per finished stage
+`domains/<k>-<name>/stage/` (its report rows, the served module, the kept module, the combination weights and the
+reference's judged samples), written last-file-atomically: `stage.json`, written last, marks a stage complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from ..config import RESUME_MAY_CHANGE, ContinualConfig, changed_options, read_config_file
+from ..distributed import Processes
+from ..errors import ConfigError
+from ..files import write_json
+from ..modules import write_adapter
+
+CONTINUAL_MARKERS = ("report.json", "domains")
+
+
+def check_output_dir(config: ContinualConfig, output_dir: Path) -> None:
+    """Refuse to write over another run unless --resume or --overwrite says what to do with it."""
+    held = [m for m in CONTINUAL_MARKERS if (output_dir / m).exists()]
+    if held and not (config.overwrite or config.resume):
+        raise ConfigError(f"--output-dir {output_dir} holds another run ({', '.join(held)}); "
+                          "pass --resume to continue it or --overwrite to replace it.")
+
+
+def check_resumable(config: ContinualConfig, output_dir: Path) -> None:
+    """--resume continues the run in --output-dir only if it is the same run: same options but for how it runs."""
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {output_dir} holds no continual run (no config.yaml).")
+    saved = read_config_file(saved_path, ContinualConfig)
+    changed = changed_options(saved, config.to_dict(), RESUME_MAY_CHANGE)
+    if changed:
+        raise ConfigError(f"--resume: {saved_path} was written with other options ({', '.join(changed)}); "
+                          "resume with the same options, or pass --overwrite to start again.")
+
+
+def prepare_output(config: ContinualConfig, output_dir: Path, processes: Processes) -> None:
+    """The run's folder: another run's markers removed (unless resuming), this run's config.yaml written."""
+    if processes.is_main:  # only the main process writes; the others compute the same combinations
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for marker in CONTINUAL_MARKERS if not config.resume else ():  # --overwrite was checked before
+            path = output_dir / marker
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        config.save_yaml(output_dir / "config.yaml")
+    processes.barrier()
+
+
+def save_stage(folder: Path, processes: Processes, record: dict, kept_state, served, served_lora) -> None:
+    """What a resumed run needs of a finished stage, in `folder` (`<stage dir>/stage`): `record` (the report's row,
+    the rows, the weights, the reference's scores) as `stage.json`, written last, so it marks completeness."""
+    if processes.is_main:
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_adapter(served_lora, served, folder / "served")
+        if kept_state is not None:
+            save_file({n: t.detach().contiguous().cpu() for n, t in kept_state.items()}, folder / "kept.safetensors")
+        write_json(folder / "stage.json", record)
+    processes.barrier()
+
+
+def load_stage(folder: Path):
+    """(record, kept, served, served LoraConfig) of the finished stage saved in `folder`, or None."""
+    if not (folder / "stage.json").is_file():
+        return None
+    record = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+    served_lora = LoraConfig.from_pretrained(str(folder / "served"))
+    served_lora.inference_mode = False
+    served = load_file(folder / "served" / "adapter_model.safetensors")
+    kept = load_file(folder / "kept.safetensors") if (folder / "kept.safetensors").is_file() else None
+    return record, kept, served, served_lora
