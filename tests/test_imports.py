@@ -39,15 +39,9 @@ LAZY = {
     ("plotting.py", "cycler"): _MATPLOTLIB,  # matplotlib's own dependency, set as the colour cycle with it
 }
 # owned by another change in flight; remove when it lands (each file's imports move to the top there)
-PENDING = {
-    *{("continual.py", module) for module in (
-        ".models", ".domains", ".rounds", ".stream", "safetensors.torch", "peft", ".scoring")},
-    *{("scoring.py", module) for module in (".data", ".logprobs", ".modules", ".generation")},
-    ("commands/eval.py", "peft"),
-    *{("commands/experiment.py", module) for module in (
-        "torch", "resource", "transformers", "random", "..models", "..domains", "..rounds", "..data",
-        "..reference", "..scoring", "..trainer", "..continual", "..reuse", "..metrics")},
-}
+PENDING: set = set()  # none in flight
+
+
 def function_level_imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every import inside a function of `path`: methods, nested functions and lambdas included;
     a relative import's module keeps its leading dots."""

@@ -35,14 +35,29 @@ import hashlib
 import json
 import shutil
 import time
+import random
+import resource
 from pathlib import Path
 
+import torch
+from transformers import set_seed
+
 from ..config import EXPERIMENT_KINDS as KINDS
-from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig, option_roles,
-                      resolve_search)
-from ..domains import require_builtin
+from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
+                      option_roles, resolve_search)
+from ..continual import ContinualRunner
+from ..data import check_row, load_preference_data, read_rows
+from ..domains import get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError
+from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_json, write_jsonl
+from ..metrics import continual_loss_curve
+from ..models import load_model_and_tokenizer, resolve_device
+from ..reference import ReferenceCache
+from ..reuse import SharedWork
+from ..rounds import RoundSettings, judged_pairs
+from ..scoring import common_random_numbers, reference_samples
+from ..trainer import OFSDPOTrainer
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
 __all__ = ["IN_DOMAIN_METHODS", "KINDS", "ExperimentConfig", "ExperimentRunner", "aggregate", "fmt", "mean_std",
@@ -176,7 +191,6 @@ class ExperimentRunner:
     @staticmethod
     def _reset_peak_memory() -> bool:
         """Start counting a run's peak accelerator memory (CUDA: per run); returns whether there is CUDA."""
-        import torch
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -188,9 +202,7 @@ class ExperimentRunner:
         """The run's peak memory: CUDA's peak allocation during the run; on the CPU the process's peak resident
         memory so far (the OS keeps one high-water mark per process, so a later run reports at least an earlier
         one's)."""
-        import resource
 
-        import torch
 
         out = {"peak_process_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if cuda:
@@ -226,7 +238,6 @@ class ExperimentRunner:
     # --- shared inputs -----------------------------------------------------------------------------------------------
     def model(self):
         if self._base is None:
-            from ..models import load_model_and_tokenizer, resolve_device
 
             cfg = self.config
             self._base, self._tokenizer, self._model_name, _ = load_model_and_tokenizer(
@@ -261,11 +272,7 @@ class ExperimentRunner:
         return path
 
     def _sample_pairs(self, domain_name: str, path: Path, split: str = "train", rounds: int = 1) -> dict:
-        import torch
-        from transformers import set_seed
 
-        from ..domains import get_domain
-        from ..rounds import RoundSettings, judged_pairs
 
         cfg, (base, tokenizer) = self.config, self.model()
         domain = get_domain(domain_name)
@@ -291,7 +298,8 @@ class ExperimentRunner:
         key = f"report-{domain}"
         if key not in self._pairs:
             cfg = self.config
-            path = Path(cfg.data_dir) / f"{domain}-heldout-k{cfg.samples}-r{cfg.report_rounds}-seed{cfg.pair_seed}.jsonl"
+            name = f"{domain}-heldout-k{cfg.samples}-r{cfg.report_rounds}-seed{cfg.pair_seed}.jsonl"
+            path = Path(cfg.data_dir) / name
             if not path.is_file():
                 write_json(path.with_suffix(".info.json"), self._sample_pairs(domain, path, "heldout",
                                                                                cfg.report_rounds))
@@ -307,7 +315,6 @@ class ExperimentRunner:
         return self._splits[domain]
 
     def _read_split(self, domain: str) -> dict[str, list[dict]]:
-        from ..data import read_rows
 
         cfg = self.config
         if cfg.data is not None or cfg.data_files:
@@ -327,7 +334,6 @@ class ExperimentRunner:
         """Several pairs per prompt: the selection set is the first (best vs worst) pair of each of the last
         `selection` prompts, the stream `stream` pairs of the other prompts in an order shuffled by `pair_seed`
         (a batch mixes prompts and pair ranks), each pair once."""
-        import random
 
         cfg, prompts = self.config, list(dict.fromkeys(str(r["prompt"]) for r in rows))  # in file order
         held = set(prompts[-cfg.selection:])
@@ -359,8 +365,6 @@ class ExperimentRunner:
 
     def report_data(self, domain: str):
         """The report pairs tokenized, with their reference log-probs cached once for every seed and variant."""
-        from ..data import load_preference_data
-        from ..reference import ReferenceCache
 
         if domain not in self._report:
             cfg, (_, tokenizer) = self.config, self.model()
@@ -372,7 +376,6 @@ class ExperimentRunner:
     def stream_references(self, domain: str, parts: dict, run_config) -> dict:
         """π_ref's log-probs of the domain's training stream and selection set (`parts`, from `split`), filled by the
         first run over them and read by every later one (as the report set's are): the reference never changes."""
-        from ..reference import ReferenceCache
 
         key = ("in-domain", domain, run_config.max_length, run_config.max_prompt_length)  # tokenized alike
         if key not in self._reference_logps:
@@ -382,7 +385,6 @@ class ExperimentRunner:
     def domain(self, name: str):
         """The domain judged samples come from: a built-in one, or for the user's data (`config.data`) their
         held-out prompts and judge (`config.heldout_prompts`, `config.judge`), None without them (no judging)."""
-        from ..domains import get_domain, prompt_domain
 
         cfg = self.config
         if cfg.data is None:
@@ -398,7 +400,6 @@ class ExperimentRunner:
     def reference_scores(self, domain_name: str, seed: int) -> tuple[list[dict], list[float]]:
         """The judged held-out prompts and the reference's scores on them, drawn under the run's seed (common
         random numbers: every variant of this seed samples with the same draws), once per (domain, seed)."""
-        from ..scoring import common_random_numbers, reference_samples
 
         cfg, domain = self.config, self.domain(domain_name)
         if domain is None:
@@ -414,8 +415,6 @@ class ExperimentRunner:
 
     # --- one run -----------------------------------------------------------------------------------------------------
     def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path) -> dict:
-        from ..evaluation import EvalOptions, EvalSet, evaluate
-        from ..trainer import OFSDPOTrainer
 
         cfg, parts, domain = self.config, self.split(domain_name), self.domain(domain_name)
         records, ref_scores = self.reference_scores(domain_name, seed)
@@ -458,9 +457,6 @@ class ExperimentRunner:
                 **({"on_policy": summary["on_policy"]} if on_policy else {})}
 
     def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
-        from ..continual import ContinualRunner
-        from ..reuse import SharedWork
-        from ..metrics import continual_loss_curve
 
         cfg = self.config
         files = {d: self.split_files(d) for d in cfg.domains}  # the report pairs are the held-out file: reported
@@ -493,7 +489,8 @@ class ExperimentRunner:
                 "weights": [stage.get("weights") for stage in report["stages"]],
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report.get("base_judge_score", {}), "train_loss_curve": curve,
-                "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items() if key in report["units"]}}
+                "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items()
+                          if key in report["units"]}}
 
 
 def split_by_prompt(data: str, selection: int, report_size: int, stream: int) -> dict:
@@ -501,7 +498,6 @@ def split_by_prompt(data: str, selection: int, report_size: int, stream: int) ->
     the pairs of the last prompts (whole prompts, until at least `report_size` pairs), the selection set those of
     the prompts before (until at least `selection`), the stream the first `stream` pairs of the rest (every one,
     for `stream` < 0). A clear error, naming the counts, where the file is too small."""
-    from ..data import check_row, read_rows
 
     name, rows = read_rows(data, "train")
     rows = [row for _, row in rows]
@@ -545,7 +541,6 @@ class CheckpointLadder:
         self.train_loss: dict[str, list[float]] = {}  # each module's training DPO loss, step by step
 
     def __call__(self, trainer, row: dict) -> dict | None:
-        from ..evaluation import EvalOptions, EvalSet, evaluate
 
         for name in trainer.names:
             self.train_loss.setdefault(name, []).append(row.get(trainer.method.key(name, "loss")))

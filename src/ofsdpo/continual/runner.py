@@ -5,7 +5,6 @@ report pairs (and judge its samples), save the stage for --resume (`persistence.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import list_checkpoints
-from ..combine import combine_delta, combine_params
+from ..combine import combine_lora
 from ..config import WEIGHTS_ONLY, ContinualConfig, OFSDPOConfig
 from ..distributed import Processes
 from ..domains import DOMAINS
@@ -250,14 +249,10 @@ class ContinualRunner:
         return tasks
 
     def materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
-        """The combined module as (state, LoraConfig); delta mode stacks ranks and keeps the scaling (the exact
-        Σ λ ΔW, what peft's `add_weighted_adapter(..., "cat")` computes)."""
-        if (combine or self.config.combine) == "params":
-            return combine_params(states, weights), lora
-        combined = copy.deepcopy(lora)
-        combined.r = lora.r * len(states)
-        combined.lora_alpha = lora.lora_alpha * len(states)  # scaling = alpha / r unchanged
-        return combine_delta(states, weights), combined
+        """The combined module as (state, LoraConfig), `combine.combine_lora`: `--combine` params, delta (the exact
+        Σ λ ΔW, peft's "cat"), or peft's ties / dare_ties / dare_linear at `--density` (DARE seeded from --seed)."""
+        return combine_lora(combine or self.config.combine, states, weights, lora, density=self.config.density,
+                            seed=self.config.training.seed)
 
     def memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
         """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
