@@ -123,16 +123,10 @@ def chase_loss(
     Loss types (`--loss-type`, SPEC §3): L_FS is the DPO family's own ℓ with the other module as the reference,
     L_FS(A, B) = ℓ(h_A − h_B) (`preference_loss`; per token under ipo, as its DPO term), so minmax's leader is
     ℓ(Δ) and its chaser −ℓ(Δ), symmetric's chaser ℓ(−Δ). Minmax with ipo is refused: −(Δ − 1/(2β_c))² has no
-    maximum (the chaser would gain by moving either way). Proximal is the same quadratic under every type (on
-    per-token margins under ipo). `gap_losses` stays −log σ(β_c Δ) for every type, so `chase/loss` is comparable.
+    maximum (the chaser would gain by moving either way). Proximal and `gap_losses` are as above under every type.
 
-    Why a form that can change sign: minmax and symmetric are functions of Δ only, so each module's gradient is
-    its own margin gradient ∇h times a weight of one fixed sign, the sign of its own DPO weight −β σ(−β h)
-    (leader −β_c σ(−β_c Δ); chaser −β_c σ(−β_c Δ) in minmax, −β_c σ(β_c Δ) in symmetric: always "raise your
-    own margin"): a per-example re-weighting of the DPO gradient, σ(·) ∈ (0.43, 0.57) while |Δ| < 3 nats at
-    β_c = 0.1. At the start both modules equal π_ref (Δ = 0 and every DPO margin 0), so the first gradient is
-    exactly the α = 0 gradient times 1 + α β_c / β (the same Adam step). The proximal weight
-    β_c² (h_self − h_other) has the sign of the gap; it is 0 at the start and grows as the modules part.
+    Why minmax and symmetric barely act (they only re-weight each module's own DPO gradient, by σ(·) near ½ while
+    the modules are close) and proximal can (its weight changes sign with the gap): SPEC §3.
     """
     if form not in CHASE_FORMS:
         raise ValueError(f"chase form must be one of {', '.join(map(repr, CHASE_FORMS))}; got {form!r}")

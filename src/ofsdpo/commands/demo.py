@@ -36,6 +36,27 @@ __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continua
            "write_report"]
 
 
+def sample_pairs(base, tokenizer, settings: DemoSettings, out: Path, progress: bool) -> tuple[list, dict[str, str]]:
+    """Each demo domain's training pairs (best vs worst of the base's samples, judged), written to out/data/:
+    (the domains, {domain name: pairs file})."""
+    tasks = []
+    for domain_name in DEMO_DOMAINS:
+        domain = get_domain(domain_name)
+        if settings.max_new_tokens:
+            domain = replace(domain, max_new_tokens=min(domain.max_new_tokens, settings.max_new_tokens))
+        tasks.append((domain, domain.prompts("train")[:settings.prompts]))
+    with torch.inference_mode():  # every domain's prompts decode together (up to 128 rows a call)
+        judged = judged_pairs_groups(base, tokenizer, tasks, RoundSettings(samples_per_prompt=settings.samples,
+                                                                           batch_size=128), progress=progress)
+    pair_files = {}
+    for (domain, _), (pairs, stats) in zip(tasks, judged):
+        need = settings.heldout + settings.memory + settings.batch_size
+        if len(pairs) < need:
+            raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
+        pair_files[domain.name] = write_jsonl(out / "data" / f"{domain.name}.jsonl", pairs)
+    return [domain for domain, _ in tasks], pair_files
+
+
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model: str | None = None,
              gguf_file: str | None = None, device: str = "auto", seed: int = 0, lr: float = 5e-4,
              progress: bool = True) -> dict:
@@ -47,24 +68,10 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
     say(f"[demo] loading the model on {dev} …")
     base, tokenizer, name, _ = load_model_and_tokenizer(model, gguf_file, "auto", dev)
     set_seed(seed)
-    tasks = []
-    for domain_name in DEMO_DOMAINS:
-        domain = get_domain(domain_name)
-        if settings.max_new_tokens:
-            domain = replace(domain, max_new_tokens=min(domain.max_new_tokens, settings.max_new_tokens))
-        tasks.append((domain, domain.prompts("train")[:settings.prompts]))
     say(f"[demo] sampling {settings.prompts} x {settings.samples} responses on each of {', '.join(DEMO_DOMAINS)} "
         "and judging them …")
-    with torch.inference_mode():  # every domain's prompts decode together (up to 128 rows a call)
-        judged = judged_pairs_groups(base, tokenizer, tasks, RoundSettings(samples_per_prompt=settings.samples,
-                                                                           batch_size=128), progress=progress)
-    specs, pair_files = [], {}
-    for (domain, _), (pairs, stats) in zip(tasks, judged):
-        need = settings.heldout + settings.memory + settings.batch_size
-        if len(pairs) < need:
-            raise RuntimeError(f"'{domain.name}' gave {len(pairs)} pairs ({stats.ties} ties); the demo needs {need}")
-        pair_files[domain.name] = write_jsonl(out / 'data' / f'{domain.name}.jsonl', pairs)
-        specs.append(f"{domain.name}={pair_files[domain.name]}")
+    domains, pair_files = sample_pairs(base, tokenizer, settings, out, progress)
+    specs = [f"{name}={path}" for name, path in pair_files.items()]
     reports, reference_scores, reference_caches = {}, {}, {}
     shared = SharedWork()  # ofs-dpo's and cofs-dpo's first stages are the same training: it runs once
     for method in METHODS:
@@ -87,7 +94,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
         say(format_table(reports[method]))
     frontier = None
     if settings.frontier_steps:  # after the continual runs: theirs are the runs they were without it
-        first = tasks[0][0]
+        first = domains[0]
         say(f"[demo] the frontier on {first.name}: dpo, ofs-dpo and dpo at the slow learning rate, judged at steps "
             f"{', '.join(map(str, settings.frontier_checkpoints))} …")
         frontier = frontier_phase(base, tokenizer, first, pair_files[first.name], settings, out, seed, lr, dev,
