@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from ofsdpo.config import ConfigError
-from ofsdpo.rundir import HOLDER_NAME, LOCK_NAME, OutputDirLocked, RunLock, lock_holder, output_dir_lock
+from ofsdpo.rundir import (HOLDER_NAME, LOCK_NAME, OutputDirLocked, RunLock, check_once, check_output_dir,
+                           lock_holder, output_dir_lock)
 
 
 def _dead_pid() -> int:
@@ -27,6 +28,32 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
         assert holder == json.loads((tmp_path / HOLDER_NAME).read_text())  # the refused try left the record alone
         assert isinstance(OutputDirLocked("x"), ConfigError)  # exit status 2 through the CLI
     assert not (tmp_path / HOLDER_NAME).exists() and lock_holder(tmp_path) is None
+
+
+class _Launch:
+    """Two launched processes seen from one of them: `gather` returns what the main process sent."""
+
+    def __init__(self, is_main: bool, main_sends=None):
+        self.distributed, self.is_main, self.main_sends = True, is_main, main_sends
+
+    def gather(self, obj):
+        return [obj if self.is_main else self.main_sends, None]
+
+
+def test_under_a_launch_only_the_main_process_checks_the_folder_and_all_raise_its_error(tmp_path):
+    """The other process checking for itself found the folder claimed by the faster main one ('in use ... pid ?')."""
+    with output_dir_lock(tmp_path):  # the main process has claimed it already
+        (tmp_path / HOLDER_NAME).write_text("{}")  # its record not yet written, as the failing launch saw it
+        check_once(_Launch(is_main=False), check_output_dir, tmp_path, False, False)  # not refused
+        with pytest.raises(OutputDirLocked, match="in use by another run"):
+            check_once(None, check_output_dir, tmp_path, False, False)  # one process: refused as before
+    (tmp_path / "metrics.jsonl").write_text("")
+    main_error = (ConfigError, "--output-dir x holds another run (metrics.jsonl)")
+    with pytest.raises(ConfigError, match="holds another run") as raised:
+        check_once(_Launch(is_main=False, main_sends=main_error), check_output_dir, tmp_path, False, False)
+    assert type(raised.value) is ConfigError
+    with pytest.raises(ConfigError, match="holds another run"):
+        check_once(_Launch(is_main=True), check_output_dir, tmp_path, False, False)
 
 
 def test_the_lock_is_released_when_the_run_raises(tmp_path):

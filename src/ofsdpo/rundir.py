@@ -60,6 +60,23 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, resume_fro
         resume_checkpoint(output_dir, resume_from)
 
 
+def check_once(processes, check, *args) -> None:
+    """Run the folder check `check(*args)` under a launch on the main process only, and raise its `ConfigError` on
+    every process. Another process checking for itself could find the folder already claimed by the main one (it
+    may load faster) and refuse a run that is its own."""
+    if processes is None or not processes.distributed:
+        return check(*args)
+    error = None
+    if processes.is_main:
+        try:
+            check(*args)
+        except ConfigError as err:  # OutputDirLocked included: sent as its class and message
+            error = (type(err), str(err))
+    error = processes.gather(error)[0]
+    if error is not None:
+        raise error[0](error[1])
+
+
 def resume_checkpoint(output_dir: Path, resume_from: str | None = None) -> Path:
     """The checkpoint to resume from: the newest, or --resume-from's (a checkpoint folder of this --output-dir,
     given as a path or as its name `checkpoint-N`)."""

@@ -29,8 +29,8 @@ from .models import (check_target_modules, configure_cpu_allocator, load_model, 
                      resolve_model_name, set_num_threads)
 from .modules import adapter_parameters, adapter_state, lora_config
 from .reference import ReferenceCache
-from .rundir import (check_output_dir, check_same_run, claim_output_dir, config_yaml, drop_checkpoints_after,
-                     name_sources, resume_checkpoint)
+from .rundir import (check_once, check_output_dir, check_same_run, claim_output_dir, config_yaml,
+                     drop_checkpoints_after, name_sources, resume_checkpoint)
 from .scoring import PairScorer, regret_curve
 from .signals import RunInterrupted, deferred_interrupt, stop_signal
 from .state import TrainerState, TrainResult, run_summary
@@ -56,7 +56,7 @@ class OFSDPOTrainer:
         training_method(cfg.method).check(cfg)  # options the method cannot train with: refused before anything
         self.output_dir = Path(cfg.output_dir)
         self.processes = Processes(cfg.device)  # one, or those of `accelerate launch` (data parallel)
-        check_output_dir(self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)
+        check_once(self.processes, check_output_dir, self.output_dir, cfg.resume, cfg.overwrite, cfg.resume_from)
         self.device = self.processes.device or resolve_device(cfg.device)
         set_num_threads(cfg.num_threads, self.processes.count)
         configure_cpu_allocator(cfg.malloc_keep_freed, cfg.malloc_mmap_threshold, self.device)

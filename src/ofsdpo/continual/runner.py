@@ -22,7 +22,7 @@ from ..models import load_model_and_tokenizer, load_tokenizer, resolve_device
 from ..modules import load_adapter_state
 from ..reference import ReferenceCache
 from ..reuse import NOT_COMPUTED, SharedWork
-from ..rundir import output_dir_lock, refuse_if_locked
+from ..rundir import check_once, output_dir_lock, refuse_if_locked
 from ..state import TrainResult
 from ..stream import fingerprint
 from ..trainer import OFSDPOTrainer
@@ -51,11 +51,8 @@ class ContinualRunner:
         self.policy = continual_policy(config.method)  # what each stage trains, keeps and serves (`policies.py`)
         cfg = config.training
         self.output_dir = Path(config.output_dir)
-        check_output_dir(config, self.output_dir)
-        refuse_if_locked(self.output_dir)  # another live run writes there: stop before anything loads
-        if config.resume:
-            check_resumable(config, self.output_dir)
         self.processes = Processes(cfg.device)  # under `accelerate launch`, each stage trains data-parallel
+        check_once(self.processes, self._check_output_dir)  # before anything loads
         self.device = self.processes.device or resolve_device(cfg.device)
         if self.processes.sharded and config.judge_prompts:
             raise ConfigError("--judge-prompts is not supported under FSDP or DeepSpeed ZeRO-3: sampling runs a "
@@ -73,6 +70,12 @@ class ContinualRunner:
         self._reference_scores = reference_scores if reference_scores is not None else {}
         self._shared = shared
         self.slots = Slots()  # where modules are scored: the stage's trained adapters, borrowed when they fit
+
+    def _check_output_dir(self) -> None:
+        check_output_dir(self.config, self.output_dir)
+        refuse_if_locked(self.output_dir)  # another live run writes there
+        if self.config.resume:
+            check_resumable(self.config, self.output_dir)
 
     def _load_domain(self, loader: DomainLoader, spec) -> Domain:
         if spec.prompts is None:
