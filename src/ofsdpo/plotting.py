@@ -206,6 +206,10 @@ def draw_stage_curves(curves: dict[str, list[list]], stage_names: Sequence[str],
     return fig
 
 
+# each curve's step labels on another side of its points: curves that pass close by keep their labels apart
+LABEL_OFFSETS = ((4, 3), (4, -10), (-12, 3), (-12, -10))
+
+
 def draw_frontier(curves: dict[str, list[dict]], title: str | None = None):
     """Judge score against exact KL, one line per module through its checkpoints in order (points `{"step", "kl",
     "judge_score"}`), each point labelled with its optimiser step. Returns the open figure."""
@@ -216,8 +220,10 @@ def draw_frontier(curves: dict[str, list[dict]], title: str | None = None):
         ax.plot(kl, judge, color=f"C{i}", linestyle=LINE_STYLES[i % len(LINE_STYLES)],
                 marker=MARKERS[i % len(MARKERS)], label=name)
         for point in points:
+            if point["step"] == 0 and i > 0:
+                continue  # every curve starts at the base: its "0" once
             ax.annotate(str(point["step"]), (point["kl"], point["judge_score"]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=8, color=f"C{i}")
+                        xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)], fontsize=8, color=f"C{i}")
     ax.set_xlim(left=0)
     ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample")
     ax.set_ylabel("judge score, held-out prompts (−1 … 1)")
