@@ -406,7 +406,7 @@ def test_headline_units_hold_the_peak_stage_and_weigh_domains_equally():
     assert headline_units(judge, units[:2] + [None]) == {}  # a stage without units: none at all
 
 
-# --- --select-by (issue 28) --------------------------------------------------------------------------------------------
+# --- --select-by (issue 28) ------------------------------------------------------------------------------------------
 def _hand_made_modules():
     """Two hand-made modules of one layer: module 0's A all ones, module 1's zero, so the `params` combination with
     weight w on module 0 has mean(A) = w: the stub below reads the candidate's weight back from its state."""
@@ -466,8 +466,8 @@ def test_balanced_and_worst_ignore_a_domain_whose_losses_are_10x(tiny_model_dir,
 
 
 @pytest.mark.parametrize("search", ["pairwise", "simplex"])
-def test_select_by_judge_picks_the_candidate_whose_samples_the_judge_prefers(tiny_model_dir, tmp_path, monkeypatch,
-                                                                              search, length_judged):
+def test_select_by_judge_picks_the_candidate_whose_samples_the_judge_prefers(tiny_model_dir, tmp_path,
+                                                                              monkeypatch, search, length_judged):
     """Module a's samples hold the token 'yes' (its count 4w, w its weight), b's the token 'no' (4(1 − w)); the judge
     of sentiment counts 'yes' and critic's counts 'no' with twice the weight: the judge's mean over domains
     (4w + 8(1 − w))/2 is highest at w = 0, whatever the memory losses say (they favour w = 1)."""

@@ -215,6 +215,7 @@ class ContinualOptions:
             raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
 
     def _check_selection(self) -> None:
+        """--select-by and --select-judge-prompts only where they change something (so run keys stay put)."""
         if self.select_by != "loss" and self.method != "cofs-dpo":
             raise ConfigError(f"--select-by chooses cofs-dpo's combination weights; --method {self.method} combines "
                               "nothing: drop --select-by, or use --method cofs-dpo.")

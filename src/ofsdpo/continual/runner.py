@@ -29,8 +29,8 @@ from ..trainer import OFSDPOTrainer
 from .domains import Domain, DomainLoader, subset
 from .persistence import check_output_dir, check_resumable, load_stage, prepare_output, save_stage
 from .policies import continual_policy
-from .selection import Criterion, candidate_row
 from .report import build_report, write_report
+from .selection import Criterion, candidate_row
 from .slots import Slots
 
 
@@ -78,7 +78,8 @@ class ContinualRunner:
         self._selection_reference: dict[str, list[float]] = {}
 
     def _check_selection(self) -> None:
-        """--select-by judge: every domain judged (a built-in one, or on-policy with its judge), before anything loads."""
+        """--select-by judge: every domain judged (a built-in one, or on-policy with its judge); before anything
+        loads."""
         if self.config.select_by != "judge":
             return
         for spec in self.config.domains:
