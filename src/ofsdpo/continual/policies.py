@@ -145,6 +145,8 @@ def describe_search(cfg) -> str:
     else:
         how = f"simplex: Σ λ_k θ_k over all kept modules, at most {cfg.search_budget} points"
     criterion = selection_criterion(cfg.select_by)
+    if criterion.name == "loss":  # the default says what it always said (the golden report.json holds it)
+        return how
     budget = (f" ({cfg.select_judge_prompts} training prompts per domain x {cfg.judge_samples} samples, the same "
               "seed for every candidate)" if criterion.judged else "")
     return f"{how}; selected by {criterion.name}: {criterion.words}{budget}"

@@ -71,13 +71,16 @@ def selection_criterion(name: str) -> Criterion:
 def candidate_row(criterion: Criterion, domains: dict[str, dict], own_losses: dict[str, float] | None) -> dict:
     """A candidate's table row for the search (`combine._rank` reads "criterion", then "memory_accuracy"): the pooled
     memory loss and accuracy, each domain's values ({"loss", "accuracy", and "relative" / "judge" where the criterion
-    reads them}) and the criterion's value. `domains`: {name: {"loss", "accuracy", "pairs"[, "judge"]}} in domain
+    reads them}) and the criterion's value. Under `loss` the row is the pooled pair alone, as before the option (the
+    criterion is "memory_loss", which `_rank` reads when a row has no "criterion"). `domains`: {name: {"loss", "accuracy", "pairs"[, "judge"]}} in domain
     order; `own_losses`: {name: the domain's own kept module's memory loss}, for a relative criterion."""
     values = {name: dict(v) for name, v in domains.items()}
+    row = {"memory_loss": pooled_loss(values), "memory_accuracy": pooled_accuracy(values)}
+    if criterion.name == "loss":  # the row of before: the golden report.json holds it (its criterion: memory_loss)
+        return row
     if criterion.relative:
         for name, v in values.items():
             v["relative"] = v["loss"] / own_losses[name]
-    row = {"memory_loss": pooled_loss(values), "memory_accuracy": pooled_accuracy(values),
-           "criterion": criterion.value(values)}
+    row["criterion"] = criterion.value(values)
     row["domains"] = {name: {k: x for k, x in v.items() if k != "pairs"} for name, v in values.items()}
     return row
