@@ -241,6 +241,12 @@ def test_run_keys_are_those_of_earlier_versions(tmp_path):
                   for search in (None, "auto", "simplex", "pairwise")}
     assert fresh_keys[None] == fresh_keys["auto"] == fresh_keys["simplex"] != fresh_keys["pairwise"]
     assert fresh_keys["pairwise"] == "2b10e592fc3e09d7"
+    # --select-by (issue 28): its default keeps every key above; a variant may set it, and then has a key of its own
+    select = {"name": "s", "method": "cofs-dpo", "combine": "delta"}
+    assert runner.run_key({**select, "select_by": "loss"}, None, 1) == keys["continual"]
+    balanced = {**select, "select_by": "balanced"}
+    assert config.run_config(balanced, 1, "o", ["sentiment=s.jsonl"]).select_by == "balanced"
+    assert runner.run_key(balanced, None, 1) != keys["continual"]
 
 
 def _write_pairs(config: ExperimentConfig) -> None:
@@ -294,7 +300,7 @@ def test_option_roles_reproduce_the_lists_they_replaced():
     assert NOT_COMPUTED == {"output_dir", "resume", "overwrite", "progress", "report_to", "save_steps",
                             "save_total_limit", "resume_from"}  # resume_from: new here, always None in a stage
     assert WEIGHTS_ONLY == {"domain", "method", "init", "combine", "density", "search", "search_budget", "lambda_grid",
-                            "max_steps_per_domain"}
+                            "max_steps_per_domain", "select_by", "select_judge_prompts"}  # the last two: issue 28
     roles = option_roles(OFSDPOConfig, ContinualConfig)
     assert set(roles) == OFSDPOConfig.field_names() | ContinualConfig.flat_field_names()
     assert {f.name for f in dataclasses.fields(ContinualOptions)} >= WEIGHTS_ONLY

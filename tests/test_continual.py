@@ -404,3 +404,116 @@ def test_headline_units_hold_the_peak_stage_and_weigh_domains_equally():
     assert mean["cl/bwt"] == pytest.approx(((0.25 - 0.25) + (1.0 - 0.5)) / 2)
     assert mean["cl/avg_loss"] == pytest.approx(0.7)
     assert headline_units(judge, units[:2] + [None]) == {}  # a stage without units: none at all
+
+
+# --- --select-by (issue 28) ------------------------------------------------------------------------------------------
+def _hand_made_modules():
+    """Two hand-made modules of one layer: module 0's A all ones, module 1's zero, so the `params` combination with
+    weight w on module 0 has mean(A) = w: the stub below reads the candidate's weight back from its state."""
+    ones, zeros = torch.ones(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    b = torch.ones(4, 2, dtype=torch.float64)
+    return [{"x.lora_A.weight": ones, "x.lora_B.weight": b}, {"x.lora_A.weight": zeros, "x.lora_B.weight": b}]
+
+
+def _choose(runner, monkeypatch, values):
+    """COFSDPO.choose_weights at stage 2 over the hand-made modules, every evaluation answered by `values(set name,
+    w)` (w: the candidate's weight on domain a's module) -> its row."""
+    from peft import LoraConfig
+
+    from ofsdpo.continual.policies import COFSDPO
+
+    def evaluate(model, lora, state, sets, slot, **kw):
+        w = state["x.lora_A.weight"].mean().item()
+        return [values(s.name, w) for s in sets]
+
+    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    return COFSDPO.choose_weights(runner, None, LoraConfig(r=2), _hand_made_modules(), [1.0], 1)
+
+
+def _chosen_row(table, weights):
+    return next(r for r in table if r.get("weights", [r.get("lambda")])[0] == weights[0])
+
+
+@pytest.mark.parametrize("init", ["previous", "fresh"])
+@pytest.mark.parametrize("search", ["pairwise", "simplex"])
+def test_balanced_and_worst_ignore_a_domain_whose_losses_are_10x(tiny_model_dir, tmp_path, domains, monkeypatch,
+                                                                   init, search):
+    """Domain a's losses are 10 (1 + 2(1 − w)²), b's 1 + 2w² (w: weight on a's own module; own losses 10 and 1).
+    Pooled, a dominates: 10 + 20(1 − w)² + 1 + 2w² is least at w = 40/44 (grid: w = 1). Relative to their own
+    modules both are 1 + 2(·)², symmetric: balanced and worst are least at w = 1/2. Each criterion's choice is the
+    argmin of its table's "criterion" (under loss: "memory_loss", its rows those of before the option)."""
+    def values(name, w):
+        loss = 10 * (1 + 2 * (1 - w) ** 2) if name == "pos" else 1 + 2 * w ** 2
+        return {"loss": loss, "accuracy": 0.5}
+
+    chosen = {}
+    for select_by in ("loss", "balanced", "worst"):
+        config = ContinualConfig.from_flat(model=str(tiny_model_dir), domain=domains[:2], init=init, search=search,
+                                           select_by=select_by, lambda_grid="0,0.5,1", memory_size=4, heldout_size=4,
+                                           search_budget=12, output_dir=str(tmp_path / select_by), progress=False)
+        weights, lam, table = _choose(ContinualRunner(config), monkeypatch, values)
+        criterion = [r.get("criterion", r["memory_loss"]) for r in table]  # loss: the rows of before
+        assert _chosen_row(table, weights).get("criterion", _chosen_row(table, weights)["memory_loss"]) == min(
+            criterion), table
+        chosen[select_by] = weights[0]
+        if select_by != "loss":
+            assert all(set(r["domains"]) == {"pos", "safe"} for r in table)
+            row = _chosen_row(table, weights)["domains"]
+            assert row["pos"]["relative"] == pytest.approx(row["pos"]["loss"] / 10, rel=1e-12)
+        else:
+            assert all(set(r) <= {"lambda", "weights", "memory_loss", "memory_accuracy", "phase"} for r in table)
+    assert chosen["loss"] > 0.85 and chosen["balanced"] == pytest.approx(0.5, abs=0.05)
+    assert chosen["worst"] == pytest.approx(0.5, abs=0.05)
+    if search == "pairwise":
+        assert chosen == {"loss": 1.0, "balanced": 0.5, "worst": 0.5}
+
+
+@pytest.mark.parametrize("search", ["pairwise", "simplex"])
+def test_select_by_judge_picks_the_candidate_whose_samples_the_judge_prefers(tiny_model_dir, tmp_path,
+                                                                              monkeypatch, search, length_judged):
+    """Module a's samples hold the token 'yes' (its count 4w, w its weight), b's the token 'no' (4(1 − w)); the judge
+    of sentiment counts 'yes' and critic's counts 'no' with twice the weight: the judge's mean over domains
+    (4w + 8(1 − w))/2 is highest at w = 0, whatever the memory losses say (they favour w = 1)."""
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great")}
+    specs = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+
+    def values(name, w):
+        samples = ["yes"] * round(4 * w) + ["no"] * round(4 * (1 - w))
+        judge = samples.count("yes") if name == "sentiment" else 2 * samples.count("no")
+        return {"loss": 2 - w, "accuracy": 0.5, "judge_score": float(judge)}
+
+    config = ContinualConfig.from_flat(model=str(tiny_model_dir), domain=specs, search=search, select_by="judge",
+                                       lambda_grid="0,0.5,1", memory_size=4, heldout_size=4, search_budget=12,
+                                       output_dir=str(tmp_path / "judge"), progress=False)
+    weights, _, table = _choose(ContinualRunner(config), monkeypatch, values)
+    assert weights[0] == 0.0 and _chosen_row(table, weights)["criterion"] == min(r["criterion"] for r in table)
+    assert min(table, key=lambda r: r["memory_loss"]) is not _chosen_row(table, weights)
+    assert all(r["criterion"] == -(r["domains"]["sentiment"]["judge"] + r["domains"]["critic"]["judge"]) / 2
+               for r in table)
+
+
+def test_select_by_judge_end_to_end_samples_training_prompts(tiny_model_dir, tmp_path, length_judged):
+    """A real run: every candidate's samples judged on the last --select-judge-prompts training prompts (never the
+    held-out ones the report judges), the chosen λ the argmin of the table, the report saying so."""
+    files = {"sentiment": ("great", "awful"), "critic": ("awful", "great")}
+    specs = [f"{n}={write_jsonl(tmp_path / f'{n}.jsonl', domain_rows(*w))}" for n, w in files.items()]
+    config, report = run(tiny_model_dir, tmp_path, specs, method="cofs-dpo", select_by="judge",
+                         select_judge_prompts=2, max_steps_per_domain=1, judge_prompts=2)
+    table = report["stages"][1]["search"]
+    chosen = next(r for r in table if r["lambda"] == report["lambdas"][1])
+    assert chosen["criterion"] == min(r["criterion"] for r in table)
+    assert all(isinstance(r["domains"][n]["judge"], float) for r in table for n in files)
+    assert "selected by judge" in report["search"] and "2 training prompts" in report["search"]
+    runner = ContinualRunner(config.__class__.from_flat(**{**config.to_dict(), "overwrite": True}))
+    for d in runner.domains:
+        judged, records = runner._selection_task(d)
+        assert len(records) == 2 and all(r["split"] == "train" for r in records)
+
+
+def test_select_by_is_checked_before_anything_trains(tiny_model_dir, tmp_path, domains):
+    with pytest.raises(ConfigError, match="--select-by judge needs a judge for every domain; pos has none"):
+        run(tiny_model_dir, tmp_path, domains, select_by="judge")
+    with pytest.raises(ConfigError, match="--select-by chooses cofs-dpo"):
+        ContinualConfig.from_flat(domain=domains, method="dpo", select_by="worst")
+    with pytest.raises(ConfigError, match="--select-judge-prompts applies to --select-by judge"):
+        ContinualConfig.from_flat(domain=domains, select_judge_prompts=3)

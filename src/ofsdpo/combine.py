@@ -21,8 +21,9 @@ import copy
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from typing import Any, Union
 
 import torch
 from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
@@ -170,24 +171,38 @@ def recursive_weights(previous: Sequence[float], lam: float) -> list[float]:
     return [lam * w for w in previous] + [1.0 - lam]
 
 
-def search_lambda(grid: Sequence[float], score: Callable[[float], tuple[float, float]]) -> tuple[float, list[dict]]:
-    """The grid point with the lowest memory DPO loss; ties broken by higher preference accuracy, then grid order
-    (a NaN score ranks last).
+# what a score callback returns: (memory loss, accuracy), or a row with those two and optionally "criterion"
+Scores = Union[tuple[float, float], Mapping[str, Any]]
 
-    `score(λ)` returns (loss, accuracy). Returns (best λ, every point's scores).
+
+def search_lambda(grid: Sequence[float], score: Callable[[float], Scores]) -> tuple[float, list[dict]]:
+    """The grid point with the lowest criterion (by default the memory DPO loss); ties broken by higher preference
+    accuracy, then grid order (a NaN criterion or accuracy ranks last).
+
+    `score(λ)` returns (loss, accuracy), or a row holding "memory_loss", "memory_accuracy" and optionally
+    "criterion" (the value to minimise) and anything else to record (`scored_row`). Returns (best λ, every point's
+    row).
     """
-    table = []
-    for lam in grid:
-        loss, accuracy = score(lam)
-        table.append({"lambda": float(lam), "memory_loss": float(loss), "memory_accuracy": float(accuracy)})
+    table = [{"lambda": float(lam), **scored_row(score(lam))} for lam in grid]
     best = min(table, key=_rank)
     return best["lambda"], table
 
 
+def scored_row(scores: Scores) -> dict:
+    """A score callback's result as a table row: "memory_loss" and "memory_accuracy" as floats, then the rest."""
+    if isinstance(scores, Mapping):
+        row = dict(scores)
+        row["memory_loss"], row["memory_accuracy"] = float(row["memory_loss"]), float(row["memory_accuracy"])
+        return row
+    loss, accuracy = scores
+    return {"memory_loss": float(loss), "memory_accuracy": float(accuracy)}
+
+
 def _rank(row: dict) -> tuple[float, float]:
-    """Lower memory loss first, then higher accuracy; a NaN loss or accuracy ranks last, never first."""
-    loss, accuracy = row["memory_loss"], row["memory_accuracy"]
-    return (math.inf if math.isnan(loss) else loss), (math.inf if math.isnan(accuracy) else -accuracy)
+    """Lower criterion first (the memory loss when the row has none), then higher accuracy; a NaN criterion or
+    accuracy ranks last, never first."""
+    value, accuracy = row.get("criterion", row["memory_loss"]), row["memory_accuracy"]
+    return (math.inf if math.isnan(value) else value), (math.inf if math.isnan(accuracy) else -accuracy)
 
 
 def _lattice(num_modules: int, resolution: int) -> list[tuple[Fraction, ...]]:
@@ -244,16 +259,17 @@ SIMPLEX_RESOLUTIONS = (1, 2, 4, 5, 10, 20)
 
 def search_simplex(
     num_modules: int,
-    score: Callable[[list[float]], tuple[float, float]],
+    score: Callable[[list[float]], Scores],
     budget: int = 60,
     resolution: int | None = None,
     min_step: float = 0.01,
     include: Sequence[Sequence[float]] = (),
 ) -> tuple[list[float], list[dict]]:
-    """Search the whole simplex of K = `num_modules` weights for the lowest memory DPO loss (SPEC §4).
+    """Search the whole simplex of K = `num_modules` weights for the lowest criterion (SPEC §4; by default the memory
+    DPO loss).
 
-    `score(weights)` returns (loss, accuracy) of the combination Σ λ_k θ_k. Deterministic (no randomness), in
-    three phases, every distinct point scored once:
+    `score(weights)` returns (loss, accuracy) of the combination Σ λ_k θ_k, or a row (as `search_lambda`'s).
+    Deterministic (no randomness), in three phases, every distinct point scored once:
       1. `include`: given points first (e.g. the pairwise recursion's candidates `recursive_weights(prev, λ)`,
          so the search is never worse than `search_lambda` on the same grid);
       2. lattice: every point whose weights are multiples of 1/`resolution` (C(resolution+K−1, K−1) points; the
@@ -266,10 +282,11 @@ def search_simplex(
          otherwise halve s. Stops when s < `min_step` or the budget is spent.
     `budget` bounds the number of `score` calls (each is a pass over the memory data): ≤ 60 by default. For
     K = 3 the defaults use 21 lattice points and at most 39 refinement ones, reaching ~0.0125 resolution.
-    Ties are broken as in `search_lambda`: lower loss, then higher accuracy, then evaluation order; NaN last.
+    Ties are broken as in `search_lambda`: lower criterion, then higher accuracy, then evaluation order; NaN last.
 
     Returns (best weights: K floats ≥ 0 whose sum is exactly 1.0 (see `_as_floats`), every scored point in order as
-    {"weights", "memory_loss", "memory_accuracy", "phase"}). K = 1 scores the single point [1.0].
+    {"weights", "memory_loss", "memory_accuracy", [the callback's other values,] "phase"}). K = 1 scores the single
+    point [1.0].
     """
     if num_modules < 1:
         raise ValueError("need at least one module")
@@ -295,15 +312,14 @@ def search_simplex(
 class _ScoredPoints:
     """Every point scored so far, in order (each distinct point once): its table row and its exact weights."""
 
-    def __init__(self, score: Callable[[list[float]], tuple[float, float]]):
+    def __init__(self, score: Callable[[list[float]], Scores]):
         self.score, self.table, self.exact, self.seen = score, [], [], set()
 
     def evaluate(self, point: tuple[Fraction, ...], phase: str) -> dict | None:
         weights = _as_floats(point)
         if tuple(weights) in self.seen:
             return None
-        loss, accuracy = self.score(list(weights))
-        row = {"weights": weights, "memory_loss": float(loss), "memory_accuracy": float(accuracy), "phase": phase}
+        row = {"weights": weights, **scored_row(self.score(list(weights))), "phase": phase}
         self.seen.add(tuple(weights))
         self.table.append(row)
         self.exact.append(point)

@@ -85,6 +85,7 @@ class DomainSpec:
 
 DENSITY_COMBINES = ("ties", "dare_ties", "dare_linear")  # the --combine values that read --density
 DEFAULT_DENSITY = 0.5
+DEFAULT_SELECT_JUDGE_PROMPTS = 8
 
 
 def resolve_search(search: str, init: str) -> str:
@@ -165,6 +166,21 @@ class ContinualOptions:
     )
     search_budget: int = field(default=60, metadata=_help(
         "Most combinations scored per stage by --search simplex.", weights_only=True))
+    select_by: Literal["loss", "balanced", "worst", "judge"] = field(
+        default="loss",
+        metadata=_help("What cofs-dpo's search minimises over the memory of every domain seen: loss (the memory DPO "
+                       "loss pooled over pairs: a domain with larger losses or more pairs weighs more); balanced (the "
+                       "mean over domains of each domain's loss relative to its own kept module: equal weight per "
+                       "domain); worst (the largest such ratio: minimax); judge (the mean over domains of the judge "
+                       "score of samples on training prompts: needs a judge for every domain, costs "
+                       "--select-judge-prompts x --judge-samples samples per domain per candidate).",
+                       weights_only=True),
+    )
+    select_judge_prompts: int = field(default=DEFAULT_SELECT_JUDGE_PROMPTS, metadata=_help(
+        "--select-by judge: training prompts per domain (its last ones, never report prompts), each sampled "
+        "--judge-samples times per candidate under the same seed (common random numbers). More: less judge noise, "
+        "a slower search.",
+        weights_only=True))
     output_dir: str = field(default="ofsdpo-output", metadata=_help("Where the report, stages and served adapter go.",
                                                                     role=OUTPUT))
     resume: bool = field(default=False, metadata=_help("Resume the run in --output-dir (finished stages are kept).",
@@ -194,8 +210,20 @@ class ContinualOptions:
             raise ConfigError(f"--density applies to --combine {'|'.join(DENSITY_COMBINES)} (the merges that trim or "
                               f"drop entries); --combine {self.combine} keeps every entry: drop --density, or pick "
                               "one of those merges.")
+        self._check_selection()
         if not all(0.0 <= x <= 1.0 for x in self.lambdas):
             raise ConfigError(f"--lambda-grid values must lie in [0, 1] (got {self.lambda_grid}).")
+
+    def _check_selection(self) -> None:
+        """--select-by and --select-judge-prompts only where they change something (so run keys stay put)."""
+        if self.select_by != "loss" and self.method != "cofs-dpo":
+            raise ConfigError(f"--select-by chooses cofs-dpo's combination weights; --method {self.method} combines "
+                              "nothing: drop --select-by, or use --method cofs-dpo.")
+        if self.select_judge_prompts < 1:
+            raise ConfigError(f"--select-judge-prompts must be >= 1 (got {self.select_judge_prompts}).")
+        if self.select_judge_prompts != DEFAULT_SELECT_JUDGE_PROMPTS and self.select_by != "judge":
+            raise ConfigError(f"--select-judge-prompts applies to --select-by judge; --select-by {self.select_by} "
+                              "samples nothing: drop --select-judge-prompts, or use --select-by judge.")
 
     @property
     def search_method(self) -> str:

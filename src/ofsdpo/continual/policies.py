@@ -15,6 +15,7 @@ from ..combine import recursive_weights, search_lambda, search_simplex
 from ..errors import ConfigError
 from ..modules import adapter_state
 from ..state import TrainResult
+from .selection import selection_criterion
 
 
 def interleave(stream: list[dict], replay: list[dict]) -> list[dict]:
@@ -98,7 +99,7 @@ class LoraMerge(ContinualPolicy):
 
 class COFSDPO(ContinualPolicy):
     """`cofs-dpo` (SPEC §4): keep each stage's best fast module and serve their linear combination, the weights
-    chosen on the memory of every domain seen (`--search`, `--combine`)."""
+    chosen on the memory of every domain seen (`--search`, `--select-by`, `--combine`)."""
 
     name, stage_method, keeps_modules = "cofs-dpo", "ofs-dpo", True
 
@@ -112,15 +113,18 @@ class COFSDPO(ContinualPolicy):
 
     @staticmethod
     def choose_weights(runner, model, lora, kept: list, previous: list, k: int):
-        """(weights over the kept modules, λ or None, every scored point) by the lowest memory DPO loss (SPEC §4)."""
+        """(weights over the kept modules, λ or None, every scored point) by the lowest --select-by criterion on the
+        memory of every domain seen (SPEC §4; `selection.py`)."""
         if k == 0:
             return [1.0], None, []
-
-        def score(weights: list[float]):
-            state, candidate_lora = runner.materialise(lora, kept, weights)
-            return runner.memory_scores(model, candidate_lora, state, k)
-
         cfg = runner.config
+        criterion = selection_criterion(cfg.select_by)
+        own = runner.own_memory_losses(model, lora, kept, k) if criterion.relative else None
+
+        def score(weights: list[float]) -> dict:
+            state, candidate_lora = runner.materialise(lora, kept, weights)
+            return runner.candidate_scores(model, candidate_lora, state, k, criterion, own)
+
         if cfg.search_method == "simplex":  # the pairwise candidates first: never worse than the recursion
             candidates = [recursive_weights(previous, lam) for lam in cfg.lambdas]
             weights, table = search_simplex(k + 1, score, cfg.search_budget, include=candidates)
@@ -134,10 +138,18 @@ class COFSDPO(ContinualPolicy):
 
 
 def describe_search(cfg) -> str:
-    """How cofs-dpo's combination weights are searched (`--search`), in words for the report."""
+    """How cofs-dpo's combination weights are searched (`--search`) and by what (`--select-by`), in words for the
+    report."""
     if cfg.search_method == "pairwise":
-        return "pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid"
-    return f"simplex: Σ λ_k θ_k over all kept modules, at most {cfg.search_budget} points"
+        how = "pairwise recursive: θ ← λ θ_prev + (1 − λ) θ_F^(k), λ on --lambda-grid"
+    else:
+        how = f"simplex: Σ λ_k θ_k over all kept modules, at most {cfg.search_budget} points"
+    criterion = selection_criterion(cfg.select_by)
+    if criterion.name == "loss":  # the default says what it always said (the golden report.json holds it)
+        return how
+    budget = (f" ({cfg.select_judge_prompts} training prompts per domain x {cfg.judge_samples} samples, the same "
+              "seed for every candidate)" if criterion.judged else "")
+    return f"{how}; selected by {criterion.name}: {criterion.words}{budget}"
 
 
 # the registry: the only place a continual method's name is looked up

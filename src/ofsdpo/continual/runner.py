@@ -30,6 +30,7 @@ from .domains import Domain, DomainLoader, subset
 from .persistence import check_output_dir, check_resumable, load_stage, prepare_output, save_stage
 from .policies import continual_policy
 from .report import build_report, write_report
+from .selection import Criterion, candidate_row
 from .slots import Slots
 
 
@@ -58,6 +59,7 @@ class ContinualRunner:
             raise ConfigError("--judge-prompts is not supported under FSDP or DeepSpeed ZeRO-3: sampling runs a "
                               "different number of forwards on each process, which the all-gathers of the sharded "
                               "base cannot follow. Set --judge-prompts 0, or launch with configs/accelerate/ddp.yaml.")
+        self._check_selection()
         if model is None or isinstance(model, (str, Path)):  # under FSDP, on the CPU until the first stage shards it
             model, tokenizer, _, _ = load_model_and_tokenizer(
                 str(model) if model else cfg.model, cfg.gguf_file, cfg.dtype,
@@ -70,6 +72,22 @@ class ContinualRunner:
         self._reference_scores = reference_scores if reference_scores is not None else {}
         self._shared = shared
         self.slots = Slots()  # where modules are scored: the stage's trained adapters, borrowed when they fit
+        # --select-by: each domain's own kept module's memory loss (fixed once kept), and the base's judged samples
+        # on the selection prompts (apart from the report's: other prompts, one call per domain)
+        self._own_memory_loss: dict[int, float] = {}
+        self._selection_reference: dict[str, list[float]] = {}
+
+    def _check_selection(self) -> None:
+        """--select-by judge: every domain judged (a built-in one, or on-policy with its judge); before anything
+        loads."""
+        if self.config.select_by != "judge":
+            return
+        for spec in self.config.domains:
+            if spec.prompts is None and spec.name not in DOMAINS:
+                raise ConfigError(f"--select-by judge needs a judge for every domain; {spec.name} has none")
+        if self.processes.sharded:
+            raise ConfigError("--select-by judge samples, which FSDP or DeepSpeed ZeRO-3 cannot follow (as "
+                              "--judge-prompts): use another --select-by, or launch with configs/accelerate/ddp.yaml.")
 
     def _check_output_dir(self) -> None:
         check_output_dir(self.config, self.output_dir)
@@ -222,16 +240,19 @@ class ContinualRunner:
                              on_policy_domain=domain.on_policy,
                              train_reference=None if domain.on_policy else train_reference)
 
-    def _evaluate(self, model, lora, state, sets: list[EvalSet], slot: str, per_pair: bool = False) -> list[dict]:
+    def _evaluate(self, model, lora, state, sets: list[EvalSet], slot: str, per_pair: bool = False,
+                  reference_scores: dict | None = None, together: bool | None = None) -> list[dict]:
         """`state`'s row on each set (`evaluation.evaluate`), scored in adapter slot `slot`. The sets' pairs share
         batches; under --score-domains all, every judged domain's prompts are sampled in one call, under seen each
         domain in a call of its own (the domains judged change from stage to stage, and a row's random numbers
         depend on the call's rows). The reference's samples are drawn once per run with the same calls, under the
-        run's seed: common random numbers."""
+        run's seed: common random numbers. `reference_scores` and `together`: the report's, unless given."""
+        together = self.config.score_domains == "all" if together is None else together
         options = EvalOptions.of_run(self.config.training, judge_samples=self.config.judge_samples,
-                                     judge_together=self.config.score_domains == "all")
+                                     judge_together=together)
+        reference = self._reference_scores if reference_scores is None else reference_scores
         return evaluate(model, self.tokenizer, self.slots.load(model, slot, lora, state), sets, options,
-                        self._reference_scores, per_pair=per_pair)
+                        reference, per_pair=per_pair)
 
     def _report_sets(self, domains: list[Domain]) -> list[EvalSet]:
         """The domains' report pairs and, with --judge-prompts, the held-out prompts of those with a judge (built-in
@@ -244,12 +265,17 @@ class ContinualRunner:
         """Per domain, (judged domain, held-out prompt records), or None for a domain of pairs files only."""
         tasks = []
         for d in self.domains:
-            judged = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
-            if judged is not None and self.config.judge_max_new_tokens:
-                judged = dataclasses.replace(
-                    judged, max_new_tokens=min(judged.max_new_tokens, self.config.judge_max_new_tokens))
+            judged = self._capped(d.on_policy if d.on_policy is not None and d.on_policy.heldout
+                                  else DOMAINS.get(d.name))
             tasks.append(None if judged is None else (judged, judged.prompts("heldout")[:self.config.judge_prompts]))
         return tasks
+
+    def _capped(self, judged):
+        """The judged domain with its samples' length capped by --judge-max-new-tokens (None stays None)."""
+        if judged is not None and self.config.judge_max_new_tokens:
+            judged = dataclasses.replace(
+                judged, max_new_tokens=min(judged.max_new_tokens, self.config.judge_max_new_tokens))
+        return judged
 
     def materialise(self, lora, states: list[dict], weights: list[float], combine: str | None = None):
         """The combined module as (state, LoraConfig), `combine.combine_lora`: `--combine` params, delta (the exact
@@ -257,11 +283,36 @@ class ContinualRunner:
         return combine_lora(combine or self.config.combine, states, weights, lora, density=self.config.density,
                             seed=self.config.training.seed)
 
-    def memory_scores(self, model, lora, state, k: int) -> tuple[float, float]:
-        """Mean DPO loss and accuracy over the memory of domains 1..k+1 (all seen so far), pair-weighted."""
+    def candidate_scores(self, model, lora, state, k: int, criterion: Criterion,
+                         own_losses: dict[str, float] | None = None) -> dict:
+        """A candidate combination's row for the λ search (`selection.candidate_row`): its memory loss and accuracy
+        on each of domains 1..k+1 (all seen so far), pooled, and what `criterion` reads besides (`own_losses`, from
+        `own_memory_losses`; the judge's mean score of its samples on each domain's selection prompts)."""
         seen = self.domains[:k + 1]
-        scores = self._evaluate(model, lora, state, [EvalSet(d.name, d.memory, d.memory_reference) for d in seen],
-                                "candidate")
-        total = sum(len(d.memory) for d in seen)
-        return (sum(s["loss"] * len(d.memory) for s, d in zip(scores, seen)) / total,
-                sum(s["accuracy"] * len(d.memory) for s, d in zip(scores, seen)) / total)
+        sets = [EvalSet(d.name, d.memory, d.memory_reference, *(self._selection_task(d) if criterion.judged
+                                                                  else (None, []))) for d in seen]
+        # the judged samples: one call per domain under the run's seed, the same calls for every candidate (common
+        # random numbers), their reference drawn once in those calls, apart from the report's
+        rows = self._evaluate(model, lora, state, sets, "candidate", reference_scores=self._selection_reference,
+                              together=False if criterion.judged else None)
+        domains = {d.name: {"loss": r["loss"], "accuracy": r["accuracy"], "pairs": len(d.memory),
+                            **({"judge": r["judge_score"]} if criterion.judged else {})} for d, r in zip(seen, rows)}
+        return candidate_row(criterion, domains, own_losses)
+
+    def own_memory_losses(self, model, lora, kept: list[dict], k: int) -> dict[str, float]:
+        """{domain: its own kept module's memory loss} for domains 1..k+1, each scored once per run (a kept module and
+        its domain's memory never change). `lora`: the LoraConfig the kept modules share."""
+        for j in range(k + 1):
+            if j not in self._own_memory_loss:
+                d = self.domains[j]
+                rows = self._evaluate(model, lora, kept[j], [EvalSet(d.name, d.memory, d.memory_reference)],
+                                      "candidate")
+                self._own_memory_loss[j] = rows[0]["loss"]
+        return {self.domains[j].name: self._own_memory_loss[j] for j in range(k + 1)}
+
+    def _selection_task(self, d: Domain) -> tuple:
+        """(judged domain, records) of --select-by judge: the last --select-judge-prompts of the domain's training
+        prompts (a built-in domain's train split, an on-policy domain's stream prompts), never its held-out prompts,
+        which the report judges."""
+        judged = self._capped(d.on_policy if d.on_policy is not None else DOMAINS.get(d.name))
+        return judged, judged.prompts("train")[-self.config.select_judge_prompts:]
