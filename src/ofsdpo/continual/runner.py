@@ -206,10 +206,12 @@ class ContinualRunner:
         folder = self._stage_dir(k)
         resume = cfg.resume and bool(list_checkpoints(folder / "checkpoints"))  # the interrupted stage, if it saved
         values = dict(cfg.training.to_dict(), method=self.policy.stage_method, resume=resume, overwrite=True,
-                      output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
+                      output_dir=str(folder), max_steps=self.policy.stage_steps(k, cfg.max_steps_per_domain),
                       eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
         train, train_reference = domain.train, domain.train_reference
-        mixed = self.policy.stage_pairs(k, train.pairs, self.domains[:k], cfg.memory_size)
+        per_domain = (None if cfg.max_steps_per_domain == -1 else  # the pairs one stage's steps train on
+                      cfg.max_steps_per_domain * cfg.training.pairs_per_step)
+        mixed = self.policy.stage_pairs(k, train.pairs, self.domains[:k], cfg.memory_size, per_domain)
         if mixed is not None:  # another stream: its own reference cache
             train, train_reference = subset(mixed, domain.name), None
         # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
