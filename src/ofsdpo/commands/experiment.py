@@ -51,6 +51,7 @@ from ..domains import get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_json, write_jsonl
+from ..losses import preference_loss
 from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
@@ -485,12 +486,21 @@ class ExperimentRunner:
                 "avg_final_kl": sum(matrix["kl"][-1]) / len(names) if judged else None,
                 "avg_final_accuracy": report["cl/avg_accuracy"], "forgetting_accuracy": report["cl/forgetting"],
                 "bwt_accuracy": report["cl/bwt"], "lambdas": report["lambdas"][1:],
-                "avg_final_loss": report["cl/avg_loss"],
+                "avg_final_loss": report["cl/avg_loss"], "final_loss": dict(zip(names, matrix["loss"][-1])),
+                "forgetting_loss": report["cl/forgetting_loss"], "base_report_loss": base_report_loss(run_config),
                 "weights": [stage.get("weights") for stage in report["stages"]],
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report.get("base_judge_score", {}), "train_loss_curve": curve,
                 "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items()
                           if key in report["units"]}}
+
+
+def base_report_loss(config: ContinualConfig) -> float:
+    """The report DPO loss of the base model itself: it is its own reference, so every pair's margin is 0 (log 2
+    under plain DPO). The zero of the `multitask` gap's share kept (`experiment_report.multitask_gap`)."""
+    training = config.training
+    return float(preference_loss(torch.zeros(1, dtype=torch.float64), training.beta, training.loss_type,
+                                 training.label_smoothing))
 
 
 def split_by_prompt(data: str, selection: int, report_size: int, stream: int) -> dict:
