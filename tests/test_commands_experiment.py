@@ -31,6 +31,8 @@ SHIPPED_KEYS = {  # seed 0 of every variant of experiments/*.yaml, over the synt
     "continual-chain-baselines/dpo": "6f340bfcb7404bf3", "continual-chain-baselines/dpo-replay": "d1d12c5e0ac5232e",
     "continual-chain-baselines/multitask": "67fa402328956c21",
     "continual-chain-baselines/cofs-dpo": "b1bc653e41817836",
+    "continual-revisit/dpo": "c830dbd9e4b896bb", "continual-revisit/dpo-replay": "4bab76b20c6ab97c",
+    "continual-revisit/multitask": "6a5e47d32ed45c94", "continual-revisit/cofs-dpo": "f2e65d6e44bcee1e",
     "frontier-ablations/alpha-10x": "a60831c392435500", "frontier-ablations/dpo": "ab74baa4406b9e18",
     "frontier-ablations/equal-lr": "4550ce66f4ce74cd", "frontier-ablations/swap-off": "d3da89b4db1357f5",
     "frontier-ablations/swap-params": "1933a03641b24446", "frontier-sentiment-lr4x/dpo": "8a9f3ca7c66a1845",
@@ -180,7 +182,7 @@ def test_shipped_experiments_load_and_bad_variants_fail():
     (rounds over the 48 held-out prompts), >= 96 judged samples per domain and arm, >= 5 seeds (>= 3 for the
     frontier's learning-rate and ablation files, as issue 27 plans them). The frontier file (issue 27): >= 96
     steps of distinct pairs and >= 5 judged checkpoints, with the KL budgets fixed in the file."""
-    from ofsdpo.domains import get_domain
+    from ofsdpo.domains import builtin_name, get_domain
 
     shipped = sorted(EXPERIMENTS.glob("*.yaml"))
     assert shipped
@@ -194,7 +196,7 @@ def test_shipped_experiments_load_and_bad_variants_fail():
         assert config.steps * config.batch_size >= 128, path
         assert config.judge_prompts * config.judge_samples >= 96, path
         for domain in config.domains:
-            assert len(get_domain(domain).prompts("heldout")) * config.report_rounds >= 64, path
+            assert len(get_domain(builtin_name(domain)).prompts("heldout")) * config.report_rounds >= 64, path
     with pytest.raises(ConfigError, match="unknown field"):
         ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
     # a domain's name is the runner's to check (config knows no domain), before any model or pairs load
@@ -267,9 +269,11 @@ def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
     """Issue 28 item 4: dpo, dpo-replay, multitask and cofs-dpo (the best-measured init and search) over 5 seeds, at
     the published continual files' scale (the results compare); the plan says it was fixed before any run."""
     for stem, published in (("continual-sentiment-critic-baselines", "cofs-opposed"),
-                            ("continual-chain-baselines", "cofs-chain")):
+                            ("continual-chain-baselines", "cofs-chain"), ("continual-revisit", "cofs-opposed")):
         config, before = (ExperimentConfig.from_yaml(EXPERIMENTS / f"{s}.yaml") for s in (stem, published))
-        assert config.kind == "continual" and config.seeds == [0, 1, 2, 3, 4] and config.domains == before.domains
+        assert config.kind == "continual" and config.seeds == [0, 1, 2, 3, 4]
+        revisit = ["sentiment.2"] if stem == "continual-revisit" else []  # sentiment's second visit, the same pairs
+        assert config.domains == before.domains + revisit
         methods = {v["name"]: v["method"] for v in config.variants}
         assert methods == {"dpo": "dpo", "dpo-replay": "dpo-replay", "multitask": "multitask", "cofs-dpo": "cofs-dpo"}
         cofs = next(v for v in config.variants if v["name"] == "cofs-dpo")
@@ -279,6 +283,22 @@ def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
         assert all(getattr(config, f) == getattr(before, f) for f in same), stem
         text = (EXPERIMENTS / f"{stem}.yaml").read_text(encoding="utf-8")
         assert "fixed in this file before any of its runs" in text and "CPU time estimate" in text
+
+
+def test_a_revisit_reads_its_domains_pairs_and_judge(tmp_path):
+    """`sentiment.2` (a revisiting stream's second visit) stands for the built-in sentiment: the same pairs files
+    (so the same run key as a file naming the same data), judged by sentiment's judge; other names stay as they are."""
+    from ofsdpo.domains import builtin_name
+
+    assert [builtin_name(n) for n in ("sentiment.2", "sentiment", "critic.10", "poetry.2", "pos", "sentiment.x")] == [
+        "sentiment", "sentiment", "critic", "poetry.2", "pos", "sentiment.x"]
+    config = ExperimentConfig(name="r", kind="continual", domains=["sentiment", "critic", "sentiment.2"],
+                              variants=[{"name": "dpo", "method": "dpo"}], data_dir=str(tmp_path / "pairs"))
+    _write_pairs(ExperimentConfig(**{**dataclasses.asdict(config), "domains": ["sentiment", "critic"]}))
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)  # sentiment.2 is built-in
+    assert runner.source("sentiment.2") == "sentiment" and runner.run_key(config.variants[0], None, 0)
+    with pytest.raises(ConfigError, match="unknown domain 'poetry.2'"):
+        ExperimentRunner(dataclasses.replace(config, domains=["sentiment", "poetry.2"]), tmp_path, verbose=False)
 
 
 def test_the_shipped_experiments_keep_their_run_keys(tmp_path):

@@ -15,7 +15,7 @@ from ..checkpoint import list_checkpoints
 from ..combine import combine_lora
 from ..config import WEIGHTS_ONLY, ContinualConfig, OFSDPOConfig
 from ..distributed import Processes
-from ..domains import DOMAINS
+from ..domains import DOMAINS, builtin_name
 from ..errors import ConfigError
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..models import load_model_and_tokenizer, load_tokenizer, resolve_device
@@ -246,7 +246,7 @@ class ContinualRunner:
         """Per domain, (judged domain, held-out prompt records), or None for a domain of pairs files only."""
         tasks = []
         for d in self.domains:
-            judged = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(d.name)
+            judged = d.on_policy if d.on_policy is not None and d.on_policy.heldout else DOMAINS.get(builtin_name(d.name))
             if judged is not None and self.config.judge_max_new_tokens:
                 judged = dataclasses.replace(
                     judged, max_new_tokens=min(judged.max_new_tokens, self.config.judge_max_new_tokens))
