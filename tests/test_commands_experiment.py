@@ -23,6 +23,16 @@ SHIPPED_KEYS = {  # seed 0 of every variant of experiments/*.yaml, over the synt
     "cofs-chain/cofs-previous": "bc815d0c47d10a05", "cofs-chain/dpo": "6f340bfcb7404bf3",
     "cofs-opposed/cofs-fresh-delta": "2ea78f1906fb195d", "cofs-opposed/cofs-previous": "9da8f4f6ce333a52",
     "cofs-opposed/dpo": "b77ac9f25362543a", "cofs-opposed/lora-merge": "644efa101828f14f",
+    # issue 28's baselines: their dpo (and the chain's cofs-dpo) are cofs-opposed's and cofs-chain's runs
+    "continual-sentiment-critic-baselines/dpo": "b77ac9f25362543a",
+    "continual-sentiment-critic-baselines/dpo-replay": "d8fa6970cabdbcb6",
+    "continual-sentiment-critic-baselines/multitask": "327b34bd6648b2f8",
+    "continual-sentiment-critic-baselines/cofs-dpo": "6719a0863357ac4f",
+    "continual-chain-baselines/dpo": "6f340bfcb7404bf3", "continual-chain-baselines/dpo-replay": "d1d12c5e0ac5232e",
+    "continual-chain-baselines/multitask": "67fa402328956c21",
+    "continual-chain-baselines/cofs-dpo": "b1bc653e41817836",
+    "continual-revisit/dpo": "c830dbd9e4b896bb", "continual-revisit/dpo-replay": "4bab76b20c6ab97c",
+    "continual-revisit/multitask": "6a5e47d32ed45c94", "continual-revisit/cofs-dpo": "f2e65d6e44bcee1e",
     "frontier-ablations/alpha-10x": "a60831c392435500", "frontier-ablations/dpo": "ab74baa4406b9e18",
     "frontier-ablations/equal-lr": "4550ce66f4ce74cd", "frontier-ablations/swap-off": "d3da89b4db1357f5",
     "frontier-ablations/swap-params": "1933a03641b24446", "frontier-sentiment-lr4x/dpo": "8a9f3ca7c66a1845",
@@ -172,7 +182,7 @@ def test_shipped_experiments_load_and_bad_variants_fail():
     (rounds over the 48 held-out prompts), >= 96 judged samples per domain and arm, >= 5 seeds (>= 3 for the
     frontier's learning-rate and ablation files, as issue 27 plans them). The frontier file (issue 27): >= 96
     steps of distinct pairs and >= 5 judged checkpoints, with the KL budgets fixed in the file."""
-    from ofsdpo.domains import get_domain
+    from ofsdpo.domains import builtin_name, get_domain
 
     shipped = sorted(EXPERIMENTS.glob("*.yaml"))
     assert shipped
@@ -186,7 +196,7 @@ def test_shipped_experiments_load_and_bad_variants_fail():
         assert config.steps * config.batch_size >= 128, path
         assert config.judge_prompts * config.judge_samples >= 96, path
         for domain in config.domains:
-            assert len(get_domain(domain).prompts("heldout")) * config.report_rounds >= 64, path
+            assert len(get_domain(builtin_name(domain)).prompts("heldout")) * config.report_rounds >= 64, path
     with pytest.raises(ConfigError, match="unknown field"):
         ExperimentConfig(variants=[{"name": "x", "method": "dpo", "alpah": 0.1}])
     # a domain's name is the runner's to check (config knows no domain), before any model or pairs load
@@ -261,6 +271,42 @@ def _write_pairs(config: ExperimentConfig) -> None:
         path.with_suffix(".info.json").write_text(json.dumps({"model": [None, None], "pairs": 10**6, "ties": 0}))
 
 
+def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
+    """Issue 28 item 4: dpo, dpo-replay, multitask and cofs-dpo (the best-measured init and search) over 5 seeds, at
+    the published continual files' scale (the results compare); the plan says it was fixed before any run."""
+    for stem, published in (("continual-sentiment-critic-baselines", "cofs-opposed"),
+                            ("continual-chain-baselines", "cofs-chain"), ("continual-revisit", "cofs-opposed")):
+        config, before = (ExperimentConfig.from_yaml(EXPERIMENTS / f"{s}.yaml") for s in (stem, published))
+        assert config.kind == "continual" and config.seeds == [0, 1, 2, 3, 4]
+        revisit = ["sentiment.2"] if stem == "continual-revisit" else []  # sentiment's second visit, the same pairs
+        assert config.domains == before.domains + revisit
+        methods = {v["name"]: v["method"] for v in config.variants}
+        assert methods == {"dpo": "dpo", "dpo-replay": "dpo-replay", "multitask": "multitask", "cofs-dpo": "cofs-dpo"}
+        cofs = next(v for v in config.variants if v["name"] == "cofs-dpo")
+        assert (cofs["init"], cofs["combine"], cofs["search"]) == ("fresh", "delta", "simplex")
+        same = ("prompts", "samples", "steps", "batch_size", "selection", "report_rounds", "judge_prompts",
+                "judge_samples", "lr", "memory", "lambda_grid", "eval_steps", "max_length", "max_prompt_length", "train")
+        assert all(getattr(config, f) == getattr(before, f) for f in same), stem
+        text = (EXPERIMENTS / f"{stem}.yaml").read_text(encoding="utf-8")
+        assert "fixed in this file before any of its runs" in text and "CPU time estimate" in text
+
+
+def test_a_revisit_reads_its_domains_pairs_and_judge(tmp_path):
+    """`sentiment.2` (a revisiting stream's second visit) stands for the built-in sentiment: the same pairs files
+    (so the same run key as a file naming the same data), judged by sentiment's judge; other names stay as they are."""
+    from ofsdpo.domains import builtin_name
+
+    assert [builtin_name(n) for n in ("sentiment.2", "sentiment", "critic.10", "poetry.2", "pos", "sentiment.x")] == [
+        "sentiment", "sentiment", "critic", "poetry.2", "pos", "sentiment.x"]
+    config = ExperimentConfig(name="r", kind="continual", domains=["sentiment", "critic", "sentiment.2"],
+                              variants=[{"name": "dpo", "method": "dpo"}], data_dir=str(tmp_path / "pairs"))
+    _write_pairs(ExperimentConfig(**{**dataclasses.asdict(config), "domains": ["sentiment", "critic"]}))
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)  # sentiment.2 is built-in
+    assert runner.source("sentiment.2") == "sentiment" and runner.run_key(config.variants[0], None, 0)
+    with pytest.raises(ConfigError, match="unknown domain 'poetry.2'"):
+        ExperimentRunner(dataclasses.replace(config, domains=["sentiment", "poetry.2"]), tmp_path, verbose=False)
+
+
 def test_the_shipped_experiments_keep_their_run_keys(tmp_path):
     """Run keys read the option roles (config.base) where five hand-kept lists used to be; every shipped variant's
     key, and a key with a computed, a runtime or a cadence option off its default, are the literal ones of before."""
@@ -274,6 +320,7 @@ def test_the_shipped_experiments_keep_their_run_keys(tmp_path):
             domain = config.domains[0] if config.kind == "in-domain" else None
             keys[f"{path.stem}/{variant['name']}"] = runner.run_key(variant, domain, 0)
     assert keys == SHIPPED_KEYS
+    assert keys["continual-chain-baselines/cofs-dpo"] == keys["cofs-chain/cofs-fresh-simplex"]  # reused
     for arm in ("dpo", "ofs-dpo"):  # the control reuses the frontier's runs: nothing retrained
         assert keys[f"frontier-slow-lr-control/{arm}"] == keys[f"frontier-sentiment/{arm}"]
     for (kind, option, value), key in PERTURBED_KEYS.items():
@@ -405,6 +452,42 @@ def test_tiny_continual_experiment_bootstraps_its_headline(tiny_model_dir, tmp_p
     assert f"| cofs − dpo | all | avg final judge score | {row['mean']:+.4f} | " in text
     assert (f"| [{judge['lower']:+.4f}, {judge['upper']:+.4f}] | {row['decision']['by']} | {row['p_holm']:.3g} | 2 |"
             in text)
+
+
+def test_tiny_continual_experiment_with_multitask_carries_the_gap(tiny_model_dir, tmp_path, length_judged):
+    """With a `multitask` variant the aggregate carries the gap to it: every other variant − multitask on each
+    domain's and the average final judge score and report loss, paired by seed, with the share of multitask's gain
+    over the base kept; its own section of aggregate.md. Per-domain forgetting is in every cell."""
+    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), memory=3,
+                  variants=[{"name": "dpo", "method": "dpo"}, {"name": "multitask", "method": "multitask"}])
+    summary = ExperimentRunner(ExperimentConfig(**values), tmp_path / "runs", progress=False, verbose=False).run()
+    gap = summary["multitask_gap"]
+    assert {(r["variant"], r["baseline"], r["metric"]) for r in gap} == {
+        ("dpo", "multitask", f"{kind}/{name}") for kind in ("judge", "loss") for name in ("sentiment", "critic", "all")}
+    runs = summary["per_seed"]
+    for row in gap:
+        kind, name = row["metric"].split("/")
+        ours, upper = runs["dpo"], runs["multitask"]
+        if name == "all":
+            key = "avg_final_judge" if kind == "judge" else "avg_final_loss"
+            pairs = [(ours[s][key], upper[s][key]) for s in ("0", "1")]
+            assert row["bootstrap"]["mean"] == pytest.approx(row["mean"], abs=1e-6)  # units: report pairs, prompts
+        else:
+            key = "final_judge" if kind == "judge" else "final_loss"
+            pairs = [(ours[s][key][name], upper[s][key][name]) for s in ("0", "1")]
+        assert row["mean"] == pytest.approx(sum(a - b for a, b in pairs) / 2) and row["n"] == 2
+        assert row["domain"] == name and "p_holm" in row
+        if kind == "loss":  # the base is its own reference: every margin 0, log 2 under plain DPO
+            shares = [(a - math.log(2)) / (b - math.log(2)) for a, b in pairs]
+            assert row["share_kept"]["values"] == pytest.approx(shares)
+    assert all(r["baseline"] == "dpo" for r in summary["paired"])  # the headline's family: the gap has its own
+    cell = summary["cells"]["dpo"]
+    assert set(cell["forgetting_loss"]) == set(cell["forgetting_judge"]) == {"sentiment"}
+    text = (tmp_path / "runs" / "aggregate.md").read_text()
+    assert "## The gap to `multitask` (the upper bound)" in text
+    row = next(r for r in gap if r["metric"] == "loss/all")
+    assert f"| dpo − multitask | all | final report DPO loss (lower is better), average | {row['mean']:+.4f} |" in text
 
 
 def test_checkpoint_ladder_and_distinct_pairs_per_prompt(tiny_model_dir, tmp_path, length_judged):

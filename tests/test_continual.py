@@ -517,3 +517,49 @@ def test_select_by_is_checked_before_anything_trains(tiny_model_dir, tmp_path, d
         ContinualConfig.from_flat(domain=domains, method="dpo", select_by="worst")
     with pytest.raises(ConfigError, match="--select-judge-prompts applies to --select-by judge"):
         ContinualConfig.from_flat(domain=domains, select_judge_prompts=3)
+
+
+def test_round_robin_takes_pair_i_of_each_stream_in_turn():
+    from ofsdpo.continual.policies import round_robin
+    assert round_robin([list("abc"), [1, 2], ["x"]]) == ["a", 1, "x", "b", 2, "c"]
+    assert round_robin([[], [1]]) == [1] and round_robin([]) == []
+
+
+@pytest.mark.parametrize("steps", [-1, 2])
+def test_multitask_stage_trains_every_domain_seen_once_each_interleaved(tiny_model_dir, tmp_path, domains,
+                                                                          monkeypatch, steps):
+    """A `multitask` stage k's stream holds the training pairs of domains 1..k+1, each exactly once, in
+    round-robin order (pair i of each domain in turn); with --max-steps-per-domain each domain gives the pairs
+    its own stage would train on, and the stage trains the whole union."""
+    streams, own_streams = [], []
+    original = ContinualRunner._stage_trainer
+
+    def key(pair: dict) -> tuple:  # a pair by its tokens: the chosen completion tells the domains apart
+        return tuple(pair["prompt_ids"]), tuple(pair["chosen_ids"])
+
+    def recording(self, k, domain, base):
+        trainer = original(self, k, domain, base)
+        streams.append([key(p) for p in trainer.stream.data.pairs])
+        own_streams.append([key(p) for p in domain.train.pairs])
+        return trainer
+
+    monkeypatch.setattr(ContinualRunner, "_stage_trainer", recording)
+    config, report = run(tiny_model_dir, tmp_path, domains, method="multitask", batch_size=2,
+                         max_steps_per_domain=steps)
+    own = 20 - config.heldout_size - config.memory_size  # training pairs left of each 20-row file
+    share = own if steps == -1 else steps * 2  # the pairs one domain's stage trains on
+    assert len({p for s in own_streams for p in s}) == 3 * own  # three domains, no pair shared
+    for k, stream in enumerate(streams):
+        expected = [own_streams[d][i] for i in range(share) for d in range(k + 1)]
+        if k == 0:  # a fresh dpo stage on the first domain's own stream, its steps cut to the share (below)
+            expected = own_streams[0]
+        assert stream == expected  # every domain seen, pair i of each in turn, each once
+    assert [s["steps"] for s in report["stages"]] == [(k + 1) * share // 2 for k in range(3)]
+    assert report["method"] == "multitask" and report["stages"][-1]["lambda"] is None
+
+
+def test_multitask_refuses_an_on_policy_domain(tiny_model_dir, tmp_path, domains):
+    prompts = write_jsonl(tmp_path / "asks.jsonl", [{"prompt": f"Item {i}: it is"} for i in range(24)])
+    with pytest.raises(ConfigError, match="multitask"):
+        run(tiny_model_dir, tmp_path, [domains[0], f"asks=prompts:{prompts},judge=builtin:sentiment"],
+            method="multitask")

@@ -100,6 +100,14 @@ DOMAINS: dict[str, BuiltinDomain] = {
 }
 
 
+def builtin_name(name: str) -> str:
+    """The built-in domain a continual domain's name stands for: `sentiment`, or `sentiment.2` for a later visit of
+    it in a revisiting stream (sentiment → critic → sentiment.2: the same pairs, report set and judge; domain names
+    stay unique, each names its stage's folder). Any other name is returned as it is."""
+    base, dot, visit = name.rpartition(".")
+    return base if dot and visit.isdigit() and base in DOMAINS else name
+
+
 def require_builtin(names: list[str], where: str, alternative: str = "") -> None:
     """A ConfigError naming `where` (the flag or file) for the first name that is not a built-in domain; each command
     checks its names here, before anything loads (config knows no domain: it sits below this module)."""

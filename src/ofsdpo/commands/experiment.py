@@ -47,10 +47,11 @@ from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, Exp
                       option_roles, resolve_search)
 from ..continual import ContinualRunner
 from ..data import check_row, load_preference_data, read_rows
-from ..domains import get_domain, prompt_domain, require_builtin
+from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_json, write_jsonl
+from ..losses import preference_loss
 from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
@@ -129,7 +130,7 @@ class ExperimentRunner:
 
     def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True):
         if config.builtin_domains:
-            require_builtin(config.domains, f"experiment '{config.name}': domains")
+            require_builtin([builtin_name(d) for d in config.domains], f"experiment '{config.name}': domains")
         self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
@@ -215,7 +216,7 @@ class ExperimentRunner:
         cfg = self.config
         domains = [domain] if domain else cfg.domains
         run = key_options(cfg.run_config(variant, seed, "", [f"{d}=pairs" for d in domains]).to_dict(), cfg.kind)
-        pairs = [hashlib.sha256(self.pairs(d).read_bytes()).hexdigest() for d in domains]
+        pairs = [hashlib.sha256(self.pairs(self.source(d)).read_bytes()).hexdigest() for d in domains]
         if cfg.data is not None or cfg.data_files:  # the user's pairs, split by prompt (judged: their prompts, judge)
             pairs.append([cfg.selection, cfg.report_size, cfg.heldout_prompts, cfg.judge])
         ingredients = {"kind": cfg.kind, "run": run, "domains": domains, "pairs": pairs, "pair_seed": cfg.pair_seed,
@@ -224,6 +225,10 @@ class ExperimentRunner:
         if cfg.pairs_per_prompt > 1 or cfg.checkpoints:  # absent otherwise: the keys of earlier runs stay valid
             ingredients.update(pairs_per_prompt=cfg.pairs_per_prompt, checkpoints=cfg.checkpoints)
         return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def source(self, domain: str) -> str:
+        """Whose pairs a domain of the file trains on: its own, or a revisit's (`sentiment.2`) built-in domain's."""
+        return builtin_name(domain) if self.config.builtin_domains else domain
 
     def find_run(self, key: str) -> Path | None:
         """A finished run with this key under any experiment beside this one."""
@@ -459,7 +464,8 @@ class ExperimentRunner:
     def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
 
         cfg = self.config
-        files = {d: self.split_files(d) for d in cfg.domains}  # the report pairs are the held-out file: reported
+        # the report pairs are the held-out file: reported; a revisit (`sentiment.2`) reads its domain's files again
+        files = {d: self.split_files(self.source(d)) for d in cfg.domains}
         specs = [f"{d}={f['train']},heldout={f['report']},memory={f['selection']}" for d, f in files.items()]
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress)
@@ -485,12 +491,21 @@ class ExperimentRunner:
                 "avg_final_kl": sum(matrix["kl"][-1]) / len(names) if judged else None,
                 "avg_final_accuracy": report["cl/avg_accuracy"], "forgetting_accuracy": report["cl/forgetting"],
                 "bwt_accuracy": report["cl/bwt"], "lambdas": report["lambdas"][1:],
-                "avg_final_loss": report["cl/avg_loss"],
+                "avg_final_loss": report["cl/avg_loss"], "final_loss": dict(zip(names, matrix["loss"][-1])),
+                "forgetting_loss": report["cl/forgetting_loss"], "base_report_loss": base_report_loss(run_config),
                 "weights": [stage.get("weights") for stage in report["stages"]],
                 "searches": [stage.get("search") for stage in report["stages"][1:]],
                 "base_judge_score": report.get("base_judge_score", {}), "train_loss_curve": curve,
                 "units": {name: report["units"][key] for name, key in CONTINUAL_UNITS.items()
                           if key in report["units"]}}
+
+
+def base_report_loss(config: ContinualConfig) -> float:
+    """The report DPO loss of the base model itself: it is its own reference, so every pair's margin is 0 (log 2
+    under plain DPO). The zero of the `multitask` gap's share kept (`experiment_report.multitask_gap`)."""
+    training = config.training
+    return float(preference_loss(torch.zeros(1, dtype=torch.float64), training.beta, training.loss_type,
+                                 training.label_smoothing))
 
 
 def split_by_prompt(data: str, selection: int, report_size: int, stream: int) -> dict:

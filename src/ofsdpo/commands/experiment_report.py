@@ -95,15 +95,17 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
              for cell, by_seed in derived.items()}
     paired = paired_differences(config, derived)
     frontier = frontier_section(derived)
+    gap = multitask_gap(config, derived)
     summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
                "seeds": config.seeds, "config": dataclasses.asdict(config), "baseline": config.baseline_variant,
                "paired": paired, "cells": cells, **({"frontier": frontier} if frontier else {}),
+               **({"multitask_gap": gap} if gap else {}),
                "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()},
                "wall_seconds": sum(r.get("wall_seconds", 0.0) for by_seed in results.values()
                                    for r in by_seed.values() if not r.get("reused_from"))}
     write_json(out / "aggregate.json", summary)
     plots = plot_experiment(out, config, cells) + ([plot_frontier(out, config, frontier)] if frontier else [])
-    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired))
+    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired, gap))
     return summary
 
 
@@ -164,11 +166,12 @@ def adjust(rows: list[dict]) -> list[dict]:
 
 
 def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant: str, baseline: str,
-                 domain: str | None) -> list[dict]:
-    """One row per headline metric: `runs` − `base_runs` ({seed: result}) over the seeds both have."""
+                 domain: str | None, metrics: tuple | None = None) -> list[dict]:
+    """One row per headline metric (or per (metric, title) of `metrics`): `runs` − `base_runs` ({seed: result})
+    over the seeds both have."""
     seeds = [s for s in config.seeds if s in runs and s in base_runs]
     rows = []
-    for metric, title in PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL:
+    for metric, title in metrics or (PAIRED_IN_DOMAIN if config.kind == "in-domain" else PAIRED_CONTINUAL):
         pairs = [(runs[s].get(metric), base_runs[s].get(metric)) for s in seeds]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if not pairs:
@@ -193,6 +196,87 @@ def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant:
         row["decision"] = decision(row, crossed)
         rows.append(row)
     return rows
+
+
+# --- the gap to `multitask` (the upper bound continual methods are measured against) ------------------------------
+MULTITASK = "multitask"
+
+
+def multitask_gap(config: ExperimentConfig, results: dict[str, dict[int, dict]]) -> list[dict]:
+    """Each variant against the experiment's `multitask` variant (none: []): per domain and on average, the final
+    judge score and the final report DPO loss, variant − multitask paired by seed with the headline's intervals
+    (`_paired_rows`), Holm-adjusted over these rows alone (a family of its own: the headline's p Holm is not
+    diluted by them). Each row adds "share_kept": per seed, the share of multitask's gain over the base model that
+    the variant keeps, (variant − base) / (multitask − base), its mean and t interval over seeds (the base: its
+    reference samples' judge score; its report loss, every margin 0: `experiment.base_report_loss`). A per-seed
+    ratio is unstable where multitask barely moves from the base: read it beside the difference."""
+    upper = next((v["name"] for v in config.variants if v.get("method") == MULTITASK), None)
+    if config.kind != "continual" or upper is None:
+        return []
+    flat = {cell: {s: _gap_values(r) for s, r in by_seed.items()} for cell, by_seed in results.items()}
+    metrics = [(f"{kind}/{name}", f"{title}, {name}") for kind, title in GAP_METRICS for name in config.domains]
+    metrics += [(f"{kind}/all", f"{title}, average") for kind, title in GAP_METRICS]
+    rows = []
+    for variant in (v["name"] for v in config.variants if v["name"] != upper):
+        runs, bound = flat.get(variant, {}), flat.get(upper, {})
+        for row in _paired_rows(config, runs, bound, variant, upper, None, tuple(metrics)):
+            row["domain"] = row["metric"].split("/")[1]
+            seeds = [s for s in config.seeds if s in runs and s in bound]
+            row["share_kept"] = _share_kept([(runs[s].get(row["metric"]), bound[s].get(row["metric"]),
+                                              runs[s].get("base/" + row["metric"])) for s in seeds])
+            rows.append(row)
+    return adjust(rows)
+
+
+GAP_METRICS = (("judge", "final judge score"), ("loss", "final report DPO loss (lower is better)"))
+
+
+def _gap_values(result: dict) -> dict:
+    """A continual result's numbers the gap compares, flat: "judge/<domain>", "loss/<domain>", ".../all" (the
+    average and its per-unit values), and "base/<metric>": the base model's value of each."""
+    judge, loss = result.get("final_judge") or {}, result.get("final_loss") or {}
+    base_judge, base_loss = result.get("base_judge_score") or {}, result.get("base_report_loss")
+    out = {f"judge/{n}": v for n, v in judge.items()} | {f"loss/{n}": v for n, v in loss.items()}
+    out |= {f"base/judge/{n}": base_judge.get(n) for n in judge} | {f"base/loss/{n}": base_loss for n in loss}
+    judged = [n for n, v in judge.items() if v is not None and base_judge.get(n) is not None]
+    out |= {"judge/all": result.get("avg_final_judge"), "loss/all": result.get("avg_final_loss"),
+            "base/judge/all": sum(base_judge[n] for n in judged) / len(judged) if judged else None,
+            "base/loss/all": base_loss}
+    units = result.get("units") or {}
+    out["units"] = {k: units[u] for k, u in (("judge/all", "avg_final_judge"), ("loss/all", "avg_final_loss"))
+                    if u in units}
+    return out
+
+
+def _share_kept(values: list[tuple]) -> dict | None:
+    """Mean and t interval over seeds of (variant − base) / (multitask − base), from (variant, multitask, base)
+    per seed; None where a seed lacks one or multitask equals the base."""
+    if not values or any(v is None or m is None or b is None or m == b for v, m, b in values):
+        return None
+    shares = [(v - b) / (m - b) for v, m, b in values]
+    interval = paired_difference(shares, [0.0] * len(shares))
+    return {k: interval[k] for k in ("mean", "lower", "upper", "n", "values")}
+
+
+def _gap_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"## The gap to `{rows[0]['baseline']}` (the upper bound)", "",
+             "Per seed: variant − multitask (one DPO LoRA trained on every domain seen, interleaved), with the "
+             "headline's intervals and verdict rule; p Holm over these "
+             f"{len(rows)} rows alone. Share kept: per seed, (variant − base) / (multitask − base), the share of "
+             "multitask's gain over the base model the variant keeps (1: all of it), mean and 95 % t interval over "
+             "seeds.", "",
+             "| variant − multitask | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | "
+             "decided by | p Holm (the gap's rows) | n | MDE | variant (mean ± sd) | multitask (mean ± sd) | reading "
+             "| share kept [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = r.get("share_kept")
+        kept = "-" if not share else (f"{share['mean']:.3f}" + ("" if share["lower"] is None else
+                                                               f" [{share['lower']:.3f}, {share['upper']:.3f}]"))
+        lines.append(f"{paired_line(r)} {kept} |")
+    return lines + [""]
 
 
 # --- the reward–KL frontier (a checkpoint ladder: `experiment.CheckpointLadder`) ------------------------------------
@@ -402,8 +486,10 @@ def _variant_line(variant: dict) -> str:
     return f"- `{variant['name']}`: {settings}"
 
 
-def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str], paired: list[dict] | None = None) -> str:
+def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str], paired: list[dict] | None = None,
+                    gap: list[dict] | None = None) -> str:
     lines = [f"# {config.name}", "", config.description.strip(), "", *_paired_table(paired or []),
+             *_gap_table(gap or []),
              f"Seeds {', '.join(map(str, config.seeds))}; every cell is mean ± sample standard deviation (n − 1) "
              f"over the seeds. Scale: {_scale(config)}.", "", "Variants:", "",
              *(_variant_line(v) for v in config.variants), ""]

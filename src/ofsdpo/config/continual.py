@@ -100,9 +100,11 @@ def resolve_search(search: str, init: str) -> str:
 class ContinualOptions:
     """What `ofsdpo continual` adds to the training options: the domains, the method and how it combines."""
 
-    method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge"] = field(
+    method: Literal["cofs-dpo", "ofs-dpo", "dpo", "dpo-replay", "lora-merge", "multitask"] = field(
         default="cofs-dpo", metadata=_help(
-            "cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge.", weights_only=True)
+            "cofs-dpo, or a sequential baseline: dpo, ofs-dpo, dpo-replay, lora-merge; or multitask (the upper "
+            "bound: each stage a fresh DPO LoRA on every domain seen, interleaved; stage k costs k stages).",
+            weights_only=True)
     )
     domain: list[str] = field(
         default_factory=list,

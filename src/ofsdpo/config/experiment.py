@@ -178,7 +178,7 @@ class CompareOptions:
         "selection set and a report set."))
     domain: list[str] = field(default_factory=list, metadata=_help(
         "The continual form: NAME=PATH, once per domain in stream order (each file split by prompt as --data is); "
-        "methods cofs-dpo, dpo, ofs-dpo, dpo-replay, lora-merge."))
+        "methods cofs-dpo, dpo, ofs-dpo, dpo-replay, lora-merge, multitask."))
     methods: str = field(default="dpo,ofs-dpo", metadata=_help("Comma-separated methods, each an arm: dpo, ofs-dpo."))
     variant: list[str] = field(default_factory=list, metadata=_help(
         "NAME:--flag=value,--flag=value: one more arm with its own training options (repeatable), e.g. "

@@ -11,6 +11,8 @@ pairs instead, as earlier versions did), and add the memory to the memory of all
 - `dpo-replay`: sequential DPO whose stream mixes in `memory_size` training pairs of every earlier domain.
 - `lora-merge`: a fresh DPO LoRA per domain, merged with equal weights as the exact Σ ΔW/k (`combine_delta`: what
                 peft's `add_weighted_adapter(..., "cat")` computes).
+- `multitask`:  the upper bound: each stage a fresh DPO LoRA on the pairs of every domain seen, interleaved round-robin
+                (each pair once; stage k trains k stages' worth of pairs).
 
 Resuming (`--resume`): every finished stage leaves `domains/<k>-<name>/stage/` (its report rows, the served module,
 the kept module, the combination weights and the reference's judged samples), written last-file-atomically; a

@@ -43,10 +43,16 @@ class ContinualPolicy:
     def check_on_policy(self, domain_name: str) -> None:
         """Refuse an on-policy domain (pairs sampled by the stage) if this policy cannot train on one."""
 
-    def stage_pairs(self, k: int, pairs: list[dict], earlier: list, memory_size: int) -> list[dict] | None:
+    def stage_pairs(self, k: int, pairs: list[dict], earlier: list, memory_size: int,
+                    per_domain: int | None = None) -> list[dict] | None:
         """Stage k's stream when it is not its domain's own `pairs` (None: the domain's, with its reference cache);
-        `earlier` are the domains before it."""
+        `earlier` are the domains before it; `per_domain` is how many pairs of a stream one stage of
+        --max-steps-per-domain steps trains on (None: all of them)."""
         return None
+
+    def stage_steps(self, k: int, max_steps_per_domain: int) -> int:
+        """Stage k's optimiser steps (-1: its whole stream)."""
+        return max_steps_per_domain
 
     def serve(self, runner: Any, k: int, model, result: TrainResult, kept: list, weights: list,
               stage: dict) -> tuple[dict, Any, list]:
@@ -74,10 +80,41 @@ class Replay(ContinualPolicy):
         raise ConfigError(f"--domain {domain_name}: dpo-replay mixes earlier pairs into a fixed stream; an "
                           "on-policy domain has none. Use another --method, or generate the pairs first.")
 
-    def stage_pairs(self, k, pairs, earlier, memory_size):
+    def stage_pairs(self, k, pairs, earlier, memory_size, per_domain=None):
         if k == 0:
             return None
         return interleave(pairs, [p for d in earlier for p in d.train.pairs[:memory_size]])
+
+
+def round_robin(streams: list[list[dict]]) -> list[dict]:
+    """Pair i of each stream in turn (streams in order); when one runs out the others continue."""
+    return [s[i] for i in range(max(map(len, streams), default=0)) for s in streams if i < len(s)]
+
+
+class Multitask(ContinualPolicy):
+    """`multitask`: the upper bound continual methods are measured against. Stage k trains a fresh DPO LoRA (no
+    init carry) on the training pairs of domains 1..k+1, round-robin interleaved (`round_robin`), each pair once;
+    its served module is that LoRA. Each domain gives the pairs its own stage would train on (the first
+    --max-steps-per-domain x batch pairs), so stage k runs k+1 times a stage's steps: the cost grows with every
+    domain, (1 + 2 + ... + K) stages' worth over K domains against K for sequential DPO."""
+
+    name, stage_method, carries_init = "multitask", "dpo", False
+
+    def check_on_policy(self, domain_name):
+        raise ConfigError(f"--domain {domain_name}: multitask trains on every earlier domain's fixed pairs; an "
+                          "on-policy domain has none. Use another --method, or generate the pairs first.")
+
+    def stage_pairs(self, k, pairs, earlier, memory_size, per_domain=None):
+        if k == 0:  # the first domain alone: its own stream and reference cache, as a fresh dpo stage
+            return None
+        return round_robin([d.train.pairs[:per_domain] for d in earlier] + [pairs[:per_domain]])
+
+    def stage_steps(self, k, max_steps_per_domain):
+        # every domain's share is cut to one stage's pairs already: this many steps cover the whole union once
+        return max_steps_per_domain if max_steps_per_domain == -1 else (k + 1) * max_steps_per_domain
+
+    def next_init(self, served, served_lora, kept, lora_r):
+        return None
 
 
 class LoraMerge(ContinualPolicy):
@@ -155,7 +192,7 @@ def describe_search(cfg) -> str:
 # the registry: the only place a continual method's name is looked up
 CONTINUAL_POLICIES: dict[str, ContinualPolicy] = {
     "cofs-dpo": COFSDPO(), "dpo": Sequential("dpo", "dpo"), "ofs-dpo": Sequential("ofs-dpo", "ofs-dpo"),
-    "dpo-replay": Replay(), "lora-merge": LoraMerge(),
+    "dpo-replay": Replay(), "lora-merge": LoraMerge(), "multitask": Multitask(),
 }
 
 

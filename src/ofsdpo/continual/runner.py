@@ -15,7 +15,7 @@ from ..checkpoint import list_checkpoints
 from ..combine import combine_lora
 from ..config import WEIGHTS_ONLY, ContinualConfig, OFSDPOConfig
 from ..distributed import Processes
-from ..domains import DOMAINS
+from ..domains import DOMAINS, builtin_name
 from ..errors import ConfigError
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..models import load_model_and_tokenizer, load_tokenizer, resolve_device
@@ -83,7 +83,7 @@ class ContinualRunner:
         if self.config.select_by != "judge":
             return
         for spec in self.config.domains:
-            if spec.prompts is None and spec.name not in DOMAINS:
+            if spec.prompts is None and builtin_name(spec.name) not in DOMAINS:
                 raise ConfigError(f"--select-by judge needs a judge for every domain; {spec.name} has none")
         if self.processes.sharded:
             raise ConfigError("--select-by judge samples, which FSDP or DeepSpeed ZeRO-3 cannot follow (as "
@@ -224,10 +224,12 @@ class ContinualRunner:
         folder = self._stage_dir(k)
         resume = cfg.resume and bool(list_checkpoints(folder / "checkpoints"))  # the interrupted stage, if it saved
         values = dict(cfg.training.to_dict(), method=self.policy.stage_method, resume=resume, overwrite=True,
-                      output_dir=str(folder), max_steps=cfg.max_steps_per_domain,
+                      output_dir=str(folder), max_steps=self.policy.stage_steps(k, cfg.max_steps_per_domain),
                       eval_steps=cfg.training.eval_steps or cfg.training.chase_interval)
         train, train_reference = domain.train, domain.train_reference
-        mixed = self.policy.stage_pairs(k, train.pairs, self.domains[:k], cfg.memory_size)
+        per_domain = (None if cfg.max_steps_per_domain == -1 else  # the pairs one stage's steps train on
+                      cfg.max_steps_per_domain * cfg.training.pairs_per_step)
+        mixed = self.policy.stage_pairs(k, train.pairs, self.domains[:k], cfg.memory_size, per_domain)
         if mixed is not None:  # another stream: its own reference cache
             train, train_reference = subset(mixed, domain.name), None
         # the selection pairs' reference log-probs are scored once, for every stage (and the λ search)
@@ -266,7 +268,7 @@ class ContinualRunner:
         tasks = []
         for d in self.domains:
             judged = self._capped(d.on_policy if d.on_policy is not None and d.on_policy.heldout
-                                  else DOMAINS.get(d.name))
+                                  else DOMAINS.get(builtin_name(d.name)))
             tasks.append(None if judged is None else (judged, judged.prompts("heldout")[:self.config.judge_prompts]))
         return tasks
 
@@ -314,5 +316,5 @@ class ContinualRunner:
         """(judged domain, records) of --select-by judge: the last --select-judge-prompts of the domain's training
         prompts (a built-in domain's train split, an on-policy domain's stream prompts), never its held-out prompts,
         which the report judges."""
-        judged = self._capped(d.on_policy if d.on_policy is not None else DOMAINS.get(d.name))
+        judged = self._capped(d.on_policy if d.on_policy is not None else DOMAINS.get(builtin_name(d.name)))
         return judged, judged.prompts("train")[-self.config.select_judge_prompts:]
