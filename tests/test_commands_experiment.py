@@ -33,6 +33,15 @@ SHIPPED_KEYS = {  # seed 0 of every variant of experiments/*.yaml, over the synt
     "continual-chain-baselines/cofs-dpo": "b1bc653e41817836",
     "continual-revisit/dpo": "c830dbd9e4b896bb", "continual-revisit/dpo-replay": "4bab76b20c6ab97c",
     "continual-revisit/multitask": "6a5e47d32ed45c94", "continual-revisit/cofs-dpo": "f2e65d6e44bcee1e",
+    # their --select-by variants: keys of their own (select_by off its default is keyed)
+    "continual-sentiment-critic-baselines/cofs-balanced": "b14b44da5c3a3313",
+    "continual-sentiment-critic-baselines/cofs-worst": "25bfb598badf2bb0",
+    "continual-sentiment-critic-baselines/cofs-judge": "da11acb822481700",
+    "continual-chain-baselines/cofs-balanced": "5a2562196bf29c9f",
+    "continual-chain-baselines/cofs-worst": "81d32f60661df127",
+    "continual-chain-baselines/cofs-judge": "83be8da7c1ce5d96",
+    "continual-revisit/cofs-balanced": "ebe6275ecc25f8e2", "continual-revisit/cofs-worst": "8b7821a0ebece1c5",
+    "continual-revisit/cofs-judge": "80939fd3218efa6b",
     "frontier-ablations/alpha-10x": "a60831c392435500", "frontier-ablations/dpo": "ab74baa4406b9e18",
     "frontier-ablations/equal-lr": "4550ce66f4ce74cd", "frontier-ablations/swap-off": "d3da89b4db1357f5",
     "frontier-ablations/swap-params": "1933a03641b24446", "frontier-sentiment-lr4x/dpo": "8a9f3ca7c66a1845",
@@ -272,8 +281,9 @@ def _write_pairs(config: ExperimentConfig) -> None:
 
 
 def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
-    """Issue 28 item 4: dpo, dpo-replay, multitask and cofs-dpo (the best-measured init and search) over 5 seeds, at
-    the published continual files' scale (the results compare); the plan says it was fixed before any run."""
+    """Issue 28 item 4: dpo, dpo-replay, multitask and cofs-dpo (the best-measured init and search) under each
+    --select-by over 5 seeds, at the published continual files' scale (the results compare); the plan says it was
+    fixed before any run."""
     for stem, published in (("continual-sentiment-critic-baselines", "cofs-opposed"),
                             ("continual-chain-baselines", "cofs-chain"), ("continual-revisit", "cofs-opposed")):
         config, before = (ExperimentConfig.from_yaml(EXPERIMENTS / f"{s}.yaml") for s in (stem, published))
@@ -281,9 +291,12 @@ def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
         revisit = ["sentiment.2"] if stem == "continual-revisit" else []  # sentiment's second visit, the same pairs
         assert config.domains == before.domains + revisit
         methods = {v["name"]: v["method"] for v in config.variants}
-        assert methods == {"dpo": "dpo", "dpo-replay": "dpo-replay", "multitask": "multitask", "cofs-dpo": "cofs-dpo"}
-        cofs = next(v for v in config.variants if v["name"] == "cofs-dpo")
-        assert (cofs["init"], cofs["combine"], cofs["search"]) == ("fresh", "delta", "simplex")
+        criteria = {f"cofs-{c}": "cofs-dpo" for c in ("balanced", "worst", "judge")}  # --select-by; cofs-dpo's: loss
+        assert methods == {"dpo": "dpo", "dpo-replay": "dpo-replay", "multitask": "multitask", "cofs-dpo": "cofs-dpo",
+                           **criteria}
+        cofs = [v for v in config.variants if v["method"] == "cofs-dpo"]
+        assert {(v["init"], v["combine"], v["search"]) for v in cofs} == {("fresh", "delta", "simplex")}
+        assert [v.get("select_by", "loss") for v in cofs] == ["loss", "balanced", "worst", "judge"]
         same = ("prompts", "samples", "steps", "batch_size", "selection", "report_rounds", "judge_prompts",
                 "judge_samples", "lr", "memory", "lambda_grid", "eval_steps", "max_length", "max_prompt_length", "train")
         assert all(getattr(config, f) == getattr(before, f) for f in same), stem
