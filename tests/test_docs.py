@@ -68,6 +68,24 @@ def test_a_changed_aggregate_makes_the_block_stale(tmp_path):
     assert "(-0.274," in before and "(-0.500," in after and before.replace("-0.274", "-0.500") == after
 
 
+def test_the_summary_names_intervals_the_bootstrap_cannot_decide(tmp_path):
+    """A bootstrap-decided comparison whose interval excludes 0 but whose p sits at 1/resamples cannot hold under
+    Holm over a big page: the block says so and lists it, and never a comparison whose interval spans 0."""
+    blocks = load_blocks()
+    results = tmp_path / "results"
+    results.mkdir()
+    agg = json.loads((ROOT / "docs" / "results" / "chase-ablation-aggregate.json").read_text())
+    (results / "chase-ablation-aggregate.json").write_text(json.dumps(agg))
+    summary = blocks.results_summary(results)  # alone on its page: 18 comparisons, and the floor p holds
+    assert "proximal-beta-1 worse than alpha-0 on judge score (-0.274," in summary and "undecidable" not in summary
+    for path in (ROOT / "docs" / "results").glob("*-aggregate.json"):  # the whole page: over 100 comparisons
+        shutil.copy(path, results / path.name)
+    chase = next(line for line in blocks.results_summary(results).splitlines() if line.startswith("| chase-ablation"))
+    assert chase.count("worse than") == 0 and "nothing holds (undecidable at the bootstrap's resolution" in chase
+    assert "proximal-beta-1 − alpha-0 on judge score (-0.274, [-0.346, -0.196])" in chase
+    assert "minmax" not in chase  # its intervals span 0: not listed
+
+
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
