@@ -62,8 +62,6 @@ TRL_NAMES = {
     "torch-dtype": "--dtype", "bf16": "--dtype bfloat16", "fp16": "--dtype float16",
     "resume-from-checkpoint": "--resume-from PATH (or --resume for the newest checkpoint)",
     "lora-target-modules": "--target-modules", "warmup-ratio": "--warmup-steps",
-    "max-completion-length": "--max-length (prompt + completion) and --max-prompt-length",
-    "logging-steps": "nothing: every optimiser step is logged to metrics.jsonl",
     "save-strategy": "--save-steps", "use-peft": "nothing: ofsdpo always trains LoRA modules",
     "overwrite-output-dir": "--overwrite", "dataloader-num-workers": "nothing: pairs are tokenized once, up front",
 }

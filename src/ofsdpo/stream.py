@@ -42,8 +42,25 @@ def load_pairs(source: Any, tokenizer, cfg, flag: str | None = None) -> Preferen
         return None
     if isinstance(source, PreferenceData):
         return source
-    return load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
+    data = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
                                 progress=cfg.progress)
+    return cut_completions(data, cfg.max_completion_length, cfg.max_length)
+
+
+def cut_completions(data: PreferenceData, max_completion_length: int | None, max_length: int) -> PreferenceData:
+    """TRL's `max_completion_length`: each completion keeps its first `max_completion_length` tokens (the EOS goes
+    with a cut end, as under --max-length). A pair cut here joins `truncated_completions` unless --max-length had
+    already cut it (then one of its completions fills the room the prompt left). Unset: `data` untouched."""
+    if max_completion_length is None:
+        return data
+    for pair in data.pairs:
+        completions = (pair["chosen_ids"], pair["rejected_ids"])
+        if max(map(len, completions)) <= max_completion_length:
+            continue
+        room = max_length - len(pair["prompt_ids"])
+        data.stats.truncated_completions += all(len(ids) < room for ids in completions)
+        pair["chosen_ids"], pair["rejected_ids"] = (ids[:max_completion_length] for ids in completions)
+    return data
 
 
 def open_stream(cfg, tokenizer, train_data: Any, domain: Any, device, rounds_dir: Path | None) -> "Stream":
@@ -57,7 +74,9 @@ def open_stream(cfg, tokenizer, train_data: Any, domain: Any, device, rounds_dir
                              cfg.missing_eos_penalty, cfg.generation_batch_size)
     return Stream(PreferenceData(pairs=[], source=f"on-policy:{domain.name}"), cfg.epochs, cfg.round_size, domain,
                   settings, tokenizer,
-                  lambda rows: load_preference_data(rows, tokenizer, cfg.max_length, cfg.max_prompt_length),
+                  lambda rows: cut_completions(load_preference_data(rows, tokenizer, cfg.max_length,
+                                                                    cfg.max_prompt_length),
+                                               cfg.max_completion_length, cfg.max_length),
                   rounds_dir)
 
 

@@ -9,6 +9,7 @@ regret computed in `scoring.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -36,6 +37,16 @@ from .signals import RunInterrupted, deferred_interrupt, stop_signal
 from .state import TrainerState, TrainResult, run_summary
 from .step import OptimiserStep, lr_schedule
 from .stream import load_pairs, open_stream
+
+
+@contextlib.contextmanager
+def _flushed(metrics):
+    """The steps of an unfinished --logging-steps window are written however the loop ends (a stop, an error)."""
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.flush()
 
 
 class OFSDPOTrainer:
@@ -129,7 +140,7 @@ class OFSDPOTrainer:
             bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and main), desc=cfg.method,
                        unit="step")
             self._started = time.perf_counter() - state.train_seconds  # a resumed run counts its earlier part
-            with deferred_interrupt() as interrupted:
+            with deferred_interrupt() as interrupted, _flushed(metrics):
                 while state.step < self.total_steps:
                     row: dict[str, Any] = {}
                     one_step_round = False
