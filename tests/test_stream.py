@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import sentiment_rows, write_jsonl
 
 from ofsdpo import OFSDPOTrainer
 from ofsdpo.metrics import read_metrics
@@ -76,3 +77,35 @@ def test_an_on_policy_run_where_every_prompt_ties_stops_with_one_line(make_confi
     assert main(flags) == 2
     err = capsys.readouterr().err
     assert "nothing to learn; raise --samples-per-prompt" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_epochs_are_passes_of_steps_and_the_reference_is_scored_once_per_pair(make_config, tmp_path, monkeypatch):
+    """--epochs 3 on a 1-row file: three steps of that one pair (it used to be one step with the pair three times in
+    its batch), and π_ref scored once: the later passes read the cache. 6 pairs at 4 a step, 2 passes: 2 steps a
+    pass, no batch mixing two passes."""
+    import json
+
+    from ofsdpo import reference
+
+    scored = []
+    original = reference.pair_logps
+    monkeypatch.setattr(reference, "pair_logps", lambda model, pairs, *a, **k: scored.extend(pairs) or
+                        original(model, pairs, *a, **k))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "Review: the film", "chosen": " was moving.", "rejected": " was dull."}) + "\n")
+    trainer = OFSDPOTrainer(config=make_config(data=str(one), epochs=3, method="dpo", regret=False,
+                                               output_dir=str(tmp_path / "one")))
+    summary = trainer.train().summary
+    assert summary["steps"] == trainer.total_steps == 3 and summary["pairs_seen"] == 3
+    assert len(scored) == 1 and summary["reference_pairs_computed"] == 1
+    six = write_jsonl(tmp_path / "six.jsonl", sentiment_rows(6))
+    batches, after_step = [], OFSDPOTrainer._after_step
+
+    def record(self, row, seconds):
+        batches.append(self.stream.order[self.state.position - row["pairs"]:self.state.position])
+        return after_step(self, row, seconds)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", record)
+    OFSDPOTrainer(config=make_config(data=str(six), epochs=2, method="dpo", regret=False,
+                                     output_dir=str(tmp_path / "six"))).train()
+    assert batches == [[0, 1, 2, 3], [4, 5], [0, 1, 2, 3], [4, 5]]

@@ -1,6 +1,7 @@
 """The online stream (SPEC §1, §5): pairs in a fixed order, consumed in rounds of `round_size` pairs.
 
-From a file, the order is the data's, repeated `epochs` times. On-policy (`--on-policy DOMAIN` or `--prompts FILE
+From a file, the order is the data's, repeated `epochs` times; a round (and so a step) never crosses from one pass
+into the next, so each pass is steps of its own and a pair is never twice in one batch. On-policy (`--on-policy DOMAIN` or `--prompts FILE
 --judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the current leader answers the
 next prompts, the judge labels best vs worst, and the new pairs are appended to the stream (ties are skipped and
 counted). Every sampled round's pairs are also written to `rounds/round-<k>.jsonl` (k counts sampled rounds from
@@ -93,7 +94,8 @@ class Stream:
         self.last_round: RoundStats | None = None  # the statistics of the latest sampled round (for the metrics)
 
     def total_steps(self, pairs_per_step: int, max_steps: int) -> int:
-        steps = math.ceil(len(self.order) / pairs_per_step)
+        passes = len(self.order) // max(len(self.data), 1)  # each pass ends its last step (`next_round`)
+        steps = passes * math.ceil(len(self.data) / pairs_per_step)
         if self.on_policy is not None:  # at most: ties shrink rounds
             steps = math.ceil(len(self.prompts) / self.round_size) * (self.round_size // pairs_per_step)
         return steps if max_steps == -1 else min(steps, max_steps)
@@ -121,7 +123,8 @@ class Stream:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs sampled from
         adapter `policy` (empty when the stream or the prompts ran out)."""
         if self.on_policy is None:
-            return self.order[state.position:state.position + self.round_size]
+            pass_end = (state.position // len(self.data) + 1) * len(self.data)
+            return self.order[state.position:min(state.position + self.round_size, pass_end)]
         while state.prompt_position < len(self.prompts):
             records = self.prompts[state.prompt_position:state.prompt_position + self.round_size]
             activate(model, policy, names)
