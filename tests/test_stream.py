@@ -109,3 +109,39 @@ def test_epochs_are_passes_of_steps_and_the_reference_is_scored_once_per_pair(ma
     OFSDPOTrainer(config=make_config(data=str(six), epochs=2, method="dpo", regret=False,
                                      output_dir=str(tmp_path / "six"))).train()
     assert batches == [[0, 1, 2, 3], [4, 5], [0, 1, 2, 3], [4, 5]]
+
+
+def test_rounds_of_ties_only_are_counted_in_a_metrics_row(make_config, monkeypatch):
+    """A round where every prompt ties trains nothing, but its row is written: counted in the row of the step that
+    follows it (online/ties of both rounds, their prompts' judge score), or, when no step follows (every round
+    tied), in a row of its own before the run stops with exit 2."""
+    import dataclasses
+
+    from ofsdpo import domains
+
+    calls = []
+
+    def first_round_ties(prompt, response, meta):  # the first round: 2 prompts x 2 samples, all scored 0
+        calls.append(response)
+        return 0.0 if len(calls) <= 4 else float(len(response))
+
+    concise = domains.DOMAINS["concise"]
+    monkeypatch.setitem(domains.DOMAINS, "concise", dataclasses.replace(concise, judge=first_round_ties,
+                                                                        max_new_tokens=5))
+    config = make_config(data=None, on_policy="concise", method="dpo", batch_size=2, max_steps=1,
+                         samples_per_prompt=2, output_dir=make_config().output_dir + "-some")
+    trainer = OFSDPOTrainer(config=config)
+    trainer.train()
+    row, = read_metrics(trainer.output_dir / "metrics.jsonl")
+    # the first round's 2 ties (and any of the round after it) are in the one row; it held only the last round's
+    assert row["step"] == 1 and row["online/ties"] == trainer.state.ties_skipped >= 2
+    assert trainer.state.prompt_position >= 4 and row["online/sample_seconds"] > 0
+
+    monkeypatch.setitem(domains.DOMAINS, "concise", dataclasses.replace(concise, judge=lambda p, r, m: 0.0,
+                                                                        max_new_tokens=3))
+    flat = OFSDPOTrainer(config=make_config(data=None, on_policy="concise", method="dpo", batch_size=2, max_steps=2,
+                                            samples_per_prompt=2))
+    with pytest.raises(Exception, match="every sampled prompt tied under the judge"):
+        flat.train()
+    row, = read_metrics(flat.output_dir / "metrics.jsonl")
+    assert row["step"] == 0 and row["online/ties"] == flat.state.prompt_position == flat.state.ties_skipped > 0

@@ -56,9 +56,14 @@ class MetricsLogger:
         """Write the rows of the window not yet written (one row for them all)."""
         if self.window:
             rows, self.window = self.window, []
-            self.write(rows[0] if len(rows) == 1 else window_row(rows))
+            self._write(rows[0] if len(rows) == 1 else window_row(rows))
 
     def write(self, row: dict) -> None:
+        """A row of its own, after the window's: what happened between steps (rounds of ties only)."""
+        self.flush()
+        self._write(row)
+
+    def _write(self, row: dict) -> None:
         row = {"step": row["step"], **row}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")

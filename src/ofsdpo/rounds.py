@@ -39,6 +39,21 @@ class RoundStats:
     sample_seconds: float = 0.0
     judge_seconds: float = 0.0
 
+    def then(self, later: "RoundStats") -> "RoundStats":
+        """This round's statistics and a `later` round's as one: the rounds of ties only that a step's round
+        followed (each prompt tied: no pair, no chosen score) are counted in the row of that step."""
+        def mean(a: float, b: float, weight_a: int, weight_b: int) -> float:
+            known = [(v, w) for v, w in ((a, weight_a), (b, weight_b)) if v == v and w > 0]  # v == v: not NaN
+            return sum(v * w for v, w in known) / sum(w for _, w in known) if known else float("nan")
+
+        paired, later_paired = self.prompts - self.ties, later.prompts - later.ties
+        return RoundStats(self.prompts + later.prompts, self.ties + later.ties,
+                          mean(self.judge_score, later.judge_score, self.prompts, later.prompts),
+                          mean(self.chosen_score, later.chosen_score, paired, later_paired),
+                          mean(self.rejected_score, later.rejected_score, paired, later_paired),
+                          self.sampled_tokens + later.sampled_tokens, self.sample_seconds + later.sample_seconds,
+                          self.judge_seconds + later.judge_seconds)
+
     def metrics(self) -> dict[str, float]:
         """The `online/*` metrics of the round (TRL's online DPO logs the same quantities as `objective/*`)."""
         return {"online/judge_score": self.judge_score, "online/chosen_score": self.chosen_score,

@@ -91,7 +91,8 @@ class Stream:
         self.order = list(range(len(data))) * epochs
         self.prompts = on_policy.prompts("train") * epochs if on_policy is not None else []
         self.settings, self.tokenize, self.rounds_dir = settings, tokenize, rounds_dir
-        self.last_round: RoundStats | None = None  # the statistics of the latest sampled round (for the metrics)
+        # the statistics of the rounds the latest `next_round` sampled (for the metrics); None when it sampled none
+        self.last_round: RoundStats | None = None
 
     def total_steps(self, pairs_per_step: int, max_steps: int) -> int:
         passes = len(self.order) // max(len(self.data), 1)  # each pass ends its last step (`next_round`)
@@ -122,6 +123,7 @@ class Stream:
     def next_round(self, state: TrainerState, model, policy: str, names) -> list[int]:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs sampled from
         adapter `policy` (empty when the stream or the prompts ran out)."""
+        self.last_round = None
         if self.on_policy is None:
             pass_end = (state.position // len(self.data) + 1) * len(self.data)
             return self.order[state.position:min(state.position + self.round_size, pass_end)]
@@ -130,12 +132,13 @@ class Stream:
             activate(model, policy, names)
             rng = ckpt.rng_state()
             try:
-                rows, self.last_round = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings)
+                rows, stats = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings)
             except Exception:  # a checkpoint taken now must redo this round exactly: as if it had not started
                 ckpt.set_rng_state(rng)
                 raise
             state.prompt_position += len(records)
-            state.ties_skipped += self.last_round.ties
+            state.ties_skipped += stats.ties
+            self.last_round = stats if self.last_round is None else self.last_round.then(stats)
             if self.rounds_dir is not None:
                 k = math.ceil(state.prompt_position / self.round_size)
                 write_jsonl(self.rounds_dir / f"round-{k}.jsonl", rows)

@@ -146,8 +146,10 @@ class OFSDPOTrainer:
                     one_step_round = False
                     if state.position >= state.round_end:  # a new round: score it before any update on it (SPEC §5)
                         round_indices = self._start_round()
-                        if not round_indices:
-                            break  # the prompts ran out (on-policy rounds can be all ties)
+                        if not round_indices:  # the prompts ran out (on-policy rounds can be all ties)
+                            if self.stream.last_round is not None and metrics is not None:  # ties, then no step
+                                metrics.write({"step": state.step, **self.stream.last_round.metrics()})
+                            break
                         if self.stream.last_round is not None:  # on-policy: what the round sampled and judged
                             row.update(self.stream.last_round.metrics())
                         one_step_round = len(round_indices) <= cfg.pairs_per_step
