@@ -145,3 +145,44 @@ def test_rounds_of_ties_only_are_counted_in_a_metrics_row(make_config, monkeypat
         flat.train()
     row, = read_metrics(flat.output_dir / "metrics.jsonl")
     assert row["step"] == 0 and row["online/ties"] == flat.state.prompt_position == flat.state.ties_skipped > 0
+
+
+def test_sampling_and_judging_show_as_phases_and_throughput_says_what_it_counts(make_config, monkeypatch):
+    """An on-policy round with a slow judge: the progress bar's description names the phase running (the judge
+    sees "judging"), `online/judge_seconds` holds the judge's time, and `pairs_per_second_with_sampling` counts
+    it while `pairs_per_second` (the step alone) does not."""
+    import dataclasses
+    import time
+
+    from tqdm.auto import tqdm
+
+    import ofsdpo.trainer
+    from ofsdpo import domains
+
+    shown = []
+
+    class Recording(tqdm):
+        def set_description(self, desc=None, refresh=True):
+            shown.append(desc)
+            super().set_description(desc, refresh)
+
+    judged_under = []
+
+    def slow_judge(prompt, response, meta):
+        judged_under.append(shown[-1] if shown else None)
+        time.sleep(0.1)
+        return float(len(response))
+
+    monkeypatch.setattr(ofsdpo.trainer, "tqdm", Recording)
+    monkeypatch.setitem(domains.DOMAINS, "concise", dataclasses.replace(domains.DOMAINS["concise"], judge=slow_judge,
+                                                                        max_new_tokens=5))
+    trainer = OFSDPOTrainer(config=make_config(data=None, on_policy="concise", method="dpo", batch_size=2,
+                                               max_steps=2, samples_per_prompt=2))
+    trainer.train()
+    assert shown[:3] == ["dpo (sampling)", "dpo (judging)", "dpo"]  # and back once the round is ready
+    assert set(judged_under) == {"dpo (judging)"}
+    for row in read_metrics(trainer.output_dir / "metrics.jsonl"):
+        assert row["online/judge_seconds"] >= 0.1 * 4  # 2 prompts x 2 samples, 0.1 s each
+        with_sampling = row["pairs"] / row["pairs_per_second_with_sampling"]
+        step_alone = row["pairs"] / row["pairs_per_second"]
+        assert with_sampling >= step_alone + row["online/judge_seconds"] + row["online/sample_seconds"]

@@ -120,9 +120,10 @@ class Stream:
     def step_indices(self, state: TrainerState, pairs_per_step: int) -> list[int]:
         return self.order[state.position:min(state.position + pairs_per_step, state.round_end)]
 
-    def next_round(self, state: TrainerState, model, policy: str, names) -> list[int]:
+    def next_round(self, state: TrainerState, model, policy: str, names, on_phase=None) -> list[int]:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs sampled from
-        adapter `policy` (empty when the stream or the prompts ran out)."""
+        adapter `policy` (empty when the stream or the prompts ran out); `on_phase("sampling" | "judging")` is
+        called as each phase of a sampled round starts (the progress bar shows it)."""
         self.last_round = None
         if self.on_policy is None:
             pass_end = (state.position // len(self.data) + 1) * len(self.data)
@@ -132,7 +133,8 @@ class Stream:
             activate(model, policy, names)
             rng = ckpt.rng_state()
             try:
-                rows, stats = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings)
+                rows, stats = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings,
+                                           on_phase=on_phase)
             except Exception:  # a checkpoint taken now must redo this round exactly: as if it had not started
                 ckpt.set_rng_state(rng)
                 raise

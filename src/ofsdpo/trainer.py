@@ -143,19 +143,11 @@ class OFSDPOTrainer:
             with deferred_interrupt() as interrupted, _flushed(metrics):
                 while state.step < self.total_steps:
                     row: dict[str, Any] = {}
-                    one_step_round = False
+                    began, one_step_round = time.perf_counter(), False
                     if state.position >= state.round_end:  # a new round: score it before any update on it (SPEC §5)
-                        round_indices = self._start_round()
-                        if not round_indices:  # the prompts ran out (on-policy rounds can be all ties)
-                            if self.stream.last_round is not None and metrics is not None:  # ties, then no step
-                                metrics.write({"step": state.step, **self.stream.last_round.metrics()})
-                            break
-                        if self.stream.last_round is not None:  # on-policy: what the round sampled and judged
-                            row.update(self.stream.last_round.metrics())
-                        one_step_round = len(round_indices) <= cfg.pairs_per_step
-                        if not one_step_round:
-                            row.update(self._record_online(self.scorer.mean_losses(self.data, self.reference,
-                                                                                   round_indices, self.names)))
+                        one_step_round = self._open_round(row, metrics, bar)
+                        if one_step_round is None:
+                            break  # the prompts ran out (on-policy rounds can be all ties)
                     indices = self.stream.step_indices(state, cfg.pairs_per_step)
                     tick = time.perf_counter()
                     row.update(self.step_fn(self.data, self.reference, indices, state.chase))
@@ -164,6 +156,9 @@ class OFSDPOTrainer:
                     state.step += 1
                     state.position += len(indices)
                     row.update(self._after_step(row, time.perf_counter() - tick))
+                    if self.stream.on_policy is not None:  # pairs_per_second counts the step alone; this, the
+                        # round's sampling, judging and π_ref scoring too (they land on the step that starts it)
+                        row["pairs_per_second_with_sampling"] = row["pairs"] / max(time.perf_counter() - began, 1e-9)
                     if on_step is not None:
                         row.update(on_step(self, row) or {})
                     if metrics is not None:
@@ -187,11 +182,38 @@ class OFSDPOTrainer:
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
-    def _start_round(self) -> list[int]:
-        """The next round's stream indices, with their reference log-probs cached."""
+    def _open_round(self, row: dict, metrics, bar) -> bool | None:
+        """Start the next round, its statistics and pre-update loss into `row`; whether it is one step, or None when
+        the stream ended (rounds of ties only sampled then get a metrics row of their own). The progress bar names
+        the on-policy phase running (sampling, judging)."""
+        cfg, phases = self.config, []
+
+        def show(phase: str) -> None:
+            phases.append(phase)
+            bar.set_description(f"{cfg.method} ({phase})")
+
+        round_indices = self._start_round(show)
+        if phases:
+            bar.set_description(cfg.method)
+        stats = self.stream.last_round  # on-policy: what the round(s) sampled and judged
+        if not round_indices:
+            if stats is not None and metrics is not None:
+                metrics.write({"step": self.state.step, **stats.metrics()})
+            return None
+        if stats is not None:
+            row.update(stats.metrics())
+        if len(round_indices) <= cfg.pairs_per_step:
+            return True  # its loss before the update is the step's own (`train`)
+        row.update(self._record_online(self.scorer.mean_losses(self.data, self.reference, round_indices, self.names)))
+        return False
+
+    def _start_round(self, on_phase=None) -> list[int]:
+        """The next round's stream indices, with their reference log-probs cached; `on_phase(name)` is told each
+        on-policy phase as it starts."""
         state = self.state
         try:
-            indices = self.stream.next_round(state, self.model, self.method.sampling_module(state), self.names)
+            indices = self.stream.next_round(state, self.model, self.method.sampling_module(state), self.names,
+                                             on_phase)
         except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
             saved = self._save_checkpoint("fix the judge, then continue with --resume")
             raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.") from None
