@@ -92,7 +92,8 @@ def test_epochs_are_passes_of_steps_and_the_reference_is_scored_once_per_pair(ma
     monkeypatch.setattr(reference, "pair_logps", lambda model, pairs, *a, **k: scored.extend(pairs) or
                         original(model, pairs, *a, **k))
     one = tmp_path / "one.jsonl"
-    one.write_text(json.dumps({"prompt": "Review: the film", "chosen": " was moving.", "rejected": " was dull."}) + "\n")
+    one.write_text(json.dumps({"prompt": "Review: the film", "chosen": " was moving.", "rejected": " was dull."})
+                   + "\n")
     trainer = OFSDPOTrainer(config=make_config(data=str(one), epochs=3, method="dpo", regret=False,
                                                output_dir=str(tmp_path / "one")))
     summary = trainer.train().summary

@@ -315,7 +315,8 @@ def experiment_command(argv: list[str]) -> int:
         positional="experiment")
     from .commands.experiment import run_experiment
 
-    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants)
+    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants,
+                   config.overwrite)
     return 0
 
 

@@ -255,6 +255,9 @@ class ExperimentCommandConfig:
         "processes may split the variants or their order; the aggregate covers what this call ran: rerun whole."))
     output_dir: Optional[str] = field(default=None, metadata=_help("Default: experiments-output/<name>."))
     progress: bool = field(default=True, metadata=_help("Show progress bars (--no-progress hides them)."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Remove what an earlier call wrote into --output-dir (runs, splits, aggregate, plots) and run every cell "
+        "again, none reused from another experiment's runs (without it, finished cells are kept and reused)."))
 
     def __post_init__(self) -> None:
         check_field_types(self)
