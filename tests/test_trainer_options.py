@@ -256,3 +256,30 @@ def test_run_name_names_the_tensorboard_and_wandb_runs(make_config, tmp_path, mo
     OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, report_to="wandb", run_name="lr-sweep-3",
                                      output_dir=str(tmp_path / "wb"))).train()
     assert named["name"] == "lr-sweep-3"
+
+
+def test_no_progress_has_its_own_help_and_hides_transformers_loading_bars(make_config, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--no-progress says what it hides (not "Turn --progress off."), and the model loads with transformers'
+    bars off under it (on with --progress), their state restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from ofsdpo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-progress, --no_progress Hide every progress bar: the run's, the data's tokenizing and transformers'" \
+           " weight loading." in help_text
+    enabled_while_loading = []
+    original = ofsdpo.trainer.load_model
+
+    def load(*args, **kwargs):
+        enabled_while_loading.append(hf_logging.is_progress_bar_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ofsdpo.trainer, "load_model", load)
+    hf_logging.enable_progress_bar()
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, progress=False, output_dir=str(tmp_path / "a")))
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, progress=True, output_dir=str(tmp_path / "b")))
+    assert enabled_while_loading == [False, True] and hf_logging.is_progress_bar_enabled()

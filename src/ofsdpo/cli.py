@@ -105,7 +105,8 @@ class DataclassParser(argparse.ArgumentParser):
 
     def _add_field(self, f, hint) -> None:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS}
+        # `negative_help`: the --no-X flag's own help line (default: "Turn --X off.")
+        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS and k != "negative_help"}
         if "help" in kwargs:
             kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
             shown = f.default if f.default is not dataclasses.MISSING else None
@@ -132,7 +133,8 @@ class DataclassParser(argparse.ArgumentParser):
         self.add_argument(*names, **kwargs)
         if hint is bool and default is True:
             self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
-                              dest=f.name, help=f"Turn --{f.name.replace('_', '-')} off.")
+                              dest=f.name, help=f.metadata.get("negative_help",
+                                                               f"Turn --{f.name.replace('_', '-')} off."))
 
     def parse_args_into_dataclasses(self, args: list[str]) -> tuple[list, list[str]]:
         """(one instance per class, the arguments not recognised)."""

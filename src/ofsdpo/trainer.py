@@ -40,6 +40,22 @@ from .stream import load_pairs, open_stream
 
 
 @contextlib.contextmanager
+def loading_bars(shown: bool):
+    """transformers' own bars (loading weights, checkpoint shards) follow --progress / --no-progress, then are as
+    they were."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not shown:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _flushed(metrics):
     """The steps of an unfinished --logging-steps window are written however the loop ends (a stop, an error)."""
     try:
@@ -115,9 +131,10 @@ class OFSDPOTrainer:
         """The frozen base (loaded here unless given) with the LoRA modules, on this process's device or shard."""
         cfg, sharded = self.config, self.processes.sharded  # sharded: the base stays on the CPU, one layer moves
         if loaded is None:                                    # at a time
-            base = load_model(self.model_name, self.gguf_file, cfg.dtype,
-                              torch.device("cpu") if sharded else self.device, cfg.trust_remote_code,
-                              dtype_device=self.device)
+            with loading_bars(cfg.progress):
+                base = load_model(self.model_name, self.gguf_file, cfg.dtype,
+                                  torch.device("cpu") if sharded else self.device, cfg.trust_remote_code,
+                                  dtype_device=self.device)
         else:
             base = loaded if sharded else loaded.to(self.device)
         check_target_modules(cfg.target_module_list, base)

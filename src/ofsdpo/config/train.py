@@ -176,7 +176,9 @@ class TrainingOptions:
         "Write a metrics row every N optimiser steps (TRL's name), each the mean of its N steps' metrics (counters "
         "such as step, pairs_seen and num_tokens: the last step's); the last step is always written. Larger N "
         "gives smaller logs and smoother curves, and hides single-step spikes.", role=OUTPUT))
-    progress: bool = field(default=True, metadata=_help("Show a progress bar.", role=OUTPUT))
+    progress: bool = field(default=True, metadata=_help(
+        "Show a progress bar.", role=OUTPUT,
+        negative_help="Hide every progress bar: the run's, the data's tokenizing and transformers' weight loading."))
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
