@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from .config import OFSDPOConfig
@@ -43,8 +44,6 @@ from .stream import load_pairs, open_stream
 def loading_bars(shown: bool):
     """transformers' own bars (loading weights, checkpoint shards) follow --progress / --no-progress, then are as
     they were."""
-    from transformers.utils import logging as hf_logging
-
     before = hf_logging.is_progress_bar_enabled()
     if not shown:
         hf_logging.disable_progress_bar()
