@@ -211,6 +211,12 @@ def test_max_completion_length_cuts_each_completion_as_trl_does(make_config, tmp
     assert whole.data.stats.truncated_completions == 0
     with pytest.raises(ConfigError, match="--max-completion-length must be >= 1"):
         make_config(max_completion_length=0)
+    from ofsdpo.reference import ReferenceCache
+
+    # a π_ref cache shared with other runs (an experiment's) was scored on the pairs as --max-length alone cuts them
+    with pytest.raises(ConfigError, match="--max-completion-length cuts the pairs this run tokenizes"):
+        OFSDPOTrainer(config=make_config(max_completion_length=3, output_dir=str(tmp_path / "shared")),
+                      train_reference=ReferenceCache(len(whole.data)))
 
 
 def test_logging_steps_writes_every_nth_step_as_the_mean_of_its_window(make_config, tmp_path):

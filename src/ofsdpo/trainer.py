@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint as ckpt
 from .config import OFSDPOConfig
 from .distributed import Processes
-from .errors import JudgeError, NonFiniteError
+from .errors import ConfigError, JudgeError, NonFiniteError
 from .files import write_atomic
 from .methods import training_method
 from .metrics import open_run_metrics
@@ -112,6 +112,9 @@ class OFSDPOTrainer:
                                      self.device, self.tokenizer.pad_token_id)
         self.scorer = PairScorer(self.model, cfg, self.tokenizer.pad_token_id, self.names,
                                  prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
+        if train_reference is not None and cfg.max_completion_length is not None:
+            raise ConfigError("--max-completion-length cuts the pairs this run tokenizes, but the π_ref cache passed "
+                              "in (train_reference) may hold scores of the uncut pairs: drop one of the two.")
         # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
         self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
         if len(self.reference.chosen) != len(self.data):
