@@ -45,7 +45,8 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
     printed = capsys.readouterr().out
     assert printed == format_eval_table(rows) + f"results written to {out}\n"
     lines = printed.splitlines()
-    assert len(lines) == 1 + len(rows) + 1 and "win rate" in lines[0]
+    assert len(lines) == 1 + len(rows) + 2 and "win rate" in lines[0]
+    assert lines[-2].startswith("pref acc: ") and "a tie counted as half" in lines[-2]  # the legend says how
     for line, row in zip(lines[1:], rows):
         assert line.split() == [row["adapter"], row["domain"], f"{row['loss']:.4f}", f"{row['accuracy']:.3f}",
                                 f"{row['judge_score']:+.3f}", f"{row['win_rate']:.3f}", f"{row['kl']:.3f}",
@@ -53,6 +54,7 @@ def test_eval_scores_the_base_and_each_adapter(tiny_model_dir, adapter_dir, tmp_
     base, adapted = rows[0], rows[1]
     assert base["pairs"] == 6 and base["pairs_source"] == str(pairs)
     assert base["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(base["kl"]) < 1e-4  # the base is π_ref
+    assert base["accuracy"] == 0.5  # every pair a tie, counted half (as win rate counts them), not 0.000
     assert abs(adapted["loss"] - math.log(2)) > 1e-4 and abs(adapted["kl"]) > 1e-4
     for row in rows:
         assert row["judge_prompts"] == 3 and row["judged_samples"] == 6  # 3 prompts x --judge-samples 2

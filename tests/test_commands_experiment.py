@@ -356,9 +356,10 @@ def test_option_roles_reproduce_the_lists_they_replaced():
 
     assert RESUME_MAY_CHANGE == {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to",
                                  "output_dir", "device", "num_threads", "malloc_mmap_threshold", "malloc_keep_freed",
-                                 "resume_from", "gradient_checkpointing", "judge_device"}
+                                 "resume_from", "gradient_checkpointing", "judge_device", "logging_steps", "run_name"}
     assert NOT_COMPUTED == {"output_dir", "resume", "overwrite", "progress", "report_to", "save_steps",
-                            "save_total_limit", "resume_from"}  # resume_from: new here, always None in a stage
+                            "save_total_limit", "resume_from",  # resume_from: new here, always None in a stage
+                            "logging_steps", "run_name"}  # TRL's output options of issue 31: newer than the lists
     assert WEIGHTS_ONLY == {"domain", "method", "init", "combine", "density", "search", "search_budget", "lambda_grid",
                             "max_steps_per_domain", "select_by", "select_judge_prompts"}  # the last two: issue 28
     roles = option_roles(OFSDPOConfig, ContinualConfig)
@@ -597,3 +598,50 @@ def test_eval_batch_size_sets_every_scoring_forward_of_an_in_domain_run(tiny_mod
     run = summary["per_seed"]["dpo/sentiment"]["0"]
     assert run["report_pairs"] > 0 and (run["report_pairs"], 3) in sizes  # the report pairs, in one call
     assert sizes and {batch_size for _, batch_size in sizes} == {3}  # TINY's batch_size 2 would give 4
+
+
+def test_experiment_overwrite_removes_what_an_earlier_call_wrote(tmp_path, monkeypatch, capsys):
+    """`ofsdpo experiment FILE --overwrite`: the runs, splits, aggregate and plots of an earlier call are gone
+    before any cell runs, and no cell is reused from a sibling experiment's runs; a file of the user's stays.
+    Without it the earlier runs are kept (finished cells are not rerun); a run still training there refuses it."""
+    import subprocess
+    import sys
+
+    from ofsdpo.cli import main
+    from ofsdpo.commands import experiment
+
+    out = tmp_path / "in-domain-sentiment"
+    seen = {}
+
+    def fake_run(self):
+        seen.update(left=sorted(p.name for p in out.iterdir()) if out.exists() else [],
+                    reuse=self.reuse_twins)
+        (out / "aggregate.md").write_text("| cell |\n")
+        return {}
+
+    def earlier_call():
+        for part in ("runs/dpo/seed-0", "split"):
+            (out / part).mkdir(parents=True, exist_ok=True)
+        (out / "runs" / "dpo" / "seed-0" / "result.json").write_text("{}")
+        for name in ("aggregate.json", "aggregate.md", "in-domain-sentiment-curves.png"):
+            (out / name).write_text("old")
+
+    monkeypatch.setattr(experiment.ExperimentRunner, "run", fake_run)
+    argv = ["experiment", str(EXPERIMENTS / "in-domain-sentiment.yaml"), "--output-dir", str(out)]
+    earlier_call()
+    (out / "notes.txt").write_text("mine")
+    assert main(argv) == 0 and seen["reuse"] and "runs" in seen["left"]  # kept: finished cells are reused
+    assert main([*argv, "--overwrite"]) == 0
+    assert seen == {"left": ["notes.txt"], "reuse": False}
+    earlier_call()
+    hold = ("import sys, time; from ofsdpo.rundir import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / "runs" / "dpo" / "seed-0")],  # another call's
+                              stdout=subprocess.PIPE, text=True)  # run, still training there
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main([*argv, "--overwrite"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "in use by another run" in capsys.readouterr().err and (out / "runs").is_dir()

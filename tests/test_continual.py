@@ -1,7 +1,9 @@
 """End to end over three tiny domains: the report, the stage folders and the served combination on disk."""
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -563,3 +565,24 @@ def test_multitask_refuses_an_on_policy_domain(tiny_model_dir, tmp_path, domains
     with pytest.raises(ConfigError, match="multitask"):
         run(tiny_model_dir, tmp_path, [domains[0], f"asks=prompts:{prompts},judge=builtin:sentiment"],
             method="multitask")
+
+
+def test_overwrite_removes_everything_the_previous_continual_run_wrote(tiny_model_dir, tmp_path, domains):
+    """A finished continual run (stages, report, heatmap, served adapter, tokenizer), a stale checkpoint write and a
+    train run's fast/ left in the folder: --overwrite leaves nothing of them but a file of the user's; without it,
+    the folder is refused."""
+    from ofsdpo.continual.persistence import prepare_output
+    from ofsdpo.distributed import Processes
+
+    config, _ = run(tiny_model_dir, tmp_path, domains[:2], method="dpo", max_steps_per_domain=1)
+    out = Path(config.output_dir)
+    written = {p.name for p in out.iterdir()}
+    assert {"domains", "report.json", "report.txt", "heatmap.png", "adapter_model.safetensors"} <= written
+    (out / ".tmp-checkpoint-3").mkdir()
+    (out / "fast").mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds another run"):
+        ContinualRunner(config)
+    prepare_output(dataclasses.replace(config, overwrite=True), out, Processes("cpu"))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".ofsdpo.lock")) == ["config.yaml",
+                                                                                                "notes.txt"]

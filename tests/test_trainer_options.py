@@ -192,3 +192,100 @@ def test_loss_type_options_that_mean_nothing_are_refused(make_config, tmp_path):
 
 def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_max_completion_length_cuts_each_completion_as_trl_does(make_config, tmp_path, pairs_file):
+    """TRL's --max-completion-length: chosen and rejected keep their first N tokens (the EOS goes with the cut
+    end), counted in summary.json's data; unset, the pairs are those --max-length alone makes."""
+    whole = OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, output_dir=str(tmp_path / "whole")))
+    cut = OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, max_completion_length=3,
+                                           output_dir=str(tmp_path / "cut"), eval_data=str(pairs_file)))
+    longest = max(len(p[k]) for p in whole.data.pairs for k in ("chosen_ids", "rejected_ids"))
+    assert longest > 3  # the data has completions the option must cut
+    for before, after in zip(whole.data.pairs, cut.data.pairs):
+        assert after["prompt_ids"] == before["prompt_ids"]
+        for key in ("chosen_ids", "rejected_ids"):
+            assert after[key] == before[key][:3]
+    assert all(len(p["chosen_ids"]) <= 3 for p in cut.eval.pairs)  # the held-out pairs alike
+    assert cut.train().summary["data"]["truncated_completions"] == len(cut.data) > 0
+    assert whole.data.stats.truncated_completions == 0
+    with pytest.raises(ConfigError, match="--max-completion-length must be >= 1"):
+        make_config(max_completion_length=0)
+    from ofsdpo.reference import ReferenceCache
+
+    # a π_ref cache shared with other runs (an experiment's) was scored on the pairs as --max-length alone cuts them
+    with pytest.raises(ConfigError, match="--max-completion-length cuts the pairs this run tokenizes"):
+        OFSDPOTrainer(config=make_config(max_completion_length=3, output_dir=str(tmp_path / "shared")),
+                      train_reference=ReferenceCache(len(whole.data)))
+
+
+def test_logging_steps_writes_every_nth_step_as_the_mean_of_its_window(make_config, tmp_path):
+    """--logging-steps 3 over 4 steps: rows at steps 3 and 4 (the last is always written); a row's loss is the mean
+    of its steps' losses, its counters the last step's (TRL logs so)."""
+    from ofsdpo.metrics import read_metrics
+
+    every = OFSDPOTrainer(config=make_config(method="dpo", output_dir=str(tmp_path / "every")))
+    every.train()
+    windowed = OFSDPOTrainer(config=make_config(method="dpo", logging_steps=3, output_dir=str(tmp_path / "three")))
+    windowed.train()
+    rows, each = read_metrics(tmp_path / "three" / "metrics.jsonl"), read_metrics(tmp_path / "every" / "metrics.jsonl")
+    assert [r["step"] for r in each] == [1, 2, 3, 4] and [r["step"] for r in rows] == [3, 4]
+    for row, window in ((rows[0], each[:3]), (rows[1], each[3:])):
+        assert row["loss"] == pytest.approx(sum(r["loss"] for r in window) / len(window), rel=1e-6)
+        assert row["pairs_seen"] == window[-1]["pairs_seen"] and row["num_tokens"] == window[-1]["num_tokens"]
+    with pytest.raises(ConfigError, match="--logging-steps must be >= 1"):
+        make_config(logging_steps=0)
+
+
+def test_run_name_names_the_tensorboard_and_wandb_runs(make_config, tmp_path, monkeypatch):
+    """--run-name: TensorBoard's run folder runs/<name> (without it, runs/ as before) and the W&B run's name."""
+    pytest.importorskip("torch.utils.tensorboard")
+    out = tmp_path / "tb"
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, report_to="tensorboard", run_name="lr-sweep-3",
+                                     output_dir=str(out))).train()
+    assert any((out / "runs" / "lr-sweep-3").glob("events.out.tfevents.*"))
+    named = {}
+
+    class FakeRun:
+        def log(self, values, step):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        named.update(kwargs)
+        return FakeRun()
+
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setattr(wandb, "init", init)
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, report_to="wandb", run_name="lr-sweep-3",
+                                     output_dir=str(tmp_path / "wb"))).train()
+    assert named["name"] == "lr-sweep-3"
+
+
+def test_no_progress_has_its_own_help_and_hides_transformers_loading_bars(make_config, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--no-progress says what it hides (not "Turn --progress off."), and the model loads with transformers'
+    bars off under it (on with --progress), their state restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from ofsdpo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-progress, --no_progress Hide every progress bar: the run's, the data's tokenizing and transformers'" \
+           " weight loading." in help_text
+    enabled_while_loading = []
+    original = ofsdpo.trainer.load_model
+
+    def load(*args, **kwargs):
+        enabled_while_loading.append(hf_logging.is_progress_bar_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ofsdpo.trainer, "load_model", load)
+    hf_logging.enable_progress_bar()
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, progress=False, output_dir=str(tmp_path / "a")))
+    OFSDPOTrainer(config=make_config(method="dpo", max_steps=1, progress=True, output_dir=str(tmp_path / "b")))
+    assert enabled_while_loading == [False, True] and hf_logging.is_progress_bar_enabled()

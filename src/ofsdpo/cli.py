@@ -62,8 +62,6 @@ TRL_NAMES = {
     "torch-dtype": "--dtype", "bf16": "--dtype bfloat16", "fp16": "--dtype float16",
     "resume-from-checkpoint": "--resume-from PATH (or --resume for the newest checkpoint)",
     "lora-target-modules": "--target-modules", "warmup-ratio": "--warmup-steps",
-    "max-completion-length": "--max-length (prompt + completion) and --max-prompt-length",
-    "logging-steps": "nothing: every optimiser step is logged to metrics.jsonl",
     "save-strategy": "--save-steps", "use-peft": "nothing: ofsdpo always trains LoRA modules",
     "overwrite-output-dir": "--overwrite", "dataloader-num-workers": "nothing: pairs are tokenized once, up front",
 }
@@ -107,7 +105,8 @@ class DataclassParser(argparse.ArgumentParser):
 
     def _add_field(self, f, hint) -> None:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS}
+        # `negative_help`: the --no-X flag's own help line (default: "Turn --X off.")
+        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_TAGS and k != "negative_help"}
         if "help" in kwargs:
             kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help texts
             shown = f.default if f.default is not dataclasses.MISSING else None
@@ -134,7 +133,8 @@ class DataclassParser(argparse.ArgumentParser):
         self.add_argument(*names, **kwargs)
         if hint is bool and default is True:
             self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
-                              dest=f.name, help=f"Turn --{f.name.replace('_', '-')} off.")
+                              dest=f.name, help=f.metadata.get("negative_help",
+                                                               f"Turn --{f.name.replace('_', '-')} off."))
 
     def parse_args_into_dataclasses(self, args: list[str]) -> tuple[list, list[str]]:
         """(one instance per class, the arguments not recognised)."""
@@ -317,7 +317,8 @@ def experiment_command(argv: list[str]) -> int:
         positional="experiment")
     from .commands.experiment import run_experiment
 
-    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants)
+    run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants,
+                   config.overwrite)
     return 0
 
 

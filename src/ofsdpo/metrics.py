@@ -7,9 +7,24 @@ import os
 from pathlib import Path
 
 
+# running totals and positions: a row written every --logging-steps N steps gives the last step's, not a mean
+LATEST_KEYS = frozenset({"step", "epoch", "pairs_seen", "num_tokens", "nonfinite_steps_skipped", "chase/swaps"})
+
+
+def window_row(rows: list[dict]) -> dict:
+    """One metrics row for the steps of a --logging-steps window, as TRL logs: each number the mean over the rows
+    that hold it, running totals (`LATEST_KEYS`) and text (a leader's name) the last row's."""
+    merged: dict = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row[key] for row in rows if key in row]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        merged[key] = sum(values) / len(values) if numbers and key not in LATEST_KEYS else values[-1]
+    return merged
+
+
 class MetricsLogger:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None,
-                 wandb_config: dict | None = None):
+                 wandb_config: dict | None = None, logging_steps: int = 1, run_name: str | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             # a resumed run rewrites what came after its checkpoint: no row is lost or repeated
@@ -18,6 +33,7 @@ class MetricsLogger:
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif self.path.exists():
             self.path.unlink()
+        self.logging_steps, self.window = logging_steps, []
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -28,9 +44,26 @@ class MetricsLogger:
             import wandb
 
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ofsdpo"), dir=str(self.path.parent),
-                                    config=wandb_config, name=self.path.parent.name)
+                                    config=wandb_config, name=run_name or self.path.parent.name)
 
     def log(self, row: dict) -> None:
+        """One optimiser step's row: written at once, or every `logging_steps` steps as their window's mean."""
+        self.window.append(row)
+        if row["step"] % self.logging_steps == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows of the window not yet written (one row for them all)."""
+        if self.window:
+            rows, self.window = self.window, []
+            self._write(rows[0] if len(rows) == 1 else window_row(rows))
+
+    def write(self, row: dict) -> None:
+        """A row of its own, after the window's: what happened between steps (rounds of ties only)."""
+        self.flush()
+        self._write(row)
+
+    def _write(self, row: dict) -> None:
         row = {"step": row["step"], **row}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -43,6 +76,7 @@ class MetricsLogger:
                            step=row["step"])
 
     def close(self) -> None:
+        self.flush()  # the last step is always written, whatever --logging-steps
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
@@ -50,11 +84,14 @@ class MetricsLogger:
 
 
 def open_run_metrics(output_dir: Path, config, resume_step: int | None) -> MetricsLogger:
-    """A training run's metrics.jsonl in `output_dir`, with TensorBoard (runs/) or Weights & Biases as `config`'s
-    --report-to says; `resume_step`: a resumed run's step, the rows after it dropped."""
-    report_to = config.report_to
-    return MetricsLogger(output_dir / "metrics.jsonl", output_dir / "runs" if report_to == "tensorboard" else None,
-                         resume_step, wandb_config=config.to_dict() if report_to == "wandb" else None)
+    """A training run's metrics.jsonl in `output_dir`, with TensorBoard (runs/, or runs/<--run-name>) or Weights &
+    Biases as `config`'s --report-to says, a row every --logging-steps steps; `resume_step`: a resumed run's step,
+    the rows after it dropped."""
+    report_to, run_name = config.report_to, config.run_name
+    tensorboard = output_dir / "runs" / (run_name or "") if report_to == "tensorboard" else None
+    return MetricsLogger(output_dir / "metrics.jsonl", tensorboard, resume_step,
+                         wandb_config=config.to_dict() if report_to == "wandb" else None,
+                         logging_steps=config.logging_steps, run_name=run_name)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -39,6 +39,21 @@ class RoundStats:
     sample_seconds: float = 0.0
     judge_seconds: float = 0.0
 
+    def then(self, later: "RoundStats") -> "RoundStats":
+        """This round's statistics and a `later` round's as one: the rounds of ties only that a step's round
+        followed (each prompt tied: no pair, no chosen score) are counted in the row of that step."""
+        def mean(a: float, b: float, weight_a: int, weight_b: int) -> float:
+            known = [(v, w) for v, w in ((a, weight_a), (b, weight_b)) if v == v and w > 0]  # v == v: not NaN
+            return sum(v * w for v, w in known) / sum(w for _, w in known) if known else float("nan")
+
+        paired, later_paired = self.prompts - self.ties, later.prompts - later.ties
+        return RoundStats(self.prompts + later.prompts, self.ties + later.ties,
+                          mean(self.judge_score, later.judge_score, self.prompts, later.prompts),
+                          mean(self.chosen_score, later.chosen_score, paired, later_paired),
+                          mean(self.rejected_score, later.rejected_score, paired, later_paired),
+                          self.sampled_tokens + later.sampled_tokens, self.sample_seconds + later.sample_seconds,
+                          self.judge_seconds + later.judge_seconds)
+
     def metrics(self) -> dict[str, float]:
         """The `online/*` metrics of the round (TRL's online DPO logs the same quantities as `objective/*`)."""
         return {"online/judge_score": self.judge_score, "online/chosen_score": self.chosen_score,
@@ -64,22 +79,25 @@ def pair_row(domain, record: dict, chosen: str, rejected: str, scores: tuple[flo
 
 
 def judged_pairs(model, tokenizer, domain, records: list[dict], settings: RoundSettings = RoundSettings(),
-                 progress: bool = False) -> tuple[list[dict], RoundStats]:
+                 progress: bool = False, on_phase=None) -> tuple[list[dict], RoundStats]:
     """Judge-labelled pairs from samples of `model`'s active adapter; returns (pairs, the round's statistics)."""
-    return judged_pairs_groups(model, tokenizer, [(domain, records)], settings, progress)[0]
+    return judged_pairs_groups(model, tokenizer, [(domain, records)], settings, progress, on_phase)[0]
 
 
 def judged_pairs_groups(model, tokenizer, tasks: list[tuple], settings: RoundSettings = RoundSettings(),
-                        progress: bool = False) -> list[tuple[list[dict], RoundStats]]:
+                        progress: bool = False, on_phase=None) -> list[tuple[list[dict], RoundStats]]:
     """`judged_pairs` for several (domain, records) tasks, their prompts sampled in one call (`sample_groups`:
     a decoding step costs about the same for a few rows as for a few dozen); each task's `sample_seconds` is the
-    call's."""
+    call's. `on_phase("sampling" | "judging")`, if given, is called as each phase starts."""
+    on_phase = on_phase or (lambda phase: None)
+    on_phase("sampling")
     tick = time.perf_counter()
     groups = [([r["prompt"] for r in records], domain.chat, settings.max_new_tokens or domain.max_new_tokens)
               for domain, records in tasks]
     sampled = sample_groups(model, tokenizer, groups, settings.samples_per_prompt, settings.temperature,
                             settings.top_p, batch_size=settings.batch_size, progress=progress)
     seconds = time.perf_counter() - tick
+    on_phase("judging")
     return [_pairs(domain, records, samples, settings, seconds) for (domain, records), samples in zip(tasks, sampled)]
 
 

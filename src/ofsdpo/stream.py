@@ -1,7 +1,8 @@
 """The online stream (SPEC §1, §5): pairs in a fixed order, consumed in rounds of `round_size` pairs.
 
-From a file, the order is the data's, repeated `epochs` times. On-policy (`--on-policy DOMAIN` or `--prompts FILE
---judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the current leader answers the
+From a file, the order is the data's, repeated `epochs` times; a round (and so a step) never crosses from one pass
+into the next, so each pass is steps of its own and a pair is never twice in one batch. On-policy (`--on-policy
+DOMAIN` or `--prompts FILE --judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the current leader answers the
 next prompts, the judge labels best vs worst, and the new pairs are appended to the stream (ties are skipped and
 counted). Every sampled round's pairs are also written to `rounds/round-<k>.jsonl` (k counts sampled rounds from
 1), so a run's data can be read and replayed offline.
@@ -42,8 +43,25 @@ def load_pairs(source: Any, tokenizer, cfg, flag: str | None = None) -> Preferen
         return None
     if isinstance(source, PreferenceData):
         return source
-    return load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
+    data = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
                                 progress=cfg.progress)
+    return cut_completions(data, cfg.max_completion_length, cfg.max_length)
+
+
+def cut_completions(data: PreferenceData, max_completion_length: int | None, max_length: int) -> PreferenceData:
+    """TRL's `max_completion_length`: each completion keeps its first `max_completion_length` tokens (the EOS goes
+    with a cut end, as under --max-length). A pair cut here joins `truncated_completions` unless --max-length had
+    already cut it (then one of its completions fills the room the prompt left). Unset: `data` untouched."""
+    if max_completion_length is None:
+        return data
+    for pair in data.pairs:
+        completions = (pair["chosen_ids"], pair["rejected_ids"])
+        if max(map(len, completions)) <= max_completion_length:
+            continue
+        room = max_length - len(pair["prompt_ids"])
+        data.stats.truncated_completions += all(len(ids) < room for ids in completions)
+        pair["chosen_ids"], pair["rejected_ids"] = (ids[:max_completion_length] for ids in completions)
+    return data
 
 
 def open_stream(cfg, tokenizer, train_data: Any, domain: Any, device, rounds_dir: Path | None) -> "Stream":
@@ -57,7 +75,9 @@ def open_stream(cfg, tokenizer, train_data: Any, domain: Any, device, rounds_dir
                              cfg.missing_eos_penalty, cfg.generation_batch_size)
     return Stream(PreferenceData(pairs=[], source=f"on-policy:{domain.name}"), cfg.epochs, cfg.round_size, domain,
                   settings, tokenizer,
-                  lambda rows: load_preference_data(rows, tokenizer, cfg.max_length, cfg.max_prompt_length),
+                  lambda rows: cut_completions(load_preference_data(rows, tokenizer, cfg.max_length,
+                                                                    cfg.max_prompt_length),
+                                               cfg.max_completion_length, cfg.max_length),
                   rounds_dir)
 
 
@@ -71,10 +91,12 @@ class Stream:
         self.order = list(range(len(data))) * epochs
         self.prompts = on_policy.prompts("train") * epochs if on_policy is not None else []
         self.settings, self.tokenize, self.rounds_dir = settings, tokenize, rounds_dir
-        self.last_round: RoundStats | None = None  # the statistics of the latest sampled round (for the metrics)
+        # the statistics of the rounds the latest `next_round` sampled (for the metrics); None when it sampled none
+        self.last_round: RoundStats | None = None
 
     def total_steps(self, pairs_per_step: int, max_steps: int) -> int:
-        steps = math.ceil(len(self.order) / pairs_per_step)
+        passes = len(self.order) // max(len(self.data), 1)  # each pass ends its last step (`next_round`)
+        steps = passes * math.ceil(len(self.data) / pairs_per_step)
         if self.on_policy is not None:  # at most: ties shrink rounds
             steps = math.ceil(len(self.prompts) / self.round_size) * (self.round_size // pairs_per_step)
         return steps if max_steps == -1 else min(steps, max_steps)
@@ -98,22 +120,27 @@ class Stream:
     def step_indices(self, state: TrainerState, pairs_per_step: int) -> list[int]:
         return self.order[state.position:min(state.position + pairs_per_step, state.round_end)]
 
-    def next_round(self, state: TrainerState, model, policy: str, names) -> list[int]:
+    def next_round(self, state: TrainerState, model, policy: str, names, on_phase=None) -> list[int]:
         """Stream indices of the next round: the next pairs of the stream, or fresh on-policy pairs sampled from
-        adapter `policy` (empty when the stream or the prompts ran out)."""
+        adapter `policy` (empty when the stream or the prompts ran out); `on_phase("sampling" | "judging")` is
+        called as each phase of a sampled round starts (the progress bar shows it)."""
+        self.last_round = None
         if self.on_policy is None:
-            return self.order[state.position:state.position + self.round_size]
+            pass_end = (state.position // len(self.data) + 1) * len(self.data)
+            return self.order[state.position:min(state.position + self.round_size, pass_end)]
         while state.prompt_position < len(self.prompts):
             records = self.prompts[state.prompt_position:state.prompt_position + self.round_size]
             activate(model, policy, names)
             rng = ckpt.rng_state()
             try:
-                rows, self.last_round = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings)
+                rows, stats = judged_pairs(model, self.tokenizer, self.on_policy, records, self.settings,
+                                           on_phase=on_phase)
             except Exception:  # a checkpoint taken now must redo this round exactly: as if it had not started
                 ckpt.set_rng_state(rng)
                 raise
             state.prompt_position += len(records)
-            state.ties_skipped += self.last_round.ties
+            state.ties_skipped += stats.ties
+            self.last_round = stats if self.last_round is None else self.last_round.then(stats)
             if self.rounds_dir is not None:
                 k = math.ceil(state.prompt_position / self.round_size)
                 write_jsonl(self.rounds_dir / f"round-{k}.jsonl", rows)

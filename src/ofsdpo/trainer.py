@@ -9,6 +9,7 @@ regret computed in `scoring.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -17,11 +18,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from .config import OFSDPOConfig
 from .distributed import Processes
-from .errors import JudgeError, NonFiniteError
+from .errors import ConfigError, JudgeError, NonFiniteError
 from .files import write_atomic
 from .methods import training_method
 from .metrics import open_run_metrics
@@ -36,6 +38,30 @@ from .signals import RunInterrupted, deferred_interrupt, stop_signal
 from .state import TrainerState, TrainResult, run_summary
 from .step import OptimiserStep, lr_schedule
 from .stream import load_pairs, open_stream
+
+
+@contextlib.contextmanager
+def loading_bars(shown: bool):
+    """transformers' own bars (loading weights, checkpoint shards) follow --progress / --no-progress, then are as
+    they were."""
+    before = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not shown:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _flushed(metrics):
+    """The steps of an unfinished --logging-steps window are written however the loop ends (a stop, an error)."""
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.flush()
 
 
 class OFSDPOTrainer:
@@ -86,6 +112,9 @@ class OFSDPOTrainer:
                                      self.device, self.tokenizer.pad_token_id)
         self.scorer = PairScorer(self.model, cfg, self.tokenizer.pad_token_id, self.names,
                                  prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
+        if train_reference is not None and cfg.max_completion_length is not None:
+            raise ConfigError("--max-completion-length cuts the pairs this run tokenizes, but the π_ref cache passed "
+                              "in (train_reference) may hold scores of the uncut pairs: drop one of the two.")
         # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base
         self.reference = train_reference if train_reference is not None else ReferenceCache(len(self.data))
         if len(self.reference.chosen) != len(self.data):
@@ -104,9 +133,10 @@ class OFSDPOTrainer:
         """The frozen base (loaded here unless given) with the LoRA modules, on this process's device or shard."""
         cfg, sharded = self.config, self.processes.sharded  # sharded: the base stays on the CPU, one layer moves
         if loaded is None:                                    # at a time
-            base = load_model(self.model_name, self.gguf_file, cfg.dtype,
-                              torch.device("cpu") if sharded else self.device, cfg.trust_remote_code,
-                              dtype_device=self.device)
+            with loading_bars(cfg.progress):
+                base = load_model(self.model_name, self.gguf_file, cfg.dtype,
+                                  torch.device("cpu") if sharded else self.device, cfg.trust_remote_code,
+                                  dtype_device=self.device)
         else:
             base = loaded if sharded else loaded.to(self.device)
         check_target_modules(cfg.target_module_list, base)
@@ -129,20 +159,14 @@ class OFSDPOTrainer:
             bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and main), desc=cfg.method,
                        unit="step")
             self._started = time.perf_counter() - state.train_seconds  # a resumed run counts its earlier part
-            with deferred_interrupt() as interrupted:
+            with deferred_interrupt() as interrupted, _flushed(metrics):
                 while state.step < self.total_steps:
                     row: dict[str, Any] = {}
-                    one_step_round = False
+                    began, one_step_round = time.perf_counter(), False
                     if state.position >= state.round_end:  # a new round: score it before any update on it (SPEC §5)
-                        round_indices = self._start_round()
-                        if not round_indices:
+                        one_step_round = self._open_round(row, metrics, bar)
+                        if one_step_round is None:
                             break  # the prompts ran out (on-policy rounds can be all ties)
-                        if self.stream.last_round is not None:  # on-policy: what the round sampled and judged
-                            row.update(self.stream.last_round.metrics())
-                        one_step_round = len(round_indices) <= cfg.pairs_per_step
-                        if not one_step_round:
-                            row.update(self._record_online(self.scorer.mean_losses(self.data, self.reference,
-                                                                                   round_indices, self.names)))
                     indices = self.stream.step_indices(state, cfg.pairs_per_step)
                     tick = time.perf_counter()
                     row.update(self.step_fn(self.data, self.reference, indices, state.chase))
@@ -151,6 +175,9 @@ class OFSDPOTrainer:
                     state.step += 1
                     state.position += len(indices)
                     row.update(self._after_step(row, time.perf_counter() - tick))
+                    if self.stream.on_policy is not None:  # pairs_per_second counts the step alone; this, the
+                        # round's sampling, judging and π_ref scoring too (they land on the step that starts it)
+                        row["pairs_per_second_with_sampling"] = row["pairs"] / max(time.perf_counter() - began, 1e-9)
                     if on_step is not None:
                         row.update(on_step(self, row) or {})
                     if metrics is not None:
@@ -174,11 +201,38 @@ class OFSDPOTrainer:
             self._save_checkpoint()
             return self._finish(time.perf_counter() - self._started)
 
-    def _start_round(self) -> list[int]:
-        """The next round's stream indices, with their reference log-probs cached."""
+    def _open_round(self, row: dict, metrics, bar) -> bool | None:
+        """Start the next round, its statistics and pre-update loss into `row`; whether it is one step, or None when
+        the stream ended (rounds of ties only sampled then get a metrics row of their own). The progress bar names
+        the on-policy phase running (sampling, judging)."""
+        cfg, phases = self.config, []
+
+        def show(phase: str) -> None:
+            phases.append(phase)
+            bar.set_description(f"{cfg.method} ({phase})")
+
+        round_indices = self._start_round(show)
+        if phases:
+            bar.set_description(cfg.method)
+        stats = self.stream.last_round  # on-policy: what the round(s) sampled and judged
+        if not round_indices:
+            if stats is not None and metrics is not None:
+                metrics.write({"step": self.state.step, **stats.metrics()})
+            return None
+        if stats is not None:
+            row.update(stats.metrics())
+        if len(round_indices) <= cfg.pairs_per_step:
+            return True  # its loss before the update is the step's own (`train`)
+        row.update(self._record_online(self.scorer.mean_losses(self.data, self.reference, round_indices, self.names)))
+        return False
+
+    def _start_round(self, on_phase=None) -> list[int]:
+        """The next round's stream indices, with their reference log-probs cached; `on_phase(name)` is told each
+        on-policy phase as it starts."""
         state = self.state
         try:
-            indices = self.stream.next_round(state, self.model, self.method.sampling_module(state), self.names)
+            indices = self.stream.next_round(state, self.model, self.method.sampling_module(state), self.names,
+                                             on_phase)
         except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
             saved = self._save_checkpoint("fix the judge, then continue with --resume")
             raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.") from None

@@ -27,8 +27,11 @@ from ..models import load_model_and_tokenizer, resolve_device
 from ..modules import lora_config
 from ..reference import ReferenceCache
 from ..rounds import RoundSettings, judged_pairs
+from ..trainer import loading_bars
 
 BASE_ROW = "base"
+LEGEND = ("pref acc: share of pairs whose implicit reward ranks chosen above rejected, a tie counted as half (the base "
+          "row ties on every pair: it is the reference); win rate: samples judged above the reference's, a tie as half")
 COLUMNS = (("loss", "dpo loss", "{:.4f}"), ("accuracy", "pref acc", "{:.3f}"), ("judge_score", "judge", "{:+.3f}"),
            ("win_rate", "win rate", "{:.3f}"), ("kl", "KL", "{:.3f}"), ("response_words", "words", "{:.1f}"))
 
@@ -69,8 +72,9 @@ def eval_domains(cfg: EvalConfig, device) -> list:
 def run_eval(cfg: EvalConfig) -> dict:
     require_builtin(cfg.domain, "--domain")  # before the model loads
     device = resolve_device(cfg.device)
-    base, tokenizer, name, _ = load_model_and_tokenizer(cfg.model, cfg.gguf_file, cfg.dtype, device,
-                                                        cfg.trust_remote_code)
+    with loading_bars(cfg.progress):
+        base, tokenizer, name, _ = load_model_and_tokenizer(cfg.model, cfg.gguf_file, cfg.dtype, device,
+                                                            cfg.trust_remote_code)
     model, names = attach_for_eval(base, cfg.adapter)
     files, rows = cfg.data_files, []
     # --batch-size: pairs per forward and prompts per generate call; every row's samples under --seed
@@ -86,6 +90,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         drawn: dict = {}  # the reference's judged samples: drawn for the first row, the same for every row
         for adapter, label in [(BASE_ROW, BASE_ROW), *names.items()]:
             row, = evaluate(model, tokenizer, adapter, [held_out], options, drawn)
+            if adapter == BASE_ROW and row.get("accuracy") is not None:
+                # the base is π_ref itself: both implicit rewards of every pair are 0 (its loss is log 2 exactly), a
+                # tie, which counts as half, as win rate counts a tied sample; strict ">" would call it 0.000
+                row["accuracy"] = 0.5
             rows.append({"adapter": label, "domain": domain.name, **row,
                          "pairs_source": files.get(domain.name, "generated")})
     result = {"model": name, "beta": cfg.beta, "seed": cfg.seed, "rows": rows}
@@ -102,4 +110,4 @@ def format_eval_table(rows: list[dict]) -> str:
     for r in rows:
         cells = "".join((fmt.format(r[key]) if r.get(key) is not None else "-").rjust(10) for key, _, fmt in COLUMNS)
         lines.append(r["adapter"].ljust(width) + "  " + r["domain"].ljust(10) + cells)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [LEGEND]) + "\n"

@@ -46,6 +46,7 @@ from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
                       option_roles, resolve_search)
 from ..continual import ContinualRunner
+from ..continual.persistence import remove_outputs
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError
@@ -56,6 +57,7 @@ from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
 from ..reuse import SharedWork
+from ..rundir import LOCK_NAME, refuse_if_locked
 from ..rounds import RoundSettings, judged_pairs
 from ..scoring import common_random_numbers, reference_samples
 from ..trainer import OFSDPOTrainer
@@ -128,10 +130,14 @@ def key_options(options: dict, kind: str) -> dict:
 class ExperimentRunner:
     """Runs every (cell, seed) not yet finished, then writes the aggregate. The model loads only if a run is due."""
 
-    def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True):
+    def __init__(self, config: ExperimentConfig, output_dir: str | Path, progress: bool = True, verbose: bool = True,
+                 reuse_twins: bool = True):
+        """`reuse_twins`: a cell finished in another experiment's folder (the same run key) is reused, not rerun
+        (`--overwrite` turns it off: it reruns everything)."""
         if config.builtin_domains:
             require_builtin([builtin_name(d) for d in config.domains], f"experiment '{config.name}': domains")
         self.config, self.out, self.progress, self.verbose = config, Path(output_dir), progress, verbose
+        self.reuse_twins = reuse_twins
         self._base = self._tokenizer = self._model_name = None
         self._pairs: dict[str, Path] = {}
         self._report: dict[str, tuple] = {}
@@ -169,7 +175,7 @@ class ExperimentRunner:
             result = json.loads(done.read_text(encoding="utf-8"))
             if result.get("run_key") == key:
                 return result
-        twin = self.find_run(key)
+        twin = self.find_run(key) if self.reuse_twins else None
         if twin is not None:  # the same run in another experiment (an ablation's baseline): reuse it
             result = {**json.loads(twin.read_text(encoding="utf-8")), "reused_from": str(twin)}
             write_json(done, result)
@@ -588,6 +594,19 @@ class CheckpointLadder:
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
+# what `ExperimentRunner` writes into its folder, besides the plots `<name>-*.png` (`experiment_report`); the sampled
+# pairs live in the experiment's data_dir, shared with other experiments, and stay
+EXPERIMENT_OUTPUTS = ("runs", "split", "aggregate.json", "aggregate.md")
+
+
+def clear_experiment(out: Path, name: str) -> None:
+    """`ofsdpo experiment --overwrite`: everything an earlier call wrote into `out` removed (a file of the user's
+    stays), or one line naming what cannot go; refused while a run of another call still trains there (its lock)."""
+    for lock in sorted(out.glob(f"runs/**/{LOCK_NAME}")):
+        refuse_if_locked(lock.parent)
+    remove_outputs([out / part for part in EXPERIMENT_OUTPUTS] + sorted(out.glob(f"{name}-*.png")))
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -610,11 +629,14 @@ def select_variants(config: ExperimentConfig, text: str | None) -> list[dict]:
 
 
 def run_experiment(config_path: str, seeds: str | None = None, output_dir: str | None = None,
-                   progress: bool = True, variants: str | None = None) -> dict:
+                   progress: bool = True, variants: str | None = None, overwrite: bool = False) -> dict:
     config = ExperimentConfig.from_yaml(config_path)
     config.seeds = parse_seeds(seeds) or config.seeds
     config.variants = select_variants(config, variants)
     out = Path(output_dir or Path("experiments-output") / config.name)
-    summary = ExperimentRunner(config, out, progress).run()  # progress lines are printed either way
+    if overwrite:
+        clear_experiment(out, config.name)
+    # progress lines are printed either way
+    summary = ExperimentRunner(config, out, progress, reuse_twins=not overwrite).run()
     print((out / "aggregate.md").read_text(encoding="utf-8"))
     return summary

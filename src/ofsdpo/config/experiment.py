@@ -254,7 +254,11 @@ class ExperimentCommandConfig:
         "Comma-separated variant names to run, in this order (default: the file's, all). Runs are shared by name, so "
         "processes may split the variants or their order; the aggregate covers what this call ran: rerun whole."))
     output_dir: Optional[str] = field(default=None, metadata=_help("Default: experiments-output/<name>."))
-    progress: bool = field(default=True, metadata=_help("Show progress bars (--no-progress hides them)."))
+    progress: bool = field(default=True, metadata=_help(
+        "Show progress bars.", negative_help="Hide the runs' progress bars (the progress lines are printed anyway)."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Remove what an earlier call wrote into --output-dir (runs, splits, aggregate, plots) and run every cell "
+        "again, none reused from another experiment's runs (without it, finished cells are kept and reused)."))
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -172,7 +172,13 @@ class TrainingOptions:
     regret: bool = field(
         default=True, metadata=_help("At the end, score the final module on the whole stream for the regret curve.")
     )
-    progress: bool = field(default=True, metadata=_help("Show a progress bar.", role=OUTPUT))
+    logging_steps: int = field(default=1, metadata=_help(
+        "Write a metrics row every N optimiser steps (TRL's name), each the mean of its N steps' metrics (counters "
+        "such as step, pairs_seen and num_tokens: the last step's); the last step is always written. Larger N "
+        "gives smaller logs and smoother curves, and hides single-step spikes.", role=OUTPUT))
+    progress: bool = field(default=True, metadata=_help(
+        "Show a progress bar.", role=OUTPUT,
+        negative_help="Hide every progress bar: the run's, the data's tokenizing and transformers' weight loading."))
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -196,6 +202,7 @@ class TrainingOptions:
         need(self.lora_r >= 1, f"--lora-r must be >= 1 (got {self.lora_r}).")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         need(self.max_length >= 2, f"--max-length must be >= 2 (got {self.max_length}).")
+        need(self.logging_steps >= 1, f"--logging-steps must be >= 1 (got {self.logging_steps}).")
         if self.max_prompt_length is None:  # fits any --max-length: room for the completion
             self.max_prompt_length = min(256, self.max_length // 2)
         need(
@@ -306,6 +313,10 @@ class OFSDPOConfig(TrainingOptions):
         default=None,
         metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
     )
+    max_completion_length: Optional[int] = field(default=None, metadata=_help(
+        "Max tokens of each completion (TRL's name): chosen and rejected are cut to it before --max-length applies "
+        "(unset: only --max-length cuts them); --data, --eval-data and on-policy pairs alike. Shorter completions "
+        "make cheaper steps but lose their ends."))
     on_policy: Optional[str] = field(
         default=None,
         metadata=_help("On-policy (true online DPO): each round, the current policy answers the next prompts and the "
@@ -333,6 +344,9 @@ class OFSDPOConfig(TrainingOptions):
     )
     overwrite: bool = field(default=False, metadata=_help("Allow writing into an --output-dir holding another run.",
                                                           role=OUTPUT))
+    run_name: Optional[str] = field(default=None, metadata=_help(
+        "The run's name in TensorBoard (its folder under runs/) and Weights & Biases (TRL's name; default: the "
+        "--output-dir folder's name).", role=OUTPUT))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -340,6 +354,8 @@ class OFSDPOConfig(TrainingOptions):
             self.resume = True  # --resume-from PATH implies --resume
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"--max-completion-length must be >= 1 (got {self.max_completion_length}).")
         if self.prompts is not None and self.on_policy is None:
             self.on_policy = ON_PROMPTS  # --prompts implies --on-policy
         if self.on_policy is not None:  # a domain's name is checked where it loads (`domains.on_policy_domain`)

@@ -16,8 +16,24 @@ from ..distributed import Processes
 from ..errors import ConfigError
 from ..files import write_json
 from ..modules import write_adapter
+from ..rundir import RUN_OUTPUTS
 
 CONTINUAL_MARKERS = ("report.json", "domains")
+# everything a continual run writes into its folder (the stages under domains/, `report.write_report`'s files, the
+# served adapter and its tokenizer, config.yaml), and what a training run writes (`rundir.RUN_OUTPUTS`): --overwrite
+# removes all of it, so nothing of the run before (its report, heatmap, stages) is read as this run's
+CONTINUAL_OUTPUTS = tuple(dict.fromkeys(CONTINUAL_MARKERS + ("config.yaml", "report.txt", "heatmap.png")
+                                        + RUN_OUTPUTS))
+
+
+def remove_outputs(paths) -> None:
+    """--overwrite: remove each of `paths` there is, or stop with one line naming the one that cannot go."""
+    for path in paths:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--overwrite: cannot remove {path} of the previous run ({err.strerror}); remove it "
+                              "or choose another --output-dir.") from None
 
 
 def check_output_dir(config: ContinualConfig, output_dir: Path) -> None:
@@ -41,12 +57,13 @@ def check_resumable(config: ContinualConfig, output_dir: Path) -> None:
 
 
 def prepare_output(config: ContinualConfig, output_dir: Path, processes: Processes) -> None:
-    """The run's folder: another run's markers removed (unless resuming), this run's config.yaml written."""
+    """The run's folder: with --overwrite (and not --resume) everything another run wrote there removed (without,
+    `check_output_dir` refused a folder holding one), this run's config.yaml written."""
     if processes.is_main:  # only the main process writes; the others compute the same combinations
         output_dir.mkdir(parents=True, exist_ok=True)
-        for marker in CONTINUAL_MARKERS if not config.resume else ():  # --overwrite was checked before
-            path = output_dir / marker
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if config.overwrite and not config.resume:
+            remove_outputs([output_dir / name for name in CONTINUAL_OUTPUTS]
+                           + sorted(output_dir.glob(".tmp-checkpoint-*")))
         config.save_yaml(output_dir / "config.yaml")
     processes.barrier()
 
