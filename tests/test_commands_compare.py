@@ -164,3 +164,4 @@ def test_the_continual_form_compares_methods_across_your_domains(tiny_model_dir,
         from ofsdpo.config import CompareConfig
 
         CompareConfig(data=str(a), domain=[f"first={a}"])
+

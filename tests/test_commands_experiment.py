@@ -298,7 +298,8 @@ def test_the_baseline_experiments_list_the_variants_and_seeds_issue_28_fixes():
         assert {(v["init"], v["combine"], v["search"]) for v in cofs} == {("fresh", "delta", "simplex")}
         assert [v.get("select_by", "loss") for v in cofs] == ["loss", "balanced", "worst", "judge"]
         same = ("prompts", "samples", "steps", "batch_size", "selection", "report_rounds", "judge_prompts",
-                "judge_samples", "lr", "memory", "lambda_grid", "eval_steps", "max_length", "max_prompt_length", "train")
+                "judge_samples", "lr", "memory", "lambda_grid", "eval_steps", "max_length", "max_prompt_length",
+                "train")
         assert all(getattr(config, f) == getattr(before, f) for f in same), stem
         text = (EXPERIMENTS / f"{stem}.yaml").read_text(encoding="utf-8")
         assert "fixed in this file before any of its runs" in text and "CPU time estimate" in text
@@ -645,3 +646,18 @@ def test_experiment_overwrite_removes_what_an_earlier_call_wrote(tmp_path, monke
         holder.kill()
         holder.wait()
     assert "in use by another run" in capsys.readouterr().err and (out / "runs").is_dir()
+
+
+def test_the_shared_reference_caches_are_keyed_by_the_completion_cut(tmp_path):
+    """π_ref's cached log-probs are shared by the runs that tokenize a domain's pairs alike: a variant with
+    --max-completion-length gets caches of its own (and scores its cut stream itself), never the uncut ones."""
+    config = ExperimentConfig(name="cut", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              variants=[{"name": "dpo", "method": "dpo"},
+                                        {"name": "cut", "method": "dpo", "max_completion_length": 2}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    parts = runner.split("sentiment")
+    whole, cut = (runner.stream_references("sentiment", parts, config.run_config(v, 0, tmp_path / v["name"], []))
+                  for v in config.variants)
+    again = runner.stream_references("sentiment", parts, config.run_config(config.variants[0], 1, tmp_path, []))
+    assert again is whole and cut is not whole and cut["selection"] is not whole["selection"]

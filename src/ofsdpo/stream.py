@@ -2,10 +2,10 @@
 
 From a file, the order is the data's, repeated `epochs` times; a round (and so a step) never crosses from one pass
 into the next, so each pass is steps of its own and a pair is never twice in one batch. On-policy (`--on-policy
-DOMAIN` or `--prompts FILE --judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the current leader answers the
-next prompts, the judge labels best vs worst, and the new pairs are appended to the stream (ties are skipped and
-counted). Every sampled round's pairs are also written to `rounds/round-<k>.jsonl` (k counts sampled rounds from
-1), so a run's data can be read and replayed offline.
+DOMAIN` or `--prompts FILE --judge SPEC`), each round's pairs are made when the round starts (`rounds.py`): the
+current leader answers the next prompts, the judge labels best vs worst, and the new pairs are appended to the
+stream (ties are skipped and counted). Every sampled round's pairs are also written to `rounds/round-<k>.jsonl` (k
+counts sampled rounds from 1), so a run's data can be read and replayed offline.
 """
 
 from __future__ import annotations

@@ -388,7 +388,8 @@ class ExperimentRunner:
         """π_ref's log-probs of the domain's training stream and selection set (`parts`, from `split`), filled by the
         first run over them and read by every later one (as the report set's are): the reference never changes."""
 
-        key = ("in-domain", domain, run_config.max_length, run_config.max_prompt_length)  # tokenized alike
+        key = ("in-domain", domain, run_config.max_length, run_config.max_prompt_length,
+               run_config.max_completion_length)  # the pairs tokenized alike
         if key not in self._reference_logps:
             self._reference_logps[key] = {name: ReferenceCache(len(parts[name])) for name in ("train", "selection")}
         return self._reference_logps[key]
@@ -436,7 +437,9 @@ class ExperimentRunner:
         caches = self.stream_references(domain_name, parts, run_config)
         trainer = OFSDPOTrainer(base, run_config, train_data=None if on_policy else parts["train"],
                                 tokenizer=tokenizer, eval_data=parts["selection"],  # selection: the served module
-                                train_reference=None if on_policy else caches["train"],
+                                # a cut stream is scored by its own run: the trainer cannot check a cache's cut
+                                train_reference=None if on_policy or run_config.max_completion_length else
+                                caches["train"],
                                 eval_reference=caches["selection"])
         ladder = (CheckpointLadder(cfg.checkpoints, domain, records, ref_scores, report, report_reference, seed,
                                    cfg.judge_samples) if cfg.checkpoints and domain is not None else None)

@@ -72,7 +72,8 @@ def candidate_row(criterion: Criterion, domains: dict[str, dict], own_losses: di
     """A candidate's table row for the search (`combine._rank` reads "criterion", then "memory_accuracy"): the pooled
     memory loss and accuracy, each domain's values ({"loss", "accuracy", and "relative" / "judge" where the criterion
     reads them}) and the criterion's value. Under `loss` the row is the pooled pair alone, as before the option (the
-    criterion is "memory_loss", which `_rank` reads when a row has no "criterion"). `domains`: {name: {"loss", "accuracy", "pairs"[, "judge"]}} in domain
+    criterion is "memory_loss", which `_rank` reads when a row has no "criterion"). `domains`: {name: {"loss",
+    "accuracy", "pairs"[, "judge"]}} in domain
     order; `own_losses`: {name: the domain's own kept module's memory loss}, for a relative criterion."""
     values = {name: dict(v) for name, v in domains.items()}
     row = {"memory_loss": pooled_loss(values), "memory_accuracy": pooled_accuracy(values)}
