@@ -239,17 +239,7 @@ def output_dir_lock(output_dir: str | Path, processes=None):
     Under a multi-process launch only the main process takes it, and every process raises the same
     `OutputDirLocked` when it is held elsewhere (so none waits at a collective for a process that stopped)."""
     lock = RunLock(Path(output_dir))
-    main = processes is None or processes.is_main
-    error = None
-    if main:
-        try:
-            lock.acquire()
-        except OutputDirLocked as err:
-            error = str(err)
-    if processes is not None and processes.distributed:
-        error = processes.gather(error)[0]
-    if error is not None:
-        raise OutputDirLocked(error)
+    check_once(processes, lock.acquire)  # the main process takes it; every process raises its OutputDirLocked
     try:
         yield lock
     finally:
