@@ -44,25 +44,9 @@ def results_summary(results: Path = RESULTS) -> str:
         seeds = sorted({int(s) for runs in agg["per_seed"].values() for s in runs})
         planned = agg["seeds"]
         ran = ", ".join(map(str, seeds)) + ("" if seeds == planned else f" of {', '.join(map(str, planned))}")
-        # the bootstrap cannot resolve p below 1/resamples: which intervals exclude 0 all the same
-        floored = [r for r in agg["paired"] if verdict(r) == "no difference shown" and _at_bootstrap_floor(r)]
-        what = "; ".join(_call(r, f"{verdict(r)} than") for r in held) or (
-            "nothing holds" if floored else "nothing: no difference shown")
-        if floored:
-            what += (f" (undecidable at the bootstrap's resolution: p ≥ {BOOTSTRAP_FLOOR}, and Holm over {count} "
-                     f"needs p < {0.05 / count:.5f}; these intervals exclude 0: "
-                     + "; ".join(_call(r, "−") for r in floored) + ")")
+        what = "; ".join(_call(r, f"{verdict(r)} than") for r in held) or "nothing: no difference shown"
         lines.append(f"| {agg['experiment']} | {ran} | {len(agg['paired'])} | {what} |")
     return "\n".join(lines) + "\n"
-
-
-BOOTSTRAP_FLOOR = 1 / 2000  # the smallest p `stats.crossed_bootstrap` gives at its 2000 resamples
-
-
-def _at_bootstrap_floor(row: dict) -> bool:
-    d = row.get("decision") or {}
-    excludes_zero = d.get("lower") is not None and (d["lower"] > 0 or d["upper"] < 0)
-    return d.get("by") == "crossed bootstrap" and excludes_zero and d.get("p_value", 1) <= BOOTSTRAP_FLOOR * 1.0001
 
 
 def _call(row: dict, how: str) -> str:

@@ -11,7 +11,9 @@ regenerating the page keeps it.
 
 Verdicts (issue 27): each comparison is decided by the wider of its t interval over seeds and its crossed
 (seeds x units) bootstrap (`stats.decision`, stored in the aggregate), and its p-value is Holm-adjusted over every
-comparison on the page (all the aggregates given), not only its own experiment's.
+comparison on the page (all the aggregates given), not only its own experiment's. The bootstraps must be fine
+enough to decide under Holm over the page (`stats.holm_resolvable`: 200000 resamples decide up to 500 comparisons);
+the page is not written while one is not (rebuild it with scripts/reaggregate.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+from ofsdpo.commands.experiment_report import adjust
 from ofsdpo.commands.experiment_report import verdict as reading
-from ofsdpo.stats import holm
 
 START, END = "## Claim 1 (SPEC §6.1)", "## Not run in this session"
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -241,10 +243,16 @@ def _combinations(name: str, domains: list[str], per_seed: dict, ran: dict[str, 
 
 def page_adjusted(aggregates: list[dict]) -> int:
     """Holm over every comparison of the page: each row's p_holm becomes the page's (and its count is kept as
-    "page_comparisons"); returns the count."""
+    "page_comparisons"); returns the count. Exits, naming the aggregates to rebuild, where a bootstrap's resamples
+    are too few to decide under Holm over the page (`stats.holm_resolvable`)."""
     rows = [row for agg in aggregates for row in agg["paired"]]
-    for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
-        row.update(p_holm=p, page_comparisons=len(rows))
+    try:
+        adjust(rows)
+    except ValueError as err:
+        raise SystemExit(f"docs/results.md: {err}; rebuild them: python scripts/reaggregate.py "
+                         "docs/results/NAME-aggregate.json ...") from None
+    for row in rows:
+        row["page_comparisons"] = len(rows)
     return len(rows)
 
 

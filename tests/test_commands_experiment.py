@@ -406,6 +406,7 @@ def test_tiny_in_domain_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path
         assert row["bootstrap"]["lower"] <= row["bootstrap"]["mean"] <= row["bootstrap"]["upper"]
         crossed = row["crossed_bootstrap"]  # seeds and units resampled: the wider interval decides
         assert crossed["lower"] <= crossed["upper"] and row["decision"]["by"] in ("t", "crossed bootstrap")
+        assert crossed["resamples"] == 200_000  # fine enough for Holm over up to 500 comparisons
         assert row["p_holm"] >= row["decision"]["p_value"]
     text = (tmp_path / "runs" / "tiny" / "aggregate.md").read_text()
     assert "## Paired differences" in text and "| ofs − dpo | sentiment | judge score |" in text

@@ -68,22 +68,22 @@ def test_a_changed_aggregate_makes_the_block_stale(tmp_path):
     assert "(-0.274," in before and "(-0.500," in after and before.replace("-0.274", "-0.500") == after
 
 
-def test_the_summary_names_intervals_the_bootstrap_cannot_decide(tmp_path):
-    """A bootstrap-decided comparison whose interval excludes 0 but whose p sits at 1/resamples cannot hold under
-    Holm over a big page: the block says so and lists it, and never a comparison whose interval spans 0."""
+def test_the_page_refuses_bootstraps_too_coarse_for_its_holm(tmp_path):
+    """A bootstrap p is at least 1/resamples: with 2000 resamples (aggregates before the fix) Holm over the page's
+    comparisons could never decide a bootstrap-decided call. The page is not built then, and the error names the
+    comparisons and the rebuild; the committed aggregates (200000 resamples) decide up to 500 comparisons."""
     blocks = load_blocks()
     results = tmp_path / "results"
     results.mkdir()
     agg = json.loads((ROOT / "docs" / "results" / "chase-ablation-aggregate.json").read_text())
+    assert {row["crossed_bootstrap"]["resamples"] for row in agg["paired"]} == {200_000}
     (results / "chase-ablation-aggregate.json").write_text(json.dumps(agg))
-    summary = blocks.results_summary(results)  # alone on its page: 18 comparisons, and the floor p holds
-    assert "proximal-beta-1 worse than alpha-0 on judge score (-0.274," in summary and "undecidable" not in summary
-    for path in (ROOT / "docs" / "results").glob("*-aggregate.json"):  # the whole page: over 100 comparisons
-        shutil.copy(path, results / path.name)
-    chase = next(line for line in blocks.results_summary(results).splitlines() if line.startswith("| chase-ablation"))
-    assert chase.count("worse than") == 0 and "nothing holds (undecidable at the bootstrap's resolution" in chase
-    assert "proximal-beta-1 − alpha-0 on judge score (-0.274, [-0.346, -0.196])" in chase
-    assert "minmax" not in chase  # its intervals span 0: not listed
+    assert "proximal-beta-1 worse than alpha-0 on judge score (-0.274," in blocks.results_summary(results)
+    for row in agg["paired"]:
+        del row["crossed_bootstrap"]["resamples"]  # an aggregate written at the old 2000
+    (results / "chase-ablation-aggregate.json").write_text(json.dumps(agg))
+    with pytest.raises(SystemExit, match=r"proximal-beta-1 − alpha-0.*too few resamples.*Holm over 18.*reaggregate"):
+        blocks.results_summary(results)
 
 
 def test_readme_is_a_front_door():

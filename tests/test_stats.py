@@ -160,3 +160,28 @@ def test_holm_matches_a_hand_computation():
     assert got[3] == pytest.approx(0.04) and got[4] == pytest.approx(0.06)
     assert holm([0.4, 0.6]) == [pytest.approx(0.8), pytest.approx(0.8)]  # capped monotone: max(0.8, 0.6)
     assert holm([]) == []
+
+
+def test_holm_resolvable_is_the_stated_rule_and_the_report_refuses_coarse_bootstraps():
+    """1/resamples ≤ 0.05 / (20 m): 2000 resamples decide up to 5 comparisons, 200000 up to 500; the report's
+    Holm (`experiment_report.adjust`) refuses rows whose bootstrap is coarser than that, and the row that is fine
+    enough is adjusted as `holm` says."""
+    from ofsdpo.commands.experiment_report import adjust
+    from ofsdpo.stats import DECISION_RESAMPLES, holm, holm_resolvable
+
+    assert holm_resolvable(5, 2000) and not holm_resolvable(6, 2000)
+    assert holm_resolvable(500, DECISION_RESAMPLES) and not holm_resolvable(501, DECISION_RESAMPLES)
+    assert holm_resolvable(0, 1)
+    with pytest.raises(ValueError):
+        holm_resolvable(3, 0)
+
+    def row(name, p, resamples):
+        return {"variant": name, "baseline": "dpo", "decision": {"p_value": p},
+                "crossed_bootstrap": {"p_value": p, "resamples": resamples}}
+
+    fine = [row(f"v{i}", p, DECISION_RESAMPLES) for i, p in enumerate([0.001, 0.02, 0.5, 0.04, 0.3, 0.2])]
+    assert [r["p_holm"] for r in adjust(fine)] == pytest.approx(holm([0.001, 0.02, 0.5, 0.04, 0.3, 0.2]))
+    coarse = fine[:5] + [row("old", 0.0005, 2000)]  # 6 comparisons: 2000 resamples resolve only 5
+    with pytest.raises(ValueError, match="old − dpo have too few resamples to decide under Holm over 6"):
+        adjust(coarse)
+    assert "p_holm" in adjust(coarse[1:])[-1]  # 5 comparisons: 2000 is enough

@@ -6,7 +6,8 @@
 - `bootstrap_ci(per_seed_unit_differences)`: a percentile bootstrap over units (pairs, prompts) within seeds.
 - `crossed_bootstrap(per_seed_unit_differences)`: seeds and units resampled together (both sources of variation).
 - `decision(t_row, crossed)`: the wider of the two intervals decides, with its p-value; `holm(p_values)`: the
-  Holm step-down adjustment over the comparisons of one page.
+  Holm step-down adjustment over the comparisons of one page; `holm_resolvable(m, resamples)`: whether a
+  bootstrap of that many resamples can decide under Holm over m comparisons (`DECISION_RESAMPLES` can, to m = 500).
 - `minimum_detectable_effect(sd, n)`: the smallest true mean difference a paired t-test over n seeds detects.
 
 Undefined quantities are `None`, never NaN or ±inf, so the results stay valid JSON: with one seed there is no
@@ -203,6 +204,24 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+# The bootstraps' resamples behind a verdict. A bootstrap's p is at least 1/resamples, and Holm over m comparisons
+# first asks p < level/m: the floor must sit well below that, or no effect of any size can be decided (at the old
+# 2000, no bootstrap-decided comparison could hold on a page of over 100). Rule: 1/resamples ≤ level/(20 m). At
+# p = level/m the smaller tail then holds resamples · p / 2 = 5000/m resamples (50 at m = 100: a Monte Carlo
+# error of about 14 % on that p).
+DECISION_RESAMPLES = 200_000
+RESOLUTION_MARGIN = 20
+
+
+def holm_resolvable(comparisons: int, resamples: int, level: float = 0.05) -> bool:
+    """Whether bootstrap p-values of `resamples` resamples (floor 1/resamples) are fine enough to decide under Holm
+    over `comparisons` at `level`: 1/resamples ≤ level / (RESOLUTION_MARGIN · comparisons). E.g. 2000 resamples
+    decide up to 5 comparisons, DECISION_RESAMPLES = 200000 up to 500."""
+    if comparisons < 0 or resamples < 1:
+        raise ValueError(f"need comparisons ≥ 0 and resamples ≥ 1, got {comparisons}, {resamples}")
+    return RESOLUTION_MARGIN * comparisons <= level * resamples
 
 
 def minimum_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:

@@ -15,10 +15,12 @@ from ..config import ExperimentConfig
 from ..files import write_atomic, write_json
 from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
 from ..stats import (
+    DECISION_RESAMPLES,
     bootstrap_ci,
     crossed_bootstrap,
     decision,
     holm,
+    holm_resolvable,
     mean_sd,
     minimum_detectable_effect,
     paired_difference,
@@ -159,7 +161,14 @@ def paired_differences(config: ExperimentConfig, results: dict[str, dict[int, di
 
 
 def adjust(rows: list[dict]) -> list[dict]:
-    """Each row with "p_holm": its decision p-value Holm-adjusted over `rows` (one page's comparisons)."""
+    """Each row with "p_holm": its decision p-value Holm-adjusted over `rows` (one page's comparisons). Raises
+    ValueError, naming the rows, where a bootstrap's resamples are too few to decide under Holm over that many
+    (`stats.holm_resolvable`; rows of aggregates written before `DECISION_RESAMPLES` count as 2000)."""
+    coarse = sorted({f"{row['variant']} − {row['baseline']}" for row in rows if "crossed_bootstrap" in row
+                     and not holm_resolvable(len(rows), row["crossed_bootstrap"].get("resamples", 2000))})
+    if coarse:
+        raise ValueError(f"the bootstraps of {', '.join(coarse)} have too few resamples to decide under Holm over "
+                         f"{len(rows)} comparisons (need 1/resamples ≤ 0.05 / (20 · {len(rows)}))")
     for row, p in zip(rows, holm([row["decision"]["p_value"] for row in rows])):
         row["p_holm"] = p
     return rows
@@ -188,14 +197,20 @@ def _paired_rows(config: ExperimentConfig, runs: dict, base_runs: dict, variant:
         crossed = None
         if units and all(a is not None and b is not None and len(a) == len(b) for a, b in units):
             differences = [[x - y for x, y in zip(a, b)] for a, b in units]
-            boot = bootstrap_ci(differences, shared_units=True)
+            boot = bootstrap_ci(differences, resamples=DECISION_RESAMPLES, shared_units=True)
             row["bootstrap"] = {k: boot[k] for k in ("mean", "lower", "upper", "n_units")}
             if len({len(d) for d in differences}) == 1:
-                crossed = crossed_bootstrap(differences)
-                row["crossed_bootstrap"] = {k: crossed[k] for k in ("mean", "lower", "upper", "p_value")}
+                crossed = _crossed(row, differences)
         row["decision"] = decision(row, crossed)
         rows.append(row)
     return rows
+
+
+def _crossed(row: dict, differences: list[list[float]]) -> dict:
+    """The crossed bootstrap of a comparison at `DECISION_RESAMPLES`, kept in its row as "crossed_bootstrap"."""
+    crossed = crossed_bootstrap(differences, resamples=DECISION_RESAMPLES)
+    row["crossed_bootstrap"] = {k: crossed[k] for k in ("mean", "lower", "upper", "p_value", "resamples")}
+    return crossed
 
 
 # --- the gap to `multitask` (the upper bound continual methods are measured against) ------------------------------
@@ -359,8 +374,7 @@ def _frontier_rows(config: ExperimentConfig, runs: dict, base_runs: dict, varian
             units = [(v[0][1], v[1][1]) for v in by_seed.values()]
             crossed = None
             if all(u and w and len(u) == len(w) for u, w in units) and len({len(u) for u, _ in units}) == 1:
-                crossed = crossed_bootstrap([[x - y for x, y in zip(u, w)] for u, w in units])
-                row["crossed_bootstrap"] = {k: crossed[k] for k in ("mean", "lower", "upper", "p_value")}
+                crossed = _crossed(row, [[x - y for x, y in zip(u, w)] for u, w in units])
             row["decision"] = decision(row, crossed)
             rows.append(row)
     return rows
