@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
-from results_sections import PAGE, RESULTS, page_adjusted  # noqa: E402  (the page's experiments and its Holm)
+from results_sections import PAGE, RESULTS, comparisons, page_adjusted  # noqa: E402  (the page and its Holm)
 
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.DOTALL)
 
@@ -40,17 +40,18 @@ def results_summary(results: Path = RESULTS) -> str:
     lines = ["| experiment | seeds run | comparisons | what holds under the page's rule (95 %, Holm over "
              f"{count} comparisons) |", "|---|---|---|---|"]
     for agg in aggregates:
-        held = [r for r in agg["paired"] if verdict(r) in ("better", "worse")]
+        held = [r for r in comparisons(agg) if verdict(r) in ("better", "worse")]
         seeds = sorted({int(s) for runs in agg["per_seed"].values() for s in runs})
         planned = agg["seeds"]
         ran = ", ".join(map(str, seeds)) + ("" if seeds == planned else f" of {', '.join(map(str, planned))}")
         what = "; ".join(_call(r, f"{verdict(r)} than") for r in held) or "nothing: no difference shown"
-        lines.append(f"| {agg['experiment']} | {ran} | {len(agg['paired'])} | {what} |")
+        lines.append(f"| {agg['experiment']} | {ran} | {len(comparisons(agg))} | {what} |")
     return "\n".join(lines) + "\n"
 
 
 def _call(row: dict, how: str) -> str:
-    return (f"{row['variant']} {how} {row['baseline']} on {row['title'].split(' (')[0]} ({row['mean']:+.3f}, "
+    title = re.sub(r" \([^)]*\)", "", row["title"])  # "…loss (lower is better), sentiment": "…loss, sentiment"
+    return (f"{row['variant']} {how} {row['baseline']} on {title} ({row['mean']:+.3f}, "
             f"[{row['decision']['lower']:+.3f}, {row['decision']['upper']:+.3f}])")
 
 

@@ -30,7 +30,8 @@ START, END = "## Claim 1 (SPEC §6.1)", "## Not run in this session"
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 # the experiments of docs/results.md, in its order (scripts/generated_blocks.py reads the same list)
 PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
-        "cofs-opposed", "cofs-chain", "frontier-sentiment", "frontier-slow-lr-control"]
+        "cofs-opposed", "cofs-chain", "continual-sentiment-critic-baselines", "frontier-sentiment",
+        "frontier-slow-lr-control"]
 NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report_accuracy": "Report preference accuracy",
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
          "independent_judge_score": "Independent judge score (AFINN)",
@@ -171,7 +172,7 @@ def frontier_section(path: Path, agg: dict) -> str:
             f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in ran[cell]) + ".")
     lines += [f"- All runs: {agg['wall_seconds'] / 60:.0f} min of runs on the 2-core AMD EPYC (see the reading for "
               "the processes and what shared the machine).", "", "### Verdict", ""]
-    for row in agg["paired"]:
+    for row in comparisons(agg):
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
     return with_reading(path, lines)
 
@@ -202,7 +203,12 @@ def continual_section(path: Path, agg: dict) -> str:
             diffs = [per_seed[v][str(s)][metric] - per_seed[against][str(s)][metric] for s in seeds]
             lines.append(f"Per seed, {title} ({v} − {against}): "
                          + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
-    lines += ["", "### Every variant", "", tables[1].rstrip(), "", f"![judge matrices](results/{name}-judge_matrices.png)",
+    gap = agg.get("multitask_gap", [])
+    if gap:
+        lines += ["", "### The gap to `multitask` (the upper bound)", "", tables[1].rstrip(), "",
+                  "Its p Holm column adjusts over the gap's rows alone; the verdicts below adjust over the page."]
+    lines += ["", "### Every variant", "", tables[1 + bool(gap)].rstrip(), "",
+              f"![judge matrices](results/{name}-judge_matrices.png)",
               "", f"![training curves](results/{name}-train_curves.png)", ""]
     lines += _combinations(name, domains, per_seed, ran) + ["### Wall time", ""]
     for v, runs in per_seed.items():
@@ -211,7 +217,7 @@ def continual_section(path: Path, agg: dict) -> str:
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({len(per_seed)} variants, "
               f"{sum(map(len, ran.values()))} runs; a stage or score shared by variants counted once) on the 2-core "
               "AMD EPYC.", "", "### Verdict" + ("" if everything else " (interim: over the seeds that have run)"), ""]
-    for row in agg["paired"]:
+    for row in comparisons(agg):
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
     return with_reading(path, lines)
 
@@ -238,14 +244,21 @@ def _combinations(name: str, domains: list[str], per_seed: dict, ran: dict[str, 
                       f"after {domains[k + 1]}: weights " + ", ".join(f"{d} {w:.2f}" for d, w in weights.items())
                       for k, (lam, weights) in enumerate(zip(run["lambdas"], run["weights"][1:]))]
             lines.append(f"- `{v}`, seed {s}: " + "; ".join(chosen) + ".")
-    return lines + ["", f"![λ search](results/{name}-lambda_search.png)", ""]
+    plot = f"{name}-lambda_search.png"  # pairwise searches only: a simplex search has no λ axis to draw
+    return lines + ["", *([f"![λ search](results/{plot})", ""] if (RESULTS / plot).is_file() else [])]
+
+
+def comparisons(agg: dict) -> list[dict]:
+    """Every comparison an aggregate puts on the page: the headline's and (a continual file with `multitask`) the
+    gap to multitask's, which the aggregate adjusts as a family of its own but the page adjusts with the rest."""
+    return agg["paired"] + agg.get("multitask_gap", [])
 
 
 def page_adjusted(aggregates: list[dict]) -> int:
-    """Holm over every comparison of the page: each row's p_holm becomes the page's (and its count is kept as
-    "page_comparisons"); returns the count. Exits, naming the aggregates to rebuild, where a bootstrap's resamples
-    are too few to decide under Holm over the page (`stats.holm_resolvable`)."""
-    rows = [row for agg in aggregates for row in agg["paired"]]
+    """Holm over every comparison of the page (`comparisons`): each row's p_holm becomes the page's (and its count
+    is kept as "page_comparisons"); returns the count. Exits, naming the aggregates to rebuild, where a
+    bootstrap's resamples are too few to decide under Holm over the page (`stats.holm_resolvable`)."""
+    rows = [row for agg in aggregates for row in comparisons(agg)]
     try:
         adjust(rows)
     except ValueError as err:

@@ -12,6 +12,7 @@ import yaml
 from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds, select_variants
 from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
 from ofsdpo.config import ConfigError, ExperimentConfig
+from ofsdpo.stats import paired_difference
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PINNED_KEYS = {"in-domain": "a192f3bb0ef0b317", "continual": "85858f165109f160"}
@@ -470,6 +471,40 @@ def test_tiny_continual_experiment_bootstraps_its_headline(tiny_model_dir, tmp_p
             in text)
 
 
+def test_share_kept_only_where_multitask_shows_a_gain_over_the_base():
+    """The share of multitask's gain kept, (variant − base) / (multitask − base) per seed, is reported only where
+    that gain is shown (its t interval over seeds clears 0 on the right side); a gain that may not exist makes a
+    ratio of noise. Losses gain downwards."""
+    from ofsdpo.commands.experiment_report import _share_kept
+
+    judge = [(0.30, 0.50, 0.10), (0.32, 0.52, 0.12), (0.29, 0.49, 0.08)]  # multitask +0.4 over the base each seed
+    assert _share_kept(judge, lower_is_better=False)["values"] == pytest.approx([0.5, 0.5, 0.21 / 0.41])
+    assert _share_kept(judge, lower_is_better=True) is None  # the same numbers read as losses: multitask is worse
+    noisy = [(0.2, 0.26, 0.24), (0.2, 0.22, 0.25), (0.2, 0.29, 0.23)]  # multitask ≈ base: shares of −4 … 10
+    assert _share_kept(noisy, lower_is_better=False) is None
+    loss = [(0.60, 0.55, 0.69), (0.61, 0.54, 0.69), (0.62, 0.56, 0.69)]
+    assert _share_kept(loss, lower_is_better=True)["mean"] == pytest.approx((9 / 14 + 8 / 15 + 7 / 13) / 3)
+    assert _share_kept([(0.3, None, 0.1)], lower_is_better=False) is None
+
+
+def test_search_outcome_follows_the_criterion_and_the_table_shows_simplex_weights():
+    """The chosen memory loss is that of the candidate the search's own criterion picked (`--select-by`), not the
+    lowest pooled loss; a simplex search (λ None) shows its served weights per stage."""
+    from ofsdpo.commands.experiment_report import _combination_per_stage, with_search_outcome
+
+    stage = [{"weights": [0.0, 1.0], "memory_loss": 0.60, "criterion": 1.4},
+             {"weights": [0.5, 0.5], "memory_loss": 0.65, "criterion": 1.1},
+             {"weights": [1.0, 0.0], "memory_loss": 0.70, "criterion": float("nan")}]
+    assert with_search_outcome({"searches": [stage]})["chosen_memory_loss"] == [0.65]
+    plain = [{k: v for k, v in p.items() if k != "criterion"} for p in stage]  # `loss`: the pooled loss itself
+    assert with_search_outcome({"searches": [plain]})["final_memory_loss"] == 0.60
+    stat = {"mean": 0.6, "std": 0.0}
+    cell = {"lambdas": [None], "weights": [{"a": {"mean": 1.0, "std": 0.0}}, {"a": stat, "b": {"mean": 0.4}}]}
+    assert _combination_per_stage(cell) == "a 0.60, b 0.40"
+    assert _combination_per_stage({"lambdas": [stat], "weights": []}) == "0.60 ± 0.00"
+    assert _combination_per_stage({"lambdas": [None], "weights": [None, None]}) == "-"
+
+
 def test_tiny_continual_experiment_with_multitask_carries_the_gap(tiny_model_dir, tmp_path, length_judged):
     """With a `multitask` variant the aggregate carries the gap to it: every other variant − multitask on each
     domain's and the average final judge score and report loss, paired by seed, with the share of multitask's gain
@@ -496,7 +531,9 @@ def test_tiny_continual_experiment_with_multitask_carries_the_gap(tiny_model_dir
         assert row["domain"] == name and "p_holm" in row
         if kind == "loss":  # the base is its own reference: every margin 0, log 2 under plain DPO
             shares = [(a - math.log(2)) / (b - math.log(2)) for a, b in pairs]
-            assert row["share_kept"]["values"] == pytest.approx(shares)
+            gain = paired_difference([math.log(2)] * 2, [b for _, b in pairs])  # multitask's own, lower is better
+            shown = gain["lower"] is not None and gain["lower"] > 0
+            assert (row["share_kept"]["values"] == pytest.approx(shares)) if shown else row["share_kept"] is None
     assert all(r["baseline"] == "dpo" for r in summary["paired"])  # the headline's family: the gap has its own
     cell = summary["cells"]["dpo"]
     assert set(cell["forgetting_loss"]) == set(cell["forgetting_judge"]) == {"sentiment"}

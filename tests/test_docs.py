@@ -86,6 +86,29 @@ def test_the_page_refuses_bootstraps_too_coarse_for_its_holm(tmp_path):
         blocks.results_summary(results)
 
 
+def test_the_gap_to_multitask_is_adjusted_with_the_page(tmp_path):
+    """A continual aggregate's gap to `multitask` is a family of its own in the aggregate, but on the page its rows
+    join the headline's in one Holm: the count says so, and a gap row's page p is the Holm of all rows together."""
+    blocks = load_blocks()
+    from results_sections import comparisons, page_adjusted
+
+    from ofsdpo.stats import holm
+
+    results = tmp_path / "results"
+    results.mkdir()
+    agg = json.loads((ROOT / "docs" / "results" / "continual-sentiment-critic-baselines-aggregate.json").read_text())
+    assert len(agg["paired"]) == 50 and len(agg["multitask_gap"]) == 36
+    (results / "continual-sentiment-critic-baselines-aggregate.json").write_text(json.dumps(agg))
+    assert "Holm over 86 comparisons" in blocks.results_summary(results)
+    rows = comparisons(agg)
+    raw = [row["decision"]["p_value"] for row in rows]
+    assert page_adjusted([agg]) == 86
+    assert [row["p_holm"] for row in rows] == pytest.approx(holm(raw))
+    gap = next(r for r in agg["multitask_gap"] if r["variant"] == "dpo" and r["metric"] == "loss/sentiment")
+    assert "dpo worse than multitask on final report DPO loss, sentiment (+0.058," in blocks.results_summary(results)
+    assert gap["p_holm"] < 0.05
+
+
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 

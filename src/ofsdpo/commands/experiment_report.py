@@ -129,13 +129,19 @@ def with_online_total(result: dict) -> dict:
 
 
 def with_search_outcome(result: dict) -> dict:
-    """A continual result with the memory DPO loss of the combination its search chose after each stage (the
-    lowest it scored; NaN points never win) and after the last one, derived from `searches`; unchanged without."""
+    """A continual result with the pooled memory DPO loss of the combination its search chose after each stage
+    and after the last one, derived from `searches`; unchanged without. The chosen candidate is the argmin of the
+    search's own criterion (`--select-by`: "criterion" on each point; the pooled loss itself under `loss`, whose
+    points carry none); NaN points never win."""
     searches = [stage for stage in result.get("searches") or [] if stage]
     if not searches:
         return result
-    chosen = [min((p["memory_loss"] for p in stage if p["memory_loss"] == p["memory_loss"]), default=None)
-              for stage in searches]
+
+    def chosen_loss(stage: list[dict]) -> float | None:
+        scored = [(p.get("criterion", p["memory_loss"]), p["memory_loss"]) for p in stage]
+        return min(((c, m) for c, m in scored if c == c), default=(None, None))[1]
+
+    chosen = [chosen_loss(stage) for stage in searches]
     return {**result, "chosen_memory_loss": chosen, "final_memory_loss": chosen[-1]}
 
 
@@ -238,7 +244,8 @@ def multitask_gap(config: ExperimentConfig, results: dict[str, dict[int, dict]])
             row["domain"] = row["metric"].split("/")[1]
             seeds = [s for s in config.seeds if s in runs and s in bound]
             row["share_kept"] = _share_kept([(runs[s].get(row["metric"]), bound[s].get(row["metric"]),
-                                              runs[s].get("base/" + row["metric"])) for s in seeds])
+                                              runs[s].get("base/" + row["metric"])) for s in seeds],
+                                            lower_is_better=row["metric"].startswith("loss/"))
             rows.append(row)
     return adjust(rows)
 
@@ -263,10 +270,16 @@ def _gap_values(result: dict) -> dict:
     return out
 
 
-def _share_kept(values: list[tuple]) -> dict | None:
+def _share_kept(values: list[tuple], lower_is_better: bool) -> dict | None:
     """Mean and t interval over seeds of (variant − base) / (multitask − base), from (variant, multitask, base)
-    per seed; None where a seed lacks one or multitask equals the base."""
-    if not values or any(v is None or m is None or b is None or m == b for v, m, b in values):
+    per seed. None where a seed lacks one, or where multitask's own gain over the base is not shown (its 95 % t
+    interval over seeds reaches 0 or the wrong side; `lower_is_better` for losses): a share of a gain that may not
+    exist is a ratio of noise (sentiment's judge score after a critic stage: multitask ≈ base, shares of ±5)."""
+    if not values or any(v is None or m is None or b is None for v, m, b in values):
+        return None
+    sign = -1.0 if lower_is_better else 1.0
+    gain = paired_difference([sign * m for _, m, _ in values], [sign * b for _, _, b in values])
+    if gain["lower"] is None or gain["lower"] <= 0:
         return None
     shares = [(v - b) / (m - b) for v, m, b in values]
     interval = paired_difference(shares, [0.0] * len(shares))
@@ -281,7 +294,7 @@ def _gap_table(rows: list[dict]) -> list[str]:
              "headline's intervals and verdict rule; p Holm over these "
              f"{len(rows)} rows alone. Share kept: per seed, (variant − base) / (multitask − base), the share of "
              "multitask's gain over the base model the variant keeps (1: all of it), mean and 95 % t interval over "
-             "seeds.", "",
+             "seeds; - where multitask's own gain over the base is not shown (its t interval reaches 0).", "",
              "| variant − multitask | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | "
              "decided by | p Holm (the gap's rows) | n | MDE | variant (mean ± sd) | multitask (mean ± sd) | reading "
              "| share kept [95 % CI] |",
@@ -530,18 +543,31 @@ def _in_domain_table(config: ExperimentConfig, cells: dict) -> list[str]:
     return lines + [""]
 
 
+def _combination_per_stage(cell: dict) -> str:
+    """What a continual cell served after each stage from the second: the pairwise search's λ, or (a simplex
+    search, whose λ is None) the weight of each kept module, seed means; "-" for methods that combine nothing."""
+    lambdas, weights = cell.get("lambdas") or [], (cell.get("weights") or [])[1:]
+    if any(x is not None for x in lambdas):
+        return ", ".join(fmt(x, False, 2) for x in lambdas)
+    if not any(weights):
+        return "-"
+    return "; ".join(", ".join(f"{name} {w['mean']:.2f}" for name, w in stage.items()) if stage else "-"
+                     for stage in weights)
+
+
 def _continual_tables(config: ExperimentConfig, cells: dict) -> list[str]:
     names = config.domains
     head = ("| variant | " + " | ".join(f"final {n}" for n in names) + " | avg final judge | avg forgetting (judge) | "
             + " | ".join(f"forgetting {n}" for n in names[:-1]) + " | avg final pref. acc. | "
             + ("avg final KL" if all(c.get("kl_estimator") == "exact" for c in cells.values()) else
-               "avg final log-ratio (old estimator, not a KL)") + " | λ per stage | chosen memory loss per stage |")
+               "avg final log-ratio (old estimator, not a KL)")
+            + " | λ or weights per stage | chosen memory loss per stage |")
     lines = [head, "|---|" + "---|" * (2 * len(names) + 5)]
     for variant in _variants(config):
         c = cells.get(variant)
         if not c:
             continue
-        lambdas = ", ".join(fmt(s, False, 2) for s in c["lambdas"]) if c.get("lambdas") else "-"
+        lambdas = _combination_per_stage(c)
         memory = ", ".join(fmt(s, False) for s in c["chosen_memory_loss"]) if c.get("chosen_memory_loss") else "-"
         final, forgetting = c.get("final_judge") or {}, c.get("forgetting_judge") or {}
         lines.append(f"| {variant} | " + " | ".join(fmt(final.get(n)) for n in names) +
