@@ -1,8 +1,9 @@
 """Steady-state optimiser step: TRL's DPOTrainer vs our `dpo` vs our `ofs-dpo`, same model, batch and LoRA.
 
 ofs-dpo runs several ways at the same global batch of pairs per step (the same pairs and gradient), issue 16:
-`ofs-dpo` (the default: `--module-passes fused`, both modules in one forward of the batch stacked twice, on parts of
-half the pairs: what an unset --batch-size/--grad-accum resolves to) beside `ofs-dpo-two-pass` (the old default:
+`ofs-dpo` (the default: `--module-passes fused`, both modules in one forward of the batch stacked twice, in parts
+sized by the memory rule, `--module-batch-size 0`: what an unset --batch-size/--grad-accum resolves to; on a CPU,
+half the pairs where that saves >= 256 MiB of activations, else all of them) beside `ofs-dpo-two-pass` (the old default:
 `--module-passes joint`, one forward per module over the whole micro-batch), always run; on request
 (`--variants`) `ofs-dpo-fused-whole` (fused over the whole micro-batch: an explicit --batch-size),
 `ofs-dpo-sequential` (one graph at a time, a no-grad forward more) and `ofs-dpo-accum2` (two-pass on
@@ -46,8 +47,8 @@ import torch
 
 # ofs-dpo at the same global batch of pairs per optimiser step (the objective is a per-pair sum, so the step's
 # gradient is the same): {variant: (module_passes, pairs per micro-batch, grad_accum, module_batch_size)}, with
-# B = --batch-pairs; None = B/2. ofs-dpo is the default configuration (fused, parts of half the pairs).
-OFS_VARIANTS = {"ofs-dpo": ("fused", "B", 1, None), "ofs-dpo-two-pass": ("joint", "B", 1, "B"),
+# B = --batch-pairs; None = B/2; 0 = the memory rule. ofs-dpo is the default configuration (fused, the rule's parts).
+OFS_VARIANTS = {"ofs-dpo": ("fused", "B", 1, 0), "ofs-dpo-two-pass": ("joint", "B", 1, "B"),
                 "ofs-dpo-fused-whole": ("fused", "B", 1, "B"), "ofs-dpo-sequential": ("sequential", "B", 1, "B"),
                 "ofs-dpo-accum2": ("joint", None, 2, None)}
 VARIANTS = ("trl", "dpo", *OFS_VARIANTS)
@@ -142,7 +143,8 @@ def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
     if variant in OFS_VARIANTS:
         half = max(1, spec["batch_pairs"] // 2)
         method, (passes, batch, accum, module_batch) = "ofs-dpo", OFS_VARIANTS[variant]
-        batch, module_batch = (spec["batch_pairs"] if v == "B" else half for v in (batch, module_batch))
+        batch, module_batch = (spec["batch_pairs"] if v == "B" else 0 if v == 0 else half
+                               for v in (batch, module_batch))
 
     counter = ForwardCounter(model)
     cfg = OFSDPOConfig(
@@ -173,6 +175,7 @@ def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
     seconds = [r["pairs"] / r["pairs_per_second"] for r in rows]
     return {"step_seconds": seconds[w:], "setup_memory_bytes": setup,
             "forwards_per_step": (counter.n - first - fill_forwards[0]) / len(rows),
+            "pairs_per_forward": trainer.step_fn.part_size,  # what the memory rule chose (ofs-dpo)
             "reference": {"seconds_per_fill": fills[w:], "pairs_per_fill": spec["batch_pairs"],
                           "forwards_per_fill": fill_forwards[0] / max(1, len(fills))}}
 

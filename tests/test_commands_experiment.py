@@ -358,7 +358,8 @@ def test_option_roles_reproduce_the_lists_they_replaced():
 
     assert RESUME_MAY_CHANGE == {"resume", "overwrite", "progress", "save_steps", "save_total_limit", "report_to",
                                  "output_dir", "device", "num_threads", "malloc_mmap_threshold", "malloc_keep_freed",
-                                 "resume_from", "gradient_checkpointing", "judge_device", "logging_steps", "run_name"}
+                                 "resume_from", "gradient_checkpointing", "judge_device", "logging_steps", "run_name",
+                                 "memory_budget_mib"}
     assert NOT_COMPUTED == {"output_dir", "resume", "overwrite", "progress", "report_to", "save_steps",
                             "save_total_limit", "resume_from",  # resume_from: new here, always None in a stage
                             "logging_steps", "run_name"}  # TRL's output options of issue 31: newer than the lists

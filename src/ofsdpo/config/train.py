@@ -102,9 +102,17 @@ class TrainingOptions:
     module_batch_size: Optional[int] = field(
         default=None,
         metadata=_help("ofs-dpo: pairs per forward of the two modules; each --batch-size micro-batch runs in parts "
-                       "of this many, accumulated (the same pairs and gradient per step). Unset: half of "
-                       "--batch-size when neither --batch-size nor --grad-accum is given (fused, the stacked batch "
-                       "is then dpo's size, for dpo's activation memory), else --batch-size. dpo ignores it."),
+                       "of this many, accumulated (the same pairs and gradient per step). 0: sized by the memory rule "
+                       "(`step.auto_part_size`: on a CPU, halves where that saves >= 256 MiB of activations by its "
+                       "estimate; under --memory-budget-mib, the largest part that fits; else whole micro-batches). "
+                       "Unset: 0 when neither --batch-size nor --grad-accum is given, else --batch-size. dpo ignores "
+                       "it."),
+    )
+    memory_budget_mib: Optional[float] = field(
+        default=None,
+        metadata=_help("ofs-dpo, with the memory rule (--module-batch-size 0, the default): the activation memory "
+                       "one fused forward may use, in MiB (an estimate from the model's shape and --max-length); "
+                       "each micro-batch runs in the largest parts that fit, on any device.", role=RUNTIME),
     )
     # --- LoRA ------------------------------------------------------------------------------------------------------
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
@@ -234,17 +242,19 @@ class TrainingOptions:
         # a method with a chase refuses ipo under the minmax form itself (`methods.OFSDPO.check`)
 
     def _resolve_batches(self, need) -> None:
-        """Issue 16: by default ofs-dpo's fused forward runs on half micro-batches (the same pairs and gradient per
-        step), so the stacked batch of both modules is dpo's size; a batch size or accumulation the user set is run
-        exactly as asked. The resolved values are saved in config.yaml."""
+        """By default ofs-dpo's parts are sized by the memory rule (`--module-batch-size 0`, issue 31: split where
+        that saves memory that matters, else the whole micro-batch fused); a batch size or accumulation the user set
+        is run exactly as asked. The resolved values are saved in config.yaml."""
         explicit = self.batch_size is not None or self.grad_accum is not None
         self.batch_size = 4 if self.batch_size is None else self.batch_size
         self.grad_accum = 1 if self.grad_accum is None else self.grad_accum
         if self.module_batch_size is None:
-            self.module_batch_size = self.batch_size if explicit else -(-self.batch_size // 2)
-        need(1 <= self.module_batch_size <= self.batch_size,
-             f"--module-batch-size must be in [1, --batch-size] (got {self.module_batch_size}, --batch-size "
-             f"{self.batch_size}).")
+            self.module_batch_size = self.batch_size if explicit else 0
+        need(0 <= self.module_batch_size <= self.batch_size,
+             f"--module-batch-size must be in [0, --batch-size] (0: the memory rule; got {self.module_batch_size}, "
+             f"--batch-size {self.batch_size}).")
+        need(self.memory_budget_mib is None or self.memory_budget_mib > 0,
+             f"--memory-budget-mib must be > 0 (got {self.memory_budget_mib}).")
 
     def _resolve_round(self, need) -> None:
         """A round (what is scored before any update on it) is a whole number of optimiser steps; one by default."""
