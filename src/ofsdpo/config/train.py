@@ -59,8 +59,8 @@ class TrainingOptions:
     judge_device: Optional[str] = field(default=None, metadata=_help(
         "Device of an hf:MODEL judge (default: the policy's).", role=RUNTIME))
     batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Pairs per micro-batch, per process (memory grows with it). Unset: 4, and ofs-dpo then runs its two modules "
-        "on parts of 2 pairs (--module-batch-size), so its stacked batch is dpo's size."))
+        "Pairs per micro-batch, per process (memory grows with it). Unset: 4, and ofs-dpo then sizes the parts its two "
+        "modules run on by the memory rule (--module-batch-size 0)."))
     grad_accum: Optional[int] = field(default=None, metadata=_help("Micro-batches per optimiser step. Unset: 1."))
     # --- method ----------------------------------------------------------------------------------------------------
     beta: float = field(default=0.1, metadata=_help("DPO temperature; larger keeps the policy closer to the base."))
