@@ -175,7 +175,6 @@ def run_ours(variant, model, pairs, spec, device, out: Path) -> dict:
     seconds = [r["pairs"] / r["pairs_per_second"] for r in rows]
     return {"step_seconds": seconds[w:], "setup_memory_bytes": setup,
             "forwards_per_step": (counter.n - first - fill_forwards[0]) / len(rows),
-            "pairs_per_forward": trainer.step_fn.part_size,  # what the memory rule chose (ofs-dpo)
             "reference": {"seconds_per_fill": fills[w:], "pairs_per_fill": spec["batch_pairs"],
                           "forwards_per_fill": fill_forwards[0] / max(1, len(fills))}}
 
