@@ -52,11 +52,14 @@ def check_report(out, reports: dict, summary: dict) -> None:
         assert summary["methods"][method] == {
             "final_judge_scores": dict(zip(NAMES, final)), "avg_judge_score": report["cl/avg_judge_score"],
             "forgetting_judge": report["cl/forgetting_judge"], "lambdas": report["lambdas"]}
-        # each method's stage table, one row per stage (cofs-dpo's a line where it is ofs-dpo's)
-        if not (method == "cofs-dpo" and demo.same_as_sequential(reports)):
+        # each method's stage table, one row per stage (a line instead where it repeats an earlier method's)
+        repeats = demo.repeated_methods(reports)
+        if method in repeats:
+            assert demo.repeat_line(method, repeats[method], report) in text
+        else:
             assert format_table(report).rstrip() in text
     blocks = re.findall(r"```\n(.*?)\n```", text, flags=re.S)
-    assert len(blocks) == len(demo.METHODS) - ("served what sequential ofs-dpo serves" in text)
+    assert len(blocks) == len(demo.METHODS) - len(demo.repeated_methods(reports))
     # no silent duplicate: two identical method tables only where a line says they serve the same module
     assert len(set(blocks)) == len(blocks)
     # the settings as a table, the model by name (no filesystem path), where it was measured at the end
@@ -108,7 +111,8 @@ def test_a_cofs_run_that_served_the_newest_module_is_said_once(tmp_path):
     instead of a second identical stage table."""
     ofs = fake_report("ofs-dpo", 0.0)
     cofs = {**ofs, "method": "cofs-dpo", "lambdas": [None, 0.0, 0.0]}
-    reports = {"dpo": fake_report("dpo", 0.1), "ofs-dpo": ofs, "cofs-dpo": cofs}
+    reports = {"dpo": fake_report("dpo", 0.1), "dpo-replay": fake_report("dpo-replay", 0.12),
+               "multitask": fake_report("multitask", 0.02), "ofs-dpo": ofs, "cofs-dpo": cofs}
     for method in demo.METHODS:
         for k, name in enumerate(NAMES):
             path = tmp_path / method / "domains" / f"{k + 1}-{name}" / "metrics.jsonl"
@@ -118,19 +122,32 @@ def test_a_cofs_run_that_served_the_newest_module_is_said_once(tmp_path):
                                 {"seconds": 60.0, "peak_rss_mib": 1.0, "hardware": "x"}, quick=True)
     check_report(tmp_path, reports, summary)
     text = (tmp_path / "report.md").read_text()
-    assert "cofs-dpo chose λ = 0 at every stage" in text and len(re.findall(r"```\n", text)) == 2 * 2
+    assert "cofs-dpo chose λ = 0 at every stage" in text and len(re.findall(r"```\n", text)) == 2 * 4
     # the judge sentence names both as the winners: they are one module
     assert "ofs-dpo and cofs-dpo end with the best average judge score" in text
-    assert not demo.same_as_sequential({**reports, "cofs-dpo": {**cofs, "lambdas": [None, 0.5, 0.0]}})
+    # the figures draw the module once, under both names
+    assert list(demo.panel_titles(reports).values()) == ["dpo", "dpo-replay", "multitask", "ofs-dpo = cofs-dpo"]
+    # the same matrices at other λs (a combination that scores alike) are still one table, without the λ = 0 reason
+    mixed = {**cofs, "lambdas": [None, 0.5, 0.0]}
+    assert demo.repeated_methods({**reports, "cofs-dpo": mixed}) == {"cofs-dpo": "ofs-dpo"}
+    assert demo.repeat_line("cofs-dpo", "ofs-dpo", mixed) == ("cofs-dpo served what ofs-dpo serves at every stage: "
+                                                              "its rows equal ofs-dpo's above.")
+    # one cell apart: two tables, both drawn
+    apart = {**cofs, "matrix": {**cofs["matrix"], "judge_score": [row[:] for row in cofs["matrix"]["judge_score"]]}}
+    apart["matrix"]["judge_score"][1][0] += 0.01
+    assert demo.repeated_methods({**reports, "cofs-dpo": apart}) == {}
+    assert len(demo.panel_titles({**reports, "cofs-dpo": apart})) == 5
 
 
 def write_losses(out, shared_first_stage: bool) -> None:
-    """Made-up training losses: ofs-dpo's and cofs-dpo's first stage the same training (or not), dpo its own."""
+    """Made-up training losses: the first stage one training for dpo, dpo-replay and multitask, and another for
+    ofs-dpo and cofs-dpo (or every stage each method's own)."""
     for i, method in enumerate(demo.METHODS):
         for k, name in enumerate(NAMES):
             path = out / method / "domains" / f"{k + 1}-{name}" / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            offset = 0.0 if (method != "dpo" and k == 0 and shared_first_stage) else 0.01 * i
+            family = 0.005 * ("ofs" in method)
+            offset = family if (k == 0 and shared_first_stage) else 0.01 * i
             path.write_text("".join(json.dumps({"step": s, "loss": 0.7 - 0.01 * s - offset,
                                                 "fast/loss": 0.7 - 0.01 * s - offset}) + "\n" for s in (1, 2)))
 
@@ -153,8 +170,8 @@ def test_sentences_carry_the_numbers_of_the_run_they_describe(tmp_path):
     """Two made-up runs with different winners: each report names its own winner, margin, most-forgotten domain,
     furthest mover and shared stages."""
     measured = {"seconds": 60.0, "peak_rss_mib": 1.0, "hardware": "x"}
-    first = {m: fake_report(m, shift) for m, shift in zip(demo.METHODS, (0.0, 0.05, 0.1))}
-    second = {m: fake_report(m, shift) for m, shift in zip(demo.METHODS, (0.1, 0.0, 0.04))}
+    first = {m: fake_report(m, shift) for m, shift in zip(demo.METHODS, (0.0, 0.07, 0.08, 0.05, 0.1))}
+    second = {m: fake_report(m, shift) for m, shift in zip(demo.METHODS, (0.1, 0.06, 0.07, 0.0, 0.04))}
     second["dpo"]["matrix"]["kl"][-1] = [2.0, 3.0, 4.0]
     texts = []
     for k, (reports, shared, slow) in enumerate(((first, True, 0.5), (second, False, 0.7))):
@@ -176,8 +193,9 @@ def test_sentences_carry_the_numbers_of_the_run_they_describe(tmp_path):
     assert "forgotten most is sentiment: dpo lost 0.200" in texts[1]
     assert "Every method's final served module lies as far from the base: mean exact KL 0.21 nats" in texts[0]
     assert "dpo moved furthest from the base: mean exact KL 3.00 nats per judged sample over the 3 domains after " \
-        "the last stage (ofs-dpo 0.21, cofs-dpo 0.21)" in texts[1]
-    assert "ofs-dpo and cofs-dpo share stage 1 (sentiment): one training" in texts[0]
+        "the last stage (dpo-replay 0.21, multitask 0.21, ofs-dpo 0.21, cofs-dpo 0.21)" in texts[1]
+    assert "dpo, dpo-replay and multitask share stage 1 (sentiment): one training; ofs-dpo and cofs-dpo share stage " \
+        "1 (sentiment): one training" in texts[0]
     assert "No two methods share a stage" in texts[1]
 
 
@@ -199,7 +217,11 @@ def test_quick_demo_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
         # the runs share one set of reference samples: the same base scores in every report
         assert report["base_judge_score"] == reports["dpo"]["base_judge_score"]
         steps = demo.continual_loss_curve(out / method, NAMES)
-        assert len(steps) == 3 * demo.QUICK.steps and all(isinstance(v, float) for v in steps)
+        stages = 1 + 2 + 3 if method == "multitask" else 3  # multitask's stage k trains on k domains' pairs
+        assert len(steps) == stages * demo.QUICK.steps and all(isinstance(v, float) for v in steps)
+    # one training for the first stage of dpo, dpo-replay and multitask, another for ofs-dpo's and cofs-dpo's
+    curves = {m: demo.continual_stage_curves(out / m, NAMES) for m in demo.METHODS}
+    assert demo.shared_stages(curves)[0] == [["dpo", "dpo-replay", "multitask"], ["ofs-dpo", "cofs-dpo"]]
     # the frontier: dpo, ofs-dpo's two modules and dpo at the slow lr, from the base (step 0, KL 0) through every
     # checkpoint, every KL an exact KL (>= 0), drawn in the report's first screen with its sentence
     frontier = json.loads((out / "demo_summary.json").read_text())["frontier"]

@@ -64,6 +64,22 @@ def test_judge_heatmaps_have_a_base_row_and_one_colour_bar():
     plotting.pyplot().close(fig)
 
 
+def test_judge_heatmaps_wrap_at_three_panels_a_row():
+    """Five runs: two rows of three panels (the sixth blank), each row's first panel labelled with the stages, one
+    colour bar; side by side the figure would be 16 inches wide and unreadable at the page's width."""
+    matrices = {name: [[0.1 * k, -0.1 * k], [0.2 * k, 0.0]] for k, name in enumerate("abcde")}
+    fig = plotting.draw_judge_matrices(matrices, ["x", "y"], base={"x": 0.0, "y": 0.0})
+    assert tuple(fig.get_size_inches()) == pytest.approx((0.6 + 3.1 * 3, 2 * (1.5 + 0.55 * 3)))
+    panels, bar = fig.axes[:6], fig.axes[6:]
+    assert len(bar) == 1 and [ax.get_title() for ax in panels] == [*"abcde", ""]
+    assert not panels[5].axison and all(ax.axison for ax in panels[:5])
+    for k, ax in enumerate(panels[:5]):
+        assert ax.images[0].get_array().tolist() == [[0.0, 0.0], *matrices["abcde"[k]]]
+        labelled = [t.get_text() for t in ax.get_yticklabels()] == [plotting.BASE_ROW, "after x", "after y"]
+        assert labelled == (k in (0, 3))
+    plotting.pyplot().close(fig)
+
+
 def test_stage_curves_integer_steps_boundaries_and_shared_stages():
     """Three stages of 4 steps: boundaries after steps 4 and 8, each stage named over its span; b and c are one
     training in stage 1 (identical values) and part after it; a shares nothing."""

@@ -43,7 +43,7 @@ commands:
   train      DPO or OFS-DPO on a stream of preference pairs (ofsdpo train --help)
   continual  COFS-DPO or a sequential baseline across domains (ofsdpo continual --help)
   generate   judged preference pairs sampled on a built-in domain (ofsdpo generate --help)
-  demo       DPO vs OFS-DPO vs COFS-DPO on the embedded model and built-in domains (ofsdpo demo --help)
+  demo       DPO and its baselines vs OFS-DPO and COFS-DPO on the embedded model, built-in domains (ofsdpo demo --help)
   eval       the base model and adapters side by side on built-in domains (ofsdpo eval --help)
   experiment one experiment of experiments/*.yaml over seeds, with its aggregate (ofsdpo experiment --help)
   compare    which method to use on your pairs: arms over seeds, paired intervals, a recommendation
@@ -281,8 +281,9 @@ def _check_out_file(out: str, overwrite: bool) -> None:
 
 def demo_command(argv: list[str]) -> int:
     config = parse_config(DemoConfig, argv, "ofsdpo demo", (
-        "Sequential DPO, sequential OFS-DPO and COFS-DPO on the embedded model over the built-in domains "
-        "sentiment -> critic -> concise, with judge scores after every stage and report.md with plots."))
+        "Sequential DPO, dpo-replay, multitask, sequential OFS-DPO and COFS-DPO on the embedded model over the "
+        "built-in domains sentiment -> critic -> concise, with judge scores after every stage, the reward-KL "
+        "frontier on sentiment and report.md with plots."))
     from .commands.demo import run_demo
     from .models import resolve_device
 

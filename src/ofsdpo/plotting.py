@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 LINE_STYLES = ("-", "--", ":", "-.")  # a second cue where two lines lie on top of each other
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+PANELS_PER_ROW = 3  # heat-maps side by side
 
 
 def pyplot():
@@ -90,15 +91,21 @@ def draw_judge_matrices(matrices: dict[str, list[list]], domains: Sequence[str],
     plt = pyplot()
     rows = len(next(iter(matrices.values()), [])) + (base is not None)
     height = height or 1.5 + 0.55 * rows
-    fig, axes = plt.subplots(1, len(matrices), figsize=(0.6 + 3.1 * len(matrices), height), squeeze=False,
+    # at most PANELS_PER_ROW side by side: wider, the figure shrinks on the page until its numbers are unreadable
+    across = min(len(matrices), PANELS_PER_ROW)
+    down = -(-len(matrices) // across)
+    fig, grid = plt.subplots(down, across, figsize=(0.6 + 3.1 * across, height * down), squeeze=False,
                              layout="constrained")
+    axes = [ax for row in grid for ax in row]
+    for spare in axes[len(matrices):]:
+        spare.set_axis_off()
     labels = ([BASE_ROW] if base is not None else []) + [f"after {n}" for n in domains]
     image = None
-    for k, (ax, (name, matrix)) in enumerate(zip(axes[0], matrices.items())):
+    for k, (ax, (name, matrix)) in enumerate(zip(axes, matrices.items())):
         matrix = ([[base.get(d) for d in domains]] if base is not None else []) + list(matrix)
         over_seeds = any(isinstance(v, dict) for row in matrix for v in row)
         means = [[v["mean"] if isinstance(v, dict) else v for v in row] for row in matrix]
-        image = matrix_image(ax, means, domains, labels if k == 0 else [""] * len(labels), -1, 1)
+        image = matrix_image(ax, means, domains, labels if k % across == 0 else [""] * len(labels), -1, 1)
         if over_seeds:
             write_cells(ax, means, lambda i, j: f"{matrix[i][j]['mean']:+.2f}\n±{matrix[i][j]['std']:.2f}", 0.3,
                         fontsize=8)
@@ -108,7 +115,7 @@ def draw_judge_matrices(matrices: dict[str, list[list]], domains: Sequence[str],
             ax.axhline(0.5, color="w", linewidth=3)
         ax.set_xlabel("judged on (held-out prompts)")
         ax.set_title(name)
-    fig.colorbar(image, ax=list(axes[0]), shrink=0.9, label="judge score (−1 … 1)")
+    fig.colorbar(image, ax=axes, shrink=0.9, label="judge score (−1 … 1)")
     if title:
         fig.suptitle(title)
     return fig

@@ -1,9 +1,11 @@
 """`ofsdpo demo`: the whole story on the embedded model and the built-in domains, on a laptop CPU.
 
 1. Pairs: sample the base model on each domain's training prompts, let the judge pick best vs worst.
-2. Continual runs over sentiment → critic → concise with sequential DPO, sequential OFS-DPO and COFS-DPO.
+2. Continual runs over sentiment → critic → concise with sequential DPO, its baselines (dpo-replay; multitask, the
+   upper bound), sequential OFS-DPO and COFS-DPO (the defaults docs/results.md kept).
 3. After every stage, judge the served module's samples on every domain's held-out prompts.
-4. Print the stage × domain judge-score matrices and forgetting; write report.md with plots.
+4. The in-domain reward–KL frontier on sentiment: DPO, OFS-DPO's fast and slow modules, DPO at the slow rate.
+5. Print the stage × domain judge-score matrices and forgetting; write report.md with plots.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ..scoring import common_random_numbers, reference_samples
 from ..trainer import OFSDPOTrainer
 from .experiment import CheckpointLadder
 
-METHODS = ("dpo", "ofs-dpo", "cofs-dpo")
+# the baselines users compare against first (docs/results.md: none of the COFS-DPO criteria beat them), then ours
+METHODS = ("dpo", "dpo-replay", "multitask", "ofs-dpo", "cofs-dpo")
 __all__ = ["DEMO_DOMAINS", "FULL", "METHODS", "QUICK", "DemoSettings", "continual_loss_curve", "run_demo",
            "write_report"]
 
@@ -73,7 +76,8 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
     domains, pair_files = sample_pairs(base, tokenizer, settings, out, progress)
     specs = [f"{name}={path}" for name, path in pair_files.items()]
     reports, reference_scores, reference_caches = {}, {}, {}
-    shared = SharedWork()  # ofs-dpo's and cofs-dpo's first stages are the same training: it runs once
+    # the first stage of dpo, dpo-replay and multitask is one training, as is ofs-dpo's and cofs-dpo's: each runs once
+    shared = SharedWork()
     for method in METHODS:
         say(f"[demo] {method}: {' → '.join(DEMO_DOMAINS)} …")
         config = ContinualConfig.from_flat(
@@ -86,7 +90,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
             # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
             selection="heldout")
-        # the base's samples are judged, and its log-probs of every pair computed, once for all three methods: the
+        # the base's samples are judged, and its log-probs of every pair computed, once for all the methods: the
         # runners share (and fill) the same dicts
         runner = ContinualRunner(config, model=base, tokenizer=tokenizer, reference_scores=reference_scores,
                                  reference_caches=reference_caches, shared=shared)
@@ -187,26 +191,49 @@ def describe(settings: DemoSettings) -> str:
     s = settings
     return (f"{s.prompts} prompts x {s.samples} samples per domain make the pairs; {s.steps} optimiser steps of "
             f"{s.batch_size} pairs per domain; {s.judge_prompts} held-out prompts judged per domain after every stage; "
-            f"COFS-DPO with --init previous, λ on {s.lambda_grid} chosen on {s.memory} memory pairs per domain, "
-            f"the best fast module chosen on {s.heldout} held-out pairs (--selection heldout); one seed")
+            f"dpo-replay mixing in {s.memory} pairs of every earlier domain; COFS-DPO with --init previous, λ on "
+            f"{s.lambda_grid} chosen on {s.memory} memory pairs per domain by --select-by loss, the best fast module "
+            f"chosen on {s.heldout} held-out pairs (--selection heldout); one seed")
 
 
-def same_as_sequential(reports: dict) -> bool:
-    """Whether cofs-dpo served exactly what sequential ofs-dpo served (λ = 0 at every stage: the same matrices)."""
-    cofs, ofs = reports.get("cofs-dpo"), reports.get("ofs-dpo")
-    if not cofs or not ofs:
-        return False
-    return (all(lam in (None, 0, 0.0) for lam in cofs["lambdas"]) and cofs["matrix"]["judge_score"] ==
-            ofs["matrix"]["judge_score"] and cofs["matrix"]["loss"] == ofs["matrix"]["loss"])
+def repeated_methods(reports: dict) -> dict[str, str]:
+    """{method: the earlier method (in METHODS order) whose stage × domain matrices it repeats exactly}: the two served
+    the same module at every stage (cofs-dpo at λ = 0 everywhere is sequential ofs-dpo)."""
+    repeats = {}
+    for i, method in enumerate(METHODS):
+        if method not in reports:
+            continue
+        for earlier in METHODS[:i]:
+            same = earlier in reports and reports[method]["matrix"] == reports[earlier]["matrix"]
+            if same and earlier not in repeats:
+                repeats[method] = earlier
+                break
+    return repeats
+
+
+def repeat_line(method: str, earlier: str, report: dict) -> str:
+    """The one line that stands for a stage table identical to an earlier method's, with the reason where known."""
+    if method == "cofs-dpo" and all(lam in (None, 0, 0.0) for lam in report["lambdas"]):
+        return (f"cofs-dpo chose λ = 0 at every stage (its newest module alone scored best on the memory), so it "
+                f"served what sequential {earlier} serves: its rows equal {earlier}'s above.")
+    return f"{method} served what {earlier} serves at every stage: its rows equal {earlier}'s above."
+
+
+def panel_titles(reports: dict) -> dict[str, str]:
+    """{method drawn: its title}: a method that repeats an earlier one is not drawn again, its name joins the
+    earlier one's title ("ofs-dpo = cofs-dpo")."""
+    repeats = repeated_methods(reports)
+    return {m: " = ".join([m, *(r for r, earlier in repeats.items() if earlier == m)])
+            for m in METHODS if m in reports and m not in repeats}
 
 
 def draw_final_reward_kl(reports: dict, names: list[str]):
     """The final served module of each method: judge score against exact KL, one point per domain."""
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    for i, method in enumerate(METHODS):
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    for i, (method, title) in enumerate(panel_titles(reports).items()):
         final_scores = reports[method]["matrix"]["judge_score"][-1]
         final_kl = reports[method]["matrix"]["kl"][-1]
-        ax.scatter(final_kl, final_scores, label=method, color=f"C{i}", marker=MARKERS[i % len(MARKERS)])
+        ax.scatter(final_kl, final_scores, label=title, color=f"C{i}", marker=MARKERS[i % len(MARKERS)])
         for name, x, y in zip(names, final_kl, final_scores):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.set_xlabel("exact KL(π ‖ π_ref), nats per judged sample")
@@ -223,7 +250,12 @@ def settings_table(settings: DemoSettings, model: str, lr: float | None) -> list
             ("training", f"{s.steps} optimiser steps of {s.batch_size} pairs per domain" +
              (f", learning rate {lr:g}" if lr is not None else "")),
             ("judged", f"{s.judge_prompts} held-out prompts per domain after every stage, one sample each"),
-            ("COFS-DPO", f"`--init previous`; λ in {{{s.lambda_grid}}} chosen on {s.memory} memory pairs per domain"),
+            ("methods", "dpo, ofs-dpo: one module trained domain after domain; dpo-replay: dpo whose stream mixes in "
+                        f"{s.memory} pairs of every earlier domain; multitask: each stage a fresh DPO module on every "
+                        "domain's pairs so far (the upper bound; stage k trains k stages' worth); cofs-dpo: the "
+                        "kept modules combined"),
+            ("COFS-DPO", "the defaults docs/results.md kept (no criterion beat the baselines), `--init previous` and "
+                         f"`--select-by loss`; λ in {{{s.lambda_grid}}} chosen on {s.memory} memory pairs per domain"),
             ("best fast module", f"chosen on {s.heldout} held-out pairs (`--selection heldout`)"),
             *([("frontier", f"{s.frontier_steps} steps per run on the first domain; every module judged at steps "
                             f"{', '.join(map(str, s.frontier_checkpoints))} on {s.frontier_judge_prompts} held-out "
@@ -303,16 +335,18 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
     curves = {method: continual_stage_curves(out / method, names) for method in METHODS}
     save(draw_stage_curves(curves, names, "training DPO loss, nats (fast module)",
                            f"optimiser step ({settings.batch_size} pairs each)"), out / "learning_curves.png")
-    # 2. stage × domain judge-score heat-maps under the untrained base's row
-    plot_judge_matrices({method: reports[method]["matrix"]["judge_score"] for method in METHODS}, names,
-                        out / "judge_heatmaps.png", base=base_scores)
+    # 2. stage × domain judge-score heat-maps under the untrained base's row (a repeated method once, both named)
+    plot_judge_matrices({title: reports[method]["matrix"]["judge_score"]
+                         for method, title in panel_titles(reports).items()}, names, out / "judge_heatmaps.png",
+                        base=base_scores)
     # 3. reward versus KL: final served module, one point per domain and method
     save(draw_final_reward_kl(reports, names), out / "reward_vs_kl.png")
 
     lines = [f"# ofsdpo demo{' (quick)' if quick else ''}", "",
-             f"Sequential DPO, sequential OFS-DPO and COFS-DPO, each trained over {' → '.join(names)} on pairs the "
-             "base model sampled and each domain's judge ranked; after every stage the served module's samples on "
-             "every domain's held-out prompts are judged.", "", *settings_table(settings, readable_model(model_name),
+             f"Sequential DPO, its continual baselines (dpo-replay, and multitask as the upper bound), sequential "
+             f"OFS-DPO and COFS-DPO, each trained over {' → '.join(names)} on pairs the base model sampled and each "
+             "domain's judge ranked; after every stage the served module's samples on every domain's held-out prompts "
+             "are judged.", "", *settings_table(settings, readable_model(model_name),
                                                                                  lr), "",
              *frontier_section(out, frontier, settings),
              f"## Continual: {' → '.join(names)}", "",
@@ -352,13 +386,11 @@ def summary_table(reports: dict, names: list[str], base_scores: dict) -> list[st
 
 
 def stage_tables(reports: dict) -> list[str]:
-    """Each method's stage table, but one line instead of a table identical to sequential ofs-dpo's."""
-    lines = []
-    repeated = {"cofs-dpo"} if same_as_sequential(reports) else set()  # tables equal to an earlier one's
+    """Each method's stage table, but one line instead of a table identical to an earlier method's."""
+    lines, repeats = [], repeated_methods(reports)
     for method in METHODS:
-        if method in repeated:  # no silent duplicate: say it once instead of a second identical table
-            lines += ["cofs-dpo chose λ = 0 at every stage (its newest module alone scored best on the memory), "
-                      "so it served what sequential ofs-dpo serves: its rows equal ofs-dpo's above.", ""]
+        if method in repeats:  # no silent duplicate: say it once instead of a second identical table
+            lines += [repeat_line(method, repeats[method], reports[method]), ""]
             continue
         lines += ["```", format_table(reports[method]).rstrip(), "```", ""]
     return lines
