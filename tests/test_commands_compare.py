@@ -41,6 +41,8 @@ def test_variants_parse_into_typed_options():
     assert parse_variant("lr2x:--lr=1e-3,--alpha=0.2", "dpo") == {"name": "lr2x", "method": "dpo", "lr": 1e-3,
                                                                    "alpha": 0.2}
     assert parse_variant("slow:--method=ofs-dpo,--swap=off", "dpo")["method"] == "ofs-dpo"
+    # TRL's --max-completion-length is a training option of every command now, an arm's as well
+    assert parse_variant("short:--max-completion-length=32", "dpo")["max_completion_length"] == 32
     for bad in ("nocolon", "x:--nosuch=1", "x:--lr=fast", "x:--seed=3"):
         with pytest.raises(ConfigError, match="--variant"):
             parse_variant(bad, "dpo")

@@ -586,3 +586,36 @@ def test_overwrite_removes_everything_the_previous_continual_run_wrote(tiny_mode
     prepare_output(dataclasses.replace(config, overwrite=True), out, Processes("cpu"))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".ofsdpo.lock")) == ["config.yaml",
                                                                                                 "notes.txt"]
+
+
+def test_max_completion_length_cuts_every_domains_pairs_with_caches_of_their_own(tiny_model_dir, tmp_path, domains):
+    """`ofsdpo continual --max-completion-length N` (TRL's name, as `ofsdpo train` has it): every domain's stream,
+    report and memory pairs keep their first N completion tokens, and runners sharing `reference_caches` score the
+    cut pairs in caches of their own, never the uncut pairs' (a stage takes its pairs and caches as they are)."""
+    from transformers import AutoModelForCausalLM
+
+    base, caches = AutoModelForCausalLM.from_pretrained(tiny_model_dir), {}
+
+    def runner(folder, **kw):
+        config = ContinualConfig.from_flat(
+            model=str(tiny_model_dir), domain=domains, output_dir=str(tmp_path / folder), batch_size=4, lr=5e-3,
+            lora_r=2, lora_alpha=4, max_length=48, max_prompt_length=24, memory_size=4, heldout_size=4,
+            max_steps_per_domain=2, save_steps=0, progress=False, regret=False, seed=0, method="dpo", **kw)
+        return ContinualRunner(config, model=base, reference_caches=caches)
+
+    full, cut = runner("full"), runner("cut", max_completion_length=2)
+    assert len(caches) == 2 * len(domains)  # each domain's pairs, uncut and cut
+    longer = 0
+    for whole, short in zip(full.domains, cut.domains):
+        for part in ("train", "test", "memory"):
+            pairs, cut_pairs = getattr(whole, part).pairs, getattr(short, part).pairs
+            assert len(cut_pairs) == len(pairs)  # cut, never dropped
+            for p, q in zip(pairs, cut_pairs):
+                assert q["prompt_ids"] == p["prompt_ids"]
+                assert (q["chosen_ids"], q["rejected_ids"]) == (p["chosen_ids"][:2], p["rejected_ids"][:2])
+                longer += max(len(p["chosen_ids"]), len(p["rejected_ids"])) > 2
+    assert longer > 0  # the limit cut something
+    full_report, cut_report = full.run(), cut.run()
+    assert cut_report["matrix"]["loss"] != full_report["matrix"]["loss"]
+    stage_config = (tmp_path / "cut" / "domains" / "1-pos" / "config.yaml").read_text()
+    assert "max_completion_length: 2" in stage_config  # each stage's config says how its pairs were cut

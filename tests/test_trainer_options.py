@@ -217,6 +217,13 @@ def test_max_completion_length_cuts_each_completion_as_trl_does(make_config, tmp
     with pytest.raises(ConfigError, match="--max-completion-length cuts the pairs this run tokenizes"):
         OFSDPOTrainer(config=make_config(max_completion_length=3, output_dir=str(tmp_path / "shared")),
                       train_reference=ReferenceCache(len(whole.data)))
+    # tokenized pairs are used as they are: cut already (a continual run's), they take their cache; longer, refused
+    kept = OFSDPOTrainer(config=make_config(method="dpo", max_completion_length=3, output_dir=str(tmp_path / "kept")),
+                         train_data=cut.data, train_reference=ReferenceCache(len(cut.data)))
+    assert kept.data is cut.data
+    with pytest.raises(ConfigError, match="more than --max-completion-length 3, and tokenized pairs are used as"):
+        OFSDPOTrainer(config=make_config(max_completion_length=3, output_dir=str(tmp_path / "long")),
+                      train_data=whole.data)
 
 
 def test_logging_steps_writes_every_nth_step_as_the_mean_of_its_window(make_config, tmp_path):

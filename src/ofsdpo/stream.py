@@ -41,7 +41,12 @@ def load_pairs(source: Any, tokenizer, cfg, flag: str | None = None) -> Preferen
         if flag:
             raise ConfigError(f"{flag} is required: a .jsonl/.json/.parquet file or a dataset.")
         return None
-    if isinstance(source, PreferenceData):
+    if isinstance(source, PreferenceData):  # tokenized by its maker: used as it is, so it must be cut already
+        longest = max((len(ids) for p in source.pairs for ids in (p["chosen_ids"], p["rejected_ids"])), default=0)
+        if cfg.max_completion_length is not None and longest > cfg.max_completion_length:
+            raise ConfigError(f"{source.source or 'the tokenized pairs'}: a completion has {longest} tokens, more "
+                              f"than --max-completion-length {cfg.max_completion_length}, and tokenized pairs are "
+                              "used as they are: cut them first (ofsdpo.stream.cut_completions), or pass the rows")
         return source
     data = load_preference_data(source, tokenizer, cfg.max_length, cfg.max_prompt_length, split=cfg.data_split,
                                 progress=cfg.progress)

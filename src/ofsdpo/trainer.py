@@ -30,6 +30,7 @@ from .metrics import open_run_metrics
 from .models import (check_target_modules, configure_cpu_allocator, load_model, load_tokenizer, resolve_device,
                      resolve_model_name, set_num_threads)
 from .modules import adapter_parameters, adapter_state, lora_config
+from .data import PreferenceData
 from .reference import ReferenceCache
 from .rundir import (check_once, check_output_dir, check_same_run, claim_output_dir, config_yaml,
                      drop_checkpoints_after, name_sources, resume_checkpoint)
@@ -112,7 +113,8 @@ class OFSDPOTrainer:
                                      self.device, self.tokenizer.pad_token_id)
         self.scorer = PairScorer(self.model, cfg, self.tokenizer.pad_token_id, self.names,
                                  prompt_once=not self.processes.sharded)  # sharded: the forwards of the other ranks
-        if train_reference is not None and cfg.max_completion_length is not None:
+        if train_reference is not None and cfg.max_completion_length is not None and not isinstance(
+                train_data, PreferenceData):  # tokenized pairs are used as they are: load_pairs checks their cut
             raise ConfigError("--max-completion-length cuts the pairs this run tokenizes, but the π_ref cache passed "
                               "in (train_reference) may hold scores of the uncut pairs: drop one of the two.")
         # a continual run's stream may come with its π_ref cache, shared with runs over the same pairs and base

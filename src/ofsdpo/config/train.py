@@ -39,6 +39,10 @@ class TrainingOptions:
     max_length: int = field(default=512, metadata=_help("Max tokens of prompt + completion (completion cut first)."))
     max_prompt_length: Optional[int] = field(default=None, metadata=_help(
         "Max prompt tokens; longer prompts keep their end (default: 256, or half of --max-length if that is less)."))
+    max_completion_length: Optional[int] = field(default=None, metadata=_help(
+        "Max tokens of each completion (TRL's name): chosen and rejected are cut to it before --max-length applies "
+        "(unset: only --max-length cuts them); every pairs file, held-out and on-policy pairs alike. Shorter "
+        "completions make cheaper steps but lose their ends."))
     # --- the online stream -----------------------------------------------------------------------------------------
     round_size: Optional[int] = field(
         default=None,
@@ -210,6 +214,8 @@ class TrainingOptions:
         need(self.lora_r >= 1, f"--lora-r must be >= 1 (got {self.lora_r}).")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         need(self.max_length >= 2, f"--max-length must be >= 2 (got {self.max_length}).")
+        need(self.max_completion_length is None or self.max_completion_length >= 1,
+             f"--max-completion-length must be >= 1 (got {self.max_completion_length}).")
         need(self.logging_steps >= 1, f"--logging-steps must be >= 1 (got {self.logging_steps}).")
         if self.max_prompt_length is None:  # fits any --max-length: room for the completion
             self.max_prompt_length = min(256, self.max_length // 2)
@@ -323,10 +329,6 @@ class OFSDPOConfig(TrainingOptions):
         default=None,
         metadata=_help("Held-out pairs used to pick the served module of ofs-dpo (else the latest online loss)."),
     )
-    max_completion_length: Optional[int] = field(default=None, metadata=_help(
-        "Max tokens of each completion (TRL's name): chosen and rejected are cut to it before --max-length applies "
-        "(unset: only --max-length cuts them); --data, --eval-data and on-policy pairs alike. Shorter completions "
-        "make cheaper steps but lose their ends."))
     on_policy: Optional[str] = field(
         default=None,
         metadata=_help("On-policy (true online DPO): each round, the current policy answers the next prompts and the "
@@ -364,8 +366,6 @@ class OFSDPOConfig(TrainingOptions):
             self.resume = True  # --resume-from PATH implies --resume
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be -1 or >= 1 (got {self.max_steps}).")
-        if self.max_completion_length is not None and self.max_completion_length < 1:
-            raise ConfigError(f"--max-completion-length must be >= 1 (got {self.max_completion_length}).")
         if self.prompts is not None and self.on_policy is None:
             self.on_policy = ON_PROMPTS  # --prompts implies --on-policy
         if self.on_policy is not None:  # a domain's name is checked where it loads (`domains.on_policy_domain`)

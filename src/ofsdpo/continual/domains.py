@@ -14,6 +14,7 @@ from ..domains import get_domain, prompt_domain
 from ..errors import DataError
 from ..reference import ReferenceCache
 from ..rounds import RoundSettings, judged_pairs
+from ..stream import cut_completions
 
 
 def subset(pairs: list[dict], source: str) -> PreferenceData:
@@ -47,12 +48,16 @@ class DomainLoader:
         self.config, self.tokenizer, self.reference_caches = config, tokenizer, reference_caches
 
     def _load(self, source: str) -> PreferenceData:
+        """A pairs file tokenized as every stage would (--max-completion-length included: stages take the pairs as
+        they are, and the π_ref caches score them cut)."""
         cfg = self.config.training
-        return load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_split)
+        return cut_completions(load_preference_data(source, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                                    cfg.data_split), cfg.max_completion_length, cfg.max_length)
 
     def _load_rows(self, rows: list[dict], source: str) -> PreferenceData:
         cfg = self.config.training
-        data = load_preference_data(rows, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
+        data = cut_completions(load_preference_data(rows, self.tokenizer, cfg.max_length, cfg.max_prompt_length),
+                               cfg.max_completion_length, cfg.max_length)
         data.source = source
         return data
 
@@ -78,7 +83,8 @@ class DomainLoader:
             memory, heldout = heldout[:cfg.memory_size], heldout[cfg.memory_size:]
         training = cfg.training
         key = (spec.train, spec.heldout, spec.memory, cfg.heldout_size, cfg.memory_size, training.max_length,
-               training.max_prompt_length, training.data_split)  # the same pairs, tokenized alike
+               training.max_prompt_length, training.max_completion_length,
+               training.data_split)  # the same pairs, tokenized alike
         caches = self.reference_caches.get(key, {})
         domain = Domain(spec.name, subset(pairs, spec.train), subset(heldout, spec.heldout or spec.train),
                         subset(memory, spec.memory or spec.heldout or spec.train), **caches)
