@@ -33,9 +33,10 @@ class DemoSettings:
 
 
 # five continual methods (multitask trains 1 + 2 + 3 stages' worth) and the frontier within ten minutes on a 2-core
-# CPU: 6 steps a stage and 12 judged prompts a domain (8 steps, 16 prompts and three methods took 9 min 5 s, 656c10e)
-DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=6, batch_size=4, judge_prompts=12, heldout=8, memory=4,
-                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=3, frontier_steps=6, frontier_checkpoints=(3, 6),
+# CPU: 4 steps a stage and 8 judged prompts a domain (6 steps and 12 prompts took 13 min 49 s alone, e3a02f2, 2-core
+# EPYC; three methods at 8 steps and 16 prompts had taken 9 min 5 s, 656c10e)
+DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=4, batch_size=4, judge_prompts=8, heldout=8, memory=4,
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=2, frontier_steps=4, frontier_checkpoints=(2, 4),
                          frontier_judge_prompts=4)  # 8 took the demo to 10 min 29 s alone (ec874e1, 2-core EPYC)
 DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
                           lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16, frontier_steps=2,
