@@ -82,26 +82,32 @@ def test_judge_heatmaps_wrap_at_three_panels_a_row():
 
 def test_stage_curves_integer_steps_boundaries_and_shared_stages():
     """Three stages of 4 steps: boundaries after steps 4 and 8, each stage named over its span; b and c are one
-    training in stage 1 (identical values) and part after it; a shares nothing."""
+    training in stage 1 (identical values) and part after it; a shares nothing, and d is a at every stage (drawn
+    once, as "a = d"); each run's line breaks at the boundaries."""
     a = [[0.7, 0.6, 0.5, 0.4], [0.7, 0.6, 0.5, 0.5], [0.6, 0.5, 0.4, 0.3]]
     b = [[0.69, 0.6, 0.55, 0.5], [0.6, 0.5, 0.4, 0.4], [0.5, 0.4, 0.4, 0.3]]
     c = [b[0], [0.6, 0.55, 0.5, 0.4], b[2]]
-    curves = {"a": a, "b": b, "c": c}
-    assert plotting.shared_stages(curves) == [[["b", "c"]], [], []]
+    curves = {"a": a, "b": b, "c": c, "d": [list(stage) for stage in a]}
+    assert plotting.shared_stages(curves) == [[["a", "d"], ["b", "c"]], [["a", "d"]], [["a", "d"]]]
+    assert list(plotting.merge_identical(curves)) == ["a = d", "b", "c"]
     fig = plotting.draw_stage_curves(curves, ["pos", "safe", "short"], "loss, nats")
     ax = fig.axes[0]
     fig.canvas.draw()
     assert [line.get_xdata()[0] for line in ax.lines if line.get_gid() == "stage boundary"] == [4.5, 8.5]
-    runs = [line for line in ax.lines if line.get_gid() is None]
-    assert [list(line.get_xdata()) for line in runs] == [list(range(1, 13))] * 3
+    for name in ("a = d", "b", "c"):
+        segments = [list(line.get_xdata()) for line in ax.lines if line.get_gid() == name]
+        assert segments == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]  # one line a stage: no line across
     ticks = [t for t in ax.get_xticks() if 1 <= t <= 12]
     assert ticks and all(float(t).is_integer() for t in ticks)
-    labels = [t.get_text() for t in ax.texts]
-    assert labels[:3] == ["1. pos", "2. safe", "3. short"] and "b = c\n(one shared training)" in labels
+    assert [t.get_text() for t in ax.texts] == ["1. pos", "2. safe", "3. short"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a = d", "b", "c"]
+    caption, = fig.findobj(lambda artist: artist.get_gid() == "shared stages")
+    assert caption.get_text() == "shaded, one training shared by runs — stage 1 (pos): b = c"
     assert len([p for p in ax.patches if p.get_gid() == "shared stage"]) == 1
     assert ax.get_xlabel() == "optimiser step" and ax.get_ylabel() == "loss, nats"
     # colour-blind-safe colours, one per run, in the Okabe–Ito order
-    assert [to_hex(line.get_color()).upper() for line in runs] == list(plotting.OKABE_ITO[:3])
+    firsts = [next(line for line in ax.lines if line.get_gid() == name) for name in ("a = d", "b", "c")]
+    assert [to_hex(line.get_color()).upper() for line in firsts] == list(plotting.OKABE_ITO[:3])
     plotting.pyplot().close(fig)
 
 

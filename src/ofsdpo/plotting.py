@@ -179,32 +179,49 @@ def stage_starts(curves: dict[str, list[list]]) -> tuple[list[int], list[int]]:
     return [sum(lengths[:k]) for k in range(stages)], lengths
 
 
+def merge_identical(curves: dict[str, list[list]]) -> dict[str, list[list]]:
+    """Runs whose curves are identical at every stage, drawn once under their joined names ("b = c")."""
+    groups: dict[tuple, list[str]] = {}
+    for name, stages in curves.items():
+        groups.setdefault(tuple(tuple(stage) for stage in stages), []).append(name)
+    return {" = ".join(names): curves[names[0]] for names in groups.values()}
+
+
 def draw_stage_curves(curves: dict[str, list[list]], stage_names: Sequence[str], ylabel: str,
                       xlabel: str = "optimiser step"):
     """Continual runs' per-step curves on integer steps, stage after stage: a line at each domain boundary, each
-    stage's name over its span, and a shaded span (naming the runs) where runs share a stage's training. Every
-    run's stage k starts at the same step. Returns the open figure."""
+    stage's name over its span, each run's line broken at the boundaries (a stage starts a new training), runs
+    identical at every stage drawn once under their joined names, and a shaded span where runs share a stage's
+    training, named in a caption under the axes. Every run's stage k starts at the same step. Returns the open
+    figure."""
+    import textwrap
+
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
+    curves = merge_identical(curves)
     starts, lengths = stage_starts(curves)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
     for i, (name, stages) in enumerate(curves.items()):
-        steps = [starts[k] + s + 1 for k, stage in enumerate(stages) for s in range(len(stage))]
-        ax.plot(steps, [v for stage in stages for v in stage], color=f"C{i}", label=name, markersize=4,
-                linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)])
+        for k, stage in enumerate(stages):
+            ax.plot([starts[k] + s + 1 for s in range(len(stage))], stage, color=f"C{i}", markersize=4,
+                    linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)], gid=name,
+                    label=name if k == 0 else "_nolegend_")
     across = ax.get_xaxis_transform()  # x in steps, y in axes fractions
     for k, name in enumerate(stage_names[:len(starts)]):
         if k:
             ax.axvline(starts[k] + 0.5, color="0.3", linewidth=1.2, gid="stage boundary")
         ax.text(starts[k] + lengths[k] / 2 + 0.5, 1.01, f"{k + 1}. {name}", transform=across, ha="center",
                 va="bottom")
+    shared = []
     for k, groups in enumerate(shared_stages(curves)):
-        for g, group in enumerate(groups):
+        if groups:
             ax.axvspan(starts[k] + 0.5, starts[k] + lengths[k] + 0.5, color="0.5", alpha=0.12, linewidth=0,
                        gid="shared stage")
-            ax.text(starts[k] + lengths[k] / 2 + 0.5, 0.03 + 0.13 * g, " = ".join(group) + "\n(one shared training)",
-                    transform=across, ha="center", va="bottom", fontsize=8)
+            shared.append(f"stage {k + 1} ({stage_names[k]}): " + ", ".join(" = ".join(g) for g in groups))
+    if shared:  # under the axes, where a long list of names cannot cover the curves
+        fig.supxlabel("\n".join(textwrap.wrap("shaded, one training shared by runs — " + "; ".join(shared), 110)),
+                      fontsize=8, color="0.25", gid="shared stages")
     ax.set_xlim(0.5, sum(lengths) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel(xlabel)

@@ -86,6 +86,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, model:
             memory_size=settings.memory, judge_prompts=settings.judge_prompts, lambda_grid=settings.lambda_grid,
             max_length=160, max_prompt_length=96, save_steps=-1, regret=False, progress=progress, device=str(dev),
             eval_steps=settings.eval_steps, judge_max_new_tokens=settings.max_new_tokens,
+            score_domains=settings.score_domains,
             # save_steps -1: nothing resumes a demo, so no stage writes a checkpoint
             # the demo's headline is the judge on held-out prompts, which no choice sees; its tiny memory (2-4
             # pairs) would make a noisy chooser, so the best fast module is chosen on the held-out pairs, as ever
@@ -190,7 +191,8 @@ def describe(settings: DemoSettings) -> str:
     """The demo's settings in words (what a reader needs to not mistake one seed for a result)."""
     s = settings
     return (f"{s.prompts} prompts x {s.samples} samples per domain make the pairs; {s.steps} optimiser steps of "
-            f"{s.batch_size} pairs per domain; {s.judge_prompts} held-out prompts judged per domain after every stage; "
+            f"{s.batch_size} pairs per domain; {s.judge_prompts} held-out prompts judged per domain after every stage"
+            f"{' (the domains seen so far)' if s.score_domains == 'seen' else ''}; "
             f"dpo-replay mixing in {s.memory} pairs of every earlier domain; COFS-DPO with --init previous, λ on "
             f"{s.lambda_grid} chosen on {s.memory} memory pairs per domain by --select-by loss, the best fast module "
             f"chosen on {s.heldout} held-out pairs (--selection heldout); one seed")
@@ -249,7 +251,8 @@ def settings_table(settings: DemoSettings, model: str, lr: float | None) -> list
             ("pairs", f"{s.prompts} training prompts × {s.samples} samples per domain; the judge's best vs worst"),
             ("training", f"{s.steps} optimiser steps of {s.batch_size} pairs per domain" +
              (f", learning rate {lr:g}" if lr is not None else "")),
-            ("judged", f"{s.judge_prompts} held-out prompts per domain after every stage, one sample each"),
+            ("judged", f"{s.judge_prompts} held-out prompts per domain after every stage, one sample each" +
+             (", on the domains trained so far (a blank cell: not judged yet)" if s.score_domains == "seen" else "")),
             ("methods", "dpo, ofs-dpo: one module trained domain after domain; dpo-replay: dpo whose stream mixes in "
                         f"{s.memory} pairs of every earlier domain; multitask: each stage a fresh DPO module on every "
                         "domain's pairs so far (the upper bound; stage k trains k stages' worth); cofs-dpo: the "

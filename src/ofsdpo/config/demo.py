@@ -26,6 +26,7 @@ class DemoSettings:
     lambda_grid: str
     eval_steps: int  # how often the best fast module is looked for
     max_new_tokens: int = 0  # cap on sampled responses, pairs and judging (0: each domain's own)
+    score_domains: str = "all"  # after each stage judge every domain ("all") or those trained so far ("seen")
     # the in-domain frontier on the first domain: dpo, ofs-dpo and dpo at the slow learning rate (0 steps: none)
     frontier_steps: int = 0  # optimiser steps of each frontier run
     frontier_checkpoints: tuple[int, ...] = ()  # steps at which every module is judged, with the exact KL
@@ -33,11 +34,11 @@ class DemoSettings:
 
 
 # five continual methods (multitask trains 1 + 2 + 3 stages' worth) and the frontier within ten minutes on a 2-core
-# CPU: 4 steps a stage and 8 judged prompts a domain (6 steps and 12 prompts took 13 min 49 s alone, e3a02f2, 2-core
-# EPYC; three methods at 8 steps and 16 prompts had taken 9 min 5 s, 656c10e)
-DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=4, batch_size=4, judge_prompts=8, heldout=8, memory=4,
-                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=2, frontier_steps=4, frontier_checkpoints=(2, 4),
-                         frontier_judge_prompts=4)  # 8 took the demo to 10 min 29 s alone (ec874e1, 2-core EPYC)
+# CPU: 3 steps a stage, 8 judged prompts a domain, each stage judged on the domains seen so far (4 steps judged on
+# every domain took 11 min 34 s alone, 6 steps and 12 prompts 13 min 49 s, e3a02f2, 2-core EPYC)
+DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=3, batch_size=4, judge_prompts=8, heldout=8, memory=4,
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=1, frontier_steps=4, frontier_checkpoints=(2, 4),
+                         frontier_judge_prompts=4, score_domains="seen")  # frontier: 8 prompts took 10 min 29 s
 DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
                           lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16, frontier_steps=2,
                           frontier_checkpoints=(1, 2), frontier_judge_prompts=2)
