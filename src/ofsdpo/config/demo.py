@@ -34,10 +34,11 @@ class DemoSettings:
 
 
 # five continual methods (multitask trains 1 + 2 + 3 stages' worth) and the frontier within ten minutes on a 2-core
-# CPU: 3 steps a stage, 8 judged prompts a domain, each stage judged on the domains seen so far (4 steps judged on
-# every domain took 11 min 34 s alone, 6 steps and 12 prompts 13 min 49 s, e3a02f2, 2-core EPYC)
+# CPU: 3 steps a stage, 8 judged prompts a domain, each stage judged on the domains seen so far, the best fast module
+# looked for at the stage's end only (2-core EPYC, alone: with it looked for after every step 10 min 28 s, 2661e00;
+# 4 steps judged on every domain 11 min 34 s, 40e921e; 6 steps and 12 prompts 13 min 49 s, e3a02f2)
 DEMO_FULL = DemoSettings(prompts=40, samples=4, steps=3, batch_size=4, judge_prompts=8, heldout=8, memory=4,
-                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=1, frontier_steps=4, frontier_checkpoints=(2, 4),
+                         lambda_grid="0,0.25,0.5,0.75,1", eval_steps=3, frontier_steps=4, frontier_checkpoints=(2, 4),
                          frontier_judge_prompts=4, score_domains="seen")  # frontier: 8 prompts took 10 min 29 s
 DEMO_QUICK = DemoSettings(prompts=12, samples=2, steps=2, batch_size=2, judge_prompts=4, heldout=2, memory=2,
                           lambda_grid="0,0.5,1", eval_steps=2, max_new_tokens=16, frontier_steps=2,
