@@ -99,6 +99,15 @@ def test_write_report_holds_the_runs_numbers(tmp_path):
     assert "| model | `tiny` |" in text and f"| training | {q.steps} optimiser steps of {q.batch_size} pairs per " \
         "domain, learning rate 0.0005 |" in text
     assert "(`--selection heldout`)" in text and "| seeds | one: an illustration, not a result |" in text
+    assert "after every stage the served module's samples on the held-out prompts of every domain are judged" in text
+    # judged on the domains seen so far (the full demo's setting): the report says so, and blank cells are explained
+    seen = dataclasses.replace(demo.QUICK, score_domains="seen")
+    demo.write_report(tmp_path, reports, seen, "tiny", measured, quick=True, lr=5e-4)
+    text = (tmp_path / "report.md").read_text()
+    assert "held-out prompts of every domain trained so far are judged" in text
+    assert "on the domains trained so far (a blank cell: not judged yet) |" in text
+    assert demo.describe(seen).startswith(demo.describe(demo.QUICK).split(";")[0])
+    assert "judged per domain after every stage (the domains seen so far)" in demo.describe(seen)
     assert "SmolLM2-135M-Instruct (the embedded GGUF" in demo.readable_model(demo.embedded_model()[0])
     assert demo.readable_model(str(tmp_path / "dpo")) == "`dpo` (a local model)"
     # the learning curve is each stage's loss, the stages one after another (dpo logs `loss`, ofs-dpo `fast/loss`)

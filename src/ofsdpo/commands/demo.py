@@ -348,8 +348,9 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
     lines = [f"# ofsdpo demo{' (quick)' if quick else ''}", "",
              f"Sequential DPO, its continual baselines (dpo-replay, and multitask as the upper bound), sequential "
              f"OFS-DPO and COFS-DPO, each trained over {' → '.join(names)} on pairs the base model sampled and each "
-             "domain's judge ranked; after every stage the served module's samples on every domain's held-out prompts "
-             "are judged.", "", *settings_table(settings, readable_model(model_name),
+             "domain's judge ranked; after every stage the served module's samples on the held-out prompts of "
+             f"{'every domain trained so far' if settings.score_domains == 'seen' else 'every domain'} are judged.",
+             "", *settings_table(settings, readable_model(model_name),
                                                                                  lr), "",
              *frontier_section(out, frontier, settings),
              f"## Continual: {' → '.join(names)}", "",
