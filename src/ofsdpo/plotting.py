@@ -7,6 +7,7 @@ as matplotlib's colour cycle, so `color="C2"` anywhere in the package means its 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -194,8 +195,6 @@ def draw_stage_curves(curves: dict[str, list[list]], stage_names: Sequence[str],
     identical at every stage drawn once under their joined names, and a shaded span where runs share a stage's
     training, named in a caption under the axes. Every run's stage k starts at the same step. Returns the open
     figure."""
-    import textwrap
-
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()

@@ -3,7 +3,8 @@
 1. Pairs: sample the base model on each domain's training prompts, let the judge pick best vs worst.
 2. Continual runs over sentiment → critic → concise with sequential DPO, its baselines (dpo-replay; multitask, the
    upper bound), sequential OFS-DPO and COFS-DPO (the defaults docs/results.md kept).
-3. After every stage, judge the served module's samples on every domain's held-out prompts.
+3. After every stage, judge the served module's samples on the held-out prompts of every domain (the full demo: of
+   the domains trained so far, to fit ten minutes).
 4. The in-domain reward–KL frontier on sentiment: DPO, OFS-DPO's fast and slow modules, DPO at the slow rate.
 5. Print the stage × domain judge-score matrices and forgetting; write report.md with plots.
 """
@@ -350,8 +351,7 @@ def write_report(out: Path, reports: dict, settings: DemoSettings, model_name: s
              f"OFS-DPO and COFS-DPO, each trained over {' → '.join(names)} on pairs the base model sampled and each "
              "domain's judge ranked; after every stage the served module's samples on the held-out prompts of "
              f"{'every domain trained so far' if settings.score_domains == 'seen' else 'every domain'} are judged.",
-             "", *settings_table(settings, readable_model(model_name),
-                                                                                 lr), "",
+             "", *settings_table(settings, readable_model(model_name), lr), "",
              *frontier_section(out, frontier, settings),
              f"## Continual: {' → '.join(names)}", "",
              "![judge heat-maps](judge_heatmaps.png)", "", judge_sentence(reports), "",
