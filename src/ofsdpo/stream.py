@@ -42,8 +42,10 @@ def load_pairs(source: Any, tokenizer, cfg, flag: str | None = None) -> Preferen
             raise ConfigError(f"{flag} is required: a .jsonl/.json/.parquet file or a dataset.")
         return None
     if isinstance(source, PreferenceData):  # tokenized by its maker: used as it is, so it must be cut already
-        longest = max((len(ids) for p in source.pairs for ids in (p["chosen_ids"], p["rejected_ids"])), default=0)
-        if cfg.max_completion_length is not None and longest > cfg.max_completion_length:
+        limit = cfg.max_completion_length  # the pairs are read only when there is a limit to check them against
+        longest = 0 if limit is None else max(
+            (len(ids) for p in source.pairs for ids in (p["chosen_ids"], p["rejected_ids"])), default=0)
+        if limit is not None and longest > limit:
             raise ConfigError(f"{source.source or 'the tokenized pairs'}: a completion has {longest} tokens, more "
                               f"than --max-completion-length {cfg.max_completion_length}, and tokenized pairs are "
                               "used as they are: cut them first (ofsdpo.stream.cut_completions), or pass the rows")
