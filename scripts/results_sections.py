@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 # the experiments of docs/results.md, in its order (scripts/generated_blocks.py reads the same list)
 PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
         "cofs-opposed", "cofs-chain", "continual-sentiment-critic-baselines", "frontier-sentiment",
-        "frontier-slow-lr-control"]
+        "frontier-slow-lr-control", "frontier-sentiment-lr4x"]
 NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report_accuracy": "Report preference accuracy",
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
          "independent_judge_score": "Independent judge score (AFINN)",
