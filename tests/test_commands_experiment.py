@@ -700,3 +700,95 @@ def test_the_shared_reference_caches_are_keyed_by_the_completion_cut(tmp_path):
                   for v in config.variants)
     again = runner.stream_references("sentiment", parts, config.run_config(config.variants[0], 1, tmp_path, []))
     assert again is whole and cut is not whole and cut["selection"] is not whole["selection"]
+
+
+class PowerCut(Exception):
+    pass
+
+
+def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_identical(
+        tiny_model_dir, tmp_path, monkeypatch, length_judged):
+    """Killed at step 3 after the ladder judged it but before the step's checkpoint: the rerun resumes from step 2's
+    checkpoint, judges step 3 again, and its result equals the uninterrupted run's; nothing of the resume is left."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"), seeds=[0], samples=4,
+                  pairs_per_prompt=2, steps=4, checkpoints=[1, 3], variants=[{"name": "ofs", "method": "ofs-dpo"}])
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+
+    save, train, trained = OFSDPOTrainer._save_checkpoint, OFSDPOTrainer.train, []
+
+    def dies_saving_step_3(self, *args):
+        if self.state.step == 3:
+            raise PowerCut
+        return save(self, *args)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_save_checkpoint", dies_saving_step_3)
+    cut = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False)
+    with pytest.raises(PowerCut):
+        cut.run()
+    run_dir = tmp_path / "b" / "cut" / "runs" / "ofs" / "sentiment" / "seed-0"
+    assert [p["step"] for p in json.loads((run_dir / "ladder.json").read_text())["points"]] == [1, 3]
+    monkeypatch.setattr(OFSDPOTrainer, "_save_checkpoint", save)
+
+    def counted(self, *args, **kwargs):
+        trained.append(self.config.resume)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert trained == [True]
+    got, expected = (r["per_seed"]["ofs/sentiment"]["0"] for r in (resumed, whole))
+    assert got["resumed"] is True and [p["step"] for p in got["frontier"]] == [1, 3]
+    for key in ("report_loss", "judge_score", "kl", "online_loss_total", "selection_loss", "swaps", "pairs_seen"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert got["online_loss_curve"] == pytest.approx(expected["online_loss_curve"], rel=1e-5, abs=1e-6)
+    assert {n: len(v) for n, v in got["train_loss_curve"].items()} == {"fast": 4, "slow": 4}
+    assert got["train_loss_curve"]["fast"] == pytest.approx(expected["train_loss_curve"]["fast"], rel=1e-5)
+    for a, b in zip(got["frontier"], expected["frontier"], strict=True):
+        assert a["served"] == b["served"]
+        for name in ("fast", "slow"):
+            for key in ("judge_score", "kl", "report_loss", "selection_loss", "train_loss"):
+                assert a["modules"][name][key] == pytest.approx(b["modules"][name][key], rel=1e-5, abs=1e-6), key
+    assert not list(run_dir.rglob("checkpoints")) and not (run_dir / "ladder.json").exists()
+
+
+def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     length_judged):
+    """Stage 2 of 2 dies after its first checkpoint: the rerun reads stage 1 back (not retrained), resumes stage 2
+    from its checkpoint, and ends with the uninterrupted run's matrices."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
+    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1",
+                  variants=[{"name": "cofs", "method": "cofs-dpo"}])
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+    after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
+
+    def dies_in_stage_2(self, row, seconds):  # step 2 has updated the weights, and is neither logged nor saved
+        if self.output_dir.name.startswith("2-") and self.state.step == 2:
+            raise PowerCut
+        return after_step(self, row, seconds)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies_in_stage_2)
+    with pytest.raises(PowerCut):
+        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+
+    def counted(self, *args, **kwargs):
+        trained.append((self.output_dir.name, self.config.resume))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert trained == [("2-critic", True)]  # stage 1 read back, stage 2 from its step-1 checkpoint
+    got, expected = (r["per_seed"]["cofs"]["0"] for r in (resumed, whole))
+    assert got["resumed"] is True and got["lambdas"] == expected["lambdas"]
+    for key in ("judge_matrix", "loss_matrix", "accuracy_matrix", "kl_matrix"):
+        for a, b in zip(got[key], expected[key], strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), key
+    assert not list((tmp_path / "b" / "cut" / "runs").rglob("checkpoints"))

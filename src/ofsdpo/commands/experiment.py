@@ -23,7 +23,8 @@ and bootstrap intervals. Work that does not depend on the run is done once per p
 base model, π_ref's log-probs of the report pairs (continual runs: of every pair set), the reference's judged
 samples of each seed.
 
-Output: `runs/<cell>/seed-<s>/` (the run and its `result.json`; a finished cell is kept and skipped on rerun),
+Output: `runs/<cell>/seed-<s>/` (the run and its `result.json`; a finished cell is kept and skipped on rerun; an
+unfinished one, stopped by a kill or a signal, resumes where its last checkpoint left it: `cell_result`),
 `aggregate.json` (mean, sample standard deviation and values over seeds of every number, by cell), `aggregate.md`
 (the tables) and plots.
 """
@@ -50,8 +51,9 @@ from ..continual.persistence import remove_outputs
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError
+from ..checkpoint import list_checkpoints
 from ..evaluation import EvalOptions, EvalSet, evaluate
-from ..files import write_json, write_jsonl
+from ..files import write_atomic, write_json, write_jsonl
 from ..losses import preference_loss
 from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
@@ -90,6 +92,12 @@ KEY_FORMAT = frozenset({
     "save_steps", "save_total_limit", "resume", "report_to", "regret"})
 CONTINUAL_KEY_FORMAT = frozenset({"max_steps_per_domain", "memory_size", "heldout_size", "combine", "init",
                                   "judge_prompts", "judge_max_new_tokens", "lambda_grid"})
+# A run checkpoints every RESUME_EVERY steps (and on SIGTERM/SIGINT, as `ofsdpo train` does) and writes its key to
+# RUN_KEY_FILE when it starts: a rerun finds an unfinished run of the same key and resumes it (in-domain: from its
+# newest checkpoint, the ladder's judged points kept in LADDER_FILE; continual: its finished stages read back, the
+# interrupted stage from its newest checkpoint), ending as the uninterrupted run would
+RESUME_EVERY = 4
+RUN_KEY_FILE, LADDER_FILE = "run_key", "ladder.json"
 KEYED_ROLES = (COMPUTED, RUNTIME)  # an option of these roles, set to other than its default, enters the key
 # a continual run's paired headline numbers (`experiment_report.PAIRED_CONTINUAL`) and the report's per-unit values
 # whose mean each one is (`continual.headline_units`): what the bootstrap resamples
@@ -181,19 +189,37 @@ class ExperimentRunner:
             write_json(done, result)
             self.say(f"{cell}, seed {seed}: reused {twin}")
             return result
-        self.say(f"{cell}, seed {seed} …")
+        resume = self.unfinished(run_dir, key)
+        self.say(f"{cell}, seed {seed}: resuming the unfinished run …" if resume else f"{cell}, seed {seed} …")
+        if not resume:  # a folder of another key, or one with nothing to resume from, starts again (overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / RUN_KEY_FILE, key)
         started = time.perf_counter()
         cuda = self._reset_peak_memory()
         if self.config.kind == "in-domain":
-            result = self.in_domain(variant, domain, seed, run_dir)
+            result = self.in_domain(variant, domain, seed, run_dir, resume)
         else:
-            result = self.continual(variant, seed, run_dir)
-        result.update(wall_seconds=time.perf_counter() - started, run_key=key, **self._peak_memory(cuda))
+            result = self.continual(variant, seed, run_dir, resume)
+        # a resumed run's wall time is this call's part only (its training time, `train_seconds`, counts it whole)
+        result.update(wall_seconds=time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
+                      **({"resumed": True} if resume else {}))
         for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed here
             shutil.rmtree(checkpoints, ignore_errors=True)
+        (run_dir / LADDER_FILE).unlink(missing_ok=True)  # its points are in the result
         write_json(done, result)
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
+
+    def unfinished(self, run_dir: Path, key: str) -> bool:
+        """Whether `run_dir` holds an unfinished run of this key that can be resumed: started under the key, and
+        (in-domain) with a checkpoint or (continual) with its config written."""
+        marker = run_dir / RUN_KEY_FILE
+        if not marker.is_file() or marker.read_text(encoding="utf-8").strip() != key:
+            return False
+        if self.config.kind == "continual":
+            return (run_dir / "config.yaml").is_file()
+        return bool(list_checkpoints(run_dir / "checkpoints")) and (not self.config.checkpoints
+                                                                    or (run_dir / LADDER_FILE).is_file())
 
     @staticmethod
     def _reset_peak_memory() -> bool:
@@ -426,13 +452,14 @@ class ExperimentRunner:
         return records, scores[domain_name]
 
     # --- one run -----------------------------------------------------------------------------------------------------
-    def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path) -> dict:
+    def in_domain(self, variant: dict, domain_name: str, seed: int, run_dir: Path, resume: bool = False) -> dict:
 
         cfg, parts, domain = self.config, self.split(domain_name), self.domain(domain_name)
         records, ref_scores = self.reference_scores(domain_name, seed)
         report, report_reference = self.report_data(domain_name)
         base, tokenizer = self.model()
-        run_config = cfg.run_config(variant, seed, run_dir, [], progress=self.progress)
+        run_config = cfg.run_config(variant, seed, run_dir, [], progress=self.progress, save_steps=RESUME_EVERY,
+                                    resume=resume)
         on_policy = run_config.on_policy is not None  # then the stream is sampled from the policy, round by round
         caches = self.stream_references(domain_name, parts, run_config)
         trainer = OFSDPOTrainer(base, run_config, train_data=None if on_policy else parts["train"],
@@ -442,7 +469,8 @@ class ExperimentRunner:
                                 caches["train"],
                                 eval_reference=caches["selection"])
         ladder = (CheckpointLadder(cfg.checkpoints, domain, records, ref_scores, report, report_reference, seed,
-                                   cfg.judge_samples) if cfg.checkpoints and domain is not None else None)
+                                   cfg.judge_samples, run_dir / LADDER_FILE, resume)
+                  if cfg.checkpoints and domain is not None else None)
         result = trainer.train(on_step=ladder)
         summary, served, model = result.summary, result.served_module, trainer.model
         # the report pairs, and the held-out prompts judged with the reference's draws (the user's data without
@@ -470,14 +498,15 @@ class ExperimentRunner:
                 "sets": {**parts["indices"], "train": [] if on_policy else parts["indices"]["train"]},
                 **({"on_policy": summary["on_policy"]} if on_policy else {})}
 
-    def continual(self, variant: dict, seed: int, run_dir: Path) -> dict:
+    def continual(self, variant: dict, seed: int, run_dir: Path, resume: bool = False) -> dict:
 
         cfg = self.config
         # the report pairs are the held-out file: reported; a revisit (`sentiment.2`) reads its domain's files again
         files = {d: self.split_files(self.source(d)) for d in cfg.domains}
         specs = [f"{d}={f['train']},heldout={f['report']},memory={f['selection']}" for d, f in files.items()]
         base, tokenizer = self.model()
-        run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress)
+        run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress, save_steps=RESUME_EVERY,
+                                    resume=resume)
         # the first variant of this seed draws the reference's samples (in the calls the runner judges its served
         # modules with: every domain in one, or one each under score_domains seen); the other variants of the seed
         # share them: the same draws for every variant
@@ -555,21 +584,31 @@ class CheckpointLadder:
     slow) is judged on the held-out prompts with the reference's random numbers (judge score, win rate, exact KL,
     the independent judge where the domain has one) and scored on the report pairs and the selection pairs; the
     module with the lower selection loss is the one served there. The global RNG is left as it was, so the
-    training that follows is the training without the ladder."""
+    training that follows is the training without the ladder.
+
+    What it has so far is written to `path` after every step; a resumed run (`resume`) reads it back and keeps what
+    came before the checkpoint it resumes from (its first call tells which step that was)."""
 
     def __init__(self, steps: list[int], domain, records: list[dict], ref_scores: list[float], report, report_reference,
-                 seed: int, samples_per_prompt: int):
+                 seed: int, samples_per_prompt: int, path: Path | None = None, resume: bool = False):
         self.steps, self.domain, self.records, self.ref_scores = set(steps), domain, records, ref_scores
         self.report, self.report_reference, self.seed, self.samples = report, report_reference, seed, samples_per_prompt
-        self.points: list[dict] = []
-        self.train_loss: dict[str, list[float]] = {}  # each module's training DPO loss, step by step
+        self.path, self._resumed = path, resume
+        saved = json.loads(path.read_text(encoding="utf-8")) if resume and path is not None else {}
+        self.points: list[dict] = saved.get("points", [])
+        self.train_loss: dict[str, list[float]] = saved.get("train_loss", {})  # each module's, step by step
 
     def __call__(self, trainer, row: dict) -> dict | None:
 
+        step = trainer.state.step
+        if self._resumed:  # the first step after the checkpoint: what the ladder saved after it is redone
+            self._resumed = False
+            self.points = [p for p in self.points if p["step"] < step]
+            self.train_loss = {name: losses[:step - 1] for name, losses in self.train_loss.items()}
         for name in trainer.names:
             self.train_loss.setdefault(name, []).append(row.get(trainer.method.key(name, "loss")))
-        step = trainer.state.step
         if step not in self.steps:
+            self._save()
             return None
         tick, model, modules = time.perf_counter(), trainer.model, {}
         options = EvalOptions.of_run(trainer.config, seed=self.seed, judge_samples=self.samples)
@@ -593,7 +632,12 @@ class CheckpointLadder:
             modules[name]["train_loss"] = sum(recent) / len(recent) if recent else None
         self.points.append({"step": step, "pairs_seen": trainer.state.position, "modules": modules, "served": served,
                             "seconds": time.perf_counter() - tick})
+        self._save()
         return {f"ladder/{n}/{k}": modules[n][k] for n in modules for k in ("judge_score", "kl", "report_loss")}
+
+    def _save(self) -> None:
+        if self.path is not None:
+            write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
 
 
 # --- the command ----------------------------------------------------------------------------------------------------

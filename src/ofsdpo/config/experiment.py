@@ -131,12 +131,15 @@ class ExperimentConfig:
         except ConfigError as err:  # a value the file holds: say which file
             raise ConfigError(f"{path}: {err}") from None
 
-    def run_config(self, variant: dict, seed: int, output_dir: str | Path, specs: list[str], progress: bool = True):
-        """The OFSDPOConfig (in-domain) or ContinualConfig (continual) of one variant and seed."""
+    def run_config(self, variant: dict, seed: int, output_dir: str | Path, specs: list[str], progress: bool = True,
+                   save_steps: int = 0, resume: bool = False):
+        """The OFSDPOConfig (in-domain) or ContinualConfig (continual) of one variant and seed. `save_steps` and
+        `resume` say how a run is carried out (checkpoints, and continuing an unfinished one); a run key is taken
+        at their defaults, so it does not depend on them."""
         common = dict(lr=self.lr, batch_size=self.batch_size, max_length=self.max_length, seed=seed,
-                      max_prompt_length=self.max_prompt_length, save_steps=0, device=self.device,
+                      max_prompt_length=self.max_prompt_length, save_steps=save_steps, device=self.device,
                       output_dir=str(output_dir), overwrite=True, model=self.model, gguf_file=self.gguf_file,
-                      progress=progress)
+                      progress=progress, resume=resume, **({"save_total_limit": 1} if save_steps > 0 else {}))
         if self.kind == "in-domain":
             values, accepted = dict(common, max_steps=self.steps, regret=True), OFSDPOConfig.field_names()
         else:
