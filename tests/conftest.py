@@ -31,6 +31,25 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+class PowerCut(Exception):
+    """A crash a test causes in the middle of training."""
+
+
+def dying_after_step(stage_prefix: str, step: int):
+    """An `OFSDPOTrainer._after_step` that raises PowerCut at `step` of the stage whose folder name starts with
+    `stage_prefix` (a continual stage: `2-`): the step has updated the weights and is neither logged nor saved."""
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    after_step = OFSDPOTrainer._after_step
+
+    def dies(self, row, seconds):
+        if self.output_dir.name.startswith(stage_prefix) and self.state.step == step:
+            raise PowerCut
+        return after_step(self, row, seconds)
+
+    return dies
+
+
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "pairs.jsonl", sentiment_rows(16))

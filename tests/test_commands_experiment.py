@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import PowerCut, dying_after_step
 from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds, select_variants
 from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
 from ofsdpo.config import ConfigError, ExperimentConfig
@@ -702,10 +703,6 @@ def test_the_shared_reference_caches_are_keyed_by_the_completion_cut(tmp_path):
     assert again is whole and cut is not whole and cut["selection"] is not whole["selection"]
 
 
-class PowerCut(Exception):
-    pass
-
-
 def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_identical(
         tiny_model_dir, tmp_path, monkeypatch, length_judged):
     """Killed at step 3 after the ladder judged it but before the step's checkpoint: the rerun resumes from step 2's
@@ -768,13 +765,7 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
                   variants=[{"name": "cofs", "method": "cofs-dpo"}])
     whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
     after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
-
-    def dies_in_stage_2(self, row, seconds):  # step 2 has updated the weights, and is neither logged nor saved
-        if self.output_dir.name.startswith("2-") and self.state.step == 2:
-            raise PowerCut
-        return after_step(self, row, seconds)
-
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies_in_stage_2)
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
     with pytest.raises(PowerCut):
         ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import PowerCut, dying_after_step, write_jsonl
 from ofsdpo.cli import main
 from ofsdpo.combine import combine_params, effective_deltas
 from ofsdpo.config import ConfigError, ContinualConfig
@@ -148,10 +148,6 @@ def test_score_domains_seen_leaves_out_the_domains_not_trained_yet(tiny_model_di
         assert seen["base_judge_score"][name] == pytest.approx(sum(alone) / len(alone), abs=0)
 
 
-class PowerCut(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["cofs-dpo", "lora-merge"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, method):
     """Stage 2 of 3 dies after its first checkpoint; --resume reads stage 1, resumes stage 2, runs stage 3."""
@@ -164,13 +160,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     _, whole = run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "whole"), **kw)
 
     after_step, trained = OFSDPOTrainer._after_step, []
-
-    def dies_in_stage_2(self, row, seconds):  # step 2 has updated the weights, and is neither logged nor saved
-        if self.output_dir.name.startswith("2-") and self.state.step == 2:
-            raise PowerCut
-        return after_step(self, row, seconds)
-
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies_in_stage_2)
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
     with pytest.raises(PowerCut):
         run(tiny_model_dir, tmp_path, domains, output_dir=str(tmp_path / "cut"), **kw)
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
