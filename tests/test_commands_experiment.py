@@ -4,6 +4,7 @@ keys (pinned: a finished run must stay recognised), and a tiny end-to-end run.""
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -735,10 +736,13 @@ def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_i
         return train(self, *args, **kwargs)
 
     monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    began = time.perf_counter()
     resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    this_call = time.perf_counter() - began
     assert trained == [True]
     got, expected = (r["per_seed"]["ofs/sentiment"]["0"] for r in (resumed, whole))
     assert got["resumed"] is True and [p["step"] for p in got["frontier"]] == [1, 3]
+    assert got["wall_seconds"] > this_call  # the cut attempt's time, up to its step-2 checkpoint, counts too
     for key in ("report_loss", "judge_score", "kl", "online_loss_total", "selection_loss", "swaps", "pairs_seen"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     assert got["online_loss_curve"] == pytest.approx(expected["online_loss_curve"], rel=1e-5, abs=1e-6)
@@ -750,6 +754,24 @@ def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_i
             for key in ("judge_score", "kl", "report_loss", "selection_loss", "train_loss"):
                 assert a["modules"][name][key] == pytest.approx(b["modules"][name][key], rel=1e-5, abs=1e-6), key
     assert not list(run_dir.rglob("checkpoints")) and not (run_dir / "ladder.json").exists()
+    assert not (run_dir / "attempt.json").exists()
+
+
+def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
+    import os
+
+    from ofsdpo.commands.experiment import earlier_attempts_seconds
+
+    assert earlier_attempts_seconds(tmp_path) == 0.0  # no attempt kept: unknown, counted as none
+    (tmp_path / "attempt.json").write_text(json.dumps({"started": 1000.0, "seconds_before": 5.0}))
+    assert earlier_attempts_seconds(tmp_path) == 5.0  # it saved nothing: all of it is done again
+    for path, when in ((tmp_path / "domains" / "1-a" / "stage" / "stage.json", 1020.0),
+                       (tmp_path / "domains" / "2-b" / "checkpoints" / "checkpoint-4" / "trainer_state.json", 1030.0),
+                       (tmp_path / "ladder.json", 1090.0)):  # written after every step, not progress kept
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        os.utime(path, (when, when))
+    assert earlier_attempts_seconds(tmp_path) == 35.0
 
 
 def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_dir, tmp_path, monkeypatch,

@@ -98,6 +98,9 @@ CONTINUAL_KEY_FORMAT = frozenset({"max_steps_per_domain", "memory_size", "heldou
 # interrupted stage from its newest checkpoint), ending as the uninterrupted run would
 RESUME_EVERY = 4
 RUN_KEY_FILE, LADDER_FILE = "run_key", "ladder.json"
+# when the current attempt at a run started (epoch seconds) and the wall time of its earlier attempts, each counted up
+# to its last saved progress (the work after it is done again): a resumed run's wall_seconds counts the run whole
+ATTEMPT_FILE = "attempt.json"
 KEYED_ROLES = (COMPUTED, RUNTIME)  # an option of these roles, set to other than its default, enters the key
 # a continual run's paired headline numbers (`experiment_report.PAIRED_CONTINUAL`) and the report's per-unit values
 # whose mean each one is (`continual.headline_units`): what the bootstrap resamples
@@ -194,18 +197,20 @@ class ExperimentRunner:
         if not resume:  # a folder of another key, or one with nothing to resume from, starts again (overwrite)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / RUN_KEY_FILE, key)
+        earlier = earlier_attempts_seconds(run_dir) if resume else 0.0
+        write_atomic(run_dir / ATTEMPT_FILE, json.dumps({"started": time.time(), "seconds_before": earlier}))
         started = time.perf_counter()
         cuda = self._reset_peak_memory()
         if self.config.kind == "in-domain":
             result = self.in_domain(variant, domain, seed, run_dir, resume)
         else:
             result = self.continual(variant, seed, run_dir, resume)
-        # a resumed run's wall time is this call's part only (its training time, `train_seconds`, counts it whole)
-        result.update(wall_seconds=time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
+        result.update(wall_seconds=earlier + time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
                       **({"resumed": True} if resume else {}))
         for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed here
             shutil.rmtree(checkpoints, ignore_errors=True)
-        (run_dir / LADDER_FILE).unlink(missing_ok=True)  # its points are in the result
+        for done_with in (LADDER_FILE, ATTEMPT_FILE):  # the ladder's points are in the result, and its time
+            (run_dir / done_with).unlink(missing_ok=True)
         write_json(done, result)
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
@@ -638,6 +643,18 @@ class CheckpointLadder:
     def _save(self) -> None:
         if self.path is not None:
             write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
+
+
+def earlier_attempts_seconds(run_dir: Path) -> float:
+    """The wall time of a run's earlier attempts (`ATTEMPT_FILE`): the last one counted from its start to the newest
+    progress it saved (a checkpoint, a finished stage), after which its work is done again."""
+    try:
+        attempt = json.loads((run_dir / ATTEMPT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0  # started before attempts were kept: its earlier time is unknown
+    saved = [p.stat().st_mtime for pattern in ("**/checkpoints/*/trainer_state.json", "**/stage/stage.json")
+             for p in run_dir.glob(pattern)]
+    return attempt["seconds_before"] + max([t - attempt["started"] for t in saved] + [0.0])
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
