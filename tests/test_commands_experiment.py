@@ -805,3 +805,40 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
         for a, b in zip(got[key], expected[key], strict=True):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6), key
     assert not list((tmp_path / "b" / "cut" / "runs").rglob("checkpoints"))
+
+
+def test_an_in_domain_run_killed_in_its_final_scoring_resumes_without_training_again(
+        tiny_model_dir, tmp_path, monkeypatch, length_judged):
+    """Killed after its last step, while the served module is scored: the rerun resumes from the final checkpoint,
+    trains no step, keeps every judged point of the ladder and ends with the uninterrupted run's result."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"), seeds=[0], samples=4,
+                  pairs_per_prompt=2, steps=4, checkpoints=[2, 4], variants=[{"name": "ofs", "method": "ofs-dpo"}])
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+    evaluate, steps = experiment.evaluate, []
+
+    def dies_scoring_the_served_module(*args, **kwargs):
+        if kwargs.get("per_pair"):  # the end's scoring (the ladder's does not ask for per-pair values)
+            raise PowerCut
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate", dies_scoring_the_served_module)
+    with pytest.raises(PowerCut):
+        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    monkeypatch.setattr(experiment, "evaluate", evaluate)
+    after_step = OFSDPOTrainer._after_step
+
+    def counted(self, row, seconds):
+        steps.append(self.state.step)
+        return after_step(self, row, seconds)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", counted)
+    resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert steps == []  # not one step trained again
+    got, expected = (r["per_seed"]["ofs/sentiment"]["0"] for r in (resumed, whole))
+    assert got["resumed"] is True and [p["step"] for p in got["frontier"]] == [2, 4]
+    for key in ("report_loss", "judge_score", "kl", "online_loss_total", "selection_loss"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert {n: len(v) for n, v in got["train_loss_curve"].items()} == {"fast": 4, "slow": 4}
