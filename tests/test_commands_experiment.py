@@ -842,3 +842,54 @@ def test_an_in_domain_run_killed_in_its_final_scoring_resumes_without_training_a
     for key in ("report_loss", "judge_score", "kl", "online_loss_total", "selection_loss"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     assert {n: len(v) for n, v in got["train_loss_curve"].items()} == {"fast": 4, "slow": 4}
+
+
+@pytest.mark.parametrize("ending", ["another key", "non-finite stop"])
+def test_a_folder_that_must_not_be_resumed_starts_again(tiny_model_dir, tmp_path, monkeypatch, length_judged,
+                                                        ending):
+    """A run folder of another run key (even when a rerun under the right key dies before training), or one whose
+    run stopped on non-finite steps (its own end, not an interruption), is run from step 0, not resumed from its
+    checkpoint."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.errors import NonFiniteError
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
+    values = dict(TINY, model=str(tiny_model_dir), data_dir=str(tmp_path / "pairs"), seeds=[0], steps=3,
+                  variants=[{"name": "ofs", "method": "ofs-dpo"}])
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+    after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
+    error = PowerCut if ending == "another key" else NonFiniteError
+
+    def dies(self, row, seconds):
+        if self.state.step == 3:
+            raise error("stopped")
+        return after_step(self, row, seconds)
+
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies)
+    with pytest.raises(error):
+        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    run_dir = tmp_path / "b" / "cut" / "runs" / "ofs" / "sentiment" / "seed-0"
+    assert list((run_dir / "checkpoints").iterdir())  # a checkpoint it could resume from
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+    if ending == "another key":  # a rerun under the right key dies before it trains: the folder was cleared first
+        (run_dir / "run_key").write_text("0123456789abcdef")
+        def dies_before_training():
+            raise PowerCut
+
+        with monkeypatch.context() as m:
+            m.setattr(ExperimentRunner, "_reset_peak_memory", staticmethod(dies_before_training))
+            with pytest.raises(PowerCut):
+                ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False,
+                                 verbose=False).run()
+        assert (run_dir / "run_key").read_text() != "0123456789abcdef" and not (run_dir / "checkpoints").exists()
+
+    def counted(self, *args, **kwargs):
+        trained.append(self.config.resume)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    again = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert trained == [False]
+    got, expected = (r["per_seed"]["ofs/sentiment"]["0"] for r in (again, whole))
+    assert "resumed" not in got and got["report_loss"] == pytest.approx(expected["report_loss"], rel=1e-5)

@@ -50,7 +50,7 @@ from ..continual import ContinualRunner
 from ..continual.persistence import remove_outputs
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..checkpoint import list_checkpoints
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_atomic, write_json, write_jsonl
@@ -192,19 +192,25 @@ class ExperimentRunner:
             write_json(done, result)
             self.say(f"{cell}, seed {seed}: reused {twin}")
             return result
-        resume = self.unfinished(run_dir, key)
+        refuse_if_locked(run_dir)  # another call trains this very run now
+        laddered = bool(self.config.checkpoints) and domain is not None and self.domain(domain) is not None
+        resume = self.unfinished(run_dir, key, laddered)
         self.say(f"{cell}, seed {seed}: resuming the unfinished run …" if resume else f"{cell}, seed {seed} …")
-        if not resume:  # a folder of another key, or one with nothing to resume from, starts again (overwrite)
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a folder of another key, or one with nothing to resume from: nothing of it may be read
+            shutil.rmtree(run_dir, ignore_errors=True)
             write_atomic(run_dir / RUN_KEY_FILE, key)
         earlier = earlier_attempts_seconds(run_dir) if resume else 0.0
         write_atomic(run_dir / ATTEMPT_FILE, json.dumps({"started": time.time(), "seconds_before": earlier}))
         started = time.perf_counter()
         cuda = self._reset_peak_memory()
-        if self.config.kind == "in-domain":
-            result = self.in_domain(variant, domain, seed, run_dir, resume)
-        else:
-            result = self.continual(variant, seed, run_dir, resume)
+        try:
+            if self.config.kind == "in-domain":
+                result = self.in_domain(variant, domain, seed, run_dir, resume)
+            else:
+                result = self.continual(variant, seed, run_dir, resume)
+        except NonFiniteError:  # the run's own end, not an interruption: a rerun starts it again, never past it
+            (run_dir / RUN_KEY_FILE).unlink(missing_ok=True)
+            raise
         result.update(wall_seconds=earlier + time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
                       **({"resumed": True} if resume else {}))
         for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed here
@@ -215,16 +221,16 @@ class ExperimentRunner:
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
 
-    def unfinished(self, run_dir: Path, key: str) -> bool:
+    def unfinished(self, run_dir: Path, key: str, laddered: bool) -> bool:
         """Whether `run_dir` holds an unfinished run of this key that can be resumed: started under the key, and
-        (in-domain) with a checkpoint or (continual) with its config written."""
+        (in-domain) with a checkpoint, and the ladder's points where it has a ladder (`laddered`), or (continual)
+        with its config written."""
         marker = run_dir / RUN_KEY_FILE
         if not marker.is_file() or marker.read_text(encoding="utf-8").strip() != key:
             return False
         if self.config.kind == "continual":
             return (run_dir / "config.yaml").is_file()
-        return bool(list_checkpoints(run_dir / "checkpoints")) and (not self.config.checkpoints
-                                                                    or (run_dir / LADDER_FILE).is_file())
+        return bool(list_checkpoints(run_dir / "checkpoints")) and (not laddered or (run_dir / LADDER_FILE).is_file())
 
     @staticmethod
     def _reset_peak_memory() -> bool:
