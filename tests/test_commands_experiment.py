@@ -774,17 +774,23 @@ def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
     assert earlier_attempts_seconds(tmp_path) == 35.0
 
 
+@pytest.mark.parametrize("variant", [
+    {"name": "cofs", "method": "cofs-dpo"},
+    {"name": "cofs", "method": "cofs-dpo", "init": "fresh", "combine": "delta", "search": "simplex",
+     "select_by": "judge", "select_judge_prompts": 2},
+    {"name": "cofs", "method": "multitask"},
+    {"name": "cofs", "method": "dpo-replay"}], ids=["cofs-dpo", "fresh-simplex-judge", "multitask", "dpo-replay"])
 def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_dir, tmp_path, monkeypatch,
-                                                                     length_judged):
+                                                                     length_judged, variant):
     """Stage 2 of 2 dies after its first checkpoint: the rerun reads stage 1 back (not retrained), resumes stage 2
-    from its checkpoint, and ends with the uninterrupted run's matrices."""
+    from its checkpoint, and ends with the uninterrupted run's matrices; for every continual method the issue-28
+    experiments run."""
     import ofsdpo.commands.experiment as experiment
     from ofsdpo.trainer import OFSDPOTrainer
 
     monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
     values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
-                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1",
-                  variants=[{"name": "cofs", "method": "cofs-dpo"}])
+                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1", variants=[variant])
     whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
     after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
