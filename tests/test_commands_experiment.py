@@ -729,6 +729,8 @@ def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_i
         cut.run()
     run_dir = tmp_path / "b" / "cut" / "runs" / "ofs" / "sentiment" / "seed-0"
     assert [p["step"] for p in json.loads((run_dir / "ladder.json").read_text())["points"]] == [1, 3]
+    status = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", verbose=False).status()
+    assert [(r["state"], r["detail"]) for r in status] == [("unfinished", "resumes from step 2")]
     monkeypatch.setattr(OFSDPOTrainer, "_save_checkpoint", save)
 
     def counted(self, *args, **kwargs):
@@ -755,6 +757,27 @@ def test_an_in_domain_run_killed_between_its_ladder_and_its_checkpoint_resumes_i
                 assert a["modules"][name][key] == pytest.approx(b["modules"][name][key], rel=1e-5, abs=1e-6), key
     assert not list(run_dir.rglob("checkpoints")) and not (run_dir / "ladder.json").exists()
     assert not (run_dir / "attempt.json").exists()
+    (row,) = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", verbose=False).status()
+    assert row["state"] == "finished" and row["detail"].endswith(" min, resumed")
+
+
+def test_status_reads_where_runs_stand_without_loading_anything(tmp_path, capsys, monkeypatch):
+    """`--status` before any pairs exist: every run is to run, and nothing is sampled or loaded."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--status loaded the model")
+
+    monkeypatch.setattr(experiment, "load_model_and_tokenizer", no_model)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY, model="unused", data_dir=str(tmp_path / "pairs"),
+                                        variants=[{"name": "dpo", "method": "dpo"}])))
+    assert main(["experiment", str(path), "--status", "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("to run      pairs of sentiment not sampled yet") == 2  # seeds 0 and 1
+    assert "0 of 2 runs finished, 0 running, 0 unfinished (a rerun resumes them), 2 to run." in printed
+    assert not (tmp_path / "pairs").exists() and not (tmp_path / "out").exists()
 
 
 def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
@@ -797,6 +820,8 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
     with pytest.raises(PowerCut):
         ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+    (row,) = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", verbose=False).status()
+    assert (row["state"], row["detail"]) == ("unfinished", "1 stage(s) finished; 2-critic resumes from step 1")
 
     def counted(self, *args, **kwargs):
         trained.append((self.output_dir.name, self.config.resume))

@@ -319,7 +319,7 @@ def experiment_command(argv: list[str]) -> int:
     from .commands.experiment import run_experiment
 
     run_experiment(config.experiment, config.seeds, config.output_dir, config.progress, config.variants,
-                   config.overwrite)
+                   config.overwrite, config.status)
     return 0
 
 

@@ -59,7 +59,7 @@ from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
 from ..reuse import SharedWork
-from ..rundir import LOCK_NAME, refuse_if_locked
+from ..rundir import LOCK_NAME, lock_holder, refuse_if_locked
 from ..rounds import RoundSettings, judged_pairs
 from ..scoring import common_random_numbers, reference_samples
 from ..trainer import OFSDPOTrainer
@@ -221,6 +221,49 @@ class ExperimentRunner:
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
 
+    def status(self) -> list[dict]:
+        """Where each run (cell, seed) stands, read from disk without loading the model or sampling anything:
+        `finished` (or reused from another experiment), `running` (another call holds it), `unfinished` (and what it
+        resumes from), or `to run`."""
+        cfg, rows = self.config, []
+        for seed in cfg.seeds:
+            for cell, variant, domain in cfg.cells():
+                run_dir, row = self.out / "runs" / cell / f"seed-{seed}", {"cell": cell, "seed": seed}
+                missing = [d for d in ([domain] if domain else cfg.domains) if not self.sampled(self.source(d))]
+                if missing:
+                    rows.append({**row, "state": "to run", "detail": f"pairs of {', '.join(missing)} not sampled yet"})
+                    continue
+                key = self.run_key(variant, domain, seed)
+                done = run_dir / "result.json"
+                result = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
+                if result.get("run_key") == key:
+                    resumed = ", resumed" if result.get("resumed") else ""
+                    where = (f"reused from {result['reused_from']}" if result.get("reused_from") else
+                             f"{result.get('wall_seconds', 0) / 60:.1f} min{resumed}")
+                    rows.append({**row, "state": "finished", "detail": where})
+                elif (run_dir / RUN_KEY_FILE).is_file() and (run_dir / RUN_KEY_FILE).read_text().strip() == key:
+                    held = lock_holder(run_dir) is not None  # a live run holds its folder
+                    detail = resumes_from(run_dir, cfg.kind)
+                    rows.append({**row, "state": "running" if held else "unfinished",
+                                 "detail": detail.replace("resumes from", "last checkpoint at") if held else detail})
+                else:
+                    twin = self.find_run(key) if self.reuse_twins else None
+                    rows.append({**row, "state": "to run", "detail": f"will reuse {twin}" if twin else ""})
+        return rows
+
+    def sampled(self, domain: str) -> bool:
+        """Whether the domain's pairs are on disk (the user's file, or sampled earlier into data_dir)."""
+        cfg = self.config
+        if cfg.data is not None or cfg.data_files:
+            return Path(cfg.data_files.get(domain) or cfg.data).is_file()
+        return self.pairs_path(domain).is_file()
+
+    def pairs_path(self, domain: str) -> Path:
+        """Where a built-in domain's pairs sampled from the base are kept (`data_dir`)."""
+        cfg = self.config
+        several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
+        return Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
+
     def unfinished(self, run_dir: Path, key: str, laddered: bool) -> bool:
         """Whether `run_dir` holds an unfinished run of this key that can be resumed: started under the key, and
         (in-domain) with a checkpoint, and the ladder's points where it has a ladder (`laddered`), or (continual)
@@ -301,8 +344,7 @@ class ExperimentRunner:
         if cfg.data is not None or cfg.data_files:
             self._pairs[domain] = Path(cfg.data_files.get(domain) or cfg.data)
             return self._pairs[domain]
-        several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
-        path = Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
+        path = self.pairs_path(domain)
         info_path = path.with_suffix(".info.json")
         if not path.is_file():
             info = self._sample_pairs(domain, path)
@@ -651,6 +693,22 @@ class CheckpointLadder:
             write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
 
 
+def resumes_from(run_dir: Path, kind: str) -> str:
+    """What an unfinished run resumes from, in words: its newest checkpoint's step (in-domain), or its finished
+    stages and the interrupted stage's newest checkpoint (continual)."""
+    def newest(folder: Path) -> str:
+        found = list_checkpoints(folder / "checkpoints")
+        return f"step {found[-1].name.removeprefix('checkpoint-')}" if found else "its start"
+
+    if kind != "continual":
+        return f"resumes from {newest(run_dir)}"
+    stages = sorted(p for p in (run_dir / "domains").glob("*") if p.is_dir())
+    finished = [p for p in stages if (p / "stage" / "stage.json").is_file()]
+    current = next((p for p in stages if p not in finished), None)
+    return (f"{len(finished)} stage(s) finished" +
+            (f"; {current.name} resumes from {newest(current)}" if current is not None else ""))
+
+
 def earlier_attempts_seconds(run_dir: Path) -> float:
     """The wall time of a run's earlier attempts (`ATTEMPT_FILE`): the last one counted from its start to the newest
     progress it saved (a checkpoint, a finished stage), after which its work is done again."""
@@ -698,12 +756,29 @@ def select_variants(config: ExperimentConfig, text: str | None) -> list[dict]:
     return [by_name[n] for n in names]
 
 
+def format_status(rows: list[dict]) -> str:
+    """`ofsdpo experiment --status`: one line a run, then the counts."""
+    width = max([len(r["cell"]) for r in rows] + [4])
+    lines = [f"{'cell':<{width}}  seed  {'state':<10}  detail"]
+    lines += [f"{r['cell']:<{width}}  {r['seed']:>4}  {r['state']:<10}  {r['detail']}".rstrip() for r in rows]
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("finished", "running", "unfinished",
+                                                                          "to run")}
+    lines.append(f"{counts['finished']} of {len(rows)} runs finished, {counts['running']} running, "
+                 f"{counts['unfinished']} unfinished (a rerun resumes them), {counts['to run']} to run.")
+    return "\n".join(lines) + "\n"
+
+
 def run_experiment(config_path: str, seeds: str | None = None, output_dir: str | None = None,
-                   progress: bool = True, variants: str | None = None, overwrite: bool = False) -> dict:
+                   progress: bool = True, variants: str | None = None, overwrite: bool = False,
+                   status: bool = False) -> dict:
     config = ExperimentConfig.from_yaml(config_path)
     config.seeds = parse_seeds(seeds) or config.seeds
     config.variants = select_variants(config, variants)
     out = Path(output_dir or Path("experiments-output") / config.name)
+    if status:  # nothing runs, nothing loads
+        rows = ExperimentRunner(config, out, progress).status()
+        print(format_status(rows), end="")
+        return {"status": rows}
     if overwrite:
         clear_experiment(out, config.name)
     # progress lines are printed either way
