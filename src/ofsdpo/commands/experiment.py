@@ -46,12 +46,12 @@ from transformers import set_seed
 from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
                       option_roles, resolve_search)
+from ..checkpoint import list_checkpoints
 from ..continual import ContinualRunner
 from ..continual.persistence import remove_outputs
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError, NonFiniteError
-from ..checkpoint import list_checkpoints
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import write_atomic, write_json, write_jsonl
 from ..losses import preference_loss

@@ -264,8 +264,8 @@ class ExperimentCommandConfig:
         "Remove what an earlier call wrote into --output-dir (runs, splits, aggregate, plots) and run every cell "
         "again, none reused from another experiment's runs (without it, finished cells are kept and reused)."))
     status: bool = field(default=False, metadata=_help(
-        "Print where each run stands (finished, unfinished and what it resumes from, to run) and exit: nothing runs "
-        "and the model does not load."))
+        "Print where each run stands (finished, running, unfinished and what it resumes from, to run) and exit: "
+        "nothing runs and the model does not load."))
 
     def __post_init__(self) -> None:
         check_field_types(self)
