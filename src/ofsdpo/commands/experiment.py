@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from ..checkpoint import list_checkpoints
 from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
                       option_roles, resolve_search)
-from ..checkpoint import list_checkpoints
 from ..continual import ContinualRunner
 from ..continual.persistence import remove_outputs
 from ..data import check_row, load_preference_data, read_rows
