@@ -83,6 +83,13 @@ def test_compare_end_to_end_with_a_judge_and_resume(tiny_model_dir, tmp_path, mo
     assert "# Recommendation" in (out / "compare.md").read_text()
     lost = out / "runs" / "dpo" / data.stem / "seed-1" / "result.json"
     lost.unlink()
+    capsys.readouterr()
+    assert main([*argv, "--status"]) == 0  # where the runs stand, nothing run
+    printed = capsys.readouterr().out
+    states = {tuple(line.split()[:2]): " ".join(line.split()[2:]) for line in printed.splitlines()[1:-1]}
+    assert states[(f"dpo/{data.stem}", "1")] == "to run" and states[(f"ofs-dpo/{data.stem}", "1")].startswith(
+        "finished ")
+    assert "3 of 4 runs finished, 0 running, 0 unfinished (a rerun resumes them), 1 to run." in printed
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
     assert main(argv) == 0
     assert lost.is_file() and all(p.stat().st_mtime_ns == t for p, t in before.items())  # only the lost run ran

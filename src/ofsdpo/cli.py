@@ -333,6 +333,11 @@ def compare_command(argv: list[str]) -> int:
 
     resolve_device(config.training.device)
     result = run_compare(config)
+    if config.status:
+        from .commands.experiment import format_status
+
+        print(format_status(result["status"]), end="")
+        return 0
     from .commands.experiment_report import paired_line
 
     print("| arm − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | decided by | "

@@ -186,6 +186,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     experiment = experiment_config(cfg)
     out = Path(cfg.output_dir)
     runner = ExperimentRunner(experiment, out, cfg.training.progress)
+    if cfg.status:  # nothing runs, nothing loads
+        return {"status": runner.status()}
     summary = runner.run()
     cost = costs(summary)
     lines = recommendation(summary, cost)

@@ -193,8 +193,7 @@ class ExperimentRunner:
             self.say(f"{cell}, seed {seed}: reused {twin}")
             return result
         refuse_if_locked(run_dir)  # another call trains this very run now
-        laddered = bool(self.config.checkpoints) and domain is not None and self.domain(domain) is not None
-        resume = self.unfinished(run_dir, key, laddered)
+        resume = self.unfinished(run_dir, key, domain)
         self.say(f"{cell}, seed {seed}: resuming the unfinished run …" if resume else f"{cell}, seed {seed} …")
         if not resume:  # a folder of another key, or one with nothing to resume from: nothing of it may be read
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -241,11 +240,11 @@ class ExperimentRunner:
                     where = (f"reused from {result['reused_from']}" if result.get("reused_from") else
                              f"{result.get('wall_seconds', 0) / 60:.1f} min{resumed}")
                     rows.append({**row, "state": "finished", "detail": where})
-                elif (run_dir / RUN_KEY_FILE).is_file() and (run_dir / RUN_KEY_FILE).read_text().strip() == key:
-                    held = lock_holder(run_dir) is not None  # a live run holds its folder
-                    detail = resumes_from(run_dir, cfg.kind)
-                    rows.append({**row, "state": "running" if held else "unfinished",
-                                 "detail": detail.replace("resumes from", "last checkpoint at") if held else detail})
+                elif run_dir.is_dir() and lock_holder(run_dir) is not None:  # a live run holds its folder
+                    detail = resumes_from(run_dir, cfg.kind).replace("resumes from", "last checkpoint at")
+                    rows.append({**row, "state": "running", "detail": detail})
+                elif self.unfinished(run_dir, key, domain):
+                    rows.append({**row, "state": "unfinished", "detail": resumes_from(run_dir, cfg.kind)})
                 else:
                     twin = self.find_run(key) if self.reuse_twins else None
                     rows.append({**row, "state": "to run", "detail": f"will reuse {twin}" if twin else ""})
@@ -264,15 +263,16 @@ class ExperimentRunner:
         several = f"-m{cfg.pairs_per_prompt}" if cfg.pairs_per_prompt > 1 else ""
         return Path(cfg.data_dir) / f"{domain}-p{cfg.prompts}-k{cfg.samples}{several}-seed{cfg.pair_seed}.jsonl"
 
-    def unfinished(self, run_dir: Path, key: str, laddered: bool) -> bool:
+    def unfinished(self, run_dir: Path, key: str, domain: str | None) -> bool:
         """Whether `run_dir` holds an unfinished run of this key that can be resumed: started under the key, and
-        (in-domain) with a checkpoint, and the ladder's points where it has a ladder (`laddered`), or (continual)
-        with its config written."""
+        (in-domain) with a checkpoint, and the ladder's points where the run has a ladder (judged checkpoints on a
+        domain with a judge), or (continual) with its config written."""
         marker = run_dir / RUN_KEY_FILE
         if not marker.is_file() or marker.read_text(encoding="utf-8").strip() != key:
             return False
         if self.config.kind == "continual":
             return (run_dir / "config.yaml").is_file()
+        laddered = bool(self.config.checkpoints) and self.domain(domain) is not None
         return bool(list_checkpoints(run_dir / "checkpoints")) and (not laddered or (run_dir / LADDER_FILE).is_file())
 
     @staticmethod

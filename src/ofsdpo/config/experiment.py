@@ -204,6 +204,9 @@ class CompareOptions:
     max_steps: int = field(default=-1, metadata=_help("Optimiser steps per arm (-1: the whole stream once)."))
     output_dir: str = field(default="compare-output", metadata=_help(
         "Where the runs (each arm's served adapter), compare.json and compare.md go; rerun to resume."))
+    status: bool = field(default=False, metadata=_help(
+        "Print where each run stands (finished, running, unfinished and what it resumes from, to run) and exit: "
+        "nothing runs and the model does not load."))
 
 
 @dataclass
