@@ -780,6 +780,23 @@ def test_status_reads_where_runs_stand_without_loading_anything(tmp_path, capsys
     assert not (tmp_path / "pairs").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_damaged_saved_file_stops_a_resume_with_one_line_naming_it(tmp_path):
+    """A finished run's result.json or an unfinished run's ladder.json that cannot be read (edited by hand, damaged
+    on disk) is a ConfigError naming the file and what to remove, not a traceback from the JSON parser."""
+    from ofsdpo.commands.experiment import CheckpointLadder, finished_result
+
+    run_dir = tmp_path / "runs" / "dpo" / "seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text('{"run_key": "k", "report_loss": 0.')
+    with pytest.raises(ConfigError, match=rf"cannot read {run_dir / 'result.json'} .*remove {run_dir} to run it"):
+        finished_result(run_dir, "k")
+    (run_dir / "result.json").write_text('{"run_key": "other"}')
+    assert finished_result(run_dir, "k") is None  # run under another key: it runs again
+    (run_dir / "ladder.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=rf"cannot read {run_dir / 'ladder.json'} \(UnicodeDecodeError"):
+        CheckpointLadder([1], None, [], [], None, None, 0, 1, run_dir / "ladder.json", resume=True)
+
+
 def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
     import os
 

@@ -78,3 +78,15 @@ def test_a_killed_process_leaves_the_old_content(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p != path]
     assert len(leftovers) == 1 and leftovers[0].name.endswith(files.TMP_SUFFIX)
     assert leftovers[0].read_text() == "new"  # the finished new bytes, never under the target's name
+
+
+def test_read_json_reads_what_write_json_wrote_and_names_a_damaged_file(tmp_path):
+    from ofsdpo.errors import ConfigError
+
+    files.write_json(tmp_path / "a.json", {"x": [1, 2]})
+    assert files.read_json(tmp_path / "a.json", "unused") == {"x": [1, 2]}
+    (tmp_path / "b.json").write_text('{"x": [1, 2')  # cut short
+    with pytest.raises(ConfigError, match=r"cannot read .*b\.json \(JSONDecodeError: .*\); remove it\.$"):
+        files.read_json(tmp_path / "b.json", "remove it.")
+    with pytest.raises(ConfigError, match=r"cannot read .*c\.json \(FileNotFoundError"):
+        files.read_json(tmp_path / "c.json", "remove it.")

@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import ConfigError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -40,6 +42,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
     """`json.dumps(obj, indent=indent)`, atomically (no trailing newline, as the files always had)."""
     return write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def read_json(path: str | Path, remedy: str) -> Any:
+    """A JSON file this package wrote. One it cannot read (edited by hand, or damaged on disk) is a one-line
+    `ConfigError` naming the file and what to do (`remedy`), not a traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"cannot read {path} ({type(err).__name__}: {err}); {remedy}") from None
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

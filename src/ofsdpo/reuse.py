@@ -24,7 +24,7 @@ import torch
 from .config import CADENCE, OUTPUT, ContinualConfig, OFSDPOConfig, options_with_role
 from .files import write_atomic
 from .modules import adapter_state, load_adapter_state
-from .rundir import LOCK_NAME, config_yaml
+from .rundir import LOCK_NAME, STAGE_FOLDER, config_yaml
 from .state import TrainResult
 from .stream import fingerprint
 
@@ -80,7 +80,7 @@ class SharedWork:
         out = trainer.output_dir
         if trainer.processes.is_main:
             shutil.copytree(hit["result"].output_dir, out, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("stage", "checkpoints", LOCK_NAME))
+                            ignore=shutil.ignore_patterns(STAGE_FOLDER, "checkpoints", LOCK_NAME))
             write_atomic(out / "config.yaml", config_yaml(trainer.config.to_dict(), trainer.source_notes))
         torch.set_rng_state(hit["rng"])  # as if it had trained here (dropout draws)
         return dataclasses.replace(_copied(hit["result"]), output_dir=out)

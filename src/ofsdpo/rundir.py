@@ -42,6 +42,9 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
 HOLDER_NAME = ".ofsdpo.lock.json"  # who holds the lock: written once it is taken, removed before it is released
+# a continual run's finished stage keeps what a resume needs in `<stage dir>/STAGE_FOLDER`; its record, written last,
+# marks the stage finished (`continual.persistence`)
+STAGE_FOLDER, STAGE_RECORD = "stage", "stage.json"
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, resume_from: str | None = None) -> None:

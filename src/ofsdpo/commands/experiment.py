@@ -48,18 +48,18 @@ from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
                       option_roles, resolve_search)
 from ..continual import ContinualRunner
-from ..continual.persistence import remove_outputs
+from ..continual.persistence import remove_outputs, stage_finished
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
 from ..errors import ConfigError, NonFiniteError
 from ..evaluation import EvalOptions, EvalSet, evaluate
-from ..files import write_atomic, write_json, write_jsonl
+from ..files import read_json, write_atomic, write_json, write_jsonl
 from ..losses import preference_loss
 from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
 from ..reuse import SharedWork
-from ..rundir import LOCK_NAME, lock_holder, refuse_if_locked
+from ..rundir import LOCK_NAME, STAGE_FOLDER, STAGE_RECORD, lock_holder, refuse_if_locked
 from ..rounds import RoundSettings, judged_pairs
 from ..scoring import common_random_numbers, reference_samples
 from ..trainer import OFSDPOTrainer
@@ -182,10 +182,9 @@ class ExperimentRunner:
         run_dir = self.out / "runs" / cell / f"seed-{seed}"
         done = run_dir / "result.json"
         key = self.run_key(variant, domain, seed)
-        if done.is_file():  # finished earlier, unless the experiment's file has changed since
-            result = json.loads(done.read_text(encoding="utf-8"))
-            if result.get("run_key") == key:
-                return result
+        result = finished_result(run_dir, key)
+        if result is not None:
+            return result
         twin = self.find_run(key) if self.reuse_twins else None
         if twin is not None:  # the same run in another experiment (an ablation's baseline): reuse it
             result = {**json.loads(twin.read_text(encoding="utf-8")), "reused_from": str(twin)}
@@ -232,10 +231,8 @@ class ExperimentRunner:
                 if missing:
                     rows.append({**row, "state": "to run", "detail": f"pairs of {', '.join(missing)} not sampled yet"})
                     continue
-                key = self.run_key(variant, domain, seed)
-                done = run_dir / "result.json"
-                result = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
-                if result.get("run_key") == key:
+                result = finished_result(run_dir, key := self.run_key(variant, domain, seed))
+                if result is not None:
                     resumed = ", resumed" if result.get("resumed") else ""
                     where = (f"reused from {result['reused_from']}" if result.get("reused_from") else
                              f"{result.get('wall_seconds', 0) / 60:.1f} min{resumed}")
@@ -647,7 +644,8 @@ class CheckpointLadder:
         self.steps, self.domain, self.records, self.ref_scores = set(steps), domain, records, ref_scores
         self.report, self.report_reference, self.seed, self.samples = report, report_reference, seed, samples_per_prompt
         self.path, self._resumed = path, resume
-        saved = json.loads(path.read_text(encoding="utf-8")) if resume and path is not None else {}
+        saved = (read_json(path, "remove the run's folder to start it again.") if resume and path is not None
+                 else {})
         self.points: list[dict] = saved.get("points", [])
         self.train_loss: dict[str, list[float]] = saved.get("train_loss", {})  # each module's, step by step
 
@@ -693,6 +691,16 @@ class CheckpointLadder:
             write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
 
 
+def finished_result(run_dir: Path, key: str) -> dict | None:
+    """The result a run saved in `run_dir` when it finished, if it ran under `key` (the experiment's file may have
+    changed the run since: then it runs again)."""
+    done = run_dir / "result.json"
+    if not done.is_file():
+        return None
+    result = read_json(done, f"remove {run_dir} to run it again.")
+    return result if result.get("run_key") == key else None
+
+
 def resumes_from(run_dir: Path, kind: str) -> str:
     """What an unfinished run resumes from, in words: its newest checkpoint's step (in-domain), or its finished
     stages and the interrupted stage's newest checkpoint (continual)."""
@@ -703,7 +711,7 @@ def resumes_from(run_dir: Path, kind: str) -> str:
     if kind != "continual":
         return f"resumes from {newest(run_dir)}"
     stages = sorted(p for p in (run_dir / "domains").glob("*") if p.is_dir())
-    finished = [p for p in stages if (p / "stage" / "stage.json").is_file()]
+    finished = [p for p in stages if stage_finished(p)]
     current = next((p for p in stages if p not in finished), None)
     return (f"{len(finished)} stage(s) finished" +
             (f"; {current.name} resumes from {newest(current)}" if current is not None else ""))
@@ -716,8 +724,8 @@ def earlier_attempts_seconds(run_dir: Path) -> float:
         attempt = json.loads((run_dir / ATTEMPT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return 0.0  # started before attempts were kept: its earlier time is unknown
-    saved = [p.stat().st_mtime for pattern in ("**/checkpoints/*/trainer_state.json", "**/stage/stage.json")
-             for p in run_dir.glob(pattern)]
+    progress = ("**/checkpoints/*/trainer_state.json", f"**/{STAGE_FOLDER}/{STAGE_RECORD}")
+    saved = [p.stat().st_mtime for pattern in progress for p in run_dir.glob(pattern)]
     return attempt["seconds_before"] + max([t - attempt["started"] for t in saved] + [0.0])
 
 

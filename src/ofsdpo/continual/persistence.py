@@ -4,7 +4,6 @@ reference's judged samples), written last-file-atomically: `stage.json`, written
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from ..config import RESUME_MAY_CHANGE, ContinualConfig, changed_options, read_config_file
 from ..distributed import Processes
 from ..errors import ConfigError
-from ..files import write_json
+from ..files import read_json, write_json
 from ..modules import write_adapter
-from ..rundir import RUN_OUTPUTS
+from ..rundir import RUN_OUTPUTS, STAGE_FOLDER, STAGE_RECORD
 
 CONTINUAL_MARKERS = ("report.json", "domains")
 # everything a continual run writes into its folder (the stages under domains/, `report.write_report`'s files, the
@@ -24,6 +23,11 @@ CONTINUAL_MARKERS = ("report.json", "domains")
 # removes all of it, so nothing of the run before (its report, heatmap, stages) is read as this run's
 CONTINUAL_OUTPUTS = tuple(dict.fromkeys(CONTINUAL_MARKERS + ("config.yaml", "report.txt", "heatmap.png")
                                         + RUN_OUTPUTS))
+
+
+def stage_finished(stage_dir: Path) -> bool:
+    """Whether the stage in `stage_dir` (`domains/<k>-<domain>`) finished: `save_stage` writes its record last."""
+    return (stage_dir / STAGE_FOLDER / STAGE_RECORD).is_file()
 
 
 def remove_outputs(paths) -> None:
@@ -68,24 +72,26 @@ def prepare_output(config: ContinualConfig, output_dir: Path, processes: Process
     processes.barrier()
 
 
-def save_stage(folder: Path, processes: Processes, record: dict, kept_state, served, served_lora) -> None:
-    """What a resumed run needs of a finished stage, in `folder` (`<stage dir>/stage`): `record` (the report's row,
-    the rows, the weights, the reference's scores) as `stage.json`, written last, so it marks completeness."""
+def save_stage(stage_dir: Path, processes: Processes, record: dict, kept_state, served, served_lora) -> None:
+    """What a resumed run needs of the finished stage in `stage_dir`, in its STAGE_FOLDER: `record` (the report's
+    row, the rows, the weights, the reference's scores) as STAGE_RECORD, written last, so it marks completeness."""
+    folder = stage_dir / STAGE_FOLDER
     if processes.is_main:
         if folder.exists():
             shutil.rmtree(folder)
         write_adapter(served_lora, served, folder / "served")
         if kept_state is not None:
             save_file({n: t.detach().contiguous().cpu() for n, t in kept_state.items()}, folder / "kept.safetensors")
-        write_json(folder / "stage.json", record)
+        write_json(folder / STAGE_RECORD, record)
     processes.barrier()
 
 
-def load_stage(folder: Path):
-    """(record, kept, served, served LoraConfig) of the finished stage saved in `folder`, or None."""
-    if not (folder / "stage.json").is_file():
+def load_stage(stage_dir: Path):
+    """(record, kept, served, served LoraConfig) of the finished stage saved in `stage_dir`, or None."""
+    if not stage_finished(stage_dir):
         return None
-    record = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+    folder = stage_dir / STAGE_FOLDER
+    record = read_json(folder / STAGE_RECORD, f"remove {folder} to train that stage again.")
     served_lora = LoraConfig.from_pretrained(str(folder / "served"))
     served_lora.inference_mode = False
     served = load_file(folder / "served" / "adapter_model.safetensors")

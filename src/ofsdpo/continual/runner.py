@@ -208,11 +208,11 @@ class ContinualRunner:
 
     def _save_stage(self, k: int, stage: dict, rows: dict, kept_state, served, served_lora, weights) -> None:
         record = {"stage": stage, "rows": rows, "weights": weights, "reference_scores": self._reference_scores}
-        save_stage(self._stage_dir(k) / "stage", self.processes, record, kept_state, served, served_lora)
+        save_stage(self._stage_dir(k), self.processes, record, kept_state, served, served_lora)
 
     def _load_stage(self, k: int):
         """(stage, rows, kept, served, served LoraConfig, weights) of a finished stage k, or None."""
-        finished = load_stage(self._stage_dir(k) / "stage")
+        finished = load_stage(self._stage_dir(k))
         if finished is None:
             return None
         record, kept, served, served_lora = finished
