@@ -855,6 +855,40 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
     assert not list((tmp_path / "b" / "cut" / "runs").rglob("checkpoints"))
 
 
+def test_a_stage_resumed_after_a_kill_is_shared_with_the_next_variant(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      length_judged):
+    """Two COFS-DPO variants that differ only in --select-by train the same stages. Killed in the first one's stage
+    2: the rerun resumes that stage, and the second variant reuses it rather than training it again (its stage 1,
+    read back from disk in the first variant, it trains), ending as the uninterrupted experiment does."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
+    variants = [{"name": "loss", "method": "cofs-dpo"}, {"name": "worst", "method": "cofs-dpo", "select_by": "worst"}]
+    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1", variants=variants)
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+    after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
+    with pytest.raises(PowerCut):
+        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+
+    def counted(self, *args, **kwargs):
+        trained.append((self.output_dir.parents[2].name, self.output_dir.name, self.config.resume))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert trained == [("loss", "2-critic", True), ("worst", "1-sentiment", False)]
+    for cell in ("loss", "worst"):
+        got, expected = (r["per_seed"][cell]["0"] for r in (resumed, whole))
+        assert got["lambdas"] == expected["lambdas"], cell
+        for key in ("judge_matrix", "loss_matrix"):
+            for a, b in zip(got[key], expected[key], strict=True):
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (cell, key)
+
+
 def test_an_in_domain_run_killed_in_its_final_scoring_resumes_without_training_again(
         tiny_model_dir, tmp_path, monkeypatch, length_judged):
     """Killed after its last step, while the served module is scored: the rerun resumes from the final checkpoint,

@@ -119,8 +119,10 @@ class ContinualRunner:
             initial = init_state
             for name in trainer.names:  # SPEC §4 [our reading]: both modules start from the served module
                 load_adapter_state(trainer.model, name, init_state)
-        reusable = (self._shared is not None and domain.on_policy is None and self.processes.count == 1
-                    and not trainer.config.resume)  # a sampled stream, ranks, a resumed stage: train here
+        # a sampled stream or several ranks: train here. A stage resumed from its checkpoint is shared like any
+        # other (`resume` is not in its key): it ends as the uninterrupted stage does, and a later variant that
+        # trains the same stage (its --select-by differs, not its training) reuses it
+        reusable = self._shared is not None and domain.on_policy is None and self.processes.count == 1
         return trainer, (self._shared.train(trainer, initial) if reusable else trainer.train())
 
     def _run(self) -> dict:
