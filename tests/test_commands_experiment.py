@@ -797,6 +797,58 @@ def test_a_damaged_saved_file_stops_a_resume_with_one_line_naming_it(tmp_path):
         CheckpointLadder([1], None, [], [], None, None, 0, 1, run_dir / "ladder.json", resume=True)
 
 
+def test_a_run_another_call_holds_is_refused_and_shown_running(tmp_path):
+    """Another call holds a run's lock (beside its folder: from its decision to its last write, final judging
+    included): this call refuses the run at once, before anything loads, and `--status` calls it running."""
+    import subprocess
+    import sys
+
+    from ofsdpo.commands.experiment import cell_lock
+    from ofsdpo.errors import OutputDirLocked
+
+    config = ExperimentConfig(name="held", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    run_dir = runner.run_dir("dpo/sentiment", 0)
+    hold = ("import sys, time; from ofsdpo.rundir import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(cell_lock(run_dir))], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert [r["state"] for r in runner.status()] == ["running"]
+        with pytest.raises(OutputDirLocked, match=rf"{cell_lock(run_dir)} is in use by another run \(pid {holder.pid}"):
+            runner.cell_result("dpo/sentiment", config.variants[0], "sentiment", 0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run_dir.exists()  # nothing of the run was touched
+    assert [r["state"] for r in runner.status()] == ["to run"]  # its holder died: the lock is free
+
+
+def test_status_and_a_rerun_agree_a_twin_comes_before_an_unfinished_attempt(tmp_path):
+    """An unfinished attempt here and the same run (its key) finished in another experiment: `--status` says the
+    rerun reuses the twin, and the rerun does, removing the attempt's checkpoints and ladder; it trains nothing."""
+    config = ExperimentConfig(name="twin", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    key = runner.run_key(config.variants[0], "sentiment", 0)
+    run_dir = runner.run_dir("dpo/sentiment", 0)
+    (run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (run_dir / "run_key").write_text(key)
+    assert [r["state"] for r in runner.status()] == ["unfinished"]  # no twin yet: resumed from step 4
+    twin = tmp_path / "other" / "runs" / "dpo" / "sentiment" / "seed-0" / "result.json"
+    twin.parent.mkdir(parents=True)
+    twin.write_text(json.dumps({"run_key": key, "report_loss": 0.5}))
+    assert [(r["state"], r["detail"]) for r in runner.status()] == [("to run", f"will reuse {twin}")]
+    got = runner.cell_result("dpo/sentiment", config.variants[0], "sentiment", 0)
+    assert got == {"run_key": key, "report_loss": 0.5, "reused_from": str(twin)}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["result.json"]
+    assert [(r["state"], r["detail"]) for r in runner.status()] == [("finished", f"reused from {twin}")]
+
+
 def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
     import os
 
@@ -949,7 +1001,9 @@ def test_a_folder_that_must_not_be_resumed_starts_again(tiny_model_dir, tmp_path
         return after_step(self, row, seconds)
 
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies)
-    with pytest.raises(error):
+    # a non-finite stop names the run and what to change in the file (a rerun starts it again: no --resume)
+    advice = "stopped" if error is PowerCut else r"ofs/sentiment, seed 0: stopped\. Set a lower lr .* starts this run again"
+    with pytest.raises(error, match=advice):
         ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
     run_dir = tmp_path / "b" / "cut" / "runs" / "ofs" / "sentiment" / "seed-0"
     assert list((run_dir / "checkpoints").iterdir())  # a checkpoint it could resume from

@@ -331,7 +331,8 @@ def compare_command(argv: list[str]) -> int:
     from .commands.compare import run_compare
     from .models import resolve_device
 
-    resolve_device(config.training.device)
+    if not config.status:  # --status reads the folder only: it runs anywhere, whatever --device names
+        resolve_device(config.training.device)
     result = run_compare(config)
     if config.status:
         from .commands.experiment import format_status

@@ -25,7 +25,12 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimiser steps in a row had a non-finite loss or gradient (usually a learning rate too high, or a
-    model that overflows in its dtype); the run stopped with a checkpoint kept."""
+    model that overflows in its dtype); the run stopped with a checkpoint kept. `what`: which steps, without the
+    advice on the checkpoint (a caller that does not resume says its own)."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message
 
 
 class ModelError(RuntimeError):

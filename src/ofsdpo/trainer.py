@@ -263,10 +263,10 @@ class OFSDPOTrainer:
         """Keep a checkpoint (the weights are those of the last finite step) and stop with an error."""
         saved = self._save_checkpoint("try a lower --lr or --dtype float32, then --resume")
         state = self.state
-        raise NonFiniteError(
-            f"steps {state.step - state.nonfinite_in_a_row + 1}-{state.step}: {state.nonfinite_in_a_row} optimiser "
-            f"steps in a row had a non-finite loss or gradient (--max-nonfinite-steps "
-            f"{self.config.max_nonfinite_steps}); stopped. {saved[0].upper()}{saved[1:]}.")
+        what = (f"steps {state.step - state.nonfinite_in_a_row + 1}-{state.step}: {state.nonfinite_in_a_row} "
+                f"optimiser steps in a row had a non-finite loss or gradient (--max-nonfinite-steps "
+                f"{self.config.max_nonfinite_steps}); stopped")
+        raise NonFiniteError(f"{what}. {saved[0].upper()}{saved[1:]}.", what)
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     def _record_online(self, losses: dict[str, float]) -> dict:

@@ -39,6 +39,7 @@ import time
 import random
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import set_seed
@@ -59,9 +60,10 @@ from ..metrics import continual_loss_curve
 from ..models import load_model_and_tokenizer, resolve_device
 from ..reference import ReferenceCache
 from ..reuse import SharedWork
-from ..rundir import LOCK_NAME, STAGE_FOLDER, STAGE_RECORD, lock_holder, refuse_if_locked
+from ..rundir import LOCK_NAME, STAGE_FOLDER, STAGE_RECORD, lock_holder, output_dir_lock, refuse_if_locked
 from ..rounds import RoundSettings, judged_pairs
 from ..scoring import common_random_numbers, reference_samples
+from ..signals import RunInterrupted
 from ..trainer import OFSDPOTrainer
 from .experiment_report import aggregate, fmt, mean_std, write_aggregate
 
@@ -179,20 +181,29 @@ class ExperimentRunner:
         return write_aggregate(self.out, self.config, results)
 
     def cell_result(self, cell: str, variant: dict, domain: str | None, seed: int) -> dict:
-        run_dir = self.out / "runs" / cell / f"seed-{seed}"
-        done = run_dir / "result.json"
-        key = self.run_key(variant, domain, seed)
-        result = finished_result(run_dir, key)
-        if result is not None:
-            return result
-        twin = self.find_run(key) if self.reuse_twins else None
-        if twin is not None:  # the same run in another experiment (an ablation's baseline): reuse it
-            result = {**json.loads(twin.read_text(encoding="utf-8")), "reused_from": str(twin)}
-            write_json(done, result)
-            self.say(f"{cell}, seed {seed}: reused {twin}")
-            return result
-        refuse_if_locked(run_dir)  # another call trains this very run now
-        resume = self.unfinished(run_dir, key, domain)
+        """One run's result: read back (finished here, or the same run finished in another experiment), or run here,
+        resumed when an earlier call left it unfinished. The run's folder is locked from the decision to the end, so
+        a second call on the same run is refused at once rather than reading or clearing what this one writes (the
+        lock is beside the folder, `cell_lock`: the folder itself is cleared, and the training locks it too)."""
+        run_dir, key = self.run_dir(cell, seed), self.run_key(variant, domain, seed)
+        step, found = self.next_step(run_dir, key, domain)
+        if step == "finished":
+            return found
+        with output_dir_lock(cell_lock(run_dir)):  # refused at once while another call holds it
+            step, found = self.next_step(run_dir, key, domain)  # again: the folder may have changed before the lock
+            if step == "finished":
+                return found
+            if step == "reuse":  # the same run in another experiment (an ablation's baseline): reuse it
+                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished attempt's checkpoints and ladder: not needed
+                result = {**read_json(found, f"remove {found.parent} to run it again."), "reused_from": str(found)}
+                write_json(run_dir / "result.json", result)
+                self.say(f"{cell}, seed {seed}: reused {found}")
+                return result
+            return self.train_cell(cell, variant, domain, seed, run_dir, key, resume=step == "resume")
+
+    def train_cell(self, cell: str, variant: dict, domain: str | None, seed: int, run_dir: Path, key: str,
+                   resume: bool) -> dict:
+        """Train one run in `run_dir` (held by this call), from its start or resumed, and keep its result."""
         self.say(f"{cell}, seed {seed}: resuming the unfinished run …" if resume else f"{cell}, seed {seed} …")
         if not resume:  # a folder of another key, or one with nothing to resume from: nothing of it may be read
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -206,45 +217,68 @@ class ExperimentRunner:
                 result = self.in_domain(variant, domain, seed, run_dir, resume)
             else:
                 result = self.continual(variant, seed, run_dir, resume)
-        except NonFiniteError:  # the run's own end, not an interruption: a rerun starts it again, never past it
+        except NonFiniteError as err:  # the run's own end, not an interruption: a rerun starts it again, never past it
             (run_dir / RUN_KEY_FILE).unlink(missing_ok=True)
-            raise
+            raise NonFiniteError(f"{cell}, seed {seed}: {err.what}. Set a lower lr (or dtype: float32) for this "
+                                 "variant in the experiment's file: a rerun of the same file starts this run again "
+                                 "and stops the same way.", err.what) from None
+        except RunInterrupted as err:  # the trainer's advice (--resume) is another command's
+            raise RunInterrupted(err.signum, f"{cell}, seed {seed}: its checkpoint is kept; run the same command "
+                                             "again to resume it.") from None
         result.update(wall_seconds=earlier + time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
                       **({"resumed": True} if resume else {}))
-        for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed here
+        write_json(run_dir / "result.json", result)  # first: a kill during the clean-up below loses nothing
+        for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed now
             shutil.rmtree(checkpoints, ignore_errors=True)
         for done_with in (LADDER_FILE, ATTEMPT_FILE):  # the ladder's points are in the result, and its time
             (run_dir / done_with).unlink(missing_ok=True)
-        write_json(done, result)
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
 
+    def run_dir(self, cell: str, seed: int) -> Path:
+        return self.out / "runs" / cell / f"seed-{seed}"
+
+    def next_step(self, run_dir: Path, key: str, domain: str | None) -> tuple[str, Any]:
+        """What a call does next with the run of `key` in `run_dir`, read from disk (nothing written), in the order
+        `cell_result` acts: ("finished", its result), ("running", who holds it: another call), ("reuse", a finished
+        twin's result.json in another experiment), ("resume", None) or ("start", None)."""
+        result = finished_result(run_dir, key)
+        if result is not None:
+            return "finished", result
+        holder = next((h for d in (cell_lock(run_dir), run_dir) if d.is_dir() and (h := lock_holder(d)) is not None),
+                      None)
+        if holder is not None:
+            return "running", holder
+        twin = self.find_run(key) if self.reuse_twins else None
+        if twin is not None:
+            return "reuse", twin
+        return ("resume" if self.unfinished(run_dir, key, domain) else "start"), None
+
     def status(self) -> list[dict]:
-        """Where each run (cell, seed) stands, read from disk without loading the model or sampling anything:
-        `finished` (or reused from another experiment), `running` (another call holds it), `unfinished` (and what it
-        resumes from), or `to run`."""
+        """Where each run (cell, seed) stands, read from disk without loading the model or sampling anything, as
+        `next_step` says a rerun would act: `finished` (or reused from another experiment), `running` (another call
+        holds it), `unfinished` (and what it resumes from), or `to run` (and a twin it will reuse)."""
         cfg, rows = self.config, []
         for seed in cfg.seeds:
             for cell, variant, domain in cfg.cells():
-                run_dir, row = self.out / "runs" / cell / f"seed-{seed}", {"cell": cell, "seed": seed}
+                run_dir, row = self.run_dir(cell, seed), {"cell": cell, "seed": seed}
                 missing = [d for d in ([domain] if domain else cfg.domains) if not self.sampled(self.source(d))]
                 if missing:
                     rows.append({**row, "state": "to run", "detail": f"pairs of {', '.join(missing)} not sampled yet"})
                     continue
-                result = finished_result(run_dir, key := self.run_key(variant, domain, seed))
-                if result is not None:
-                    resumed = ", resumed" if result.get("resumed") else ""
-                    where = (f"reused from {result['reused_from']}" if result.get("reused_from") else
-                             f"{result.get('wall_seconds', 0) / 60:.1f} min{resumed}")
+                step, found = self.next_step(run_dir, self.run_key(variant, domain, seed), domain)
+                if step == "finished":
+                    resumed = ", resumed" if found.get("resumed") else ""
+                    where = (f"reused from {found['reused_from']}" if found.get("reused_from") else
+                             f"{found.get('wall_seconds', 0) / 60:.1f} min{resumed}")
                     rows.append({**row, "state": "finished", "detail": where})
-                elif run_dir.is_dir() and lock_holder(run_dir) is not None:  # a live run holds its folder
+                elif step == "running":
                     detail = resumes_from(run_dir, cfg.kind).replace("resumes from", "last checkpoint at")
                     rows.append({**row, "state": "running", "detail": detail})
-                elif self.unfinished(run_dir, key, domain):
+                elif step == "resume":
                     rows.append({**row, "state": "unfinished", "detail": resumes_from(run_dir, cfg.kind)})
                 else:
-                    twin = self.find_run(key) if self.reuse_twins else None
-                    rows.append({**row, "state": "to run", "detail": f"will reuse {twin}" if twin else ""})
+                    rows.append({**row, "state": "to run", "detail": f"will reuse {found}" if found else ""})
         return rows
 
     def sampled(self, domain: str) -> bool:
@@ -269,8 +303,13 @@ class ExperimentRunner:
             return False
         if self.config.kind == "continual":
             return (run_dir / "config.yaml").is_file()
-        laddered = bool(self.config.checkpoints) and self.domain(domain) is not None
-        return bool(list_checkpoints(run_dir / "checkpoints")) and (not laddered or (run_dir / LADDER_FILE).is_file())
+        return bool(list_checkpoints(run_dir / "checkpoints")) and (not self.has_ladder(domain)
+                                                                      or (run_dir / LADDER_FILE).is_file())
+
+    def has_ladder(self, domain: str | None) -> bool:
+        """Whether an in-domain run judges its checkpoints (`CheckpointLadder`): the file lists some, and the
+        domain has a judge."""
+        return bool(self.config.checkpoints) and self.domain(domain) is not None
 
     @staticmethod
     def _reset_peak_memory() -> bool:
@@ -520,7 +559,7 @@ class ExperimentRunner:
                                 eval_reference=caches["selection"])
         ladder = (CheckpointLadder(cfg.checkpoints, domain, records, ref_scores, report, report_reference, seed,
                                    cfg.judge_samples, run_dir / LADDER_FILE, resume)
-                  if cfg.checkpoints and domain is not None else None)
+                  if self.has_ladder(domain_name) else None)
         result = trainer.train(on_step=ladder)
         summary, served, model = result.summary, result.served_module, trainer.model
         # the report pairs, and the held-out prompts judged with the reference's draws (the user's data without
@@ -691,6 +730,11 @@ class CheckpointLadder:
             write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
 
 
+def cell_lock(run_dir: Path) -> Path:
+    """The folder whose lock a call holds while it runs the run in `run_dir` (beside it, not in it)."""
+    return run_dir.with_name(f".{run_dir.name}.lock")
+
+
 def finished_result(run_dir: Path, key: str) -> dict | None:
     """The result a run saved in `run_dir` when it finished, if it ran under `key` (the experiment's file may have
     changed the run since: then it runs again)."""
@@ -724,8 +768,10 @@ def earlier_attempts_seconds(run_dir: Path) -> float:
         attempt = json.loads((run_dir / ATTEMPT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return 0.0  # started before attempts were kept: its earlier time is unknown
-    progress = ("**/checkpoints/*/trainer_state.json", f"**/{STAGE_FOLDER}/{STAGE_RECORD}")
-    saved = [p.stat().st_mtime for pattern in progress for p in run_dir.glob(pattern)]
+    # whole checkpoints only (a `.tmp-` one being written is not progress: the resume redoes its steps)
+    progress = [c / "trainer_state.json" for root in run_dir.rglob("checkpoints") for c in list_checkpoints(root)]
+    progress += run_dir.glob(f"**/{STAGE_FOLDER}/{STAGE_RECORD}")
+    saved = [p.stat().st_mtime for p in progress if p.is_file()]
     return attempt["seconds_before"] + max([t - attempt["started"] for t in saved] + [0.0])
 
 
