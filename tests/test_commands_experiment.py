@@ -1002,7 +1002,8 @@ def test_a_folder_that_must_not_be_resumed_starts_again(tiny_model_dir, tmp_path
 
     monkeypatch.setattr(OFSDPOTrainer, "_after_step", dies)
     # a non-finite stop names the run and what to change in the file (a rerun starts it again: no --resume)
-    advice = "stopped" if error is PowerCut else r"ofs/sentiment, seed 0: stopped\. Set a lower lr .* starts this run again"
+    advice = ("stopped" if error is PowerCut else
+              r"ofs/sentiment, seed 0: stopped\. Set a lower lr .* starts this run again")
     with pytest.raises(error, match=advice):
         ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
     run_dir = tmp_path / "b" / "cut" / "runs" / "ofs" / "sentiment" / "seed-0"
