@@ -866,6 +866,23 @@ def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
     assert earlier_attempts_seconds(tmp_path) == 35.0
 
 
+def _continual_cut_in_stage_2(tiny_model_dir, tmp_path, monkeypatch, variants: list[dict]) -> tuple[dict, dict]:
+    """A two-domain continual experiment of `variants` (checkpoints every step): (its values, the aggregate of an
+    uninterrupted run in tmp_path/a/whole) after a run of it in tmp_path/b/cut died at step 2 of its first stage 2."""
+    import ofsdpo.commands.experiment as experiment
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
+    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
+                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1", variants=variants)
+    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
+    with monkeypatch.context() as m:
+        m.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
+        with pytest.raises(PowerCut):
+            ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    return values, whole
+
+
 @pytest.mark.parametrize("variant", [
     {"name": "cofs", "method": "cofs-dpo"},
     {"name": "cofs", "method": "cofs-dpo", "init": "fresh", "combine": "delta", "search": "simplex",
@@ -877,18 +894,10 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
     """Stage 2 of 2 dies after its first checkpoint: the rerun reads stage 1 back (not retrained), resumes stage 2
     from its checkpoint, and ends with the uninterrupted run's matrices; for every continual method the issue-28
     experiments run."""
-    import ofsdpo.commands.experiment as experiment
     from ofsdpo.trainer import OFSDPOTrainer
 
-    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
-    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
-                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1", variants=[variant])
-    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
-    after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
-    with pytest.raises(PowerCut):
-        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+    values, whole = _continual_cut_in_stage_2(tiny_model_dir, tmp_path, monkeypatch, [variant])
+    train, trained = OFSDPOTrainer.train, []
     (row,) = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", verbose=False).status()
     assert (row["state"], row["detail"]) == ("unfinished", "1 stage(s) finished; 2-critic resumes from step 1")
 
@@ -912,19 +921,11 @@ def test_a_stage_resumed_after_a_kill_is_shared_with_the_next_variant(tiny_model
     """Two COFS-DPO variants that differ only in --select-by train the same stages. Killed in the first one's stage
     2: the rerun resumes that stage, and the second variant reuses it rather than training it again (its stage 1,
     read back from disk in the first variant, it trains), ending as the uninterrupted experiment does."""
-    import ofsdpo.commands.experiment as experiment
     from ofsdpo.trainer import OFSDPOTrainer
 
-    monkeypatch.setattr(experiment, "RESUME_EVERY", 1)
     variants = [{"name": "loss", "method": "cofs-dpo"}, {"name": "worst", "method": "cofs-dpo", "select_by": "worst"}]
-    values = dict(TINY, kind="continual", domains=["sentiment", "critic"], model=str(tiny_model_dir),
-                  data_dir=str(tmp_path / "pairs"), seeds=[0], memory=3, lambda_grid="0,1", variants=variants)
-    whole = ExperimentRunner(ExperimentConfig(**values), tmp_path / "a" / "whole", progress=False, verbose=False).run()
-    after_step, train, trained = OFSDPOTrainer._after_step, OFSDPOTrainer.train, []
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", dying_after_step("2-", 2))
-    with pytest.raises(PowerCut):
-        ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
-    monkeypatch.setattr(OFSDPOTrainer, "_after_step", after_step)
+    values, whole = _continual_cut_in_stage_2(tiny_model_dir, tmp_path, monkeypatch, variants)
+    train, trained = OFSDPOTrainer.train, []
 
     def counted(self, *args, **kwargs):
         trained.append((self.output_dir.parents[2].name, self.output_dir.name, self.config.resume))
