@@ -32,6 +32,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
         "cofs-opposed", "cofs-chain", "continual-sentiment-critic-baselines", "frontier-sentiment",
         "frontier-slow-lr-control", "frontier-sentiment-lr4x"]
+# a frontier experiment that asks something else than claim 1 itself
+FRONTIER_TITLES = {"frontier-ablations": "Ablations (SPEC §6.3) at the long stream: each variant's reward–KL frontier "
+                                         "against DPO's"}
 NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report_accuracy": "Report preference accuracy",
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
          "independent_judge_score": "Independent judge score (AFINN)",
@@ -133,8 +136,8 @@ def frontier_section(path: Path, agg: dict) -> str:
     name, planned, per_seed, config = agg["experiment"], agg["seeds"], agg["per_seed"], agg["config"]
     ran = {cell: [s for s in planned if str(s) in runs] for cell, runs in per_seed.items()}
     everything = all(seeds == planned for seeds in ran.values())
-    lines = [f"## Claim 1 where fast-slow can act: the reward–KL frontier on a long stream — {name}"
-             + (f", seeds {', '.join(map(str, planned))}" if everything else " (interim)"), "",
+    title = FRONTIER_TITLES.get(name, "Claim 1 where fast-slow can act: the reward–KL frontier on a long stream")
+    lines = [f"## {title} — {name}" + (f", seeds {', '.join(map(str, planned))}" if everything else " (interim)"), "",
              _seeds_run(planned, {c.split("/")[0]: s for c, s in ran.items()}, everything) + "; the plan (steps, "
              f"checkpoints {config['checkpoints']}, KL budgets {config['kl_budgets']} nats, seeds) was fixed in the "
              "experiment file before any run.", "",
