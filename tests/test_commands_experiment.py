@@ -849,6 +849,42 @@ def test_status_and_a_rerun_agree_a_twin_comes_before_an_unfinished_attempt(tmp_
     assert [(r["state"], r["detail"]) for r in runner.status()] == [("finished", f"reused from {twin}")]
 
 
+@pytest.mark.parametrize("failure", ["interrupt", "judge"])
+def test_a_stopped_run_says_a_rerun_resumes_it_not_resume(tmp_path, monkeypatch, failure):
+    """A signal or a failing judge stops a run with its checkpoint kept: the message names the run and says that
+    the same command resumes it (the trainer's own advice, --resume, is not an option of this command), and the run
+    stays resumable (its key is kept)."""
+    import signal
+
+    from ofsdpo.errors import JudgeError
+    from ofsdpo.signals import RunInterrupted
+
+    config = ExperimentConfig(name="stop", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    raised = (RunInterrupted(signal.SIGTERM, "checkpoint of step 4 written to x; continue with --resume")
+              if failure == "interrupt" else
+              JudgeError("judge 'j' failed on row 3. Checkpoint … written; fix the judge, then continue with --resume",
+                         "judge 'j' failed on row 3"))
+
+    def stops(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(ExperimentRunner, "in_domain", stops)
+    with pytest.raises(type(raised)) as stopped:
+        runner.cell_result("dpo/sentiment", config.variants[0], "sentiment", 0)
+    message = str(stopped.value)
+    assert message.startswith("dpo/sentiment, seed 0: ") and "--resume" not in message
+    assert "run the same command again" in message and "resume" in message
+    if failure == "judge":
+        assert "judge 'j' failed on row 3. Fix the judge" in message
+    else:
+        assert stopped.value.exit_code == 143
+    key = runner.run_key(config.variants[0], "sentiment", 0)
+    assert (runner.run_dir("dpo/sentiment", 0) / "run_key").read_text() == key
+
+
 def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):
     import os
 

@@ -59,7 +59,12 @@ class PromptError(_Located, ConfigError):
 
 
 class JudgeError(ConfigError):
-    """A judge failed or returned something other than a finite real number; names the judge, source and row."""
+    """A judge failed or returned something other than a finite real number; names the judge, source and row.
+    `what`: the failure, without the advice on the checkpoint (a caller that does not resume says its own)."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message
 
 
 class OutputDirLocked(ConfigError):

@@ -237,7 +237,7 @@ class OFSDPOTrainer:
                                              on_phase)
         except JudgeError as err:  # the round is undone (prompts, RNG): a resume redoes it exactly
             saved = self._save_checkpoint("fix the judge, then continue with --resume")
-            raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.") from None
+            raise JudgeError(f"{err}. {saved[0].upper()}{saved[1:]}.", str(err)) from None
         if indices:
             self.reference.grow_to(len(self.data))  # on-policy rounds add pairs
             state.round_end = state.position + len(indices)

@@ -52,7 +52,7 @@ from ..continual import ContinualRunner
 from ..continual.persistence import remove_outputs, stage_finished
 from ..data import check_row, load_preference_data, read_rows
 from ..domains import builtin_name, get_domain, prompt_domain, require_builtin
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ConfigError, JudgeError, NonFiniteError
 from ..evaluation import EvalOptions, EvalSet, evaluate
 from ..files import read_json, write_atomic, write_json, write_jsonl
 from ..losses import preference_loss
@@ -222,9 +222,12 @@ class ExperimentRunner:
             raise NonFiniteError(f"{cell}, seed {seed}: {err.what}. Set a lower lr (or dtype: float32) for this "
                                  "variant in the experiment's file: a rerun of the same file starts this run again "
                                  "and stops the same way.", err.what) from None
-        except RunInterrupted as err:  # the trainer's advice (--resume) is another command's
+        except RunInterrupted as err:  # the trainer's advice (--resume) is another command's: a rerun resumes
             raise RunInterrupted(err.signum, f"{cell}, seed {seed}: its checkpoint is kept; run the same command "
                                              "again to resume it.") from None
+        except JudgeError as err:  # the same: the run's key stays, so the rerun resumes from its last checkpoint
+            raise JudgeError(f"{cell}, seed {seed}: {err.what}. Fix the judge, then run the same command again: it "
+                             "resumes this run from its last checkpoint.", err.what) from None
         result.update(wall_seconds=earlier + time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
                       **({"resumed": True} if resume else {}))
         write_json(run_dir / "result.json", result)  # first: a kill during the clean-up below loses nothing
