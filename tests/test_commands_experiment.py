@@ -952,6 +952,31 @@ def test_a_continual_run_killed_in_its_second_stage_resumes_from_it(tiny_model_d
     assert not list((tmp_path / "b" / "cut" / "runs").rglob("checkpoints"))
 
 
+def test_a_continual_run_resumes_after_its_pairs_moved(tiny_model_dir, tmp_path, monkeypatch, length_judged):
+    """The same pairs in another data_dir (the run key is their bytes, not their path): the cut run resumes from
+    its stage-2 checkpoint rather than stopping on the runner's --resume check of its domains' file paths."""
+    import shutil
+
+    from ofsdpo.trainer import OFSDPOTrainer
+
+    variant = {"name": "cofs", "method": "cofs-dpo"}
+    values, whole = _continual_cut_in_stage_2(tiny_model_dir, tmp_path, monkeypatch, [variant])
+    shutil.move(tmp_path / "pairs", tmp_path / "moved")
+    values["data_dir"] = str(tmp_path / "moved")
+    train, trained = OFSDPOTrainer.train, []
+
+    def counted(self, *args, **kwargs):
+        trained.append((self.output_dir.name, self.config.resume))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OFSDPOTrainer, "train", counted)
+    resumed = ExperimentRunner(ExperimentConfig(**values), tmp_path / "b" / "cut", progress=False, verbose=False).run()
+    assert trained == [("2-critic", True)]
+    got, expected = (r["per_seed"]["cofs"]["0"] for r in (resumed, whole))
+    for a, b in zip(got["loss_matrix"], expected["loss_matrix"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
 def test_a_stage_resumed_after_a_kill_is_shared_with_the_next_variant(tiny_model_dir, tmp_path, monkeypatch,
                                                                       length_judged):
     """Two COFS-DPO variants that differ only in --select-by train the same stages. Killed in the first one's stage

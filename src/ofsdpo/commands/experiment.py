@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import set_seed
 
 from ..checkpoint import list_checkpoints
 from ..config import EXPERIMENT_KINDS as KINDS
 from ..config import (COMPUTED, IN_DOMAIN_METHODS, RUNTIME, ContinualConfig, ExperimentConfig, OFSDPOConfig,
-                      option_roles, resolve_search)
+                      option_roles, read_config_file, resolve_search)
 from ..continual import ContinualRunner
 from ..continual.persistence import remove_outputs, stage_finished
 from ..data import check_row, load_preference_data, read_rows
@@ -599,6 +600,8 @@ class ExperimentRunner:
         base, tokenizer = self.model()
         run_config = cfg.run_config(variant, seed, run_dir, specs, progress=self.progress, save_steps=RESUME_EVERY,
                                     resume=resume)
+        if resume:  # the run key vouches for the pairs' bytes; their files may have moved since (data_dir, the
+            adopt_domain_paths(run_dir / "config.yaml", run_config)  # output folder): the runner checks the rest
         # the first variant of this seed draws the reference's samples (in the calls the runner judges its served
         # modules with: every domain in one, or one each under score_domains seen); the other variants of the seed
         # share them: the same draws for every variant
@@ -731,6 +734,16 @@ class CheckpointLadder:
     def _save(self) -> None:
         if self.path is not None:
             write_atomic(self.path, json.dumps({"points": self.points, "train_loss": self.train_loss}))
+
+
+def adopt_domain_paths(saved_path: Path, config: ContinualConfig) -> None:
+    """Before a continual run resumes: the domains its saved config lists (`NAME=TRAIN,heldout=…,memory=…`) written
+    as they are now, where only their files' paths differ, so that the runner's --resume check (every computed
+    option the same) does not refuse a run whose pairs moved with their folder."""
+    saved = read_config_file(saved_path, ContinualConfig)
+    before, now = saved.get("domain") or [], list(config.domain)
+    if before != now and [s.split("=", 1)[0] for s in before] == [s.split("=", 1)[0] for s in now]:
+        write_atomic(saved_path, yaml.safe_dump({**saved, "domain": now}, sort_keys=False))
 
 
 def cell_lock(run_dir: Path) -> Path:
