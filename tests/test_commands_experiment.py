@@ -651,6 +651,7 @@ def test_experiment_overwrite_removes_what_an_earlier_call_wrote(tmp_path, monke
 
     from ofsdpo.cli import main
     from ofsdpo.commands import experiment
+    from ofsdpo.commands.experiment import cell_lock
 
     out = tmp_path / "in-domain-sentiment"
     seen = {}
@@ -678,15 +679,16 @@ def test_experiment_overwrite_removes_what_an_earlier_call_wrote(tmp_path, monke
     earlier_call()
     hold = ("import sys, time; from ofsdpo.rundir import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
             "print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / "runs" / "dpo" / "seed-0")],  # another call's
-                              stdout=subprocess.PIPE, text=True)  # run, still training there
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert main([*argv, "--overwrite"]) == 2
-    finally:
-        holder.kill()
-        holder.wait()
-    assert "in use by another run" in capsys.readouterr().err and (out / "runs").is_dir()
+    run_dir = out / "runs" / "dpo" / "seed-0"
+    for held in (run_dir, cell_lock(run_dir)):  # another call's run, still training there or judging its end
+        holder = subprocess.Popen([sys.executable, "-c", hold, str(held)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            assert main([*argv, "--overwrite"]) == 2
+        finally:
+            holder.kill()
+            holder.wait()
+        assert f"{held} is in use by another run" in capsys.readouterr().err and (out / "runs").is_dir()
 
 
 def test_the_shared_reference_caches_are_keyed_by_the_completion_cut(tmp_path):
@@ -782,14 +784,25 @@ def test_status_reads_where_runs_stand_without_loading_anything(tmp_path, capsys
 
 def test_a_damaged_saved_file_stops_a_resume_with_one_line_naming_it(tmp_path):
     """A finished run's result.json or an unfinished run's ladder.json that cannot be read (edited by hand, damaged
-    on disk) is a ConfigError naming the file and what to remove, not a traceback from the JSON parser."""
-    from ofsdpo.commands.experiment import CheckpointLadder, finished_result
+    on disk) is a ConfigError naming the file and what to remove, not a traceback from the JSON parser; `--status`
+    lists such a run as damaged and goes on."""
+    from ofsdpo.commands.experiment import CheckpointLadder, finished_result, format_status
 
     run_dir = tmp_path / "runs" / "dpo" / "seed-0"
     run_dir.mkdir(parents=True)
     (run_dir / "result.json").write_text('{"run_key": "k", "report_loss": 0.')
     with pytest.raises(ConfigError, match=rf"cannot read {run_dir / 'result.json'} .*remove {run_dir} to run it"):
         finished_result(run_dir, "k")
+    config = ExperimentConfig(name="bad", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path, progress=False, verbose=False)
+    shown = runner.run_dir("dpo/sentiment", 0)
+    shown.mkdir(parents=True)
+    (shown / "result.json").write_text("{")
+    (row,) = runner.status()  # listed as damaged, the listing goes on
+    assert row["state"] == "damaged" and f"cannot read {shown / 'result.json'}" in row["detail"]
+    assert format_status([row]).endswith("0 to run, 1 damaged (a rerun stops on them: remove their folders).\n")
     (run_dir / "result.json").write_text('{"run_key": "other"}')
     assert finished_result(run_dir, "k") is None  # run under another key: it runs again
     (run_dir / "ladder.json").write_bytes(b"\xff\xfe")
@@ -850,39 +863,113 @@ def test_status_and_a_rerun_agree_a_twin_comes_before_an_unfinished_attempt(tmp_
 
 
 @pytest.mark.parametrize("failure", ["interrupt", "judge"])
-def test_a_stopped_run_says_a_rerun_resumes_it_not_resume(tmp_path, monkeypatch, failure):
-    """A signal or a failing judge stops a run with its checkpoint kept: the message names the run and says that
-    the same command resumes it (the trainer's own advice, --resume, is not an option of this command), and the run
-    stays resumable (its key is kept)."""
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["before-its-first-checkpoint", "after-step-4"])
+def test_a_stopped_run_says_what_a_rerun_does(tmp_path, monkeypatch, failure, checkpointed):
+    """A signal or a failing judge stops a run while this call holds its lock: the message names the run and says
+    what the same command does next, as the rerun will decide it (resume from step 4, or start again when nothing
+    was saved yet), never the trainer's `--resume` (not an option of this command); the run's key is kept."""
     import signal
 
-    from ofsdpo.errors import JudgeError
+    from ofsdpo.commands.experiment import cell_lock
+    from ofsdpo.errors import JudgeError, OutputDirLocked
+    from ofsdpo.rundir import RunLock
     from ofsdpo.signals import RunInterrupted
 
     config = ExperimentConfig(name="stop", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
                               seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
     _write_pairs(config)
     runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    run_dir = runner.run_dir("dpo/sentiment", 0)
+    cause = ValueError("the judge's own error")
     raised = (RunInterrupted(signal.SIGTERM, "checkpoint of step 4 written to x; continue with --resume")
               if failure == "interrupt" else
               JudgeError("judge 'j' failed on row 3. Checkpoint … written; fix the judge, then continue with --resume",
                          "judge 'j' failed on row 3"))
 
     def stops(*args, **kwargs):
-        raise raised
+        with pytest.raises(OutputDirLocked):  # held by this call while it trains (flock conflicts in one process)
+            RunLock(cell_lock(run_dir)).acquire()
+        if checkpointed:
+            (run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+        raise raised from cause
 
     monkeypatch.setattr(ExperimentRunner, "in_domain", stops)
     with pytest.raises(type(raised)) as stopped:
         runner.cell_result("dpo/sentiment", config.variants[0], "sentiment", 0)
     message = str(stopped.value)
     assert message.startswith("dpo/sentiment, seed 0: ") and "--resume" not in message
-    assert "run the same command again" in message and "resume" in message
+    does = "it resumes this run (from step 4)" if checkpointed else "it starts this run again"
+    assert f"run the same command again: {does}" in message
+    assert stopped.value.__cause__ is raised and raised.__cause__ is cause  # --debug shows the judge's own lines
     if failure == "judge":
         assert "judge 'j' failed on row 3. Fix the judge" in message
     else:
         assert stopped.value.exit_code == 143
-    key = runner.run_key(config.variants[0], "sentiment", 0)
-    assert (runner.run_dir("dpo/sentiment", 0) / "run_key").read_text() == key
+    assert (run_dir / "run_key").read_text() == runner.run_key(config.variants[0], "sentiment", 0)
+    assert [r["state"] for r in runner.status()] == ["unfinished" if checkpointed else "to run"]
+
+
+def test_a_run_whose_own_folder_another_process_holds_is_refused_untouched(tmp_path):
+    """`ofsdpo train --output-dir runs/…/seed-0` (or an older version of this command) holds the run's own folder,
+    not the lock beside it: this call refuses the run too, and clears nothing of it."""
+    import subprocess
+    import sys
+
+    from ofsdpo.errors import OutputDirLocked
+
+    config = ExperimentConfig(name="held", kind="in-domain", domains=["sentiment"], data_dir=str(tmp_path / "pairs"),
+                              seeds=[0], variants=[{"name": "dpo", "method": "dpo"}])
+    _write_pairs(config)
+    runner = ExperimentRunner(config, tmp_path / "out", progress=False, verbose=False)
+    run_dir = runner.run_dir("dpo/sentiment", 0)
+    (run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    hold = ("import sys, time; from ofsdpo.rundir import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert [r["state"] for r in runner.status()] == ["running"]
+        with pytest.raises(OutputDirLocked, match=rf"{run_dir} is in use by another run \(pid {holder.pid}"):
+            runner.cell_result("dpo/sentiment", config.variants[0], "sentiment", 0)
+        assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_adopt_domain_paths_takes_moved_files_only(tmp_path):
+    """The saved config takes the domains' new paths where their files moved (same name, same bytes where the old
+    one remains, or the old one gone), and is left as it was for anything else: other bytes under the same name,
+    another file name, another domain."""
+    import shutil
+
+    from ofsdpo.commands.experiment import adopt_domain_paths
+    from ofsdpo.config import ContinualConfig
+
+    def spec(folder, name="a"):
+        return f"{name}={folder}/a-train.jsonl,heldout={folder}/a-heldout.jsonl,memory={folder}/a-memory.jsonl"
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for part in ("train", "heldout", "memory"):
+        (old / f"a-{part}.jsonl").write_text(part)
+    shutil.copytree(old, new)
+    saved = tmp_path / "config.yaml"
+
+    def saved_domains(now: str) -> list[str]:
+        ContinualConfig.from_flat(domain=[spec(old)]).save_yaml(saved)
+        adopt_domain_paths(saved, ContinualConfig.from_flat(domain=[now]))
+        return ContinualConfig.from_yaml(saved).domain
+
+    assert saved_domains(spec(new)) == [spec(new)]  # identical copies
+    assert saved_domains(spec(new, name="b")) == [spec(old)]  # another domain
+    (new / "a-heldout.jsonl").write_text("resampled")
+    assert saved_domains(spec(new)) == [spec(old)]  # the report pairs differ
+    shutil.rmtree(old)
+    assert saved_domains(spec(new)) == [spec(new)]  # the old files gone: the run key vouches for the training pairs
+    (new / "a-memory.jsonl").rename(new / "other.jsonl")
+    renamed = spec(new).replace("a-memory.jsonl", "other.jsonl")
+    assert saved_domains(renamed) == [spec(old)]  # another file name
 
 
 def test_earlier_attempts_count_to_the_last_progress_they_saved(tmp_path):

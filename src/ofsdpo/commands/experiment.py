@@ -32,6 +32,7 @@ unfinished one, stopped by a kill or a signal, resumes where its last checkpoint
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import hashlib
 import json
 import shutil
@@ -192,7 +193,10 @@ class ExperimentRunner:
             return found
         with output_dir_lock(cell_lock(run_dir)):  # refused at once while another call holds it
             step, found = self.next_step(run_dir, key, domain)  # again: the folder may have changed before the lock
+            if step == "running":  # a process that holds the run's own folder only (`ofsdpo train/continual`)
+                refuse_if_locked(run_dir)
             if step == "finished":
+                drop_resume_state(run_dir)  # a kill between the result and its clean-up left them
                 return found
             if step == "reuse":  # the same run in another experiment (an ablation's baseline): reuse it
                 shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished attempt's checkpoints and ladder: not needed
@@ -223,21 +227,24 @@ class ExperimentRunner:
             raise NonFiniteError(f"{cell}, seed {seed}: {err.what}. Set a lower lr (or dtype: float32) for this "
                                  "variant in the experiment's file: a rerun of the same file starts this run again "
                                  "and stops the same way.", err.what) from None
-        except RunInterrupted as err:  # the trainer's advice (--resume) is another command's: a rerun resumes
-            raise RunInterrupted(err.signum, f"{cell}, seed {seed}: its checkpoint is kept; run the same command "
-                                             "again to resume it.") from None
-        except JudgeError as err:  # the same: the run's key stays, so the rerun resumes from its last checkpoint
-            raise JudgeError(f"{cell}, seed {seed}: {err.what}. Fix the judge, then run the same command again: it "
-                             "resumes this run from its last checkpoint.", err.what) from None
+        except RunInterrupted as err:  # the trainer's advice (--resume) is another command's: say what a rerun does
+            raise RunInterrupted(err.signum, f"{cell}, seed {seed}: run the same command again: "
+                                             f"{self.rerun_does(run_dir, key, domain)}.") from err
+        except JudgeError as err:  # the same (the judge may fail before the first checkpoint: then it starts again)
+            raise JudgeError(f"{cell}, seed {seed}: {err.what}. Fix the judge, then run the same command again: "
+                             f"{self.rerun_does(run_dir, key, domain)}.", err.what) from err
         result.update(wall_seconds=earlier + time.perf_counter() - started, run_key=key, **self._peak_memory(cuda),
                       **({"resumed": True} if resume else {}))
         write_json(run_dir / "result.json", result)  # first: a kill during the clean-up below loses nothing
-        for checkpoints in run_dir.rglob("checkpoints"):  # resume state (optimiser moments): not needed now
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        for done_with in (LADDER_FILE, ATTEMPT_FILE):  # the ladder's points are in the result, and its time
-            (run_dir / done_with).unlink(missing_ok=True)
+        drop_resume_state(run_dir)
         self.say(f"{cell}, seed {seed}: done in {result['wall_seconds']:.0f} s")
         return result
+
+    def rerun_does(self, run_dir: Path, key: str, domain: str | None) -> str:
+        """What a rerun of the same command does with a run that stopped, read from disk as the rerun will."""
+        if self.unfinished(run_dir, key, domain):
+            return f"it resumes this run ({resumes_from(run_dir, self.config.kind).replace('resumes from', 'from')})"
+        return "it starts this run again (it stopped before its first checkpoint)"
 
     def run_dir(self, cell: str, seed: int) -> Path:
         return self.out / "runs" / cell / f"seed-{seed}"
@@ -261,7 +268,8 @@ class ExperimentRunner:
     def status(self) -> list[dict]:
         """Where each run (cell, seed) stands, read from disk without loading the model or sampling anything, as
         `next_step` says a rerun would act: `finished` (or reused from another experiment), `running` (another call
-        holds it), `unfinished` (and what it resumes from), or `to run` (and a twin it will reuse)."""
+        holds it), `unfinished` (and what it resumes from), `to run` (and a twin it will reuse), or `damaged` (its
+        result.json cannot be read)."""
         cfg, rows = self.config, []
         for seed in cfg.seeds:
             for cell, variant, domain in cfg.cells():
@@ -270,7 +278,11 @@ class ExperimentRunner:
                 if missing:
                     rows.append({**row, "state": "to run", "detail": f"pairs of {', '.join(missing)} not sampled yet"})
                     continue
-                step, found = self.next_step(run_dir, self.run_key(variant, domain, seed), domain)
+                try:
+                    step, found = self.next_step(run_dir, self.run_key(variant, domain, seed), domain)
+                except ConfigError as err:  # a damaged result.json: shown, not the end of the listing
+                    rows.append({**row, "state": "damaged", "detail": str(err)})
+                    continue
                 if step == "finished":
                     resumed = ", resumed" if found.get("resumed") else ""
                     where = (f"reused from {found['reused_from']}" if found.get("reused_from") else
@@ -360,10 +372,11 @@ class ExperimentRunner:
         """A finished run with this key under any experiment beside this one."""
         for path in sorted(self.out.parent.glob("*/runs/**/result.json")):
             try:
-                if json.loads(path.read_text(encoding="utf-8")).get("run_key") == key:
-                    return path
-            except (OSError, json.JSONDecodeError):
+                found = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # another experiment's damaged file: not this run's twin
                 continue
+            if isinstance(found, dict) and found.get("run_key") == key:
+                return path
         return None
 
     # --- shared inputs -----------------------------------------------------------------------------------------------
@@ -739,11 +752,33 @@ class CheckpointLadder:
 def adopt_domain_paths(saved_path: Path, config: ContinualConfig) -> None:
     """Before a continual run resumes: the domains its saved config lists (`NAME=TRAIN,heldout=…,memory=…`) written
     as they are now, where only their files' paths differ, so that the runner's --resume check (every computed
-    option the same) does not refuse a run whose pairs moved with their folder."""
+    option the same) does not refuse a run whose pairs moved with their folder. Moved means: the same domains and
+    parts, each changed file of the same name, and of the same bytes where the old one is still there (the report
+    pairs are not in the run key); anything else is left for the runner to refuse."""
     saved = read_config_file(saved_path, ContinualConfig)
     before, now = saved.get("domain") or [], list(config.domain)
-    if before != now and [s.split("=", 1)[0] for s in before] == [s.split("=", 1)[0] for s in now]:
+
+    def parts(spec: str) -> list[list[str]]:  # [[name, train file], [heldout, file], [memory, file]]
+        return [part.split("=", 1) for part in spec.split(",")]
+
+    def moved(old: list[str], new: list[str]) -> bool:
+        was, is_now = Path(old[-1]), Path(new[-1])
+        return (old[0] == new[0] and was.name == is_now.name and is_now.is_file()
+                and (not was.is_file() or filecmp.cmp(was, is_now, shallow=False)))
+
+    pairs = [(a, b) for old, new in zip(before, now) for a, b in zip(parts(old), parts(new))]
+    if (before != now and len(before) == len(now) and all(len(parts(a)) == len(parts(b)) for a, b in zip(before, now))
+            and all(a == b or moved(a, b) for a, b in pairs)):
         write_atomic(saved_path, yaml.safe_dump({**saved, "domain": now}, sort_keys=False))
+
+
+def drop_resume_state(run_dir: Path) -> None:
+    """What a finished run no longer needs: its checkpoints (the optimiser's moments), the ladder's points (in the
+    result now) and its attempts' times."""
+    for checkpoints in run_dir.rglob("checkpoints"):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    for done_with in (LADDER_FILE, ATTEMPT_FILE):
+        (run_dir / done_with).unlink(missing_ok=True)
 
 
 def cell_lock(run_dir: Path) -> Path:
@@ -833,8 +868,10 @@ def format_status(rows: list[dict]) -> str:
     lines += [f"{r['cell']:<{width}}  {r['seed']:>4}  {r['state']:<10}  {r['detail']}".rstrip() for r in rows]
     counts = {state: sum(r["state"] == state for r in rows) for state in ("finished", "running", "unfinished",
                                                                           "to run")}
+    damaged = sum(r["state"] == "damaged" for r in rows)
     lines.append(f"{counts['finished']} of {len(rows)} runs finished, {counts['running']} running, "
-                 f"{counts['unfinished']} unfinished (a rerun resumes them), {counts['to run']} to run.")
+                 f"{counts['unfinished']} unfinished (a rerun resumes them), {counts['to run']} to run"
+                 + (f", {damaged} damaged (a rerun stops on them: remove their folders)." if damaged else "."))
     return "\n".join(lines) + "\n"
 
 
