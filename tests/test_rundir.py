@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +29,35 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
         assert holder == json.loads((tmp_path / HOLDER_NAME).read_text())  # the refused try left the record alone
         assert isinstance(OutputDirLocked("x"), ConfigError)  # exit status 2 through the CLI
     assert not (tmp_path / HOLDER_NAME).exists() and lock_holder(tmp_path) is None
+
+
+def test_a_lock_held_for_an_instant_by_a_probe_is_taken_once_free(tmp_path):
+    """`lock_holder` tries the lock to see whether it is free; a run starting in that instant waits for the probe to
+    drop it instead of being refused, while a lock held longer by no named holder is refused after the grace."""
+    import threading
+
+    from filelock import FileLock
+
+    taken = threading.Event()
+
+    def probe_for_a_moment():  # in its own thread: filelock's state is per thread
+        with FileLock(tmp_path / LOCK_NAME, timeout=0):  # no record written: what a probe does
+            taken.set()
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=probe_for_a_moment)
+    thread.start()
+    taken.wait()
+    with output_dir_lock(tmp_path):
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    thread.join()
+    probe = FileLock(tmp_path / LOCK_NAME, timeout=0)
+    probe.acquire()  # held past the grace: refused, the message naming no pid
+    try:
+        with pytest.raises(OutputDirLocked, match=r"pid \?"):
+            RunLock(tmp_path).acquire()
+    finally:
+        probe.release()
 
 
 class _Launch:

@@ -42,6 +42,7 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json")
 LOCK_NAME = ".ofsdpo.lock"
 HOLDER_NAME = ".ofsdpo.lock.json"  # who holds the lock: written once it is taken, removed before it is released
+UNNAMED_HOLDER_GRACE = 1.0  # seconds a lock held by no named holder is tried again before a refusal
 # a continual run's finished stage keeps what a resume needs in `<stage dir>/STAGE_FOLDER`; its record, written last,
 # marks the stage finished (`continual.persistence`)
 STAGE_FOLDER, STAGE_RECORD = "stage", "stage.json"
@@ -208,10 +209,18 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock.acquire()
-        except Timeout:
-            raise OutputDirLocked(_locked_message(self.path.parent, _read_holder(self.holder_path))) from None
+        give_up = time.monotonic() + UNNAMED_HOLDER_GRACE
+        while True:
+            try:
+                self.lock.acquire()
+                break
+            except Timeout:
+                holder = _read_holder(self.holder_path)
+                # a holder names itself at once; none named is `lock_holder`'s probe (held for an instant) or a run
+                # between taking the lock and writing its record: look again for a moment before refusing
+                if holder or time.monotonic() > give_up:
+                    raise OutputDirLocked(_locked_message(self.path.parent, holder)) from None
+                time.sleep(0.02)
         # a run that ends removes its record before it unlocks: one found now was left by a run that died
         stale = _read_holder(self.holder_path)
         if stale.get("pid") not in (None, os.getpid()):
