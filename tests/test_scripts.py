@@ -101,3 +101,26 @@ def test_aggregate_runs_takes_each_processes_runs_and_refuses_a_stale_key(tmp_pa
     stale.write_text(json.dumps({"run_key": "0123456789abcdef", "seed": 1}))
     with pytest.raises(SystemExit, match=r"seed-1/result.json: run key 0123456789abcdef is not the experiment's"):
         collect(config, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+
+
+def test_ablation_vs_default_differences_each_seeds_runs_and_refuses_other_pairs(tmp_path, capsys):
+    """The frontier aggregate against itself: every per-seed difference is 0 (the same runs); with one seed's
+    default shifted, that seed's differences show it; baselines with different run keys are refused."""
+    script = load("ablation_vs_default")
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "frontier-sentiment-aggregate.json"
+    agg = json.loads(committed.read_text())
+    ablations, default = tmp_path / "ablations.json", tmp_path / "default.json"
+    ablations.write_text(json.dumps(agg))
+    agg["per_seed"]["ofs-dpo/sentiment"]["1"]["judge_score"] += 0.5
+    default.write_text(json.dumps(agg))
+    assert script.main([str(ablations), str(default)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    judge = next(line for line in table if "| judge score |" in line)
+    assert "| -0.1000 |" in judge and "+0.000, -0.500, +0.000, +0.000, +0.000" in judge
+    kl = next(line for line in table if "| KL(π‖π_ref), nats |" in line)
+    assert "+0.000, +0.000, +0.000, +0.000, +0.000" in kl
+    assert any(line.startswith("| ofs-dpo | slow: judge score at KL 5 nats |") for line in table)
+    agg["per_seed"]["dpo/sentiment"]["2"]["run_key"] = "other"
+    default.write_text(json.dumps(agg))
+    with pytest.raises(SystemExit, match="seed 2: the baselines' run keys differ"):
+        script.main([str(ablations), str(default)])
