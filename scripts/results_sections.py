@@ -55,8 +55,10 @@ def compared(row: dict) -> str:
 
 def decided(row: dict) -> str:
     """How a comparison was decided, for its verdict line: the deciding interval and the page-adjusted p."""
-    d, t, boot = row["decision"], f"[{row['lower']:+.4f}, {row['upper']:+.4f}]", row.get("crossed_bootstrap")
-    intervals = (f"t interval {t} over {row['n']} seeds" +
+    d, boot = row["decision"], row.get("crossed_bootstrap")
+    t = (f"t interval [{row['lower']:+.4f}, {row['upper']:+.4f}] over {row['n']} seeds" if row.get("lower") is not None
+         else f"no t interval ({row['n']} seed)")  # an aggregate of one seed so far
+    intervals = (t +
                  (f", crossed bootstrap [{boot['lower']:+.4f}, {boot['upper']:+.4f}]" if boot else
                   " (no per-unit values: t only)"))
     mde = f"; MDE (80 % power) {row['mde']:.4f}" if row.get("mde") is not None else ""

@@ -124,3 +124,15 @@ def test_ablation_vs_default_differences_each_seeds_runs_and_refuses_other_pairs
     default.write_text(json.dumps(agg))
     with pytest.raises(SystemExit, match="seed 2: the baselines' run keys differ"):
         script.main([str(ablations), str(default)])
+
+
+def test_a_one_seed_comparison_renders_without_a_t_interval():
+    """An aggregate of the seeds finished so far may hold one seed: no t interval to print, the bootstrap's is."""
+    decided = load("results_sections").decided
+    row = {"mean": 0.01, "lower": None, "upper": None, "n": 1, "mde": None, "page_comparisons": 44, "p_holm": 1.0,
+           "crossed_bootstrap": {"lower": -0.02, "upper": 0.03}, "decision": {"by": "crossed bootstrap", "p_value": 0.4}}
+    line = decided(row)
+    assert line.startswith("+0.0100, no t interval (1 seed), crossed bootstrap [-0.0200, +0.0300]; decided by the "
+                           "crossed bootstrap interval, p 0.4")
+    row.update(lower=-0.05, upper=0.07, n=3)
+    assert "t interval [-0.0500, +0.0700] over 3 seeds" in decided(row)
