@@ -130,7 +130,8 @@ def test_a_one_seed_comparison_renders_without_a_t_interval():
     """An aggregate of the seeds finished so far may hold one seed: no t interval to print, the bootstrap's is."""
     decided = load("results_sections").decided
     row = {"mean": 0.01, "lower": None, "upper": None, "n": 1, "mde": None, "page_comparisons": 44, "p_holm": 1.0,
-           "crossed_bootstrap": {"lower": -0.02, "upper": 0.03}, "decision": {"by": "crossed bootstrap", "p_value": 0.4}}
+           "crossed_bootstrap": {"lower": -0.02, "upper": 0.03},
+           "decision": {"by": "crossed bootstrap", "p_value": 0.4}}
     line = decided(row)
     assert line.startswith("+0.0100, no t interval (1 seed), crossed bootstrap [-0.0200, +0.0300]; decided by the "
                            "crossed bootstrap interval, p 0.4")
