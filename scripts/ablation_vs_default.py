@@ -13,10 +13,11 @@ checkpoints) and their best judge score with its KL. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ofsdpo.commands.experiment_report import frontier_curves, frontier_metrics
+from ofsdpo.errors import ConfigError
+from ofsdpo.files import read_json
 from ofsdpo.stats import paired_difference
 
 END = [("judge_score", "judge score"), ("independent_judge_score", "independent judge score"),
@@ -26,9 +27,9 @@ END = [("judge_score", "judge score"), ("independent_judge_score", "independent 
 
 def load(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{path}: cannot read an aggregate ({type(err).__name__}: {err})") from None
+        return read_json(path, "pass an aggregate.json written by `ofsdpo experiment` or scripts/aggregate_runs.py.")
+    except ConfigError as err:  # one line, not a traceback
+        raise SystemExit(str(err)) from None
 
 
 def same_pairs(ablations: dict, default: dict) -> None:
