@@ -60,6 +60,41 @@ def test_a_lock_held_for_an_instant_by_a_probe_is_taken_once_free(tmp_path):
         probe.release()
 
 
+def test_a_dead_runs_record_does_not_refuse_a_run_that_starts_while_a_probe_holds_the_lock(tmp_path, caplog):
+    """A record left by a dead run names no live holder: a run starting in the instant a probe holds the lock waits
+    for the probe as if no record were there, then takes the lock over; held past the grace, the refusal names no
+    pid (not the dead one)."""
+    import threading
+
+    from filelock import FileLock
+
+    pid = _dead_pid()
+    (tmp_path / HOLDER_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
+    taken = threading.Event()
+
+    def probe_for_a_moment():
+        with FileLock(tmp_path / LOCK_NAME, timeout=0):
+            taken.set()
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=probe_for_a_moment)
+    thread.start()
+    taken.wait()
+    with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
+        with output_dir_lock(tmp_path):
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    thread.join()
+    assert f"took over the lock left by pid {pid} (no longer running)" in caplog.text
+    (tmp_path / HOLDER_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
+    probe = FileLock(tmp_path / LOCK_NAME, timeout=0)
+    probe.acquire()
+    try:
+        with pytest.raises(OutputDirLocked, match=r"pid \?"):
+            RunLock(tmp_path).acquire()
+    finally:
+        probe.release()
+
+
 class _Launch:
     """Two launched processes seen from one of them: `gather` returns what the main process sent."""
 

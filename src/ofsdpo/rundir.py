@@ -166,6 +166,20 @@ def _read_holder(path: Path) -> dict:
         return {}
 
 
+def _may_be_running(holder: dict) -> bool:
+    """False only for a record naming a process of this host that no longer exists (another host's: unknown)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("host") not in (None, socket.gethostname()):
+        return bool(holder)
+    try:
+        os.kill(pid, 0)  # signal 0: is there such a process (nothing is sent)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user
+    return True
+
+
 def _locked_message(output_dir: Path, holder: dict) -> str:
     pid, host = holder.get("pid", "?"), holder.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
@@ -216,6 +230,8 @@ class RunLock:
                 break
             except Timeout:
                 holder = _read_holder(self.holder_path)
+                if not _may_be_running(holder):
+                    holder = {}  # a dead run's record: whoever holds the lock has not named itself
                 # a holder names itself at once; none named is `lock_holder`'s probe (held for an instant) or a run
                 # between taking the lock and writing its record: look again for a moment before refusing
                 if holder or time.monotonic() > give_up:
