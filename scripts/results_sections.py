@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 # the experiments of docs/results.md, in its order (scripts/generated_blocks.py reads the same list)
 PAGE = ["in-domain-sentiment", "in-domain-critic", "in-domain-concise", "on-policy-sentiment", "chase-ablation",
         "cofs-opposed", "cofs-chain", "continual-sentiment-critic-baselines", "frontier-sentiment",
-        "frontier-slow-lr-control", "frontier-sentiment-lr4x"]
+        "frontier-slow-lr-control", "frontier-sentiment-lr4x", "frontier-ablations"]
 # a frontier experiment that asks something else than claim 1 itself
 FRONTIER_TITLES = {"frontier-ablations": "Ablations (SPEC §6.3) at the long stream: each variant's reward–KL frontier "
                                          "against DPO's"}
@@ -39,8 +39,25 @@ NAMES = {"judge_score": "Judge score", "report_loss": "Report DPO loss", "report
          "win_rate": "Win rate against the base's samples", "kl": "KL to the reference",
          "independent_judge_score": "Independent judge score (AFINN)",
          "online_loss_total": "Cumulative pre-update online loss"}
+# where each experiment's runs ran (the page quotes times with the CPU's model); the others ran on the 2-core AMD EPYC
+MACHINE = {"frontier-ablations": "2-core Intel Xeon"}
 CLAIM = {"better": "**supported**", "worse": "**refuted**", "no difference shown": "**unresolved**",
          "higher": "**higher** (not a KL: no verdict)", "lower": "**lower** (not a KL: no verdict)"}
+
+
+def machine(name: str) -> str:
+    return MACHINE.get(name, "2-core AMD EPYC")
+
+
+def run_minutes(runs: dict, seeds) -> str:
+    """`seed 0 12.3 min; …` of one cell; a run reused from another experiment (by run key) says so: it is not
+    counted in the experiment's total and may have run on another machine."""
+    def reused(run: dict) -> str:  # the experiment folder the result was found in: <output dir>/runs/<cell>/…
+        parts = Path(run["reused_from"]).parts
+        return f" (reused from `{parts[parts.index('runs') - 1]}`, not counted)" if "runs" in parts[1:] else \
+            " (reused, not counted)"
+    return "; ".join(f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min"
+                     + (reused(runs[str(s)]) if runs[str(s)].get("reused_from") else "") for s in seeds)
 
 
 def verdict(row: dict) -> str:
@@ -85,7 +102,7 @@ def section(path: Path, agg: dict) -> str:
     walls = {}
     for cell, runs in agg["per_seed"].items():
         variant = cell.split("/")[0]
-        walls[variant] = [f"seed {seed} {runs[str(seed)]['wall_seconds'] / 60:.1f} min" for seed in seeds]
+        walls[variant] = run_minutes(runs, seeds)
     name, baseline_name = agg["experiment"], agg["baseline"]
     on_policy = any(v.get("on_policy") for v in agg["config"]["variants"])
     ablation = baseline_name != "dpo"  # variants of one method against one of them (the chase ablation)
@@ -110,10 +127,10 @@ def section(path: Path, agg: dict) -> str:
     lines += ["", "### Both arms", "", tables[1].rstrip(), "", f"![curves](results/{name}-curves.png)", "",
               f"![judge vs KL](results/{name}-reward_kl.png)", "", "### Wall time", ""]
     for v, items in walls.items():
-        lines.append(f"- `{v}`: " + "; ".join(items) + ".")
+        lines.append(f"- `{v}`: {items}.")
     arms = "both arms" if len(walls) == 2 else f"{len(walls)} variants"
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({arms}, "
-              f"{len(seeds)} seeds) on the 2-core AMD EPYC, shared with other jobs throughout: upper bounds.", "", "### Verdict", ""]
+              f"{len(seeds)} seeds) on the {machine(name)}, shared with other jobs throughout: upper bounds.", "", "### Verdict", ""]
     for row in agg["paired"]:
         what = (row["title"] if "not a KL" in row["title"] or row["metric"].startswith("frontier/")
                 else NAMES.get(row["metric"], row["title"]))
@@ -173,9 +190,8 @@ def frontier_section(path: Path, agg: dict) -> str:
     lines += ["", "### The headline: each module − DPO, paired by seed", "", tables[0].rstrip(), "",
               "### Wall time", ""]
     for cell, runs in per_seed.items():
-        lines.append(f"- `{cell.split('/')[0]}`: " + "; ".join(
-            f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in ran[cell]) + ".")
-    lines += [f"- All runs: {agg['wall_seconds'] / 60:.0f} min of runs on the 2-core AMD EPYC (see the reading for "
+        lines.append(f"- `{cell.split('/')[0]}`: {run_minutes(runs, ran[cell])}.")
+    lines += [f"- All runs: {agg['wall_seconds'] / 60:.0f} min of runs on the {machine(name)} (see the reading for "
               "the processes and what shared the machine).", "", "### Verdict", ""]
     for row in comparisons(agg):
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
@@ -216,12 +232,13 @@ def continual_section(path: Path, agg: dict) -> str:
               f"![judge matrices](results/{name}-judge_matrices.png)",
               "", f"![training curves](results/{name}-train_curves.png)", ""]
     lines += _combinations(name, domains, per_seed, ran) + ["### Wall time", ""]
+    trained = sum(not runs[str(s)].get("reused_from") for v, runs in per_seed.items() for s in ran[v])
     for v, runs in per_seed.items():
-        lines.append(f"- `{v}`: " + "; ".join(f"seed {s} {runs[str(s)]['wall_seconds'] / 60:.1f} min" for s in ran[v])
-                     + ".")
+        lines.append(f"- `{v}`: {run_minutes(runs, ran[v])}.")
     lines += [f"- The whole experiment: {agg['wall_seconds'] / 60:.0f} min of runs ({len(per_seed)} variants, "
-              f"{sum(map(len, ran.values()))} runs; a stage or score shared by variants counted once) on the 2-core "
-              "AMD EPYC.", "", "### Verdict" + ("" if everything else " (interim: over the seeds that have run)"), ""]
+              f"{trained} runs; a stage or score shared by variants counted once) on the "
+              f"{machine(name)}.", "",
+              "### Verdict" + ("" if everything else " (interim: over the seeds that have run)"), ""]
     for row in comparisons(agg):
         lines.append(f"- **{row['title']}, {row['variant']} − {row['baseline']}**: {decided(row)}: {verdict(row)}.")
     return with_reading(path, lines)

@@ -137,3 +137,16 @@ def test_a_one_seed_comparison_renders_without_a_t_interval():
                            "crossed bootstrap interval, p 0.4")
     row.update(lower=-0.05, upper=0.07, n=3)
     assert "t interval [-0.0500, +0.0700] over 3 seeds" in decided(row)
+
+
+def test_the_page_marks_a_reused_runs_time_and_names_each_experiments_machine():
+    """A run reused from another experiment (by run key) ran there, maybe on another machine: its time is marked
+    and left out of the experiment's total; the machine named is the one that experiment ran on."""
+    sections = load("results_sections")
+    runs = {"0": {"wall_seconds": 60.0, "reused_from": "experiments-output/frontier-sentiment/runs/dpo/sentiment/"
+                                                        "seed-0/result.json"},
+            "1": {"wall_seconds": 120.0}, "2": {"wall_seconds": 30.0, "reused_from": "result.json"}}
+    assert sections.run_minutes(runs, [0, 1, 2]) == ("seed 0 1.0 min (reused from `frontier-sentiment`, not "
+                                                     "counted); seed 1 2.0 min; seed 2 0.5 min (reused, not counted)")
+    assert sections.machine("frontier-ablations") == "2-core Intel Xeon"
+    assert sections.machine("cofs-chain") == "2-core AMD EPYC"
