@@ -150,3 +150,31 @@ def test_the_page_marks_a_reused_runs_time_and_names_each_experiments_machine():
                                                      "counted); seed 1 2.0 min; seed 2 0.5 min (reused, not counted)")
     assert sections.machine("frontier-ablations") == "2-core Intel Xeon"
     assert sections.machine("cofs-chain") == "2-core AMD EPYC"
+
+
+def test_keep_runs_copies_each_finished_run_once_and_leaves_reused_ones(tmp_path):
+    """Finished runs (in-domain and continual layouts) are copied as written, once; a run reused from another
+    experiment, a stage's own file and an unfinished run (no result.json) are not; a damaged result names itself."""
+    keep = load("keep_runs").keep
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    runs = {"runs/dpo/sentiment/seed-0/result.json": {"run_key": "a"},
+            "runs/multitask/seed-1/result.json": {"run_key": "b"},
+            "runs/dpo/sentiment/seed-1/result.json": {"run_key": "c", "reused_from": "x/runs/dpo/seed-1/result.json"},
+            "runs/multitask/seed-1/domains/1-sentiment/result.json": {"stage": 1}}
+    for name, result in runs.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(result))
+    (out / "runs" / "cofs" / "seed-0").mkdir(parents=True)  # unfinished: nothing to keep
+    assert keep(out, kept) == [kept / "runs/dpo/sentiment/seed-0/result.json",
+                               kept / "runs/multitask/seed-1/result.json"]
+    assert json.loads((kept / "runs/multitask/seed-1/result.json").read_text()) == {"run_key": "b"}
+    (kept / "runs/multitask/seed-1/result.json").write_text('{"run_key": "kept earlier"}')
+    assert keep(out, kept) == []  # nothing new; what is kept stays as it is
+    assert json.loads((kept / "runs/multitask/seed-1/result.json").read_text()) == {"run_key": "kept earlier"}
+    (out / "runs/multitask/seed-2").mkdir()
+    (out / "runs/multitask/seed-2/result.json").write_text("{not json")
+    from ofsdpo.config import ConfigError
+    with pytest.raises(ConfigError, match=r"seed-2/result\.json .*remove .*seed-2 and run it again"):
+        keep(out, kept)
+    with pytest.raises(SystemExit, match="no runs/ folder"):
+        keep(tmp_path / "nothing", kept)
