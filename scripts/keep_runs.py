@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ofsdpo.config import ConfigError
 from ofsdpo.files import read_json
 
 
@@ -35,5 +36,9 @@ def keep(output_dir: Path, kept_dir: Path) -> list[Path]:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: python scripts/keep_runs.py EXPERIMENT_OUTPUT_DIR KEPT_DIR")
-    for path in keep(Path(sys.argv[1]), Path(sys.argv[2])):
+    try:
+        kept = keep(Path(sys.argv[1]), Path(sys.argv[2]))
+    except ConfigError as err:  # a damaged result.json: one line naming it, not a traceback
+        raise SystemExit(str(err)) from None
+    for path in kept:
         print(path)
