@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ofsdpo.config import ConfigError
+from ofsdpo.errors import ConfigError
 from ofsdpo.files import read_json
 
 

@@ -31,23 +31,32 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
     assert not (tmp_path / HOLDER_NAME).exists() and lock_holder(tmp_path) is None
 
 
-def test_a_lock_held_for_an_instant_by_a_probe_is_taken_once_free(tmp_path):
-    """`lock_holder` tries the lock to see whether it is free; a run starting in that instant waits for the probe to
-    drop it instead of being refused, while a lock held longer by no named holder is refused after the grace."""
+def _probe_for_a_moment(output_dir, seconds: float = 0.2):
+    """Hold the lock of `output_dir` as `lock_holder`'s probe does (no record written), in its own thread (filelock's
+    state is per thread), for `seconds`; returns once it holds it, with the thread to join."""
     import threading
 
     from filelock import FileLock
 
     taken = threading.Event()
 
-    def probe_for_a_moment():  # in its own thread: filelock's state is per thread
-        with FileLock(tmp_path / LOCK_NAME, timeout=0):  # no record written: what a probe does
+    def probe():
+        with FileLock(output_dir / LOCK_NAME, timeout=0):
             taken.set()
-            time.sleep(0.2)
+            time.sleep(seconds)
 
-    thread = threading.Thread(target=probe_for_a_moment)
+    thread = threading.Thread(target=probe)
     thread.start()
     taken.wait()
+    return thread
+
+
+def test_a_lock_held_for_an_instant_by_a_probe_is_taken_once_free(tmp_path):
+    """`lock_holder` tries the lock to see whether it is free; a run starting in that instant waits for the probe to
+    drop it instead of being refused, while a lock held longer by no named holder is refused after the grace."""
+    from filelock import FileLock
+
+    thread = _probe_for_a_moment(tmp_path)
     with output_dir_lock(tmp_path):
         assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
     thread.join()
@@ -64,22 +73,11 @@ def test_a_dead_runs_record_does_not_refuse_a_run_that_starts_while_a_probe_hold
     """A record left by a dead run names no live holder: a run starting in the instant a probe holds the lock waits
     for the probe as if no record were there, then takes the lock over; held past the grace, the refusal names no
     pid (not the dead one)."""
-    import threading
-
     from filelock import FileLock
 
     pid = _dead_pid()
     (tmp_path / HOLDER_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
-    taken = threading.Event()
-
-    def probe_for_a_moment():
-        with FileLock(tmp_path / LOCK_NAME, timeout=0):
-            taken.set()
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=probe_for_a_moment)
-    thread.start()
-    taken.wait()
+    thread = _probe_for_a_moment(tmp_path)
     with caplog.at_level(logging.WARNING, logger="ofsdpo.rundir"):
         with output_dir_lock(tmp_path):
             assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
