@@ -224,11 +224,18 @@ def continual_section(path: Path, agg: dict) -> str:
             diffs = [per_seed[v][str(s)][metric] - per_seed[against][str(s)][metric] for s in seeds]
             lines.append(f"Per seed, {title} ({v} − {against}): "
                          + ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs)) + ".")
-    gap = agg.get("multitask_gap", [])
+    gap, revisit = agg.get("multitask_gap", []), agg.get("revisit", [])
     if gap:
         lines += ["", "### The gap to `multitask` (the upper bound)", "", tables[1].rstrip(), "",
                   "Its p Holm column adjusts over the gap's rows alone; the verdicts below adjust over the page."]
-    lines += ["", "### Every variant", "", tables[1 + bool(gap)].rstrip(), "",
+    if revisit:
+        lines += ["", "### Relearning the revisited domain against retraining it", "",
+                  "Per seed: the served model's score on the revisited domain right after the stage that revisits "
+                  "it − its score right after the first visit (the same steps on the same pairs, from a fresh LoRA: "
+                  "retraining); t interval over seeds only (an earlier stage's per-prompt scores are not kept).", "",
+                  tables[1 + bool(gap)].rstrip(), "",
+                  "Its p Holm column adjusts over these rows alone; the verdicts below adjust over the page."]
+    lines += ["", "### Every variant", "", tables[1 + bool(gap) + bool(revisit)].rstrip(), "",
               f"![judge matrices](results/{name}-judge_matrices.png)",
               "", f"![training curves](results/{name}-train_curves.png)", ""]
     lines += _combinations(name, domains, per_seed, ran) + ["### Wall time", ""]
@@ -272,8 +279,9 @@ def _combinations(name: str, domains: list[str], per_seed: dict, ran: dict[str, 
 
 def comparisons(agg: dict) -> list[dict]:
     """Every comparison an aggregate puts on the page: the headline's and (a continual file with `multitask`) the
-    gap to multitask's, which the aggregate adjusts as a family of its own but the page adjusts with the rest."""
-    return agg["paired"] + agg.get("multitask_gap", [])
+    gap to multitask's and (a revisiting stream) relearning against retraining, which the aggregate adjusts as
+    families of their own but the page adjusts with the rest."""
+    return agg["paired"] + agg.get("multitask_gap", []) + agg.get("revisit", [])
 
 
 def page_adjusted(aggregates: list[dict]) -> int:

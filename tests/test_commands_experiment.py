@@ -14,7 +14,7 @@ from conftest import PowerCut, dying_after_step
 from ofsdpo.commands.experiment import ExperimentRunner, parse_seeds, select_variants
 from ofsdpo.commands.experiment_report import aggregate, fmt, mean_std, write_aggregate
 from ofsdpo.config import ConfigError, ExperimentConfig
-from ofsdpo.stats import paired_difference
+from ofsdpo.stats import holm, paired_difference
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PINNED_KEYS = {"in-domain": "a192f3bb0ef0b317", "continual": "85858f165109f160"}
@@ -173,6 +173,48 @@ def test_compare_pairs_two_variants_beside_the_baseline(tmp_path):
                     "method: dpo}]\ncompare: b\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: .*compare is a list of \[variant, against\] pairs"):
         ExperimentConfig.from_yaml(path)
+
+
+def test_a_revisiting_stream_compares_relearning_with_retraining(tmp_path):
+    """sentiment → critic → sentiment.2: per variant and seed, the served model's score on sentiment.2 right after
+    stage 3 − its score on sentiment right after stage 1 (judge and report loss), with a t interval, Holm over
+    these rows alone, its own table; a stream that visits each domain once has none."""
+    from ofsdpo.commands.experiment_report import revisits
+
+    assert revisits(["sentiment", "critic", "sentiment.2"]) == [(0, 2)]
+    assert revisits(["sentiment", "critic", "concise"]) == []
+    assert revisits(["sentiment", "critic", "sentiment.2", "critic.2"]) == [(0, 2), (1, 3)]
+    domains = ["sentiment", "critic", "sentiment.2"]
+    variants = [{"name": "dpo", "method": "dpo"}, {"name": "cofs", "method": "cofs-dpo"}]
+    config = ExperimentConfig(name="t", kind="continual", domains=domains, variants=variants)
+
+    def run(seed, relearnt):  # the diagonal: each stage's own domain right after it
+        judge = [[0.70 + 0.01 * seed, None, None], [0.20, 0.40, None], [relearnt + 0.01 * seed, 0.10, relearnt]]
+        loss = [[0.60, None, None], [0.66, 0.55, None], [0.65, 0.58, 0.62 - 0.01 * seed]]
+        return {**fake_continual(seed), "domains": domains, "judge_matrix": judge, "loss_matrix": loss}
+
+    results = {"dpo": {s: run(s, 0.70 + 0.02 * s) for s in (0, 1, 2)},
+               "cofs": {s: run(s, 0.60 + 0.05 * s) for s in (0, 1, 2)}}
+    summary = write_aggregate(tmp_path, config, results)
+    rows = summary["revisit"]
+    assert [(r["variant"], r["baseline"], r["metric"]) for r in rows] == [
+        (v, "first visit", m) for v in ("dpo", "cofs") for m in ("judge_matrix", "loss_matrix")]
+    for row in rows:
+        runs = results[row["variant"]]
+        matrix = row["metric"]
+        diffs = [runs[s][matrix][2][2] - runs[s][matrix][0][0] for s in (0, 1, 2)]
+        expected = paired_difference(diffs, [0.0] * 3)
+        assert row["mean"] == pytest.approx(sum(diffs) / 3) and row["n"] == 3 and row["domain"] == "sentiment.2"
+        assert (row["lower"], row["upper"]) == pytest.approx((expected["lower"], expected["upper"]))
+        assert row["decision"]["by"] == "t" and "crossed_bootstrap" not in row  # no earlier stage's units
+        assert row["variant_arm"]["mean"] == pytest.approx(sum(runs[s][matrix][2][2] for s in (0, 1, 2)) / 3)
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["decision"]["p_value"] for r in rows]))
+    assert all(r["baseline"] == "dpo" for r in summary["paired"])  # the headline's family: these have their own
+    text = (tmp_path / "aggregate.md").read_text()
+    assert "## Relearning a revisited domain against retraining it" in text
+    assert "| cofs − first visit | sentiment.2 | report DPO loss of the revisited domain (lower is better) |" in text
+    once = ExperimentConfig(name="u", kind="continual", domains=["sentiment", "critic"], variants=variants[:1])
+    assert "revisit" not in write_aggregate(tmp_path / "once", once, {"dpo": {s: fake_continual(s) for s in (0, 1)}})
 
 
 def test_continual_aggregate_with_cells_not_scored(tmp_path):

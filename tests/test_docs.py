@@ -109,6 +109,38 @@ def test_the_gap_to_multitask_is_adjusted_with_the_page(tmp_path):
     assert gap["p_holm"] < 0.05
 
 
+def test_a_revisiting_stream_puts_relearning_on_the_page(tmp_path):
+    """A revisiting stream's aggregate carries relearning against retraining: its section shows that table between
+    the headline and every variant's, and the page's Holm counts its rows."""
+    load_blocks()  # puts scripts/ on the path
+    from results_sections import comparisons, continual_section, page_adjusted
+    from test_commands_experiment import fake_continual
+
+    from ofsdpo.commands.experiment_report import write_aggregate
+    from ofsdpo.config import ExperimentConfig
+
+    domains = ["sentiment", "critic", "sentiment.2"]
+    config = ExperimentConfig(name="revisit", kind="continual", domains=domains,
+                              variants=[{"name": "dpo", "method": "dpo"}, {"name": "cofs", "method": "cofs-dpo"}])
+    runs = {s: {**fake_continual(s), "domains": domains, "wall_seconds": 60.0,
+                "judge_matrix": [[0.7, None, None], [0.2, 0.4, None], [0.6, 0.1, 0.6 + 0.05 * s]],
+                "loss_matrix": [[0.6, None, None], [0.66, 0.55, None], [0.65, 0.58, 0.62]]} for s in (0, 1, 2)}
+    write_aggregate(tmp_path / "out", config, {"dpo": runs, "cofs": runs})
+    results = tmp_path / "results"
+    results.mkdir()
+    for suffix in ("json", "md"):
+        (results / f"revisit-aggregate.{suffix}").write_text((tmp_path / "out" / f"aggregate.{suffix}").read_text())
+    agg = json.loads((results / "revisit-aggregate.json").read_text())
+    assert len(agg["revisit"]) == 4 and page_adjusted([agg]) == len(comparisons(agg)) == len(agg["paired"]) + 4
+    text = continual_section(results / "revisit-aggregate.json", agg)
+    headline, relearning = text.index("### The headline"), text.index("### Relearning the revisited domain")
+    every = text.index("### Every variant")
+    assert headline < relearning < every and "| cofs − dpo |" in text[headline:relearning]
+    assert text.index("| cofs − first visit | sentiment.2 | judge score of the revisited domain |") in range(
+        relearning, every)
+    assert "| cofs | " in text[every:] and "first visit" not in text[every:text.index("### Wall time")]
+
+
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 

@@ -1,7 +1,8 @@
 """An experiment's outputs: the aggregate over seeds (mean and sample std of every number), aggregate.json,
 aggregate.md (the tables) and the plots; every figure is mean ± sample std over seeds.
 
-Imports run one way: `experiment` (the runs) imports this module; this one needs only the config and plotting.
+Imports run one way: `experiment` (the runs) imports this module; this one needs only the config, plotting and the
+domains' names (a revisiting stream's later visit).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig
+from ..domains import builtin_name
 from ..files import write_atomic, write_json
 from ..plotting import band, plot_curves, plot_judge_matrices, pyplot, save
 from ..stats import (
@@ -98,16 +100,17 @@ def write_aggregate(out: Path, config: ExperimentConfig, results: dict[str, dict
     paired = paired_differences(config, derived)
     frontier = frontier_section(derived)
     gap = multitask_gap(config, derived)
+    relearnt = revisit_rows(config, derived)
     summary = {"experiment": config.name, "kind": config.kind, "description": config.description,
                "seeds": config.seeds, "config": dataclasses.asdict(config), "baseline": config.baseline_variant,
                "paired": paired, "cells": cells, **({"frontier": frontier} if frontier else {}),
-               **({"multitask_gap": gap} if gap else {}),
+               **({"multitask_gap": gap} if gap else {}), **({"revisit": relearnt} if relearnt else {}),
                "per_seed": {cell: {str(s): r for s, r in by_seed.items()} for cell, by_seed in results.items()},
                "wall_seconds": sum(r.get("wall_seconds", 0.0) for by_seed in results.values()
                                    for r in by_seed.values() if not r.get("reused_from"))}
     write_json(out / "aggregate.json", summary)
     plots = plot_experiment(out, config, cells) + ([plot_frontier(out, config, frontier)] if frontier else [])
-    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired, gap))
+    write_atomic(out / "aggregate.md", render_markdown(config, cells, plots, paired, gap, relearnt))
     return summary
 
 
@@ -305,6 +308,70 @@ def _gap_table(rows: list[dict]) -> list[str]:
                                                                f" [{share['lower']:.3f}, {share['upper']:.3f}]"))
         lines.append(f"{paired_line(r)} {kept} |")
     return lines + [""]
+
+
+# --- a revisiting stream (sentiment → critic → sentiment.2): relearning a domain against retraining it -------------
+FIRST_VISIT = "first visit"
+REVISIT_METRICS = (("judge_matrix", "judge score of the revisited domain"),
+                   ("loss_matrix", "report DPO loss of the revisited domain (lower is better)"))
+
+
+def revisits(domains: list[str]) -> list[tuple[int, int]]:
+    """(first visit, later visit): the stage indices of each domain a stream trains on again (`sentiment.2` after
+    `sentiment`: `domains.builtin_name`), in stream order; [] for a stream that visits every domain once."""
+    first: dict[str, int] = {}
+    pairs = []
+    for k, name in enumerate(domains):
+        seen = first.setdefault(builtin_name(name), k)
+        if seen != k:
+            pairs.append((seen, k))
+    return pairs
+
+
+def revisit_rows(config: ExperimentConfig, results: dict[str, dict[int, dict]]) -> list[dict]:
+    """Does what a method kept bring a domain back faster than retraining it? Per variant and seed: the served
+    model's score on a revisited domain right after the stage that revisits it, against its score on that domain
+    right after its first visit (the same steps on the same pairs; from a fresh LoRA where the first visit is
+    the first stage: retraining), averaged over the stream's revisits; `_paired_rows`' intervals and verdict rule
+    with the first visit as the baseline arm (t over seeds only: the per-prompt values of an earlier stage are not
+    kept, so there is no crossed bootstrap), Holm over these rows alone in the aggregate (the page adjusts them with
+    the rest). [] for a stream without a revisit."""
+    visits = revisits(config.domains)
+    if config.kind != "continual" or not visits:
+        return []
+
+    def scores(result: dict, which: int) -> dict:  # which: 0 the first visit, 1 the later one
+        out = {}
+        for matrix, _ in REVISIT_METRICS:
+            rows = result.get(matrix)
+            values = [rows[pair[which]][pair[which]] for pair in visits] if rows else []
+            out[matrix] = (sum(values) / len(values) if values and all(v is not None for v in values) else None)
+        return out
+
+    rows = []
+    for variant in _variants(config):
+        runs = results.get(variant, {})
+        later = {s: scores(r, 1) for s, r in runs.items()}
+        first = {s: scores(r, 0) for s, r in runs.items()}
+        rows += _paired_rows(config, later, first, variant, FIRST_VISIT, None, REVISIT_METRICS)
+    for row in rows:
+        row["domain"] = ", ".join(config.domains[k] for _, k in visits)
+    return adjust(rows)
+
+
+def _revisit_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Relearning a revisited domain against retraining it", "",
+             "Per seed: the served model's score on the revisited domain right after the stage that revisits it − "
+             "its score right after the first visit (the same steps on the same pairs, from a fresh LoRA: "
+             "retraining). Above 0 on the judge (below on the loss): what the method kept brings the domain back "
+             "further than retraining does. t interval over seeds only (an earlier stage's per-prompt values are "
+             f"not kept); p Holm over these {len(rows)} rows alone.", "",
+             "| variant − baseline | domain | metric | mean diff | 95 % CI (t) | 95 % CI (crossed bootstrap) | "
+             "decided by | p Holm (these rows) | n | MDE | relearnt (mean ± sd) | first visit (mean ± sd) | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines + [paired_line(r) for r in rows] + [""]
 
 
 # --- the reward–KL frontier (a checkpoint ladder: `experiment.CheckpointLadder`) ------------------------------------
@@ -514,9 +581,9 @@ def _variant_line(variant: dict) -> str:
 
 
 def render_markdown(config: ExperimentConfig, cells: dict, plots: list[str], paired: list[dict] | None = None,
-                    gap: list[dict] | None = None) -> str:
+                    gap: list[dict] | None = None, revisit: list[dict] | None = None) -> str:
     lines = [f"# {config.name}", "", config.description.strip(), "", *_paired_table(paired or []),
-             *_gap_table(gap or []),
+             *_gap_table(gap or []), *_revisit_table(revisit or []),
              f"Seeds {', '.join(map(str, config.seeds))}; every cell is mean ± sample standard deviation (n − 1) "
              f"over the seeds. Scale: {_scale(config)}.", "", "Variants:", "",
              *(_variant_line(v) for v in config.variants), ""]
